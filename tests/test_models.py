@@ -1,0 +1,51 @@
+"""Whole-model gradients against tf.GradientTape, and the models' documented structure."""
+
+import numpy as np
+import pytest
+
+from workers import gradcheck, models
+from workers.settings import CaseSettings
+
+
+@pytest.mark.parametrize("name", ["allconv9", "celu7", "mlp", "dcn"])
+def test_model_gradients_match_autodiff(name):
+    errors = gradcheck.check_model(name)
+    assert set(errors) >= {"input"}
+    worst = max(errors.values())
+    assert worst <= 1e-6, errors
+
+
+def test_gradcheck_detects_a_wrong_backward():
+    # The source's ELU derivative (2 for x > 0) is a wrong gradient: gradcheck must flag it.
+    errors = gradcheck.check_model("allconv9", overrides={"quirks": ("elu_derivative_two",)})
+    assert max(errors.values()) > 1e-2
+
+
+def test_allconv9_matches_experiments_table():
+    model = models.build_model(CaseSettings(model="allconv9"), (32, 32, 3), 10)
+    shapes = [unit.param_shapes()["w"] for unit in model.units]
+    assert shapes == [(3, 3, 3, 256), (3, 3, 256, 256), (3, 3, 256, 128), (3, 3, 128, 128), (3, 3, 128, 128),
+                      (3, 3, 128, 64), (3, 3, 64, 64), (1, 1, 64, 64), (1, 1, 64, 10)]
+    params = model.init_params(678)
+    stds = [0.05, 0.04, 0.06, 0.04, 0.06, 0.05, 0.04, 0.05, 0.06]
+    for unit_params, std in zip(params, stds):
+        w = unit_params["w"]
+        assert np.abs(w).max() <= 2 * std + 1e-7  # truncated at two standard deviations
+        # a normal truncated at 2 sigma has std 0.8796 sigma
+        assert abs(w.std() / std - 0.8796) < 0.05
+    names = [[type(op).__name__ for op in unit.ops] for unit in model.units]
+    assert names[2] == ["Conv2D", "ELU", "AvgPool2"] and names[5] == ["Conv2D", "ELU", "AvgPool2"]
+    assert names[8] == ["Conv2D", "ELU", "GlobalMean"]
+
+
+def test_width_multiplier_and_small_inputs():
+    model = models.build_model(CaseSettings(model="allconv9", width=0.25), (8, 8, 1), 10)
+    assert model.units[0].param_shapes()["w"] == (3, 3, 1, 64)
+    assert model.units[8].param_shapes()["w"] == (1, 1, 16, 10)
+
+
+def test_init_is_a_function_of_the_seed():
+    model = models.build_model(CaseSettings(model="mlp", hidden=(5,)), (2,), 2)
+    a, b, c = model.init_params(1), model.init_params(1), model.init_params(2)
+    assert all(np.array_equal(a[i]["w"], b[i]["w"]) for i in range(2))
+    assert not np.array_equal(a[0]["w"], c[0]["w"])

@@ -1,0 +1,366 @@
+"""Layers as forward/backward pairs with an explicit, inspectable cache.
+
+Every op has `forward(x, params, ctx) -> (y, cache)` and, right below it,
+`backward(d_y, cache, need_d_x=True) -> (d_x, grads)`; `grads` maps a parameter name
+to d_<param>. The docstring of each op is its equation. Ops are dtype-generic (the
+gradient tests run them in float64). Source-study mistakes are constructor flags, off
+by default (see workers.settings.QUIRK_DOCS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+
+@dataclass
+class Context:
+    """What a forward pass needs besides its input: train/test mode and a stateless seed."""
+
+    training: bool = True
+    seed: object = None  # int32 tensor of shape (2,) for tf.random.stateless_*; None: no dropout
+
+
+class Op:
+    """Base class: an op with no parameters unless it says so."""
+
+    param_names: tuple[str, ...] = ()
+
+    def output_shape(self, in_shape: tuple) -> tuple:
+        return in_shape
+
+    def forward(self, x, params, ctx: Context):
+        raise NotImplementedError
+
+    def backward(self, d_y, cache, need_d_x: bool = True):
+        """Parametric ops also take need_grads=False to skip d_<param> (unfair-front stages)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+# ---------------------------------------------------------------------- parametric
+
+
+class Conv2D(Op):
+    """y = conv(x, w) (+ b); w: (k, k, c_in, c_out), x/y NHWC."""
+
+    def __init__(self, kernel: int, c_in: int, c_out: int, stride: int = 1, padding: str = "SAME", bias: bool = False):
+        assert padding in ("SAME", "VALID"), padding
+        self.kernel, self.c_in, self.c_out, self.stride, self.padding, self.bias = kernel, c_in, c_out, stride, padding, bias
+        self.param_names = ("w", "b") if bias else ("w",)
+
+    def param_shapes(self) -> dict:
+        shapes = {"w": (self.kernel, self.kernel, self.c_in, self.c_out)}
+        if self.bias:
+            shapes["b"] = (self.c_out,)
+        return shapes
+
+    def output_shape(self, in_shape):
+        h, w, _ = in_shape
+        if self.padding == "SAME":
+            return (-(-h // self.stride), -(-w // self.stride), self.c_out)
+        return ((h - self.kernel) // self.stride + 1, (w - self.kernel) // self.stride + 1, self.c_out)
+
+    def forward(self, x, params, ctx):
+        y = tf.nn.conv2d(x, params["w"], strides=self.stride, padding=self.padding)  # (B, H', W', c_out)
+        if self.bias:
+            y = y + params["b"]
+        return y, (x, params["w"])
+
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
+        x, w = cache
+        strides = [1, self.stride, self.stride, 1]
+        grads = {}
+        if need_grads:
+            grads["w"] = tf.raw_ops.Conv2DBackpropFilter(
+                input=x, filter_sizes=tf.shape(w), out_backprop=d_y, strides=strides, padding=self.padding)
+            if self.bias:
+                grads["b"] = tf.reduce_sum(d_y, axis=[0, 1, 2])
+        d_x = None
+        if need_d_x:  # the lowest updated layer of an unfair stage skips this (it is not used)
+            d_x = tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=tf.shape(x), filter=w, out_backprop=d_y, strides=strides, padding=self.padding)
+        return d_x, grads
+
+    def __repr__(self):
+        return f"Conv2D({self.kernel}x{self.kernel}, {self.c_in}->{self.c_out}, s{self.stride}, {self.padding}{', bias' if self.bias else ''})"
+
+
+class Dense(Op):
+    """y = x @ w (+ b); x: (B, d_in), w: (d_in, d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        self.d_in, self.d_out, self.bias = d_in, d_out, bias
+        self.param_names = ("w", "b") if bias else ("w",)
+
+    def param_shapes(self):
+        shapes = {"w": (self.d_in, self.d_out)}
+        if self.bias:
+            shapes["b"] = (self.d_out,)
+        return shapes
+
+    def output_shape(self, in_shape):
+        return (self.d_out,)
+
+    def forward(self, x, params, ctx):
+        y = tf.matmul(x, params["w"])  # (B, d_out)
+        if self.bias:
+            y = y + params["b"]
+        return y, (x, params["w"])
+
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
+        x, w = cache
+        grads = {}
+        if need_grads:
+            grads["w"] = tf.matmul(x, d_y, transpose_a=True)  # (d_in, d_out)
+            if self.bias:
+                grads["b"] = tf.reduce_sum(d_y, axis=0)
+        d_x = tf.matmul(d_y, w, transpose_b=True) if need_d_x else None  # (B, d_in)
+        return d_x, grads
+
+    def __repr__(self):
+        return f"Dense({self.d_in}->{self.d_out}{', bias' if self.bias else ''})"
+
+
+# ---------------------------------------------------------------------- shape ops
+
+
+def _upsample2(d_y, x_shape):
+    """Copy each gradient to its 2x2 window; zero rows/cols a VALID pool dropped."""
+    up = tf.repeat(tf.repeat(d_y, 2, axis=1), 2, axis=2)  # (B, 2H', 2W', C)
+    pad_h = x_shape[1] - tf.shape(up)[1]
+    pad_w = x_shape[2] - tf.shape(up)[2]
+    return tf.pad(up, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+
+
+class AvgPool2(Op):
+    """y[i, j] = mean of the 2x2 window x[2i:2i+2, 2j:2j+2] (stride 2, VALID)."""
+
+    def __init__(self, unscaled_gradient_quirk: bool = False):
+        self.unscaled = unscaled_gradient_quirk
+
+    def output_shape(self, in_shape):
+        return (in_shape[0] // 2, in_shape[1] // 2, in_shape[2])
+
+    def forward(self, x, params, ctx):
+        return tf.nn.avg_pool2d(x, 2, 2, "VALID"), tf.shape(x)
+
+    def backward(self, d_y, cache, need_d_x=True):
+        # Each input of a window gets 1/4 of the window's gradient; the source forgot the 1/4.
+        scale = 1.0 if self.unscaled else 0.25
+        return _upsample2(d_y * scale, cache), {}
+
+
+class MaxPool2(Op):
+    """y[i, j] = max of the 2x2 window (stride 2, VALID); the gradient goes to the argmax."""
+
+    def output_shape(self, in_shape):
+        return (in_shape[0] // 2, in_shape[1] // 2, in_shape[2])
+
+    def forward(self, x, params, ctx):
+        y = tf.nn.max_pool2d(x, 2, 2, "VALID")
+        return y, (x, y)
+
+    def backward(self, d_y, cache, need_d_x=True):
+        x, y = cache
+        d_x = tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=d_y, ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1], padding="VALID")
+        return d_x, {}
+
+
+class GlobalMean(Op):
+    """y[b, c] = mean over (h, w) of x[b, h, w, c]."""
+
+    def __init__(self, unscaled_gradient_quirk: bool = False):
+        self.unscaled = unscaled_gradient_quirk
+
+    def output_shape(self, in_shape):
+        return (in_shape[2],)
+
+    def forward(self, x, params, ctx):
+        return tf.reduce_mean(x, axis=[1, 2]), tf.shape(x)
+
+    def backward(self, d_y, cache, need_d_x=True):
+        shape = cache  # (B, H, W, C)
+        d_x = tf.broadcast_to(d_y[:, None, None, :], shape)
+        if not self.unscaled:  # the source copied the gradient without 1/(H*W)
+            d_x = d_x / tf.cast(shape[1] * shape[2], d_y.dtype)
+        return d_x, {}
+
+
+class Flatten(Op):
+    """y = x reshaped to (B, H*W*C)."""
+
+    def output_shape(self, in_shape):
+        size = 1
+        for dim in in_shape:
+            size *= dim
+        return (size,)
+
+    def forward(self, x, params, ctx):
+        return tf.reshape(x, [tf.shape(x)[0], -1]), tf.shape(x)
+
+    def backward(self, d_y, cache, need_d_x=True):
+        return tf.reshape(d_y, cache), {}
+
+
+class Dropout(Op):
+    """y = x * mask / (1 - rate), mask ~ Bernoulli(1 - rate) from the step's stateless seed."""
+
+    def __init__(self, rate: float, salt: int = 0):
+        self.rate, self.salt = rate, salt
+
+    def forward(self, x, params, ctx):
+        if not ctx.training or self.rate == 0 or ctx.seed is None:
+            return x, None
+        seed = ctx.seed + tf.constant([0, self.salt + 1], dtype=ctx.seed.dtype)
+        keep = tf.random.stateless_uniform(tf.shape(x), seed=seed, dtype=x.dtype) >= self.rate
+        mask = tf.cast(keep, x.dtype) / (1.0 - self.rate)
+        return x * mask, mask
+
+    def backward(self, d_y, cache, need_d_x=True):
+        return (d_y if cache is None else d_y * cache), {}
+
+
+# ---------------------------------------------------------------------- activations
+
+
+class ELU(Op):
+    """y = x if x > 0 else exp(x) - 1;  dy/dx = 1 if x > 0 else y + 1."""
+
+    def __init__(self, derivative_two_quirk: bool = False):
+        self.positive_slope = 2.0 if derivative_two_quirk else 1.0
+
+    def forward(self, x, params, ctx):
+        y = tf.where(x > 0, x, tf.exp(tf.minimum(x, 0.0)) - 1.0)
+        return y, (x, y)
+
+    def backward(self, d_y, cache, need_d_x=True):
+        x, y = cache
+        return d_y * tf.where(x > 0, tf.cast(self.positive_slope, y.dtype), y + 1.0), {}
+
+
+class CELU(Op):
+    """y = x if x >= 0 else alpha * (exp(x / alpha) - 1);  dy/dx = 1 if x >= 0 else exp(x / alpha)."""
+
+    def __init__(self, alpha: float = 1.0, derivative_two_quirk: bool = False):
+        self.alpha = alpha
+        self.positive_slope = 2.0 if derivative_two_quirk else 1.0
+
+    def forward(self, x, params, ctx):
+        exp_part = tf.exp(tf.minimum(x, 0.0) / self.alpha)
+        y = tf.where(x >= 0, x, self.alpha * (exp_part - 1.0))
+        return y, (x, exp_part)
+
+    def backward(self, d_y, cache, need_d_x=True):
+        x, exp_part = cache
+        return d_y * tf.where(x >= 0, tf.cast(self.positive_slope, x.dtype), exp_part), {}
+
+
+class ReLU(Op):
+    """y = max(x, 0);  dy/dx = 1 if x > 0 else 0."""
+
+    def forward(self, x, params, ctx):
+        return tf.nn.relu(x), x
+
+    def backward(self, d_y, cache, need_d_x=True):
+        return d_y * tf.cast(cache > 0, d_y.dtype), {}
+
+
+class Tanh(Op):
+    """y = tanh(x);  dy/dx = 1 - y^2."""
+
+    def forward(self, x, params, ctx):
+        y = tf.tanh(x)
+        return y, y
+
+    def backward(self, d_y, cache, need_d_x=True):
+        return d_y * (1.0 - cache * cache), {}
+
+
+class Sigmoid(Op):
+    """y = 1 / (1 + exp(-x));  dy/dx = y (1 - y)."""
+
+    def forward(self, x, params, ctx):
+        y = tf.sigmoid(x)
+        return y, y
+
+    def backward(self, d_y, cache, need_d_x=True):
+        return d_y * cache * (1.0 - cache), {}
+
+
+def activation(name: str, quirks=(), alpha: float = 2.0) -> Op:
+    """An activation op by name (tanh, sigmoid, relu, elu, celu)."""
+    if name == "elu":
+        return ELU("elu_derivative_two" in quirks)
+    if name == "celu":
+        return CELU(alpha, "celu_derivative_two" in quirks)
+    return {"tanh": Tanh, "sigmoid": Sigmoid, "relu": ReLU}[name]()
+
+
+# ---------------------------------------------------------------------- losses
+
+
+class SoftmaxCrossEntropy:
+    """loss = mean_b( -sum_c y[b,c] log softmax(z)[b,c] );  d_z = (softmax(z) - y) / B."""
+
+    def __init__(self, unscaled_output_error_quirk: bool = False, softmax_twice_quirk: bool = False):
+        self.unscaled = unscaled_output_error_quirk
+        self.softmax_twice = softmax_twice_quirk
+
+    def forward(self, logits, y_onehot):
+        log_p = tf.nn.log_softmax(logits)  # (B, classes)
+        loss = -tf.reduce_mean(tf.reduce_sum(y_onehot * log_p, axis=1))
+        return loss, (tf.exp(log_p), y_onehot)
+
+    def backward(self, cache):
+        probs, y_onehot = cache
+        d_logits = probs - y_onehot
+        if not self.unscaled:  # the source left out the 1/B of the mean
+            d_logits = d_logits / tf.cast(tf.shape(probs)[0], probs.dtype)
+        return d_logits
+
+    def logged_cost(self, logits, y_onehot):
+        """The number written to the logs (the source applied softmax twice here)."""
+        if self.softmax_twice:
+            logits = tf.nn.softmax(logits)
+        return self.forward(logits, y_onehot)[0]
+
+    @staticmethod
+    def correct(logits, labels):
+        return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=labels.dtype), labels), tf.float32))
+
+
+class SquaredError:
+    """loss = mean_b( 1/2 sum_c (z[b,c] - y[b,c])^2 );  d_z = (z - y) / B.
+
+    z is the network output (a model ending in sigmoid gives probabilities)."""
+
+    def __init__(self, **_):
+        pass
+
+    def forward(self, output, y_onehot):
+        diff = output - y_onehot
+        return 0.5 * tf.reduce_mean(tf.reduce_sum(diff * diff, axis=1)), (diff,)
+
+    def backward(self, cache):
+        (diff,) = cache
+        return diff / tf.cast(tf.shape(diff)[0], diff.dtype)
+
+    def logged_cost(self, output, y_onehot):
+        return self.forward(output, y_onehot)[0]
+
+    correct = staticmethod(SoftmaxCrossEntropy.correct)
+
+
+def upsample_to(d, shape):
+    """Nearest-neighbour upsampling of (B, h, w, C) to (B, H, W, C) by integer factors."""
+    if len(shape) == 2:  # dense activations: nothing to upsample
+        assert tuple(d.shape[1:]) == tuple(shape[1:]), f"cannot add {d.shape} to {shape}"
+        return d
+    factor_h = shape[1] // d.shape[1]
+    factor_w = shape[2] // d.shape[2]
+    assert factor_h * d.shape[1] == shape[1] and factor_w * d.shape[2] == shape[2], f"cannot upsample {d.shape} to {shape}"
+    return tf.repeat(tf.repeat(d, factor_h, axis=1), factor_w, axis=2)

@@ -1,0 +1,162 @@
+"""Schedules: which units are updated in each stage of one training step.
+
+A schedule is a function `(step: Stepper, x, y_onehot) -> (loss, output)` picked by
+name from SCHEDULES. It calls `step.forward`, `step.net.backward` and `step.update`;
+the Stepper counts forward passes, stages and per-unit updates while the step is
+traced, so the counts logged are the ones the schedule really performed. Adding a
+schedule touches this file only. (Registered names are listed without importing
+TensorFlow, so the driver can validate suites.)
+"""
+
+from __future__ import annotations
+
+SCHEDULE_NAMES = ("standard", "unfair-back", "unfair-front", "adversarial", "dilated", "adversarial+dilated", "synthetic")
+
+
+class Stepper:
+    """What a schedule works with: the net, the optimiser and counters of what it did."""
+
+    def __init__(self, net, optimizer, ctx, lr, settings, skip_rate=None):
+        self.net, self.optimizer, self.ctx, self.lr, self.settings = net, optimizer, ctx, lr, settings
+        self.skip_rate = skip_rate
+        self.updates = [0] * net.depth
+        self.forward_passes = 0
+        self.units_forwarded = 0
+        self.stages = 0
+
+    def forward(self, x, start: int = 0, acts=None, caches=None):
+        self.forward_passes += 1
+        self.units_forwarded += self.net.depth - start
+        return self.net.forward(x, self.ctx, start=start, acts=acts, caches=caches)
+
+    def loss(self, output, y_onehot):
+        return self.net.loss_and_gradient(output, y_onehot)
+
+    def update(self, grads: dict) -> None:
+        """Apply one optimiser step to each unit in `grads` (one stage)."""
+        self.stages += 1
+        for index in sorted(grads):
+            self.optimizer.apply(index, grads[index], self.lr)
+            self.updates[index] += 1
+
+    def dilated_units(self) -> tuple:
+        """Units whose incoming gradient gets the skip from two units above: all but the
+        first and the top two (celu7: layers 2, 3, 4, 5 of EXPERIMENTS.md s2)."""
+        return tuple(range(1, self.net.depth - 2))
+
+
+def standard(step: Stepper, x, y_onehot):
+    """Forward, backward through every unit, update every unit once."""
+    acts, caches = step.forward(x)
+    loss, d_out = step.loss(acts[-1], y_onehot)
+    grads, _ = step.net.backward(d_out, caches)
+    step.update(grads)
+    return loss, acts[-1]
+
+
+def unfair_back(step: Stepper, x, y_onehot):
+    """Stage k = 1..n updates units n-k..n-1 (top k), back-propagating only that far, then
+    re-forwards from the lowest updated unit; stage k+1 starts from the new output.
+    Per batch unit i (0-based) is updated i+1 times; n+1 forward passes."""
+    depth = step.net.depth
+    acts, caches = step.forward(x)
+    loss, d_out = step.loss(acts[-1], y_onehot)
+    output = acts[-1]
+    for stage in range(1, depth + 1):
+        lowest = depth - stage
+        if stage > 1:
+            _, d_out = step.loss(acts[-1], y_onehot)
+        grads, _ = step.net.backward(d_out, caches, down_to=lowest)
+        step.update(grads)
+        # Units below `lowest` did not change: reuse their activations and caches.
+        acts, caches = step.forward(x, start=lowest, acts=acts, caches=caches)
+    return loss, output
+
+
+def unfair_front(step: Stepper, x, y_onehot):
+    """Mirror image: stage k = 1..n updates units 0..k-1. Each stage back-propagates to
+    the bottom (weight gradients only for the units it updates) and re-forwards fully.
+    Per batch unit i is updated n-i times; n+1 forward passes."""
+    depth = step.net.depth
+    acts, caches = step.forward(x)
+    loss, d_out = step.loss(acts[-1], y_onehot)
+    output = acts[-1]
+    for stage in range(1, depth + 1):
+        if stage > 1:
+            _, d_out = step.loss(acts[-1], y_onehot)
+        grads, _ = step.net.backward(d_out, caches, down_to=0, want_grads=set(range(stage)))
+        step.update(grads)
+        acts, caches = step.forward(x, acts=acts, caches=caches)
+    return loss, output
+
+
+def dilated(step: Stepper, x, y_onehot):
+    """Standard step whose backward adds r * upsample(gradient from two units above) to
+    the incoming gradient of units 1..n-3; r = r0 / (1 + decay * epoch)."""
+    acts, caches = step.forward(x)
+    loss, d_out = step.loss(acts[-1], y_onehot)
+    grads, _ = step.net.backward(d_out, caches, skip_units=step.dilated_units(), skip_rate=step.skip_rate)
+    step.update(grads)
+    return loss, acts[-1]
+
+
+def adversarial(step: Stepper, x, y_onehot, dilate: bool = False):
+    """Clean forward and backward to d loss/d x (no update); x_adv = x + eps * sign(d_x);
+    forward on x_adv; backward and update from that pass only (Nokland 2015).
+    Train metrics come from the adversarial pass."""
+    import tensorflow as tf
+
+    acts, caches = step.forward(x)
+    _, d_out = step.loss(acts[-1], y_onehot)
+    _, d_inputs = step.net.backward(d_out, caches, want_grads=set(), need_input_grad=True)
+    x_adv = x + step.settings.adversarial_epsilon * tf.sign(d_inputs[0])
+    acts, caches = step.forward(x_adv)
+    loss, d_out = step.loss(acts[-1], y_onehot)
+    skip_units = step.dilated_units() if dilate else ()
+    grads, _ = step.net.backward(d_out, caches, skip_units=skip_units, skip_rate=step.skip_rate)
+    step.update(grads)
+    return loss, acts[-1]
+
+
+def adversarial_dilated(step: Stepper, x, y_onehot):
+    """adversarial, with the dilated backward in the update pass."""
+    return adversarial(step, x, y_onehot, dilate=True)
+
+
+def synthetic(step: Stepper, x, y_onehot):
+    """Decoupled neural interfaces: see workers.dni (needs model dni_rnn)."""
+    from workers import dni
+
+    return dni.synthetic_step(step, x, y_onehot)
+
+
+def autodiff_standard(step: Stepper, x, y_onehot):
+    """The standard step with gradients from tf.GradientTape (engine: autodiff)."""
+    import tensorflow as tf
+
+    net = step.net
+    with tf.GradientTape() as tape:
+        output = step.forward(x)[0][-1]
+        loss = net.loss.forward(output, y_onehot)[0]
+    variables = [unit for unit in net.variables]
+    tape_grads = tape.gradient(loss, variables)
+    step.update({index: grads for index, grads in enumerate(tape_grads) if grads})
+    return loss, output
+
+
+SCHEDULES = {
+    "standard": standard,
+    "unfair-back": unfair_back,
+    "unfair-front": unfair_front,
+    "adversarial": adversarial,
+    "dilated": dilated,
+    "adversarial+dilated": adversarial_dilated,
+    "synthetic": synthetic,
+}
+assert tuple(SCHEDULES) == SCHEDULE_NAMES
+
+
+def get_schedule(settings):
+    if settings.engine == "autodiff":
+        return autodiff_standard
+    return SCHEDULES[settings.schedule]
