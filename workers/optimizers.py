@@ -84,7 +84,7 @@ class Adam(Optimizer):
         b1, b2 = self.settings.beta1, self.settings.beta2
         if self.settings.has("adam_constant_bias_correction"):
             return 1.0 - b1, 1.0 - b2
-        return 1.0 - tf.pow(b1, t), 1.0 - tf.pow(b2, t)
+        return 1.0 - tf.pow(tf.cast(b1, t.dtype), t), 1.0 - tf.pow(tf.cast(b2, t.dtype), t)
 
     def moments(self, d_param, slots):
         b1, b2 = self.settings.beta1, self.settings.beta2

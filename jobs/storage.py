@@ -1,0 +1,790 @@
+"""The run directory: ledger, Parquet logs and checkpoints, written only by the driver.
+
+Actors never touch storage (DESIGN.md, decision 1). They send progress reports to the
+driver, which calls :meth:`RunDir.commit`; every file is written under a temporary name and
+renamed into place, and the case's ledger entry is written last, so the ledger entry is the
+commit record: whatever a crashed driver wrote after its last ledger write is removed by
+:meth:`RunDir.recover` and reported again by the resumed case, so every step is logged
+exactly once.
+
+A run directory is a local path or a ``pyarrow.fs`` URI (``s3://bucket/run``,
+``gs://bucket/run``, ``file:///abs/path``, ``hdfs://...``)::
+
+    RUN/
+      manifest.json                                    written once, last step of create()
+      cases.parquet                                    one row per case: case_id, name, settings
+      ledger/<case_id>.json                            the case's state (a LedgerEntry)
+      metrics/0-schema.parquet                         zero-row schema anchor (see below)
+      metrics/case_id=<id>/part-<seq:06d>.parquet      one file per commit
+      layer_stats/0-schema.parquet
+      layer_stats/case_id=<id>/part-<seq:06d>.parquet  optional, committed like metrics
+      weights/0-schema.parquet
+      weights/case_id=<id>/part-<phase>.parquet        weight histograms ('before', 'after')
+      checkpoints/<case_id>/ckpt-<seq:06d>.npz         latest committed checkpoint only
+
+``metrics/``, ``layer_stats/`` and ``weights/`` are hive-partitioned Parquet datasets, read
+whole with ``pandas.read_parquet(RUN + "/metrics")`` (``case_id`` comes back categorical).
+
+Schema anchor: pyarrow takes a dataset's schema from the *first* file (in path order). If
+that file had ``lr`` all None (a null column) or no ``lr`` at all, later files with real
+``lr`` values fail to read or silently lose the column. So each dataset keeps a run-wide
+schema (the union of every column seen, with one stable type each) in a zero-row file
+``0-schema.parquet`` that sorts before every ``case_id=...`` folder, and every part is
+written with exactly that schema. Column types: integers -> int64, floats -> float64,
+strings -> string, bool -> bool, anything else as pyarrow infers it; a column that has only
+been None so far is float64 until a real value arrives; int64 widens to float64 when a
+float arrives (older int64 parts are cast on read); any other change of type is refused.
+
+Temporary files are named ``.<name>.tmp-<random>`` (hidden, so pyarrow's dataset discovery
+skips them even while a reader lists the folder). On object stores (s3, gcs) a single object
+write is already atomic, so files are written in place instead.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import posixpath
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any, Iterable, Mapping
+
+import pandas
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = [
+    "CASE_STATES",
+    "FAILURE_CLASSES",
+    "DATASETS",
+    "LedgerEntry",
+    "RunDir",
+    "StorageError",
+]
+
+CASE_STATES = ("pending", "running", "done", "failed", "diverged")
+FAILURE_CLASSES = ("oom", "node_lost", "worker_died", "diverged", "bad_settings", "bug", "interrupted")
+
+#: The Parquet datasets of a run (each hive-partitioned by ``case_id``).
+DATASETS = ("metrics", "layer_stats", "weights")
+
+MANIFEST = "manifest.json"
+CASES = "cases.parquet"
+LEDGER = "ledger"
+CHECKPOINTS = "checkpoints"
+SCHEMA_ANCHOR = "0-schema.parquet"  # sorts before "case_id=..." and is not hidden
+PARTITION_KEY = "case_id"
+
+_LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, *DATASETS}
+_TMP_MARK = ".tmp-"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+_CKPT_RE = re.compile(r"^ckpt-(\d+)\.npz$")
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # two+ letters: not a Windows drive
+_PROVISIONAL_KEY = b"bplab.provisional"
+_IN_PLACE_HINTS = ("s3", "gcs", "gs")  # object stores: single writes are atomic, no rename
+
+
+class StorageError(ValueError):
+    """A run-directory problem, with a one-line message fit to show to the user."""
+
+
+@dataclass
+class LedgerEntry:
+    """The state of one case, stored as ``ledger/<case_id>.json``.
+
+    ``commit_seq`` counts the commits made (0 = nothing committed); metrics and layer-stats
+    parts and checkpoints with a higher sequence number than it are not committed.
+    ``checkpoint`` is the run-relative path of the latest committed checkpoint.
+    """
+
+    case_id: str
+    name: str
+    state: str = "pending"
+    attempts: int = 0  # how many actors were started for it
+    commit_seq: int = 0  # number of commits made (0 = nothing committed)
+    checkpoint: str | None = None  # run-relative path of the latest checkpoint
+    epoch: int = 0  # position at the last commit
+    step: int = 0
+    reason_class: str | None = None
+    reason: str | None = None
+    diverged_step: int | None = None
+    node: str | None = None
+    gpu: str | None = None
+    info: dict = field(default_factory=dict)  # versions, gpu name, ... reported by the actor
+    latest: dict = field(default_factory=dict)  # latest test accuracy etc., for status
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of all fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LedgerEntry":
+        """Build an entry from a dict; unknown keys (from newer versions) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def validate(self) -> None:
+        """Raise StorageError if a field holds a value the ledger does not allow."""
+        _check_name(self.case_id, "case id")
+        if self.state not in CASE_STATES:
+            raise StorageError(f"case {self.case_id}: unknown state {self.state!r} (one of {', '.join(CASE_STATES)})")
+        if self.reason_class is not None and self.reason_class not in FAILURE_CLASSES:
+            raise StorageError(
+                f"case {self.case_id}: unknown failure class {self.reason_class!r} (one of {', '.join(FAILURE_CLASSES)})"
+            )
+        for name in ("attempts", "commit_seq", "epoch", "step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise StorageError(f"case {self.case_id}: {name} must be a non-negative integer, not {value!r}")
+        if not isinstance(self.info, dict) or not isinstance(self.latest, dict):
+            raise StorageError(f"case {self.case_id}: info and latest must be dicts")
+
+
+class RunDir:
+    """A bplab run directory on a local path or a ``pyarrow.fs`` filesystem.
+
+    The driver is the only writer; a RunDir object is safe to share between the driver's
+    threads (writes are serialised by a lock). Readers such as ``bplab status`` may open the
+    same directory at any time.
+    """
+
+    def __init__(
+        self,
+        location: str | os.PathLike,
+        *,
+        filesystem: pafs.FileSystem | None = None,
+        atomic_rename: bool | None = None,
+    ):
+        """Point at ``location`` (a path or a URI); nothing is created or read.
+
+        ``filesystem``: use this filesystem, with ``location`` a path inside it (for custom
+        credentials or tests). ``atomic_rename``: write-then-rename (True) or write in place
+        (False); by default in place on object stores (s3, gcs), rename everywhere else.
+        """
+        self.location = os.fspath(location)
+        if filesystem is not None:
+            fs, root = filesystem, self.location
+        elif _URI_RE.match(self.location):
+            try:
+                fs, root = pafs.FileSystem.from_uri(self.location)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise StorageError(f"cannot open {self.location}: {_one_line(exc)}") from None
+        else:
+            fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(self.location))
+        if fs.type_name == "local":
+            root = root.replace(os.sep, "/")
+        root = root.rstrip("/") or "/"
+        self._fs = fs
+        self._root = root
+        if atomic_rename is None:
+            atomic_rename = not any(hint in fs.type_name for hint in _IN_PLACE_HINTS)
+        self._rename = bool(atomic_rename)
+        self._durable = fs.type_name == "local"  # fsync files and folders before trusting a rename
+        self._lock = threading.RLock()
+        self._made_dirs: set[str] = set()
+        self._schemas: dict[str, tuple[pa.Schema, set[str]]] = {}  # dataset -> (schema, provisional)
+        self._entries: dict[str, LedgerEntry] = {}  # last ledger entry known to be on disk
+        self._case_ids: set[str] | None = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """The ``pyarrow.fs.FileSystem`` holding the run."""
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        """The run's path inside :attr:`filesystem` (no URI scheme)."""
+        return self._root
+
+    def path(self, *parts: str) -> str:
+        """The path of ``RUN/parts...`` inside :attr:`filesystem`.
+
+        Read a dataset with ``pandas.read_parquet(run.path("metrics"), filesystem=run.filesystem)``.
+        """
+        return posixpath.join(self._root, *parts) if parts else self._root
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.location!r})"
+
+    def is_run(self) -> bool:
+        """True if the location holds a bplab run (its manifest.json exists)."""
+        return self._exists(self.path(MANIFEST))
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(
+        cls,
+        location: str | os.PathLike,
+        manifest: dict,
+        cases: list[dict],
+        *,
+        filesystem: pafs.FileSystem | None = None,
+        atomic_rename: bool | None = None,
+    ) -> "RunDir":
+        """Start a new run: write cases.parquet, a pending ledger entry per case, then manifest.json.
+
+        ``cases`` are flat dicts with at least ``case_id`` and ``name``. The manifest is
+        written last, so a create that dies half-way leaves no run and can be repeated.
+        Refuses (StorageError) if the location already holds a run, or holds files that are
+        not part of a bplab run.
+        """
+        run = cls(location, filesystem=filesystem, atomic_rename=atomic_rename)
+        if not isinstance(manifest, dict):
+            raise StorageError("the run manifest must be a dict")
+        manifest_bytes = _json_bytes(manifest, f"{run.location}: manifest")
+        rows = _check_cases(cases)
+        with run._lock:
+            if run._fs.get_file_info(run.root).type == pafs.FileType.File:
+                raise StorageError(f"{run.location} is a file, not a folder for a bplab run")
+            if run.is_run():
+                raise StorageError(f"{run.location} already holds a bplab run (it has a manifest.json)")
+            foreign = sorted(
+                info.base_name
+                for info in run._list(run.root)
+                if info.base_name not in _LAYOUT_NAMES and not _is_tmp(info.base_name)
+            )
+            if foreign:
+                raise StorageError(
+                    f"{run.location} is not empty and is not a bplab run directory (it holds {', '.join(foreign[:3])}"
+                    f"{', ...' if len(foreign) > 3 else ''})"
+                )
+            run._write_table(run.path(CASES), _rows_to_table(rows, "cases", json_fallback=True))
+            ids = {row["case_id"] for row in rows}
+            for info in run._list(run.path(LEDGER)):  # leftovers of a create that died half-way
+                if info.base_name.endswith(".json") and info.base_name[:-5] not in ids:
+                    run._delete(info.path)
+            for row in rows:
+                run._put_entry(LedgerEntry(case_id=row["case_id"], name=str(row["name"])))
+            run._case_ids = ids
+            run._write_bytes(run.path(MANIFEST), manifest_bytes)
+        return run
+
+    @classmethod
+    def open(
+        cls,
+        location: str | os.PathLike,
+        *,
+        filesystem: pafs.FileSystem | None = None,
+        atomic_rename: bool | None = None,
+    ) -> "RunDir":
+        """Open an existing run; StorageError if ``location`` is not a run directory."""
+        run = cls(location, filesystem=filesystem, atomic_rename=atomic_rename)
+        if not run.is_run():
+            raise StorageError(f"{run.location} is not a bplab run directory (no manifest.json)")
+        return run
+
+    def manifest(self) -> dict:
+        """The manifest dict given to :meth:`create`."""
+        try:
+            return json.loads(self._read_bytes(self.path(MANIFEST)))
+        except FileNotFoundError:
+            raise StorageError(f"{self.location} is not a bplab run directory (no manifest.json)") from None
+        except ValueError as exc:
+            raise StorageError(f"{self.location}: manifest.json is damaged ({_one_line(exc)})") from None
+
+    # ------------------------------------------------------------------ cases
+    def cases(self) -> pandas.DataFrame:
+        """The cases table: one row per case with case_id, name and every setting."""
+        return self._cases_table().to_pandas()
+
+    def case_ids(self) -> list[str]:
+        """The ids of all cases, in the order of the cases table."""
+        return [str(x) for x in self._cases_table().column("case_id").to_pylist()]
+
+    def add_cases(self, cases: list[dict]) -> list[str]:
+        """Add cases to an existing run and return the ids that were new.
+
+        Cases whose id is already in the run are skipped (their row and ledger entry are
+        untouched); cases.parquet is rewritten atomically with the new rows appended, then a
+        pending ledger entry is written for each new case.
+        """
+        rows = _check_cases(cases)
+        with self._lock:
+            self._require_run()
+            old_rows = self._cases_table().to_pylist()
+            known = {row["case_id"] for row in old_rows}
+            new_rows = [row for row in rows if row["case_id"] not in known]
+            if new_rows:
+                table = _rows_to_table(old_rows + new_rows, "cases", json_fallback=True)
+                self._write_table(self.path(CASES), table)
+                self._case_ids = known | {row["case_id"] for row in new_rows}
+            for row in new_rows:
+                if not self._exists(self._entry_path(row["case_id"])):
+                    self._put_entry(LedgerEntry(case_id=row["case_id"], name=str(row["name"])))
+            return [row["case_id"] for row in new_rows]
+
+    # ------------------------------------------------------------------ ledger
+    def ledger(self) -> dict[str, LedgerEntry]:
+        """Every ledger entry, by case id (read from storage; works with no driver alive)."""
+        out: dict[str, LedgerEntry] = {}
+        for info in sorted(self._list(self.path(LEDGER)), key=lambda i: i.base_name):
+            name = info.base_name
+            if info.type != pafs.FileType.File or _is_tmp(name) or not name.endswith(".json"):
+                continue
+            entry = self._read_entry(name[: -len(".json")])
+            if entry is not None:
+                out[entry.case_id] = entry
+        return out
+
+    def entry(self, case_id: str) -> LedgerEntry:
+        """The ledger entry of one case (StorageError if the case has none)."""
+        _check_name(case_id, "case id")
+        entry = self._read_entry(case_id)
+        if entry is None:
+            raise StorageError(f"{self.location}: no case {case_id} in the ledger")
+        return entry
+
+    def write_entry(self, entry: LedgerEntry) -> LedgerEntry:
+        """Write a case's ledger entry atomically (state changes between commits).
+
+        The commit fields (``commit_seq``, ``checkpoint``) must match the ledger: only
+        :meth:`commit` moves them. ``updated_at`` is stamped. Returns the entry as written.
+        """
+        entry.validate()
+        with self._lock:
+            current = self._committed(entry.case_id)
+            if current is None:
+                if entry.case_id not in self._known_case_ids():
+                    raise StorageError(f"{self.location}: no case {entry.case_id} in the run")
+                base_seq, base_ckpt = 0, None
+            else:
+                base_seq, base_ckpt = current.commit_seq, current.checkpoint
+            if (entry.commit_seq, entry.checkpoint) != (base_seq, base_ckpt):
+                raise StorageError(
+                    f"case {entry.case_id}: entry is at commit {entry.commit_seq} ({entry.checkpoint}) but the "
+                    f"ledger is at commit {base_seq} ({base_ckpt}); only commit() may change them"
+                )
+            return self._put_entry(entry)
+
+    # ------------------------------------------------------------------ commits
+    def commit(
+        self,
+        case_id: str,
+        rows: list[dict],
+        checkpoint: bytes | None,
+        entry: LedgerEntry,
+        layer_stats: list[dict] | None = None,
+    ) -> LedgerEntry:
+        """Commit one progress report of a case, exactly once; return the new ledger entry.
+
+        ``seq = entry.commit_seq + 1``. The metrics part (if ``rows``), the layer-stats part
+        (if ``layer_stats``) and the checkpoint (if given) are written first, each atomically;
+        then the ledger entry (``entry`` with ``commit_seq = seq`` and, if a checkpoint was
+        given, ``checkpoint`` = its path) is written LAST: it is the commit record. Older
+        checkpoints are deleted afterwards. ``entry`` carries the rest of the new state
+        (epoch, step, latest, ...) and is not modified.
+
+        ``entry.commit_seq`` must equal the ledger's: committing the same report twice, or
+        from a stale entry, raises StorageError and changes nothing. If commit raises midway,
+        nothing is committed and it may be called again with the same arguments.
+        """
+        _check_name(case_id, "case id")
+        if entry.case_id != case_id:
+            raise StorageError(f"commit for case {case_id} was given the ledger entry of case {entry.case_id}")
+        entry.validate()
+        if checkpoint is not None and not isinstance(checkpoint, (bytes, bytearray, memoryview)):
+            raise StorageError(f"case {case_id}: a checkpoint must be bytes, not {type(checkpoint).__name__}")
+        with self._lock:
+            current = self._committed(case_id)
+            if current is None:
+                raise StorageError(f"{self.location}: no case {case_id} in the ledger")
+            if entry.commit_seq != current.commit_seq:
+                raise StorageError(
+                    f"case {case_id}: commit from an entry at commit {entry.commit_seq}, but the ledger is at "
+                    f"commit {current.commit_seq} (duplicate or stale report)"
+                )
+            seq = current.commit_seq + 1
+            tables = []
+            if rows:
+                tables.append(("metrics", self._conform("metrics", _strip_key(rows, case_id, "metrics"))))
+            if layer_stats:
+                tables.append(("layer_stats", self._conform("layer_stats", _strip_key(layer_stats, case_id, "layer_stats"))))
+            for dataset, table in tables:
+                self._write_table(self._part_path(dataset, case_id, f"{seq:06d}"), table)
+            ckpt_rel = current.checkpoint
+            if checkpoint is not None:
+                ckpt_rel = f"{CHECKPOINTS}/{case_id}/ckpt-{seq:06d}.npz"
+                self._write_bytes(self.path(ckpt_rel), bytes(checkpoint))
+            new = dataclasses.replace(copy.deepcopy(entry), commit_seq=seq, checkpoint=ckpt_rel)
+            new = self._put_entry(new)  # the commit record
+            if checkpoint is not None:
+                for info in self._list(self.path(CHECKPOINTS, case_id)):
+                    m = _CKPT_RE.match(info.base_name)
+                    if m and int(m.group(1)) < seq:
+                        self._delete(info.path)
+            return new
+
+    def write_histograms(self, case_id: str, phase: str, rows: list[dict]) -> None:
+        """Write (or replace) the weight histograms of a case for ``phase`` ('before', 'after'), atomically."""
+        _check_name(case_id, "case id")
+        _check_name(phase, "histogram phase")
+        with self._lock:
+            table = self._conform("weights", _strip_key(rows, case_id, "weights"))
+            self._write_table(self._part_path("weights", case_id, phase), table)
+
+    def load_checkpoint(self, case_id: str) -> bytes | None:
+        """The bytes of the case's latest committed checkpoint (per the ledger), or None."""
+        entry = self.entry(case_id)
+        if entry.checkpoint is None:
+            return None
+        try:
+            return self._read_bytes(self.path(entry.checkpoint))
+        except FileNotFoundError:
+            raise StorageError(
+                f"case {case_id}: the ledger names checkpoint {entry.checkpoint} but the file is missing"
+            ) from None
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> list[str]:
+        """Repair the run after a driver crash; call it before resuming, with no driver alive.
+
+        Deletes leftover temporary files, metrics / layer-stats parts and checkpoints newer
+        than the ledger's commit (written by a driver that died before its ledger write) and
+        checkpoints older than the committed one; writes a pending entry for any case that
+        has none; sets 'running' cases back to 'pending'. Returns human-readable notes.
+        """
+        notes: list[str] = []
+        with self._lock:
+            self._require_run()
+            self._entries.clear()
+            self._schemas.clear()
+            files = [i for i in self._list(self.root, recursive=True) if i.type == pafs.FileType.File]
+            for info in files:
+                if _is_tmp(info.base_name):
+                    self._delete(info.path)
+                    notes.append(f"deleted leftover temporary file {self._rel(info.path)}")
+            files = [i for i in files if not _is_tmp(i.base_name)]
+
+            ledger = self.ledger()
+            for row in self._cases_table().select(["case_id", "name"]).to_pylist():
+                if row["case_id"] not in ledger:
+                    ledger[row["case_id"]] = self._put_entry(LedgerEntry(case_id=row["case_id"], name=str(row["name"])))
+                    notes.append(f"case {row['case_id']}: had no ledger entry; added it as pending")
+
+            orphans: set[str] = set()
+            for info in files:
+                rel = self._rel(info.path).split("/")
+                if len(rel) == 3 and rel[0] in ("metrics", "layer_stats") and rel[1].startswith(PARTITION_KEY + "="):
+                    case_id, m = rel[1][len(PARTITION_KEY) + 1 :], _PART_RE.match(rel[2])
+                elif len(rel) == 3 and rel[0] == CHECKPOINTS:
+                    case_id, m = rel[1], _CKPT_RE.match(rel[2])
+                else:
+                    continue
+                entry = ledger.get(case_id)
+                if entry is None:
+                    orphans.add(case_id)
+                    continue
+                if m is None:
+                    continue
+                seq = int(m.group(1))
+                if seq > entry.commit_seq:
+                    self._delete(info.path)
+                    notes.append(
+                        f"case {case_id}: deleted uncommitted {'/'.join(rel)} (ledger is at commit {entry.commit_seq})"
+                    )
+                elif rel[0] == CHECKPOINTS and "/".join(rel) != entry.checkpoint:
+                    self._delete(info.path)
+                    notes.append(f"case {case_id}: deleted superseded checkpoint {'/'.join(rel)}")
+
+            for case_id, entry in sorted(ledger.items()):
+                if entry.checkpoint is not None and not self._exists(self.path(entry.checkpoint)):
+                    notes.append(f"case {case_id}: WARNING the committed checkpoint {entry.checkpoint} is missing")
+                if entry.state == "running":
+                    self._put_entry(dataclasses.replace(entry, state="pending"))
+                    notes.append(f"case {case_id}: was running when the driver stopped; set back to pending")
+            for case_id in sorted(orphans):
+                notes.append(f"case {case_id}: has files but no ledger entry (left in place)")
+        return notes
+
+    # ------------------------------------------------------------------ internals: ledger
+    def _entry_path(self, case_id: str) -> str:
+        return self.path(LEDGER, f"{case_id}.json")
+
+    def _read_entry(self, case_id: str) -> LedgerEntry | None:
+        try:
+            data = json.loads(self._read_bytes(self._entry_path(case_id)))
+            entry = LedgerEntry.from_dict(data)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise StorageError(f"{self.location}: ledger/{case_id}.json is damaged ({_one_line(exc)})") from None
+        if entry.case_id != case_id:
+            raise StorageError(f"{self.location}: ledger/{case_id}.json holds the entry of case {entry.case_id}")
+        with self._lock:
+            self._entries[case_id] = copy.deepcopy(entry)
+        return entry
+
+    def _committed(self, case_id: str) -> LedgerEntry | None:
+        """The entry on disk (cached: the driver is the only writer)."""
+        cached = self._entries.get(case_id)
+        return copy.deepcopy(cached) if cached is not None else self._read_entry(case_id)
+
+    def _put_entry(self, entry: LedgerEntry) -> LedgerEntry:
+        entry = dataclasses.replace(copy.deepcopy(entry), updated_at=time.time())
+        entry.validate()
+        self._write_bytes(self._entry_path(entry.case_id), _json_bytes(entry.to_dict(), f"case {entry.case_id}: ledger entry"))
+        self._entries[entry.case_id] = copy.deepcopy(entry)
+        return entry
+
+    # ------------------------------------------------------------------ internals: cases
+    def _cases_table(self) -> pa.Table:
+        try:
+            data = self._read_bytes(self.path(CASES))
+        except FileNotFoundError:
+            raise StorageError(f"{self.location} is not a bplab run directory (no {CASES})") from None
+        return pq.read_table(pa.BufferReader(data))
+
+    def _known_case_ids(self) -> set[str]:
+        if self._case_ids is None:
+            self._case_ids = set(self.case_ids())
+        return self._case_ids
+
+    def _require_run(self) -> None:
+        if not self.is_run():
+            raise StorageError(f"{self.location} is not a bplab run directory (no manifest.json)")
+
+    # ------------------------------------------------------------------ internals: Parquet
+    def _part_path(self, dataset: str, case_id: str, suffix: str) -> str:
+        return self.path(dataset, f"{PARTITION_KEY}={case_id}", f"part-{suffix}.parquet")
+
+    def _registry(self, dataset: str) -> tuple[pa.Schema, set[str]]:
+        if dataset not in self._schemas:
+            try:
+                schema = pq.read_schema(pa.BufferReader(self._read_bytes(self.path(dataset, SCHEMA_ANCHOR))))
+                provisional = set(json.loads((schema.metadata or {}).get(_PROVISIONAL_KEY, b"[]")))
+                schema = schema.remove_metadata()
+            except FileNotFoundError:
+                schema, provisional = pa.schema([]), set()
+            self._schemas[dataset] = (schema, provisional)
+        schema, provisional = self._schemas[dataset]
+        return schema, set(provisional)
+
+    def _conform(self, dataset: str, rows: list[dict]) -> pa.Table:
+        """Build a table from ``rows`` with the dataset's run-wide schema, widening it if needed."""
+        table, null_cols = _build_table(rows, dataset)
+        schema, provisional = self._registry(dataset)
+        fields = {f.name: f.type for f in schema}
+        order = list(fields)
+        changed = False
+        for name in table.column_names:
+            new_type = table.schema.field(name).type
+            new_null = name in null_cols
+            if name not in fields:
+                fields[name], changed = new_type, True
+                order.append(name)
+                if new_null:
+                    provisional.add(name)
+                continue
+            old_type = fields[name]
+            if new_null:
+                continue  # all None here: any registered type will do
+            if name in provisional:
+                fields[name], changed = new_type, True
+                provisional.discard(name)
+            elif old_type == new_type:
+                continue
+            elif old_type == pa.float64() and new_type == pa.int64():
+                continue  # cast below
+            elif old_type == pa.int64() and new_type == pa.float64():
+                fields[name], changed = pa.float64(), True  # older int64 parts are cast on read
+            else:
+                raise StorageError(
+                    f"{dataset}: column {name!r} holds {new_type} values but earlier commits stored {old_type}"
+                )
+        schema = pa.schema([(name, fields[name]) for name in order])
+        if changed:
+            meta = {_PROVISIONAL_KEY: json.dumps(sorted(provisional)).encode()}
+            self._write_table(self.path(dataset, SCHEMA_ANCHOR), schema.with_metadata(meta).empty_table())
+            self._schemas[dataset] = (schema, provisional)
+        columns = []
+        for f in schema:
+            if f.name in table.column_names and f.name not in null_cols:
+                columns.append(table.column(f.name).cast(f.type))
+            else:
+                columns.append(pa.nulls(len(table), f.type))
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def _write_table(self, path: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self._write_bytes(path, sink.getvalue())
+
+    # ------------------------------------------------------------------ internals: files
+    def _rel(self, path: str) -> str:
+        return posixpath.relpath(path, self._root)
+
+    def _exists(self, path: str) -> bool:
+        return self._fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def _list(self, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        try:
+            return self._fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+        except (NotADirectoryError, FileNotFoundError):
+            return []
+
+    def _read_bytes(self, path: str) -> bytes:
+        if not self._exists(path):
+            raise FileNotFoundError(path)
+        with self._fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _delete(self, path: str) -> None:
+        try:
+            self._fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def _make_parent(self, path: str) -> str:
+        parent = posixpath.dirname(path)
+        if parent not in self._made_dirs:
+            self._fs.create_dir(parent, recursive=True)
+            self._made_dirs.add(parent)
+        return parent
+
+    def _write_bytes(self, path: str, data: bytes | pa.Buffer) -> None:
+        """Write a whole file atomically: temporary name + rename, or in place on object stores."""
+        parent = self._make_parent(path)
+        if not self._rename:
+            with self._fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}{_TMP_MARK}{secrets.token_hex(4)}")
+        try:
+            with self._fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self._sync(tmp)
+            self._fs.move(tmp, path)
+        except BaseException:
+            self._delete(tmp)
+            raise
+        self._sync(parent)
+
+    def _sync(self, path: str) -> None:
+        """fsync a local file or folder, so a rename never exposes data the disk does not hold."""
+        if not self._durable:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # folders cannot be fsynced on some platforms
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------- helpers
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def _check_name(value: Any, what: str) -> None:
+    if not isinstance(value, str) or not _NAME_RE.match(value) or _TMP_MARK in value:
+        raise StorageError(f"bad {what} {value!r}: use letters, digits, '_', '.', '-' and start with a letter or digit")
+
+
+def _check_cases(cases: Iterable[Mapping]) -> list[dict]:
+    rows, seen = [], set()
+    for case in cases:
+        if not isinstance(case, Mapping) or "case_id" not in case or "name" not in case:
+            raise StorageError("every case needs at least a case_id and a name")
+        _check_name(case["case_id"], "case id")
+        if case["case_id"] in seen:
+            raise StorageError(f"case id {case['case_id']} appears twice")
+        seen.add(case["case_id"])
+        rows.append(dict(case))
+    return rows
+
+
+def _strip_key(rows: list[dict], case_id: str, what: str) -> list[dict]:
+    """Drop the partition key from rows (it is the folder name), refusing rows of another case."""
+    out = []
+    for row in rows or []:
+        if not isinstance(row, Mapping):
+            raise StorageError(f"{what}: rows must be dicts, not {type(row).__name__}")
+        if PARTITION_KEY in row:
+            if row[PARTITION_KEY] != case_id:
+                raise StorageError(f"{what}: a row of case {row[PARTITION_KEY]} was committed for case {case_id}")
+            row = {k: v for k, v in row.items() if k != PARTITION_KEY}
+        out.append(row)
+    return out
+
+
+def _normalise(array: pa.Array) -> pa.Array:
+    t = array.type
+    if pa.types.is_null(t) or pa.types.is_floating(t):
+        return array.cast(pa.float64())
+    if pa.types.is_integer(t):
+        return array.cast(pa.int64())
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return array.cast(pa.string())
+    return array
+
+
+def _rows_to_table(rows: list[Mapping], what: str, json_fallback: bool = False) -> pa.Table:
+    """A table from dicts: union of keys (missing -> null), stable types (see module doc)."""
+    return _build_table(rows, what, json_fallback)[0]
+
+
+def _build_table(rows: list[Mapping], what: str, json_fallback: bool = False) -> tuple[pa.Table, set[str]]:
+    """Like _rows_to_table, also returning the names of the columns that were None in every row.
+
+    Those columns are float64 in the table. With ``json_fallback`` a column of mixed value
+    types is stored as strings (JSON for non-strings) instead of raising StorageError.
+    """
+    names: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            if not isinstance(key, str):
+                raise StorageError(f"{what}: column names must be strings, not {key!r}")
+            names.setdefault(key, None)
+    arrays, null_cols = [], set()
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            array = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+            if not json_fallback:
+                kinds = sorted({type(v).__name__ for v in values if v is not None})
+                raise StorageError(f"{what}: column {name!r} mixes value types ({', '.join(kinds)})") from exc
+            array = pa.array(
+                [v if v is None or isinstance(v, str) else json.dumps(v, default=_json_default, sort_keys=True) for v in values],
+                pa.string(),
+            )
+        if pa.types.is_null(array.type):
+            null_cols.add(name)
+        arrays.append(_normalise(array))
+    return pa.Table.from_arrays(arrays, names=list(names)), null_cols
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays
+        return value.tolist()
+    if isinstance(value, (PurePath, set, frozenset)):
+        return str(value) if isinstance(value, PurePath) else sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _json_bytes(data: Any, what: str) -> bytes:
+    try:
+        return json.dumps(data, indent=2, sort_keys=True, default=_json_default).encode() + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise StorageError(f"{what} cannot be stored as JSON ({_one_line(exc)})") from None
