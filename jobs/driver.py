@@ -1,0 +1,239 @@
+"""The driver: one actor per case, reports collected with ray.wait, commits to the run dir.
+
+The driver is the only writer (DESIGN.md decision 1). Rows of a case are buffered until
+a report carries a checkpoint, then rows + checkpoint + ledger entry are committed
+together, so a case restarted from its last commit logs every step exactly once.
+Only transient failures (a worker or a node lost) are retried, a bounded number of
+times, from the last commit; one failed case never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from jobs.plan import PlannedCase
+from jobs.storage import LedgerEntry, RunDir
+
+TRANSIENT = ("worker_died", "node_lost")
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class CaseState:
+    planned: PlannedCase
+    entry: LedgerEntry
+    actor: object = None
+    start_ref: object = None
+    poll_ref: object = None
+    rows: list = field(default_factory=list)
+    layer_stats: list = field(default_factory=list)
+    progress: dict = field(default_factory=dict)
+    started_at: float = 0.0
+    steps_at_start: int = 0
+
+
+class Driver:
+    def __init__(self, run: RunDir, planned: list[PlannedCase], data_refs: dict, *, max_retries: int = 2,
+                 checkpoint_every_steps: int = 0, progress_every: float = 10.0, out=sys.stderr):
+        self.run = run
+        self.data_refs = data_refs
+        self.max_retries = max_retries
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.progress_every = progress_every
+        self.out = out
+        ledger = run.ledger()
+        self.cases = {p.case_id: CaseState(p, ledger[p.case_id]) for p in planned}
+        self.active: dict = {}  # ObjectRef -> (case_id, kind)
+        self._remote_class = None
+
+    # ------------------------------------------------------------------ actors
+    def _runner_class(self):
+        import ray
+
+        from workers.actor import CaseRunner
+
+        if self._remote_class is None:
+            self._remote_class = ray.remote(CaseRunner)
+        return self._remote_class
+
+    def _launch(self, state: CaseState) -> None:
+        p = state.planned
+        resume = self.run.load_checkpoint(p.case_id) if state.entry.commit_seq else None
+        actor = self._runner_class().options(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0,
+                                             max_task_retries=0).remote(p.case_id, p.num_cpus, p.num_gpus)
+        settings_json = json.loads(json.dumps(p.case.settings.to_dict(), default=list))
+        state.actor = actor
+        state.rows, state.layer_stats = [], []
+        state.start_ref = actor.start.remote(settings_json, self.data_refs[p.data_key], resume, self.checkpoint_every_steps)
+        state.poll_ref = actor.poll.remote(POLL_SECONDS)
+        self.active[state.start_ref] = (p.case_id, "start")
+        self.active[state.poll_ref] = (p.case_id, "poll")
+        state.entry.attempts += 1
+        state.entry.state = "pending"  # waits for resources until start returns
+        state.entry = self.run.write_entry(state.entry)
+
+    def _kill(self, state: CaseState) -> None:
+        import ray
+
+        for ref in (state.start_ref, state.poll_ref):
+            self.active.pop(ref, None)
+        if state.actor is not None:
+            ray.kill(state.actor, no_restart=True)
+        state.actor = state.start_ref = state.poll_ref = None
+
+    # ------------------------------------------------------------------ the loop
+    def execute(self) -> dict[str, str]:
+        """Run every case not done yet; return {case_id: final state}."""
+        import ray
+
+        for state in self.cases.values():
+            if state.entry.state not in ("done", "diverged", "failed"):
+                self._launch(state)
+        last_view = 0.0
+        try:
+            while self.active:
+                ready, _ = ray.wait(list(self.active), num_returns=1, timeout=POLL_SECONDS)
+                for ref in ready:
+                    if ref not in self.active:
+                        continue
+                    case_id, kind = self.active.pop(ref)
+                    self._handle(self.cases[case_id], ref, kind)
+                if self.progress_every and time.monotonic() - last_view >= self.progress_every:
+                    self.print_view()
+                    last_view = time.monotonic()
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
+        self.print_view()
+        return {cid: s.entry.state for cid, s in self.cases.items()}
+
+    def _handle(self, state: CaseState, ref, kind: str) -> None:
+        import ray
+
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as error:
+            self._actor_lost(state, error)
+            return
+        except ray.exceptions.RayError as error:  # e.g. the object was lost with its node
+            self._actor_lost(state, error)
+            return
+        if kind == "start":
+            state.entry.info = result
+            state.entry.node = result.get("node_ip") or result.get("hostname")
+            state.entry.gpu = ",".join(result.get("gpu_ids") or []) or None
+            state.entry.state = "running"
+            state.started_at = time.monotonic()
+            state.steps_at_start = state.entry.step
+            state.entry = self.run.write_entry(state.entry)
+            self._say(f"{state.planned.name}: running on {state.entry.node} gpu {state.entry.gpu or '-'} "
+                      f"(attempt {state.entry.attempts}{', resumed at step %d' % state.entry.step if state.entry.commit_seq else ''})")
+            return
+        for report in result["reports"]:
+            self._take_report(state, report)
+        if result["finished"]:
+            self._finish(state, result["outcome"])
+        else:
+            state.poll_ref = state.actor.poll.remote(POLL_SECONDS)
+            self.active[state.poll_ref] = (state.planned.case_id, "poll")
+
+    def _take_report(self, state: CaseState, report) -> None:
+        state.rows.extend(report.rows)
+        state.layer_stats.extend(report.layer_stats)
+        if report.progress:
+            state.progress = report.progress
+        if report.histograms:
+            by_phase: dict = {}
+            for row in report.histograms:
+                by_phase.setdefault(row["phase"], []).append(row)
+            for phase, rows in by_phase.items():
+                self.run.write_histograms(state.planned.case_id, phase, rows)
+        if report.checkpoint is not None or report.status in ("done", "diverged"):
+            entry = state.entry
+            entry.epoch = int(report.progress.get("epoch", entry.epoch))
+            entry.step = int(report.progress.get("step", entry.step))
+            latest = {k: v for k, v in report.progress.items() if k.startswith("test_") or k == "train_accuracy"}
+            entry.latest = {**entry.latest, **latest}
+            if report.status == "done":
+                entry.state, entry.reason_class, entry.reason = "done", None, None
+            elif report.status == "diverged":
+                entry.state, entry.reason_class = "diverged", "diverged"
+                entry.diverged_step = report.progress.get("diverged_step")
+                entry.reason = f"non-finite loss at step {entry.diverged_step}"
+            state.entry = self.run.commit(state.planned.case_id, state.rows, report.checkpoint, entry, state.layer_stats)
+            state.rows, state.layer_stats = [], []
+
+    def _finish(self, state: CaseState, outcome: dict) -> None:
+        self._kill(state)
+        entry = state.entry
+        if outcome.get("ok"):
+            if entry.state not in ("done", "diverged"):  # a finished trainer always reports its end
+                entry.state, entry.reason_class, entry.reason = "failed", "bug", "trainer ended without a final report"
+        else:
+            entry.state, entry.reason_class = "failed", outcome.get("error_class", "bug")
+            entry.reason = f"{outcome.get('error_type')}: {outcome.get('error')}"
+            entry.info = {**entry.info, "traceback": outcome.get("traceback", "")}
+        state.entry = self.run.write_entry(entry)
+        self._say(f"{state.planned.name}: {entry.state}" + (f" ({entry.reason_class}: {entry.reason})" if entry.reason else ""))
+
+    def _actor_lost(self, state: CaseState, error) -> None:
+        import ray
+
+        node_id = (state.entry.info or {}).get("node_id")
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        reason_class = "node_lost" if node_id and node_id not in alive else "worker_died"
+        self._kill(state)
+        state.rows, state.layer_stats = [], []  # uncommitted: the resumed actor regenerates them
+        entry = state.entry
+        message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        entry.reason_class, entry.reason = reason_class, message
+        if reason_class in TRANSIENT and entry.attempts <= self.max_retries:
+            self._say(f"{state.planned.name}: {reason_class}; retrying from commit {entry.commit_seq} (step {entry.step})")
+            state.entry = entry
+            self._launch(state)
+        else:
+            entry.state = "failed"
+            state.entry = self.run.write_entry(entry)
+            self._say(f"{state.planned.name}: failed ({reason_class}, {entry.attempts} attempts)")
+
+    def _interrupt(self) -> None:
+        """Ctrl-C: stop every actor, leave the ledger resumable (running -> pending)."""
+        for state in self.cases.values():
+            if state.actor is not None:
+                self._kill(state)
+                state.entry.state, state.entry.reason_class, state.entry.reason = "pending", "interrupted", "stopped by the user"
+                state.entry = self.run.write_entry(state.entry)
+        self._say(f"interrupted: resume with  bplab run --resume {self.run.location}")
+
+    # ------------------------------------------------------------------ the view
+    def _say(self, text: str) -> None:
+        print(f"[bplab {time.strftime('%H:%M:%S')}] {text}", file=self.out, flush=True)
+
+    def print_view(self) -> None:
+        print(render_view(self.cases.values()), file=self.out, flush=True)
+
+
+def render_view(states) -> str:
+    lines = [f"{'case':<22} {'state':<9} {'node':<16} {'gpu':<5} {'epoch':>7} {'step':>13} {'test acc':>9} {'ETA':>8}"]
+    for s in states:
+        e, p = s.entry, s.progress
+        epochs = s.planned.case.settings.epochs
+        step = p.get("step", e.step)
+        total = s.planned.steps_total
+        eta = "-"
+        if e.state == "running" and s.started_at and step > s.steps_at_start:
+            rate = (step - s.steps_at_start) / (time.monotonic() - s.started_at)
+            eta = _duration((total - step) / rate) if rate > 0 else "-"
+        accuracy = p.get("test_accuracy", e.latest.get("test_accuracy"))
+        lines.append(f"{s.planned.name:<22} {e.state:<9} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
+                     f"{p.get('epoch', e.epoch):>3}/{epochs:<3} {step:>6}/{total:<6} "
+                     f"{(f'{accuracy:.4f}' if accuracy is not None else '-'):>9} {eta:>8}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
