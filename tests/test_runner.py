@@ -1,0 +1,197 @@
+"""The runner on Ray: the CLI end to end on local Ray, and on a multi-node cluster on one
+machine (ray.cluster_utils.Cluster, nodes declaring 2 GPUs each): six cases at once on
+distinct node/GPU pairs; an actor SIGKILLed, a driver SIGKILLed, a node removed, each
+ending with every case done and every (case, step, split) row present exactly once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+
+SUITE = """
+name: {name}
+defaults:
+  model: allconv9
+  width: 0.25
+  init: xavier
+  lr: 0.002
+  batch_size: 16
+  epochs: {epochs}
+  data: {{name: digits, train_size: {train}, test_size: 200}}
+cases:
+{cases}
+"""
+
+
+def write_suite(tmp_path, name, cases: dict, epochs=2, train=640) -> Path:
+    body = "\n".join(f"  {case}: {json.dumps(values)}" for case, values in cases.items())
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SUITE.format(name=name, epochs=epochs, train=train, cases=body))
+    return path
+
+
+def bplab(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs", *args], env=ENV, cwd=kwargs.pop("cwd", ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def ledger(run: Path) -> dict:
+    out = {}
+    for path in (run / "ledger").glob("*.json"):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        out[entry["name"]] = entry
+    return out
+
+
+def wait_for(predicate, timeout, what, process=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"driver exited ({process.returncode}) before {what}:\n{process.stdout.read()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def finish(process, timeout=600) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def check_rows_exactly_once(run: Path, expect_cases: int):
+    metrics = pd.read_parquet(run / "metrics")
+    metrics["case_id"] = metrics["case_id"].astype(str)
+    cases = pd.read_parquet(run / "cases.parquet")
+    assert metrics["case_id"].nunique() == expect_cases
+    assert not metrics.duplicated(["case_id", "step", "split"]).any(), "a row was logged twice"
+    for row in cases.itertuples():
+        mine = metrics[metrics["case_id"] == row.case_id]
+        assert sorted(mine[mine.split == "train"]["step"]) == list(range(row.steps_total)), row.name
+        settings = json.loads(row.settings_json)
+        assert (mine.split == "test").sum() == settings["epochs"]
+    return metrics, cases
+
+
+def test_cli_quick_end_to_end(tmp_path):
+    """The README's main job, as a user runs it (local Ray, embedded data)."""
+    run = tmp_path / "quick"
+    output = finish(bplab("run", "quick", "--out", str(run), "--progress-every", "0", cwd=tmp_path))
+    states = {name: entry["state"] for name, entry in ledger(run).items()}
+    assert states == {name: "done" for name in "abcdef"}, output[-3000:]
+    metrics, cases = check_rows_exactly_once(run, 6)
+    final = metrics[metrics.split == "test"].sort_values("step").groupby("case_id").tail(1)
+    assert (final["accuracy"] > 0.5).all()  # every schedule learns something in 3 epochs
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["suite"] == "quick" and manifest["data_fingerprints"]["digits"]
+    status = subprocess.run([sys.executable, "-m", "jobs", "status", str(run)], env=ENV, capture_output=True, text=True)
+    assert status.returncode == 0 and status.stdout.count(" done ") == 6
+
+
+# ---------------------------------------------------------------------- multi-node
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
+    for _ in range(3):
+        cluster.add_node(num_cpus=2, num_gpus=2)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def test_six_cases_at_once_on_distinct_gpus(cluster, tmp_path):
+    suite = write_suite(tmp_path, "six", {f"c{i}": {"seed": i} for i in range(6)}, epochs=2, train=1280)
+    run = tmp_path / "run"
+    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                    "--cpus-per-case", "1", "--progress-every", "0", "--no-report")
+    wait_for(lambda: len(ledger(run)) == 6 and all(e["state"] == "running" for e in ledger(run).values()),
+             240, "all six cases running at the same time", process)
+    finish(process)
+    entries = ledger(run)
+    pairs = {(e["info"]["node_id"], tuple(e["info"]["gpu_ids"])) for e in entries.values()}
+    assert len(pairs) == 6, pairs  # six distinct node/GPU pairs
+    assert len({node for node, _ in pairs}) == 3 and all(len(gpus) == 1 for _, gpus in pairs)
+    assert all(e["info"]["cuda_visible_devices"] == e["info"]["gpu_ids"][0] for e in entries.values())
+    check_rows_exactly_once(run, 6)
+
+
+def test_actor_killed_mid_case_resumes_to_the_same_numbers(cluster, tmp_path):
+    suite = write_suite(tmp_path, "kill", {"victim": {}, "control": {}}, epochs=3, train=960)
+    run = tmp_path / "run"
+    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    victim = wait_for(lambda: (lambda e: e if e and e["state"] == "running" and e["commit_seq"] >= 2 else None)(ledger(run).get("victim")),
+                      240, "the victim's second commit", process)
+    os.kill(victim["info"]["pid"], signal.SIGKILL)
+    output = finish(process)
+    entries = ledger(run)
+    assert entries["victim"]["state"] == "done" and entries["victim"]["attempts"] == 2, output[-2000:]
+    assert "worker_died" in output
+    metrics, cases = check_rows_exactly_once(run, 2)
+    ids = dict(zip(cases["name"], cases["case_id"]))
+    columns = ["split", "epoch", "step", "cost", "accuracy"]
+
+    def rows(name):
+        return metrics[metrics.case_id == ids[name]].sort_values(["step", "split"])[columns].reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows("victim"), rows("control"))  # bit-identical to the uninterrupted run
+
+
+def test_driver_killed_then_resume_runs_only_unfinished(cluster, tmp_path):
+    suite = write_suite(tmp_path, "driver", {"quick1": {"epochs": 1, "data": {"name": "digits", "train_size": 160}},
+                                             "slow1": {"seed": 1}, "slow2": {"seed": 2}}, epochs=4, train=960)
+    run = tmp_path / "run"
+    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    wait_for(lambda: (lambda l: l.get("quick1", {}).get("state") == "done" and l.get("slow1", {}).get("commit_seq", 0) >= 1)(ledger(run)),
+             240, "one case done and another committed", process)
+    process.kill()  # SIGKILL: no cleanup at all
+    process.wait()
+    before = ledger(run)
+    assert before["quick1"]["state"] == "done" and before["slow1"]["state"] == "running"
+    resumed = bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0", "--no-report")
+    output = finish(resumed)
+    after = ledger(run)
+    assert after["quick1"] == before["quick1"], "a finished case was touched"
+    assert all(e["state"] == "done" for e in after.values())
+    assert after["slow1"]["attempts"] == before["slow1"]["attempts"] + 1
+    assert "2 to run" in output
+    check_rows_exactly_once(run, 3)
+
+
+def test_node_removed_mid_study(cluster, tmp_path):
+    suite = write_suite(tmp_path, "node", {f"n{i}": {"seed": i} for i in range(4)}, epochs=3, train=960)
+    run = tmp_path / "run"
+    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    target = wait_for(lambda: next((e for e in ledger(run).values() if e["state"] == "running" and e["commit_seq"] >= 1), None),
+                      240, "a case with a commit", process)
+    node = next(n for n in cluster.worker_nodes if n.node_id == target["info"]["node_id"])
+    cluster.remove_node(node)
+    output = finish(process)
+    entries = ledger(run)
+    assert all(e["state"] == "done" for e in entries.values()), output[-3000:]
+    assert entries[target["name"]]["attempts"] >= 2
+    assert "node_lost" in output
+    check_rows_exactly_once(run, 4)
+    cluster.add_node(num_cpus=2, num_gpus=2)  # leave the fixture as it was
