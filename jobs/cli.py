@@ -191,8 +191,8 @@ def cmd_run(args) -> int:
     else:
         raise UsageError("run: give a SUITE (see `bplab cases`) or --resume RUN")
     datasets = plan_module.load_data(suite.cases)
-    if args.gpus_per_case is not None:  # impossible requests fail before Ray starts
-        plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case)
+    # impossible requests fail before Ray starts
+    plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case or 0.0)
     location = args.out or str(Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run is None:
         probe = RunDir(location)
@@ -260,9 +260,9 @@ def _connect(address: str | None) -> None:
     import ray
 
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="ERROR")
     else:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        ray.init(include_dashboard=False, logging_level="ERROR")
 
 
 def _version(package: str) -> str | None:

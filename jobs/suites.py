@@ -184,8 +184,11 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> Suite:
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise SuiteError(f"{where_file}: two cases are both named {sorted(duplicates)[0]!r}")
+    suite_name = str(document.get("name") or path.stem)
+    if not CASE_NAME.match(suite_name):
+        raise SuiteError(f"{where_file}: name {suite_name!r}: a suite name may hold letters, digits and _ . + - only")
     reference = document.get("reference")
-    return Suite(name=str(document.get("name") or path.stem), description=str(document.get("description") or ""),
+    return Suite(name=suite_name, description=str(document.get("description") or ""),
                  reference=str(reference) if reference else None, cases=tuple(cases), source=str(path), text=text)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -52,6 +53,11 @@ QUIRK_DOCS = {
     "float_images_to_imgaug": "augmentation feeds float images in [0, 1] to imgaug instead "
     "of uint8 (the suspected cause of the source's ~.49 train accuracy).",
 }
+
+
+# Names people reach for from other tools, for the did-you-mean hint.
+ALIASES = {"learning_rate": "lr", "batch": "batch_size", "num_epochs": "epochs", "n_epochs": "epochs",
+           "dataset": "data", "optimiser": "optimizer", "random_seed": "seed", "eps": "epsilon", "l2": "weight_decay"}
 
 
 class SettingsError(ValueError):
@@ -304,6 +310,8 @@ def _coerce(value, annotation, where: str):
                 raise SettingsError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SettingsError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise SettingsError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -329,7 +337,8 @@ def build(cls, values: dict, where: str = "case"):
         if key not in known:
             import difflib
 
-            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            alias = ALIASES.get(str(key))
+            close = [alias] if alias in known else difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SettingsError(f"{where}.{key}: unknown setting{hint}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")

@@ -1,0 +1,446 @@
+"""Bad input is refused up front: a one-line error, exit 2, no actor started, nothing written.
+
+The issue's requirement: "At least 20 bad inputs (unknown schedule, negative learning rate,
+unknown key, wrong type, malformed YAML, missing data folder, more GPUs per case than any node
+has, unknown case in `--only`, a `--resume` of a folder that is not a run, ...): each a one-line
+error, exit 2, no actor started, no result already written touched."
+
+Every bad input runs `jobs.cli.main(argv)` in-process (cwd a fresh tmp folder) with `ray`
+replaced in sys.modules by a stub whose every attribute (ray.init, ray.put, ...) is logged and
+raises: the inputs must be refused before Ray is touched. A subset (SUBPROCESS, about a third)
+also runs the real command, `python -m jobs ...`, in a subprocess: there the exit code and the
+whole stderr are the process's, and a `sitecustomize` put on PYTHONPATH wraps `ray.init` and
+Ray's actor creation (`ActorClass._remote`) as soon as `ray` is imported, logs every call to a
+file and raises (ray.init only when forbidden, actor creation always). Counting
+`/tmp/ray/session_*` folders instead would be racy: other processes on this machine start Ray.
+
+Only `--gpus-per-case 64` (more GPUs than any node has) needs Ray to know the nodes; it runs
+in a subprocess with ray.init allowed, is marked slow, and is checked for no actor and no run
+folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.cli import main
+from jobs.storage import RunDir
+from workers.settings import CaseSettings, DataSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The defaults of the built-in `quick` suite (jobs/suites/quick.yaml), one epoch, two cases.
+QUICK_DEFAULTS = {
+    "model": "allconv9", "width": 0.25, "init": "xavier", "data": {"name": "digits"}, "optimizer": "adam",
+    "lr": 0.002, "beta1": 0.9, "beta2": 0.9, "epsilon": 1.0e-8, "batch_size": 16, "epochs": 1, "seed": 678,
+}
+QUICK_CASES = {"a": {"schedule": "standard", "augment": False}, "b": {"schedule": "unfair-back", "augment": True}}
+
+GUARD = '''\
+"""Test hook of tests/test_bad_input.py: log (and, if asked, forbid) ray.init and actor creation."""
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+
+_LOG = os.environ.get("BPLAB_TEST_RAY_LOG")
+_FORBID_INIT = os.environ.get("BPLAB_TEST_FORBID_RAY_INIT") == "1"
+
+
+def _note(what):
+    with open(_LOG, "a") as handle:
+        handle.write(what + "\\n")
+
+
+def _patch(ray):
+    import ray.actor
+
+    real_init = ray.init
+
+    def init(*args, **kwargs):
+        _note("ray.init")
+        if _FORBID_INIT:
+            raise RuntimeError("bad-input test guard: ray.init was called, so the input was not refused up front")
+        return real_init(*args, **kwargs)
+
+    def _remote(self, *args, **kwargs):
+        _note("actor " + getattr(getattr(self, "__ray_metadata__", None), "class_name", "?"))
+        raise RuntimeError("bad-input test guard: an actor was started for a bad input")
+
+    ray.init = init
+    ray.actor.ActorClass._remote = _remote
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "ray":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+if _LOG:
+    sys.meta_path.insert(0, _Finder())
+'''
+
+
+@pytest.fixture(scope="module")
+def guard_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ray_guard")
+    (folder / "sitecustomize.py").write_text(GUARD)
+    return folder
+
+
+@dataclasses.dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+    ray_log: list[str]
+
+
+def run_cli(args, cwd: Path, guard_dir: Path, *, forbid_ray: bool = True, timeout: float = 120) -> Result:
+    env = dict(os.environ)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # what a user who just installed bplab has
+        env.pop(name, None)
+    log = cwd.parent / f"{cwd.name}.ray-log"
+    env.update({
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": os.pathsep.join([str(guard_dir), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "BPLAB_TEST_RAY_LOG": str(log),
+        "BPLAB_TEST_FORBID_RAY_INIT": "1" if forbid_ray else "0",
+    })
+    proc = subprocess.run([sys.executable, "-m", "jobs", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    ray_log = log.read_text().split() if log.exists() else []
+    return Result(proc.returncode, proc.stdout, proc.stderr, ray_log)
+
+
+class _RayStub(types.ModuleType):
+    """Stands in for `ray` in-process: any use is logged and raises."""
+
+    def __init__(self, log: list):
+        super().__init__("ray")
+        self.__dict__["_log"] = log
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._log.append(f"ray.{name}")
+        raise RuntimeError(f"bad-input test guard: ray.{name} was used, so the input was not refused up front")
+
+
+def run_main(args, cwd: Path, monkeypatch, capsys) -> Result:
+    """jobs.cli.main(args) in this process, cwd = `cwd`, with `ray` stubbed out."""
+    ray_log: list = []
+    monkeypatch.setitem(sys.modules, "ray", _RayStub(ray_log))
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+        trace = ""
+    except BaseException as error:  # noqa: BLE001 - shown as the subprocess would show it
+        import traceback
+
+        code = error.code if isinstance(error, SystemExit) else 1
+        trace = "".join(traceback.format_exception(error))
+    out, err = capsys.readouterr()
+    return Result(code, out, err + trace, ray_log)
+
+
+def assert_refused(result: Result, *names: str) -> str:
+    """Exit 2, stderr exactly one 'bplab: error:' line naming every one of `names`, Ray never started."""
+    shown = f"exit {result.code}\n--- stderr ---\n{result.stderr}\n--- stdout ---\n{result.stdout[-2000:]}"
+    assert result.ray_log == [], f"Ray was used before the input was refused ({result.ray_log})\n{shown}"
+    assert "Traceback" not in result.stderr, shown
+    assert result.code == 2, shown
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stderr\n{shown}"
+    line = lines[0]
+    assert line.startswith("bplab: error: "), shown
+    for name in names:
+        assert name in line, f"the error does not name {name!r}: {line}"
+    return line
+
+
+def write_suite(folder: Path, *, defaults: dict | None = None, cases: dict | None = None, extra: dict | None = None,
+                text: str | None = None, name: str = "bad.yaml") -> Path:
+    path = folder / name
+    if text is None:
+        document = {"name": "bad", "description": "a copy of quick with one thing broken",
+                    "defaults": {**QUICK_DEFAULTS, **(defaults or {})},
+                    "cases": QUICK_CASES if cases is None else cases, **(extra or {})}
+        text = yaml.safe_dump(document, sort_keys=False)
+    path.write_text(text)
+    return path
+
+
+def tree_state(root: Path) -> dict:
+    """Every file and folder under root: sha256 and mtime of files, just presence of folders."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_dir():
+            state[rel] = "dir"
+        else:
+            stat = path.stat()
+            state[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def make_existing_run(location: Path) -> RunDir:
+    """A run as `bplab run` leaves it: one case of the quick suite, two committed reports (metrics, checkpoint)."""
+    settings = CaseSettings(model="allconv9", width=0.25, init="xavier", data=DataSpec("digits"), lr=0.002,
+                            beta2=0.9, batch_size=16, epochs=1, seed=678)
+    case_id = "a-0123456789"
+    row = {"case_id": case_id, "name": "a", "group": "a", "num_cpus": 1.0, "num_gpus": 0.0, "steps_total": 90,
+           "settings_json": json.dumps(settings.to_dict(), default=list), **settings.flat()}
+    run = RunDir.create(str(location), {"suite": "quick", "description": "an existing run", "suite_text": ""}, [row])
+    rows = [{"split": "train", "epoch": 0, "step": step, "cost": 2.0 / step, "accuracy": 0.1 * step, "lr": 0.002}
+            for step in (1, 2)]
+    entry = dataclasses.replace(run.entry(case_id), state="running", attempts=1)
+    entry = run.commit(case_id, rows, b"checkpoint bytes", entry)
+    entry = dataclasses.replace(entry, step=3)
+    run.commit(case_id, [dict(rows[-1], step=3)], b"later checkpoint", entry)
+    return run
+
+
+# ---------------------------------------------------------------------- the bad inputs
+#
+# label -> (make, names): make(tmp folder, the CLI's cwd) writes what it needs and returns the argv;
+# the one-line error must contain every one of names.
+
+
+def _suite_case(**kwargs):
+    def make(tmp):
+        return ["run", write_suite(tmp, **kwargs)]
+    return make
+
+
+def _cifar_truncated(tmp):
+    folder = tmp / "cifar"
+    folder.mkdir()
+    (folder / "data_batch_1.bin").write_bytes(b"\x03\x00\x01\x02\x03")  # 5 bytes: not a whole 3073-byte record
+    return ["run", write_suite(tmp, defaults={"data": {"name": "cifar10", "path": str(folder)}})]
+
+
+def _mnist_missing(tmp):
+    return ["run", write_suite(tmp, defaults={"data": {"name": "mnist", "path": str(tmp / "no_such_mnist")}})]
+
+
+def _folder_not_run(tmp):
+    folder = tmp / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a run\n")
+    return folder
+
+
+BAD_INPUTS = {
+    # ---- settings: values
+    "unknown schedule": (_suite_case(cases={"a": {"schedule": "sideways"}}), ["schedule", "sideways", "bad.yaml", "case a"]),
+    "negative lr": (_suite_case(defaults={"lr": -0.001}), ["lr", "-0.001"]),
+    "zero lr": (_suite_case(defaults={"lr": 0}), ["lr", "must be > 0"]),
+    "beta2 = 1": (_suite_case(defaults={"beta2": 1.0}), ["beta2"]),
+    "dropout 1.5": (_suite_case(defaults={"dropout": 1.5}), ["dropout"]),
+    "unknown model": (_suite_case(defaults={"model": "resnet50"}), ["model", "resnet50"]),
+    "unknown optimizer": (_suite_case(defaults={"optimizer": "adagrad"}), ["optimizer", "adagrad"]),
+    "unknown quirk": (_suite_case(defaults={"quirks": ["elu_derivative_three"]}), ["quirks", "elu_derivative_three"]),
+    "unknown data set": (_suite_case(defaults={"data": {"name": "imagenet"}}), ["data.name", "imagenet"]),
+    "adversarial with autodiff": (_suite_case(cases={"a": {"schedule": "adversarial", "engine": "autodiff"}}),
+                                  ["engine", "autodiff", "adversarial"]),
+    "negative seed": (_suite_case(defaults={"seed": -1}), ["seed"]),
+    "train_size beyond the data": (_suite_case(defaults={"data": {"name": "digits", "train_size": 100000}}),
+                                   ["train_size", "100000"]),
+    # ---- settings: keys and types
+    "unknown key learning_rate": (_suite_case(defaults={"learning_rate": 0.01}), ["learning_rate", "unknown setting"]),
+    "typo epoch": (_suite_case(defaults={"epoch": 3}), ["epoch", "did you mean 'epochs'"]),
+    "epochs not a number": (_suite_case(defaults={"epochs": "three"}), ["epochs", "three"]),
+    "batch_size 1.5": (_suite_case(defaults={"batch_size": 1.5}), ["batch_size", "1.5"]),
+    "augment 'yes'": (_suite_case(cases={"a": {"augment": "yes"}}), ["augment", "yes"]),
+    "data not a mapping": (_suite_case(defaults={"data": 5}), ["data"]),
+    # ---- the suite file
+    "malformed YAML: indentation": (
+        lambda tmp: ["run", write_suite(tmp, text="defaults:\n  lr: 0.1\n   epochs: 2\ncases:\n  a: {}\n")],
+        ["bad.yaml", "malformed YAML", "line 3"]),
+    "malformed YAML: unclosed bracket": (
+        lambda tmp: ["run", write_suite(tmp, text="defaults: {lr: 0.1\ncases:\n  a: {schedule: standard}\n")],
+        ["bad.yaml", "malformed YAML"]),
+    "top level not a mapping": (lambda tmp: ["run", write_suite(tmp, text="- a\n- b\n")], ["bad.yaml", "mapping"]),
+    "empty suite file": (lambda tmp: ["run", write_suite(tmp, text="")], ["bad.yaml"]),
+    "no cases": (_suite_case(cases={}), ["bad.yaml", "cases"]),
+    "unknown top-level key": (_suite_case(extra={"default": {"lr": 0.1}}), ["bad.yaml", "'default'"]),
+    "bad case name": (_suite_case(cases={"a b/c": {}}), ["a b/c", "case name"]),
+    "grid value not a list": (_suite_case(extra={"grid": {"lr": 0.1}}), ["grid", "lr"]),
+    "unknown suite name": (lambda tmp: ["run", "nosuchsuite"], ["nosuchsuite"]),
+    "missing suite file": (lambda tmp: ["run", "missing.yaml"], ["missing.yaml"]),
+    # ---- data
+    "mnist folder missing": (_mnist_missing, ["mnist", "no_such_mnist"]),
+    "cifar10 truncated data_batch_1.bin": (_cifar_truncated, ["cifar10", "data_batch_1.bin", "5 bytes"]),
+    # ---- command line
+    "--only unknown case": (lambda tmp: ["run", write_suite(tmp), "--only", "nosuchcase"], ["--only", "nosuchcase"]),
+    "--set without '='": (lambda tmp: ["run", write_suite(tmp), "--set", "epochs"], ["--set", "epochs"]),
+    "--set epochs=-1": (lambda tmp: ["run", write_suite(tmp), "--set", "epochs=-1"], ["epochs", "-1"]),
+    "--set unknown key": (lambda tmp: ["run", write_suite(tmp), "--set", "epohcs=2"], ["epohcs", "did you mean 'epochs'"]),
+    "--max-retries -1": (lambda tmp: ["run", write_suite(tmp), "--max-retries", "-1"], ["--max-retries"]),
+    "--max-retries not an int": (lambda tmp: ["run", write_suite(tmp), "--max-retries", "x"], ["--max-retries", "'x'"]),
+    "--checkpoint-every -1": (lambda tmp: ["run", write_suite(tmp), "--checkpoint-every", "-1"], ["--checkpoint-every"]),
+    "--gpus-per-case -1": (lambda tmp: ["run", write_suite(tmp), "--gpus-per-case", "-1"], ["--gpus-per-case"]),
+    "--gpus-per-case 1.5": (lambda tmp: ["run", write_suite(tmp), "--gpus-per-case", "1.5"], ["--gpus-per-case", "1.5"]),
+    "unknown flag": (lambda tmp: ["run", write_suite(tmp), "--epochs", "3"], ["--epochs"]),
+    "run without a suite": (lambda tmp: ["run"], ["SUITE"]),
+    "--resume empty folder": (lambda tmp: (tmp / "empty").mkdir() or ["run", "--resume", "empty"], ["empty", "not a bplab run"]),
+    "--resume folder that is not a run": (lambda tmp: ["run", "--resume", _folder_not_run(tmp)], ["notes", "not a bplab run"]),
+    "--resume missing folder": (lambda tmp: ["run", "quick", "--resume", "nowhere"], ["nowhere"]),
+    "plan: more GPUs than cluster.yaml has": (lambda tmp: ["plan", write_suite(tmp), "--gpus-per-case", "64"],
+                                             ["64 GPU", "cluster.yaml"]),
+    "status of a non-run folder": (lambda tmp: ["status", _folder_not_run(tmp)], ["notes", "not a bplab run"]),
+    "report of a non-run folder": (lambda tmp: ["report", _folder_not_run(tmp)], ["notes", "not a bplab run"]),
+    "cases of an unknown suite": (lambda tmp: ["cases", "nosuchsuite"], ["nosuchsuite"]),
+    "gradcheck unknown model": (lambda tmp: ["gradcheck", "nosuchmodel"], ["nosuchmodel"]),
+}
+
+BAD_INPUTS.update({
+    "--cpus-per-case 0": (lambda tmp: ["run", write_suite(tmp), "--cpus-per-case", "0"], ["--cpus-per-case"]),
+    "lr: .inf": (_suite_case(defaults={"lr": float("inf")}), ["lr"]),
+})
+
+
+# These also run as `python -m jobs` in a subprocess (real exit code, real stderr).
+SUBPROCESS = ["--cpus-per-case 0", "unknown schedule", "negative lr", "typo epoch", "augment 'yes'", "malformed YAML: indentation",
+              "mnist folder missing", "cifar10 truncated data_batch_1.bin", "--only unknown case",
+              "--max-retries not an int", "--resume folder that is not a run", "status of a non-run folder",
+              "report of a non-run folder", "gradcheck unknown model", "unknown suite name"]
+
+
+def _cases(table: dict, subprocess_labels=(), xfail: dict | None = None):
+    params = []
+    for label in table:
+        marks = [pytest.mark.xfail(strict=True, reason=xfail[label])] if xfail and label in xfail else []
+        params.append(pytest.param(label, "in-process", id=f"{label}-in-process", marks=marks))
+        if label in subprocess_labels:
+            params.append(pytest.param(label, "subprocess", id=f"{label}-subprocess", marks=marks))
+    return params
+
+
+@pytest.fixture
+def cli(tmp_path, guard_dir, monkeypatch, capsys):
+    """cli(mode, args, cwd) -> Result, in-process or as a subprocess."""
+
+    def run(mode, args, cwd):
+        if mode == "subprocess":
+            return run_cli(args, cwd, guard_dir)
+        return run_main(args, cwd, monkeypatch, capsys)
+
+    return run
+
+
+@pytest.mark.parametrize("label, mode", _cases(BAD_INPUTS, SUBPROCESS))
+def test_bad_input_is_refused_up_front(label, mode, tmp_path, cli):
+    make, names = BAD_INPUTS[label]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = cli(mode, make(cwd), cwd)
+    assert_refused(result, *names)
+    assert not (cwd / "runs").exists(), "a run folder was created for a bad input"
+
+
+def test_at_least_twenty_bad_inputs():
+    assert len(BAD_INPUTS) + len(EXISTING_RUN_INPUTS) >= 24
+    assert len(SUBPROCESS) >= 5 and set(SUBPROCESS) <= set(BAD_INPUTS)
+
+
+def test_typo_learning_rate_gets_a_did_you_mean_hint(tmp_path, cli):
+    result = cli("in-process", ["run", write_suite(tmp_path, defaults={"learning_rate": 0.01})], tmp_path)
+    assert_refused(result, "learning_rate", "did you mean 'lr'")
+
+
+# ---------------------------------------------------------------------- existing results untouched
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    location = tmp_path / "cwd" / "old-run"
+    location.parent.mkdir()
+    make_existing_run(location)
+    return location
+
+
+EXISTING_RUN_INPUTS = {
+    "--out an existing run": (lambda run, tmp: ["run", write_suite(tmp), "--out", run], ["old-run", "already holds a run"]),
+    "--out an existing run (built-in suite)": (lambda run, tmp: ["run", "quick", "--out", run], ["old-run", "--resume"]),
+    "--resume with a bad suite": (
+        lambda run, tmp: ["run", write_suite(tmp, cases={"a": {"schedule": "sideways"}}), "--resume", run], ["sideways"]),
+    "--resume with a malformed suite": (
+        lambda run, tmp: ["run", write_suite(tmp, text="cases: [\n"), "--resume", run], ["malformed YAML"]),
+    "--resume with --set but no suite": (lambda run, tmp: ["run", "--resume", run, "--set", "epochs=2"], ["--set"]),
+    "--resume with --out": (lambda run, tmp: ["run", "--resume", run, "--out", tmp / "elsewhere"], ["--out", "--resume"]),
+    "--resume --only unknown case": (lambda run, tmp: ["run", "--resume", run, "--only", "nosuchcase"], ["nosuchcase"]),
+    "--resume with --max-retries -1": (lambda run, tmp: ["run", "--resume", run, "--max-retries", "-1"], ["--max-retries"]),
+}
+
+
+@pytest.mark.parametrize("label, mode", _cases(EXISTING_RUN_INPUTS, ["--out an existing run", "--resume with a bad suite"]))
+def test_bad_input_leaves_an_existing_run_untouched(label, mode, existing_run, cli):
+    make, names = EXISTING_RUN_INPUTS[label]
+    cwd = existing_run.parent
+    before = tree_state(existing_run)
+    assert "manifest.json" in before and "ledger/a-0123456789.json" in before
+    assert any(name.startswith("metrics/case_id=") for name in before), before
+    assert any(name.startswith("checkpoints/") and name.endswith(".npz") for name in before), before
+    result = cli(mode, make(existing_run, cwd), cwd)
+    assert_refused(result, *names)
+    assert tree_state(existing_run) == before, "the existing run's files changed"
+    assert not (cwd / "runs").exists() and not (cwd / "elsewhere").exists()
+
+
+# ---------------------------------------------------------------------- more GPUs than any node (starts Ray)
+
+
+@pytest.fixture(scope="module")
+def too_many_gpus(tmp_path_factory, guard_dir):
+    cwd = tmp_path_factory.mktemp("gpus")
+    suite = write_suite(cwd)
+    result = run_cli(["run", suite, "--gpus-per-case", "64"], cwd, guard_dir, forbid_ray=False, timeout=300)
+    return cwd, result
+
+
+@pytest.mark.slow
+def test_more_gpus_per_case_than_any_node_is_refused_before_any_actor(too_many_gpus):
+    cwd, result = too_many_gpus
+    shown = f"exit {result.code}\n--- stderr ---\n{result.stderr}\n--- stdout ---\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, shown
+    assert result.code == 2, shown
+    assert result.ray_log == ["ray.init"], f"expected Ray started once and no actor: {result.ray_log}"
+    assert "CaseRunner" not in result.stdout + result.stderr, shown
+    errors = [line for line in result.stderr.splitlines() if line.startswith("bplab")]
+    assert len(errors) == 1 and errors[0].startswith("bplab: error: "), shown
+    assert "64 GPU" in errors[0] and "case a" in errors[0], errors[0]
+    assert result.stderr.strip().splitlines()[-1] == errors[0], shown
+    assert not (cwd / "runs").exists(), "the run folder was created before the resources were checked"
+
+
+@pytest.mark.slow
+def test_more_gpus_per_case_than_any_node_is_a_one_line_error(too_many_gpus):
+    cwd, result = too_many_gpus
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.splitlines() if line.startswith("bplab")], (
+        result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
