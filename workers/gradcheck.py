@@ -15,7 +15,7 @@ CHECK_CONFIGS = {
     "celu7": ({"width": 0.05}, (32, 32, 1), 10),
     "mlp": ({"hidden": (7, 5), "activation": "tanh"}, (4, 4, 1), 3),
     "dcn": ({"width": 0.05, "dropout": 0.5}, (28, 28, 1), 10),
-    "dni_rnn": ({}, (16,), 2),
+    "dni_rnn": ({"hidden": (3,)}, (4, 4, 1), 2),
 }
 TOLERANCE = 1e-6
 

@@ -364,3 +364,73 @@ def upsample_to(d, shape):
     factor_w = shape[2] // d.shape[2]
     assert factor_h * d.shape[1] == shape[1] and factor_w * d.shape[2] == shape[2], f"cannot upsample {d.shape} to {shape}"
     return tf.repeat(tf.repeat(d, factor_h, axis=1), factor_w, axis=2)
+
+
+# ---------------------------------------------------------------------- recurrent
+
+
+class RNNCell(Op):
+    """One unrolled step of a recurrent net that keeps the input alongside its state.
+
+    z = [x, h_prev] (h_prev absent on the first step); h = tanh(x wx + h_prev wh + b);
+    y = [x, h], so the next step sees the same image again (EXPERIMENTS.md s3)."""
+
+    def __init__(self, d_in: int, hidden: int, first: bool):
+        self.d_in, self.hidden, self.first = d_in, hidden, first
+        self.param_names = ("wx", "b") if first else ("wx", "wh", "b")
+
+    def param_shapes(self):
+        shapes = {"wx": (self.d_in, self.hidden), "b": (self.hidden,)}
+        if not self.first:
+            shapes["wh"] = (self.hidden, self.hidden)
+        return shapes
+
+    def output_shape(self, in_shape):
+        return (self.d_in + self.hidden,)
+
+    def forward(self, z, params, ctx):
+        x = z[:, :self.d_in]  # (B, d_in)
+        pre = tf.matmul(x, params["wx"]) + params["b"]
+        h_prev = None
+        if not self.first:
+            h_prev = z[:, self.d_in:]  # (B, hidden)
+            pre = pre + tf.matmul(h_prev, params["wh"])
+        h = tf.tanh(pre)
+        return tf.concat([x, h], axis=1), (x, h_prev, h, params["wx"], params.get("wh"))
+
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
+        x, h_prev, h, wx, wh = cache
+        d_x_carried, d_h = d_y[:, :self.d_in], d_y[:, self.d_in:]
+        d_pre = d_h * (1.0 - h * h)  # (B, hidden)
+        grads = {}
+        if need_grads:
+            grads["wx"] = tf.matmul(x, d_pre, transpose_a=True)
+            grads["b"] = tf.reduce_sum(d_pre, axis=0)
+            if not self.first:
+                grads["wh"] = tf.matmul(h_prev, d_pre, transpose_a=True)
+        if not need_d_x:
+            return None, grads
+        d_x = d_x_carried + tf.matmul(d_pre, wx, transpose_b=True)
+        if self.first:
+            return d_x, grads
+        return tf.concat([d_x, tf.matmul(d_pre, wh, transpose_b=True)], axis=1), grads
+
+    def __repr__(self):
+        return f"RNNCell({self.d_in}+{0 if self.first else self.hidden}->{self.hidden})"
+
+
+class TakeLast(Op):
+    """y = x[:, -k:] (the recurrent state, without the carried input)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def output_shape(self, in_shape):
+        return (self.k,)
+
+    def forward(self, x, params, ctx):
+        return x[:, -self.k:], tf.shape(x)
+
+    def backward(self, d_y, cache, need_d_x=True):
+        width = cache[1]
+        return tf.pad(d_y, [[0, 0], [width - self.k, 0]]), {}

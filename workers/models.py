@@ -21,6 +21,7 @@ class Unit:
     name: str
     ops: list
     init: dict = field(default_factory=dict)  # param name -> ("truncated_normal"|"normal"|"xavier"|"constant", value)
+    extra: dict = field(default_factory=dict)  # unit-level parameters besides the op's (e.g. a synthetic-gradient model)
 
     @property
     def param_op(self):
@@ -30,7 +31,7 @@ class Unit:
 
     def param_shapes(self) -> dict:
         op = self.param_op
-        return op.param_shapes() if op is not None else {}
+        return {**(op.param_shapes() if op is not None else {}), **self.extra}
 
 
 @dataclass

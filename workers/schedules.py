@@ -23,6 +23,7 @@ class Stepper:
         self.forward_passes = 0
         self.units_forwarded = 0
         self.stages = 0
+        self.extras: dict = {}  # extra scalar metrics a schedule logs (e.g. synthetic_error)
 
     def forward(self, x, start: int = 0, acts=None, caches=None):
         self.forward_passes += 1
@@ -32,11 +33,11 @@ class Stepper:
     def loss(self, output, y_onehot):
         return self.net.loss_and_gradient(output, y_onehot)
 
-    def update(self, grads: dict) -> None:
-        """Apply one optimiser step to each unit in `grads` (one stage)."""
+    def update(self, grads: dict, lr=None) -> None:
+        """Apply one optimiser step to each unit in `grads` (one stage), at `lr` or the step's."""
         self.stages += 1
         for index in sorted(grads):
-            self.optimizer.apply(index, grads[index], self.lr)
+            self.optimizer.apply(index, grads[index], self.lr if lr is None else lr)
             self.updates[index] += 1
 
     def dilated_units(self) -> tuple:
@@ -140,7 +141,9 @@ def autodiff_standard(step: Stepper, x, y_onehot):
         loss = net.loss.forward(output, y_onehot)[0]
     variables = [unit for unit in net.variables]
     tape_grads = tape.gradient(loss, variables)
-    step.update({index: grads for index, grads in enumerate(tape_grads) if grads})
+    # Unit parameters outside the loss (a synthetic-gradient model) get no gradient.
+    grads = {index: {name: g for name, g in unit.items() if g is not None} for index, unit in enumerate(tape_grads)}
+    step.update({index: unit for index, unit in grads.items() if unit})
     return loss, output
 
 

@@ -159,7 +159,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         loss, output = schedule(stepper, x, y_onehot)
         traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes, stages=stepper.stages)
         cost = model.loss.logged_cost(output, y_onehot)
-        return loss, cost, model.loss.correct(output, labels)
+        return loss, cost, model.loss.correct(output, labels), dict(stepper.extras)
 
     @tf.function(reduce_retracing=True)
     def test_step(x, labels):
@@ -204,8 +204,9 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             if settings.layer_stats_every and global_step % settings.layer_stats_every == 0:
                 pending.layer_stats.extend(layer_statistics(net, tf.constant(x), global_step, epoch))
             started = time.perf_counter()
-            loss, cost, correct = train_step(tf.constant(x), tf.constant(labels), tf.constant(lr, tf_dtype),
-                                             tf.constant(skip_rate, tf_dtype), tf.constant([settings.seed, global_step], tf.int64))
+            loss, cost, correct, extras = train_step(
+                tf.constant(x), tf.constant(labels), tf.constant(lr, tf_dtype), tf.constant(skip_rate, tf_dtype),
+                tf.constant([settings.seed, global_step], tf.int64))
             loss, cost, correct = float(loss), float(cost), float(correct)
             seconds = time.perf_counter() - started
             pending.rows.append({
@@ -213,6 +214,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 "lr": lr, "stages": traced["stages"], "layer_updates": int(sum(traced["updates"])),
                 "forward_passes": traced["forward_passes"], "examples": len(x), "examples_per_sec": len(x) / seconds,
                 "wall_time": time.time(), "updates": json.dumps(traced["updates"]), "layers": json.dumps(unit_names),
+                **{name: float(value) for name, value in extras.items()},
             })
             global_step += 1
             if not math.isfinite(loss):
