@@ -151,6 +151,8 @@ class Driver:
                 by_phase.setdefault(row["phase"], []).append(row)
             for phase, rows in by_phase.items():
                 self.run.write_histograms(state.planned.case_id, phase, rows)
+        if report.boundary:
+            self.run.write_boundary(state.planned.case_id, report.boundary)
         if report.checkpoint is not None or report.status in ("done", "diverged"):
             entry = state.entry
             entry.epoch = int(report.progress.get("epoch", entry.epoch))

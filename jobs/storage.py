@@ -20,6 +20,7 @@ A run directory is a local path or a ``pyarrow.fs`` URI (``s3://bucket/run``,
       layer_stats/case_id=<id>/part-<seq:06d>.parquet  optional, committed like metrics
       weights/0-schema.parquet
       weights/case_id=<id>/part-<phase>.parquet        weight histograms ('before', 'after')
+      boundary/case_id=<id>/part-final.parquet         decision-boundary grid of a 2-D classifier
       checkpoints/<case_id>/ckpt-<seq:06d>.npz         latest committed checkpoint only
 
 ``metrics/``, ``layer_stats/`` and ``weights/`` are hive-partitioned Parquet datasets, read
@@ -72,7 +73,7 @@ CASE_STATES = ("pending", "running", "done", "failed", "diverged")
 FAILURE_CLASSES = ("oom", "node_lost", "worker_died", "diverged", "bad_settings", "bug", "interrupted")
 
 #: The Parquet datasets of a run (each hive-partitioned by ``case_id``).
-DATASETS = ("metrics", "layer_stats", "weights")
+DATASETS = ("metrics", "layer_stats", "weights", "boundary")
 
 MANIFEST = "manifest.json"
 CASES = "cases.parquet"
@@ -430,6 +431,13 @@ class RunDir:
         with self._lock:
             table = self._conform("weights", _strip_key(rows, case_id, "weights"))
             self._write_table(self._part_path("weights", case_id, phase), table)
+
+    def write_boundary(self, case_id: str, rows: list[dict]) -> None:
+        """Write (or replace) a case's decision-boundary grid (2-D data only), atomically."""
+        _check_name(case_id, "case id")
+        with self._lock:
+            table = self._conform("boundary", _strip_key(rows, case_id, "boundary"))
+            self._write_table(self._part_path("boundary", case_id, "final"), table)
 
     def load_checkpoint(self, case_id: str) -> bytes | None:
         """The bytes of the case's latest committed checkpoint (per the ledger), or None."""

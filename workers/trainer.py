@@ -29,6 +29,7 @@ class Report:
     checkpoint: bytes | None = None
     histograms: list = field(default_factory=list)
     layer_stats: list = field(default_factory=list)
+    boundary: list = field(default_factory=list)  # 2-D data: class-1 probability on a grid, at the end
     status: str = "running"  # running | done | diverged
     progress: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
@@ -86,6 +87,23 @@ def weight_histograms(model, params: list[dict], phase: str) -> list[dict]:
                 rows.append({"phase": phase, "layer": unit.name, "param": name, "bin": index,
                              "left": float(edges[index]), "right": float(edges[index + 1]), "count": int(count)})
     return rows
+
+
+def decision_boundary(net, x_train, steps: int = 120) -> list[dict]:
+    """Rows (x0, x1, p1, label) of the model's prediction on a grid over the 2-D inputs."""
+    import tensorflow as tf
+
+    low, high = x_train.min(axis=0) - 0.5, x_train.max(axis=0) + 0.5
+    xs, ys = np.linspace(low[0], high[0], steps), np.linspace(low[1], high[1], steps)
+    grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(x_train.dtype)  # (steps^2, 2)
+    output = net.predict(tf.constant(grid)).numpy()
+    if output.shape[1] > 1:
+        exp = np.exp(output - output.max(axis=1, keepdims=True))
+        probability = (exp / exp.sum(axis=1, keepdims=True))[:, 1]
+    else:
+        probability = output[:, 0]
+    return [{"x0": float(a), "x1": float(b), "p1": float(p), "label": int(p >= 0.5)}
+            for (a, b), p in zip(grid, probability)]
 
 
 def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
@@ -239,6 +257,8 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         pending.checkpoint = checkpoint_now(epoch, 0)
         if epoch == settings.epochs:
             pending.histograms.extend(weight_histograms(model, net.numpy_params(), "after"))
+            if x_train.ndim == 2 and x_train.shape[1] == 2:
+                pending.boundary = decision_boundary(net, x_train)
             pending.status = "done"
         report(pending)
         pending, last_flush = Report(), time.monotonic()

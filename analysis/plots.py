@@ -1,0 +1,175 @@
+"""Plots: each function draws on a matplotlib `ax` it is given and returns it.
+
+No pyplot here (no global figure state, no backend choice): make an axes with
+`matplotlib.figure.Figure().subplots()` and save with `fig.savefig(path)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.tables import ci_half_width
+
+_LEGEND_LIMIT = 20  # more lines than this: no legend (it would cover the plot)
+
+
+def _labels_of(table: pd.DataFrame, by: str | Sequence[str]) -> pd.Series:
+    """One label per row: the `by` value(s), prefixed by the run when there are several."""
+    by = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in by if c not in table]
+    if missing:
+        raise ValueError(f"column(s) {missing} not in the table; pass cases to the table function to add settings")
+    if "run" in table and "run" not in by:
+        by = ["run", *by]
+    parts = [table[c].astype(str) for c in by]
+    label = parts[0]
+    for part in parts[1:]:
+        label = label + " / " + part
+    return label
+
+
+def _finish_legend(ax, n_lines: int) -> None:
+    if 0 < n_lines <= _LEGEND_LIMIT:
+        ax.legend(fontsize="small")
+
+
+def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by: str | Sequence[str] = "group",
+                band: str | None = "minmax"):
+    """Mean of `metric` per epoch for each `by` value (seeds averaged), with a band over
+    the cases of the group: band="minmax" (range), "ci" (95 % t interval) or None.
+
+    x is epochs completed (epoch index + 1). epoch_table comes from
+    tables.epoch_summary(metrics, cases) (which adds group and the settings).
+    """
+    table = epoch_table[epoch_table[metric].notna()] if metric in epoch_table else None
+    if table is None:
+        raise ValueError(f"metric {metric!r} not in the epoch table; columns: {', '.join(epoch_table.columns)}")
+    from matplotlib.ticker import MaxNLocator  # here: keeps `import analysis` free of matplotlib
+
+    labels = _labels_of(table, by)
+    n_lines = 0
+    few_epochs = table["epoch"].nunique() <= 30  # then mark the points (a one-epoch case shows)
+    for label, rows in table.groupby(labels, sort=True):
+        per_epoch = rows.groupby("epoch")[metric]
+        mean = per_epoch.mean()
+        x = mean.index.to_numpy() + 1
+        (line,) = ax.plot(x, mean.to_numpy(), label=str(label), linewidth=1.5, marker="o" if few_epochs else None,
+                          markersize=3)
+        n_lines += 1
+        if band == "minmax":
+            low, high = per_epoch.min().to_numpy(), per_epoch.max().to_numpy()
+        elif band == "ci":
+            half = ci_half_width(per_epoch.std(ddof=1).to_numpy(), per_epoch.count().to_numpy())
+            low, high = mean.to_numpy() - half, mean.to_numpy() + half
+        elif band is None:
+            continue
+        else:
+            raise ValueError(f"band must be 'minmax', 'ci' or None, not {band!r}")
+        if np.any(np.nan_to_num(high - low) > 0):
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("epochs completed")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(True, alpha=0.3)
+    _finish_legend(ax, n_lines)
+    return ax
+
+
+def plot_weight_histograms(ax, weights: pd.DataFrame, case_id: str, layer: str, param: str = "w",
+                           run: str | None = None):
+    """Histogram of one layer's weights (param "w") or biases ("b") before vs after training."""
+    rows = weights[(weights["case_id"].astype(str) == str(case_id)) & (weights["layer"].astype(str) == str(layer))
+                   & (weights["param"].astype(str) == param)]
+    if run is not None and "run" in rows:
+        rows = rows[rows["run"].astype(str) == str(run)]
+    for phase, color in (("before", "tab:blue"), ("after", "tab:orange")):
+        hist = rows[rows["phase"].astype(str) == phase].sort_values("bin")
+        if hist.empty:
+            continue
+        edges = np.append(hist["left"].to_numpy(dtype=float), hist["right"].to_numpy(dtype=float)[-1])
+        ax.stairs(hist["count"].to_numpy(dtype=float), edges, fill=True, alpha=0.4, color=color, label=phase)
+        ax.stairs(hist["count"].to_numpy(dtype=float), edges, color=color, linewidth=1)
+    ax.set_title(f"{layer} {param}", fontsize="small")
+    ax.set_xlabel("value", fontsize="small")
+    ax.set_ylabel("count", fontsize="small")
+    ax.tick_params(labelsize="x-small")
+    if not rows.empty:
+        ax.legend(fontsize="x-small")
+    return ax
+
+
+def plot_update_counts(ax, update_table: pd.DataFrame, by: str = "schedule"):
+    """Grouped bars: mean updates per step of each layer (x), one bar per `by` value
+    (schedule by default; falls back to group, then case_id, when the column is missing)."""
+    if by not in update_table:
+        by = next(c for c in ("group", "name", "case_id") if c in update_table)
+    labels = _labels_of(update_table, by)
+    table = update_table.assign(_label=labels.to_numpy())
+    pivot = table.pivot_table(index=["layer_index", "layer"], columns="_label", values="mean_updates",
+                              aggfunc="mean", observed=True).sort_index()
+    n_layers, n_bars = pivot.shape
+    width = 0.8 / max(n_bars, 1)
+    x = np.arange(n_layers)
+    for i, label in enumerate(pivot.columns):
+        ax.bar(x + (i - (n_bars - 1) / 2) * width, pivot[label].to_numpy(), width, label=str(label))
+    ax.set_xticks(x, [layer for _, layer in pivot.index])
+    ax.set_xlabel("layer (bottom first)")
+    ax.set_ylabel("updates per step")
+    ax.grid(True, axis="y", alpha=0.3)
+    _finish_legend(ax, n_bars)
+    return ax
+
+
+def plot_layer_stats(ax, layer_stats: pd.DataFrame, case_id: str, layer: str, quantity: str = "weights",
+                     run: str | None = None):
+    """Mean +- std of one layer's quantity (weights, biases, preact, act) over steps, with min and max dotted."""
+    rows = layer_stats[(layer_stats["case_id"].astype(str) == str(case_id))
+                       & (layer_stats["layer"].astype(str) == str(layer))
+                       & (layer_stats["quantity"].astype(str) == quantity)]
+    if run is not None and "run" in rows:
+        rows = rows[rows["run"].astype(str) == str(run)]
+    rows = rows.sort_values("step")
+    step = rows["step"].to_numpy(dtype=float)
+    mean, std = rows["mean"].to_numpy(dtype=float), rows["std"].to_numpy(dtype=float)
+    (line,) = ax.plot(step, mean, label="mean")
+    ax.fill_between(step, mean - std, mean + std, color=line.get_color(), alpha=0.25, linewidth=0, label="± std")
+    ax.plot(step, rows["min"].to_numpy(dtype=float), ":", color=line.get_color(), linewidth=0.8, label="min/max")
+    ax.plot(step, rows["max"].to_numpy(dtype=float), ":", color=line.get_color(), linewidth=0.8)
+    ax.set_title(f"{layer} {quantity}", fontsize="small")
+    ax.set_xlabel("step", fontsize="small")
+    ax.tick_params(labelsize="x-small")
+    return ax
+
+
+def plot_decision_boundary(ax, predict_fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
+                           resolution: int = 200, margin: float = 0.5):
+    """Predicted class over a resolution x resolution grid around 2-D points x (N, 2), with the points.
+
+    predict_fn maps an (M, 2) array to class probabilities (M, K), a probability of class 1
+    (M,) or labels (M,).
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y)
+    assert x.ndim == 2 and x.shape[1] == 2, f"x must be (N, 2), got {x.shape}"
+    (x0_low, x1_low), (x0_high, x1_high) = x.min(axis=0) - margin, x.max(axis=0) + margin
+    grid0, grid1 = np.meshgrid(np.linspace(x0_low, x0_high, resolution), np.linspace(x1_low, x1_high, resolution))
+    points = np.column_stack([grid0.ravel(), grid1.ravel()])  # (resolution**2, 2)
+    out = np.asarray(predict_fn(points))
+    if out.ndim == 2 and out.shape[1] > 1:
+        labels = out.argmax(axis=1)
+    elif np.issubdtype(out.dtype, np.floating) and out.size and np.all((out >= 0) & (out <= 1)) \
+            and not np.all(np.equal(np.mod(out, 1), 0)):
+        labels = (out.reshape(-1) > 0.5).astype(int)
+    else:
+        labels = out.reshape(-1).astype(int)
+    n_classes = int(max(labels.max(initial=0), np.max(y, initial=0)) + 1)
+    levels = np.arange(n_classes + 1) - 0.5
+    ax.contourf(grid0, grid1, labels.reshape(grid0.shape), levels=levels, cmap="coolwarm", alpha=0.3)
+    ax.scatter(x[:, 0], x[:, 1], c=y, cmap="coolwarm", vmin=0, vmax=max(n_classes - 1, 1), s=12,
+               edgecolors="k", linewidths=0.3)
+    ax.set_xlim(x0_low, x0_high)
+    ax.set_ylim(x1_low, x1_high)
+    return ax
