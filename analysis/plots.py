@@ -173,3 +173,16 @@ def plot_decision_boundary(ax, predict_fn: Callable[[np.ndarray], np.ndarray], x
     ax.set_xlim(x0_low, x0_high)
     ax.set_ylim(x1_low, x1_high)
     return ax
+
+
+def plot_boundary_grid(ax, grid: pd.DataFrame, x: np.ndarray | None = None, y: np.ndarray | None = None):
+    """Draw a stored decision-boundary grid (columns x0, x1, p1), and the data points if given."""
+    table = grid.pivot_table(index="x1", columns="x0", values="p1")
+    xs, ys = table.columns.to_numpy(dtype=float), table.index.to_numpy(dtype=float)
+    ax.contourf(xs, ys, table.to_numpy(dtype=float), levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.6)
+    ax.contour(xs, ys, table.to_numpy(dtype=float), levels=[0.5], colors="k", linewidths=1.0)
+    if x is not None and y is not None:
+        ax.scatter(x[:, 0], x[:, 1], c=y, cmap="RdBu_r", edgecolors="k", linewidths=0.3, s=10)
+    ax.set_xlabel("x0")
+    ax.set_ylabel("x1")
+    return ax

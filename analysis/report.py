@@ -7,6 +7,7 @@ backend state), so this works headless and in threads.
 from __future__ import annotations
 
 import json
+import time
 import math
 import os
 import re
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import TABLE_COLUMNS, RunData, case_keys, load, local_path
-from analysis.plots import plot_curves, plot_layer_stats, plot_update_counts, plot_weight_histograms
+from analysis.plots import plot_boundary_grid, plot_curves, plot_layer_stats, plot_update_counts, plot_weight_histograms
 from analysis.tables import (
     against_baseline,
     epoch_summary,
@@ -172,6 +173,60 @@ def _layer_stats_figures(layer_stats: pd.DataFrame, cases: Sequence[tuple], keys
     return figures
 
 
+def _boundary_figures(data: RunData, table: pd.DataFrame, out_dir: Path, limit: int = 15) -> list[tuple[str, str]]:
+    """Decision boundaries of the 2-D classifiers (stored by the trainer at the end of a case)."""
+    import json as json_module
+
+    from analysis.load import resolve
+
+    panels = []
+    for label, location in data.paths.items():
+        filesystem, root = resolve(location)
+        folder = f"{root}/boundary"
+        if filesystem.get_file_info(folder).type.name != "Directory":
+            continue
+        grid = pd.read_parquet(folder, filesystem=filesystem)
+        grid["case_id"] = grid["case_id"].astype(str)
+        rows = table if "run" not in table else table[table["run"].astype(str) == label]
+        for row in rows.itertuples():
+            cells = grid[grid["case_id"] == str(row.case_id)]
+            if len(cells):
+                panels.append((row, cells))
+    if not panels:
+        return []
+    panels = panels[:limit]
+    columns = min(5, len(panels))
+    lines = -(-len(panels) // columns)
+    fig = _figure(figsize=(3.2 * columns, 3.0 * lines))
+    axes = np.atleast_1d(fig.subplots(lines, columns)).ravel()
+    points = {}
+    for ax, (row, cells) in zip(axes, panels):
+        x = y = None
+        settings_json = getattr(row, "settings_json", None) if hasattr(row, "settings_json") else None
+        if settings_json is None and "settings_json" in data.cases:
+            match = data.cases[data.cases["case_id"].astype(str) == str(row.case_id)]
+            settings_json = match["settings_json"].iloc[0] if len(match) else None
+        if settings_json:
+            spec = json_module.loads(settings_json)["data"]
+            key = json_module.dumps(spec, sort_keys=True)
+            if key not in points:
+                try:  # the training points, regenerated from the case's data settings (moons: no files)
+                    from workers import settings as settings_module
+                    from workers.data import load_dataset
+
+                    dataset = load_dataset(settings_module.DataSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()}))
+                    points[key] = (dataset.x_train, dataset.y_train)
+                except Exception:  # the figure is still useful without the points
+                    points[key] = (None, None)
+            x, y = points[key]
+        plot_boundary_grid(ax, cells, x, y)
+        ax.set_title(str(row.name), fontsize=9)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("decision boundaries (p(class 1); black line p = 0.5)")
+    return [("decision boundaries", _save(fig, out_dir, "decision_boundaries.png", title_inches=0.5))]
+
+
 # ---- the report ---------------------------------------------------------------------------
 
 
@@ -185,13 +240,17 @@ def _header(data: RunData) -> list[str]:
         dirty = " (dirty: uncommitted changes)" if manifest.get("git_dirty") else ""
         lines.append(f"- bplab {manifest.get('bplab_version') or 'unknown'}, git commit `{commit}`{dirty}")
         if manifest.get("created_at"):
-            lines.append(f"- created: {manifest['created_at']}")
+            created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(manifest["created_at"])))
+            lines.append(f"- created: {created}")
         versions = manifest.get("versions") or {}
         if versions:
             lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-        shown = {"suite", "git_commit", "git_dirty", "bplab_version", "created_at", "versions"}
+        if manifest.get("command"):
+            lines.append("- command: `" + " ".join(map(str, manifest["command"])) + "`")
+        # the suite's full text stays in manifest.json; the description says what it is
+        shown = {"suite", "git_commit", "git_dirty", "bplab_version", "created_at", "versions", "command", "suite_text"}
         for key, value in manifest.items():
-            if key not in shown:
+            if key not in shown and value not in (None, "", [], {}):
                 text = value if isinstance(value, str) else json.dumps(value, default=str)
                 lines.append(f"- {key.replace('_', ' ')}: {text if len(text) < 300 else text[:297] + '...'}")
     return lines
@@ -337,6 +396,8 @@ def write_report(
         drawn += _weight_figures(data.weights, chosen, keys, out_dir)
     if chosen and len(data.layer_stats):
         drawn += _layer_stats_figures(data.layer_stats, chosen, keys, out_dir)
+    if figures:
+        drawn += _boundary_figures(data, table, out_dir)
     if drawn:
         md += ["## Figures", ""]
         for caption, name in drawn:
