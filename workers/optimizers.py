@@ -30,11 +30,13 @@ class Optimizer:
 
     def apply(self, unit: int, grads: dict, lr) -> None:
         t = self.steps[unit].assign_add(1.0)
+        # tf.cast of a Python float goes through float32 first: make the constant in the right dtype
+        lr = tf.cast(lr, self.net.dtype) if tf.is_tensor(lr) else tf.constant(lr, self.net.dtype)
         for name, d_param in grads.items():
             var = self.net.variables[unit][name]
             if self.weight_decay and name == "w":  # L2 on weights, not biases
                 d_param = d_param + self.weight_decay * var
-            self.update(var, d_param, self.slots[unit][name], tf.cast(lr, var.dtype), t)
+            self.update(var, d_param, self.slots[unit][name], lr, t)
 
     def update(self, var, d_param, slots, lr, t) -> None:
         raise NotImplementedError
@@ -84,7 +86,7 @@ class Adam(Optimizer):
         b1, b2 = self.settings.beta1, self.settings.beta2
         if self.settings.has("adam_constant_bias_correction"):
             return 1.0 - b1, 1.0 - b2
-        return 1.0 - tf.pow(tf.cast(b1, t.dtype), t), 1.0 - tf.pow(tf.cast(b2, t.dtype), t)
+        return 1.0 - tf.pow(tf.constant(b1, t.dtype), t), 1.0 - tf.pow(tf.constant(b2, t.dtype), t)
 
     def moments(self, d_param, slots):
         b1, b2 = self.settings.beta1, self.settings.beta2

@@ -13,6 +13,11 @@ from __future__ import annotations
 SCHEDULE_NAMES = ("standard", "unfair-back", "unfair-front", "adversarial", "dilated", "adversarial+dilated", "synthetic")
 
 
+def dilation_rate(settings, epoch: int) -> float:
+    """r = r0 / (1 + decay * epoch) of EXPERIMENTS.md s2 (epoch counted from 0)."""
+    return settings.dilation_rate / (1.0 + settings.dilation_decay * epoch)
+
+
 class Stepper:
     """What a schedule works with: the net, the optimiser and counters of what it did."""
 

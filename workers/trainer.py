@@ -209,7 +209,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     while epoch < settings.epochs:
         order = epoch_order(settings.seed, epoch, len(x_train))
         lr = optimizers.learning_rate(settings, epoch)
-        skip_rate = settings.dilation_rate / (1.0 + settings.dilation_decay * epoch)
+        skip_rate = schedules.dilation_rate(settings, epoch)
         for step_in_epoch in range(position["step_in_epoch"] if epoch == position["epoch"] else 0, steps_per_epoch):
             index = order[step_in_epoch * batch:(step_in_epoch + 1) * batch]
             x, labels = x_train[index], y_train[index]
