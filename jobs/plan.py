@@ -78,14 +78,19 @@ def make_plan(suite: Suite, datasets: dict, *, cpus_per_case: float, gpus_per_ca
 
 
 def cluster_yaml_nodes(path: Path = ROOT / "cluster.yaml") -> list[dict]:
-    """[{'name', 'CPU', 'GPU'}] per node type of a cluster-launcher file."""
+    """[{'name', 'CPU', 'GPU'}] per node the cluster-launcher file can bring up at most
+    (the head once, each worker type max_workers times)."""
     if not path.is_file():
         return []
     config = yaml.safe_load(path.read_text()) or {}
+    head = config.get("head_node_type")
     nodes = []
     for name, node_type in (config.get("available_node_types") or {}).items():
         resources = node_type.get("resources") or {}
-        nodes.append({"name": f"{path.name}:{name}", "CPU": float(resources.get("CPU", 0)), "GPU": float(resources.get("GPU", 0))})
+        count = 1 if name == head else int(node_type.get("max_workers", config.get("max_workers", 0)) or 0)
+        for index in range(count):
+            nodes.append({"name": f"{path.name}:{name}#{index}", "CPU": float(resources.get("CPU", 0)),
+                          "GPU": float(resources.get("GPU", 0))})
     return nodes
 
 

@@ -1,0 +1,40 @@
+"""CLI smoke tests of the commands that need no Ray: cases, plan, gradcheck."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def bplab(*args):
+    return subprocess.run([sys.executable, "-m", "jobs", *args], env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_cases_lists_suites_and_their_cases():
+    listing = bplab("cases")
+    assert listing.returncode == 0 and "quick" in listing.stdout and "unfair" in listing.stdout
+    quick = bplab("cases", "quick")
+    assert quick.returncode == 0
+    for name in "abcdef":
+        assert f"\n  {name} " in quick.stdout
+
+
+def test_plan_checks_against_cluster_yaml():
+    plan = bplab("plan", "quick", "--set", "epochs=2")
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    assert lines[0].split()[:3] == ["case", "id", "schedule"]
+    # 1438 digits // 16 = 89 steps per epoch, 2 epochs; one GPU per case on cluster.yaml's GPU workers
+    assert all(line.split()[-1] == "178" and line.split()[-2] == "1" for line in lines[1:7])
+    assert "6 cases, 1068 training steps in all; 16 can run at once on cluster.yaml" in plan.stdout
+
+
+def test_gradcheck_prints_every_layer_and_passes():
+    result = bplab("gradcheck", "allconv9")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for layer in [f"l{i}" for i in range(1, 10)] + ["input"]:
+        assert f"  {layer} " in result.stdout
+    assert "worst" in result.stdout
