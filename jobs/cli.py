@@ -250,7 +250,11 @@ def _write_report(run) -> None:
     try:
         from analysis.report import write_report
 
-        path = write_report(run.location)
+        location = str(run.location)
+        out_dir = None
+        if "://" in location and not location.startswith("file://"):  # remote run: the report goes to a local folder
+            out_dir = Path("reports") / location.rstrip("/").rsplit("/", 1)[-1]
+        path = write_report(location, out_dir=out_dir)
         print(f"[bplab] report: {path}", file=sys.stderr)
     except Exception as error:  # a report problem never loses the run's results
         print(f"[bplab] report not written: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)

@@ -102,6 +102,23 @@ def test_cli_quick_end_to_end(tmp_path):
     assert manifest["suite"] == "quick" and manifest["data_fingerprints"]["digits"]
     status = subprocess.run([sys.executable, "-m", "jobs", "status", str(run)], env=ENV, capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.count(" done ") == 6
+    # the report `bplab run` wrote: every case, the same final accuracy as the raw Parquet, valid PNGs
+    report = (run / "report" / "report.md").read_text()
+    for name in "abcdef":
+        assert f"| {name} |" in report
+    table = pd.read_csv(run / "report" / "per_case.csv")
+    raw = metrics[metrics.split == "test"].sort_values("step").groupby("case_id", observed=True).tail(1)
+    raw_final = dict(zip(raw["case_id"].astype(str), raw["accuracy"]))
+    assert len(table) == 6
+    for row in table.itertuples():
+        assert row.final_test_acc == raw_final[row.case_id]
+    images = list((run / "report").glob("*.png"))
+    assert len(images) >= 5
+    import matplotlib.image
+
+    for image in images:
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(image).ndim == 3
 
 
 # ---------------------------------------------------------------------- multi-node
@@ -177,6 +194,24 @@ def test_driver_killed_then_resume_runs_only_unfinished(cluster, tmp_path):
     assert after["slow1"]["attempts"] == before["slow1"]["attempts"] + 1
     assert "2 to run" in output
     check_rows_exactly_once(run, 3)
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
+    suite = write_suite(tmp_path, "interrupt", {"one": {}, "two": {"seed": 2}}, epochs=4, train=960)
+    run = tmp_path / "run"
+    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    wait_for(lambda: all(e["state"] == "running" and e["commit_seq"] >= 1 for e in ledger(run).values()) and len(ledger(run)) == 2,
+             240, "both cases committed", process)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    assert "resume with" in output
+    stopped = ledger(run)
+    assert all(e["state"] == "pending" and e["reason_class"] == "interrupted" for e in stopped.values())
+    output = finish(bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0", "--no-report"))
+    assert all(e["state"] == "done" for e in ledger(run).values())
+    check_rows_exactly_once(run, 2)
 
 
 def test_node_removed_mid_study(cluster, tmp_path):
