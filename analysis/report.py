@@ -240,7 +240,9 @@ def _header(data: RunData) -> list[str]:
         dirty = " (dirty: uncommitted changes)" if manifest.get("git_dirty") else ""
         lines.append(f"- bplab {manifest.get('bplab_version') or 'unknown'}, git commit `{commit}`{dirty}")
         if manifest.get("created_at"):
-            created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(manifest["created_at"])))
+            created = manifest["created_at"]
+            if isinstance(created, (int, float)):  # the driver writes unix seconds
+                created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created))
             lines.append(f"- created: {created}")
         versions = manifest.get("versions") or {}
         if versions:

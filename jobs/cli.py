@@ -138,7 +138,7 @@ def cmd_plan(args) -> int:
     if args.address:
         import ray
 
-        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        _connect(args.address)
         nodes, where = plan_module.ray_nodes(), f"the Ray cluster at {args.address}"
     else:
         nodes, where = plan_module.cluster_yaml_nodes(), "cluster.yaml"
@@ -211,7 +211,9 @@ def cmd_run(args) -> int:
         fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
         if run is None:
             run = RunDir.create(location, _manifest(suite, fingerprints, args), [p.row() for p in planned])
+            _take_lease(run)
         else:
+            _take_lease(run)  # before recover(): never repair a run another driver is writing
             for note in run.recover():
                 print(f"[bplab] recover: {note}", file=sys.stderr)
             added = run.add_cases([p.row() for p in planned if p.case_id not in set(run.case_ids())])
@@ -228,15 +230,59 @@ def cmd_run(args) -> int:
 
             refs = {spec: ray.put(datasets[spec]) for spec in {p.data_key for p in todo}}  # once per data set
             driver = Driver(run, todo, refs, max_retries=args.max_retries, checkpoint_every_steps=args.checkpoint_every,
-                            progress_every=args.progress_every)
+                            progress_every=args.progress_every, lease=lambda: _refresh_lease(run))
             states.update(driver.execute())
     finally:
+        if run is not None and (run.read_lock() or {}).get("token") == _LEASE_TOKEN:
+            run.remove_lock()
         ray.shutdown()
     if not args.no_report:
         _write_report(run)
     failed = sorted(cid for cid, state in states.items() if state == "failed")
     print(f"[bplab] {run.location}: " + ", ".join(f"{n} {s}" for s, n in _count(states.values())), file=sys.stderr)
     return 1 if failed else 0
+
+
+LEASE_STALE_SECONDS = 60.0
+_LEASE_TOKEN = f"{platform.node()}:{os.getpid()}:{time.time()}"
+
+
+def _lease() -> dict:
+    return {"host": platform.node(), "pid": os.getpid(), "token": _LEASE_TOKEN, "heartbeat": time.time()}
+
+
+def _take_lease(run) -> None:
+    """Refuse a run another live driver holds (fresh heartbeat, or a live pid on this host)."""
+    from jobs.storage import StorageError
+
+    holder = run.read_lock()
+    if holder and holder.get("token") != _LEASE_TOKEN:
+        age = time.time() - float(holder.get("heartbeat", 0))
+        same_host = holder.get("host") == platform.node()
+        alive = same_host and _pid_alive(int(holder.get("pid", -1)))
+        if alive or (not same_host and age < LEASE_STALE_SECONDS):
+            raise StorageError(f"{run.location} is being run by pid {holder.get('pid')} on {holder.get('host')} "
+                               f"(heartbeat {age:.0f} s ago); wait for it, or remove {run.location}/driver.lock if it is dead")
+    run.write_lock(_lease())
+
+
+def _refresh_lease(run) -> None:
+    try:
+        run.write_lock(_lease())
+    except Exception as error:  # a missed heartbeat is not worth stopping the study
+        print(f"[bplab] could not refresh driver.lock: {_one_line(error)}", file=sys.stderr)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _count(values):
@@ -263,10 +309,13 @@ def _write_report(run) -> None:
 def _connect(address: str | None) -> None:
     import ray
 
-    if address:
-        ray.init(address=address, logging_level="ERROR")
-    else:
-        ray.init(include_dashboard=False, logging_level="ERROR")
+    try:
+        if address:
+            ray.init(address=address, logging_level="ERROR")
+        else:
+            ray.init(include_dashboard=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 
 
 def _version(package: str) -> str | None:

@@ -18,7 +18,14 @@ from jobs.plan import PlannedCase
 from jobs.storage import LedgerEntry, RunDir
 
 TRANSIENT = ("worker_died", "node_lost")
+TERMINAL = ("done", "diverged")
 POLL_SECONDS = 1.0
+LEASE_REFRESH_SECONDS = 10.0
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__
 
 
 @dataclass
@@ -33,19 +40,22 @@ class CaseState:
     progress: dict = field(default_factory=dict)
     started_at: float = 0.0
     steps_at_start: int = 0
+    attempts_at_start: int = 0  # retries are bounded per session, not over the run's life
 
 
 class Driver:
     def __init__(self, run: RunDir, planned: list[PlannedCase], data_refs: dict, *, max_retries: int = 2,
-                 checkpoint_every_steps: int = 0, progress_every: float = 10.0, out=sys.stderr):
+                 checkpoint_every_steps: int = 0, progress_every: float = 10.0, out=sys.stderr, lease=None):
         self.run = run
         self.data_refs = data_refs
         self.max_retries = max_retries
         self.checkpoint_every_steps = checkpoint_every_steps
         self.progress_every = progress_every
         self.out = out
+        self.lease = lease  # called every LEASE_REFRESH_SECONDS: refreshes the run's driver.lock
         ledger = run.ledger()
-        self.cases = {p.case_id: CaseState(p, ledger[p.case_id]) for p in planned}
+        self.cases = {p.case_id: CaseState(p, ledger[p.case_id], attempts_at_start=ledger[p.case_id].attempts)
+                      for p in planned}
         self.active: dict = {}  # ObjectRef -> (case_id, kind)
         self._remote_class = None
 
@@ -73,6 +83,8 @@ class Driver:
         self.active[state.poll_ref] = (p.case_id, "poll")
         state.entry.attempts += 1
         state.entry.state = "pending"  # waits for resources until start returns
+        state.entry.node = state.entry.gpu = None  # this attempt's placement comes with start()
+        state.entry.info = {k: v for k, v in state.entry.info.items() if k not in ("node_id", "pid", "gpu_ids")}
         state.entry = self.run.write_entry(state.entry)
 
     def _kill(self, state: CaseState) -> None:
@@ -90,9 +102,12 @@ class Driver:
         import ray
 
         for state in self.cases.values():
-            if state.entry.state not in ("done", "diverged", "failed"):
-                self._launch(state)
-        last_view = 0.0
+            if state.entry.state in TERMINAL:
+                continue
+            if state.entry.state == "failed":  # a resumed run tries failed cases again
+                state.entry.reason_class = state.entry.reason = None
+            self._launch(state)
+        last_view = last_lease = 0.0
         try:
             while self.active:
                 ready, _ = ray.wait(list(self.active), num_returns=1, timeout=POLL_SECONDS)
@@ -100,21 +115,52 @@ class Driver:
                     if ref not in self.active:
                         continue
                     case_id, kind = self.active.pop(ref)
-                    self._handle(self.cases[case_id], ref, kind)
-                if self.progress_every and time.monotonic() - last_view >= self.progress_every:
+                    state = self.cases[case_id]
+                    try:
+                        self._handle(state, ref, kind)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as error:  # one case's trouble (e.g. storage) never stops the others
+                        self._fail_case(state, error)
+                now = time.monotonic()
+                if self.lease is not None and now - last_lease >= LEASE_REFRESH_SECONDS:
+                    self.lease()
+                    last_lease = now
+                if self.progress_every and now - last_view >= self.progress_every:
                     self.print_view()
-                    last_view = time.monotonic()
+                    last_view = now
         except KeyboardInterrupt:
             self._interrupt()
             raise
         self.print_view()
         return {cid: s.entry.state for cid, s in self.cases.items()}
 
+    def _fail_case(self, state: CaseState, error: Exception) -> None:
+        from jobs.storage import StorageError
+
+        self._kill(state)
+        reason_class = "storage" if isinstance(error, (StorageError, OSError)) else "bug"
+        state.entry.state, state.entry.reason_class = "failed", reason_class
+        state.entry.reason = f"driver: {type(error).__name__}: {_first_line(error)}"
+        self._say(f"{state.planned.name}: failed ({state.entry.reason})")
+        try:
+            state.entry = self.run.write_entry(state.entry)
+        except Exception as second:  # storage unreachable: the ledger keeps its last state, resume fixes it
+            self._say(f"{state.planned.name}: could not record the failure: {_first_line(second)}")
+
     def _handle(self, state: CaseState, ref, kind: str) -> None:
         import ray
 
         try:
             result = ray.get(ref)
+        except ray.exceptions.RayTaskError as error:  # start() itself raised: not transient
+            from workers.actor import classify_exception
+
+            cause = getattr(error, "cause", None) or error
+            self._finish(state, {"ok": False, "error_type": type(cause).__name__, "error": _first_line(cause),
+                                 "error_class": classify_exception(cause) if isinstance(cause, BaseException) else "bug",
+                                 "traceback": str(error)[-4000:]})
+            return
         except ray.exceptions.RayActorError as error:
             self._actor_lost(state, error)
             return
@@ -136,6 +182,9 @@ class Driver:
             self._take_report(state, report)
         if result["finished"]:
             self._finish(state, result["outcome"])
+        elif state.entry.state in TERMINAL:  # committed its end: nothing may reopen it
+            self._kill(state)
+            self._say(f"{state.planned.name}: {state.entry.state}" + (f" ({state.entry.reason})" if state.entry.reason else ""))
         else:
             state.poll_ref = state.actor.poll.remote(POLL_SECONDS)
             self.active[state.poll_ref] = (state.planned.case_id, "poll")
@@ -171,6 +220,9 @@ class Driver:
     def _finish(self, state: CaseState, outcome: dict) -> None:
         self._kill(state)
         entry = state.entry
+        if entry.state in TERMINAL:
+            self._say(f"{state.planned.name}: {entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
+            return
         if outcome.get("ok"):
             if entry.state not in ("done", "diverged"):  # a finished trainer always reports its end
                 entry.state, entry.reason_class, entry.reason = "failed", "bug", "trainer ended without a final report"
@@ -184,15 +236,26 @@ class Driver:
     def _actor_lost(self, state: CaseState, error) -> None:
         import ray
 
+        if state.entry.state in TERMINAL:  # died after committing its end: nothing is lost
+            self._kill(state)
+            return
         node_id = (state.entry.info or {}).get("node_id")
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        reason_class = "node_lost" if node_id and node_id not in alive else "worker_died"
+        text = " ".join(str(error).split())
+        if getattr(error, "actor_init_failed", False):
+            reason_class = "bug"
+        elif "out of memory" in text.lower() or "memory monitor" in text.lower() or "OutOfMemoryError" in type(error).__name__:
+            reason_class = "oom"
+        elif node_id and node_id not in alive:
+            reason_class = "node_lost"
+        else:
+            reason_class = "worker_died"
         self._kill(state)
         state.rows, state.layer_stats = [], []  # uncommitted: the resumed actor regenerates them
         entry = state.entry
-        message = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        entry.reason_class, entry.reason = reason_class, message
-        if reason_class in TRANSIENT and entry.attempts <= self.max_retries:
+        entry.reason_class, entry.reason = reason_class, (text or type(error).__name__)[:1000]
+        retries_used = entry.attempts - state.attempts_at_start - 1
+        if reason_class in TRANSIENT and retries_used < self.max_retries:
             self._say(f"{state.planned.name}: {reason_class}; retrying from commit {entry.commit_seq} (step {entry.step})")
             state.entry = entry
             self._launch(state)
@@ -204,10 +267,18 @@ class Driver:
     def _interrupt(self) -> None:
         """Ctrl-C: stop every actor, leave the ledger resumable (running -> pending)."""
         for state in self.cases.values():
-            if state.actor is not None:
-                self._kill(state)
-                state.entry.state, state.entry.reason_class, state.entry.reason = "pending", "interrupted", "stopped by the user"
-                state.entry = self.run.write_entry(state.entry)
+            if state.actor is None:
+                continue
+            self._kill(state)
+            if state.entry.state in TERMINAL:
+                continue
+            try:
+                entry = self.run.entry(state.planned.case_id)  # the ledger's own copy: a commit may have just landed
+                if entry.state not in TERMINAL:
+                    entry.state, entry.reason_class, entry.reason = "pending", "interrupted", "stopped by the user"
+                    state.entry = self.run.write_entry(entry)
+            except Exception as error:  # recover() on resume puts 'running' back to 'pending' anyway
+                self._say(f"{state.planned.name}: could not mark interrupted: {_first_line(error)}")
         self._say(f"interrupted: resume with  bplab run --resume {self.run.location}")
 
     # ------------------------------------------------------------------ the view

@@ -63,9 +63,20 @@ def make_plan(suite: Suite, datasets: dict, *, cpus_per_case: float, gpus_per_ca
         raise PlanError(f"--gpus-per-case {gpus_per_case}: must be >= 0")
     if gpus_per_case > 1 and gpus_per_case != int(gpus_per_case):
         raise PlanError(f"--gpus-per-case {gpus_per_case}: above 1 it must be a whole number")
+    from workers import models, schedules
+    from workers.settings import SettingsError
+
     planned = []
     for case in suite.cases:
         data = datasets[case.settings.data]
+        try:  # the model at this data's shape, built without TensorFlow: shape errors now, not in an actor
+            model = models.build_model(case.settings, data.x_train.shape[1:], data.num_classes)
+            if any(dim <= 0 for shape in model.output_shapes() for dim in shape):
+                raise SettingsError(f"{case.settings.model} on inputs {model.input_shape}: a layer's output is empty "
+                                    f"{model.output_shapes()}")
+            schedules.check_fits(case.settings, model)
+        except SettingsError as error:
+            raise PlanError(f"case {case.name}: {error}") from None
         _, steps = batch_plan(case.settings, len(data.x_train))
         planned.append(PlannedCase(case, case.case_id(data.fingerprint), cpus_per_case, gpus_per_case, steps,
                                    steps * case.settings.epochs, case.settings.data))

@@ -13,6 +13,6 @@ from jobs.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = ["run", *sys.argv[1:]]
-    if "--address" not in argv:
+    if not any(arg == "--address" or arg.startswith("--address=") for arg in argv):
         argv += ["--address", "auto"]
     sys.exit(main(argv))

@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 CASE_STATES = ("pending", "running", "done", "failed", "diverged")
-FAILURE_CLASSES = ("oom", "node_lost", "worker_died", "diverged", "bad_settings", "bug", "interrupted")
+FAILURE_CLASSES = ("oom", "node_lost", "worker_died", "diverged", "bad_settings", "bug", "interrupted", "storage")
 
 #: The Parquet datasets of a run (each hive-partitioned by ``case_id``).
 DATASETS = ("metrics", "layer_stats", "weights", "boundary")
@@ -82,7 +82,8 @@ CHECKPOINTS = "checkpoints"
 SCHEMA_ANCHOR = "0-schema.parquet"  # sorts before "case_id=..." and is not hidden
 PARTITION_KEY = "case_id"
 
-_LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, *DATASETS}
+LOCK = "driver.lock"
+_LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, LOCK, *DATASETS}
 _TMP_MARK = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -438,6 +439,24 @@ class RunDir:
         with self._lock:
             table = self._conform("boundary", _strip_key(rows, case_id, "boundary"))
             self._write_table(self._part_path("boundary", case_id, "final"), table)
+
+    # ------------------------------------------------------------------ the driver's lease
+    def write_lock(self, holder: dict) -> None:
+        """Claim (or refresh) the run for one driver: host, pid, heartbeat time."""
+        self._write_bytes(self.path(LOCK), _json_bytes(holder, f"{self.location}: {LOCK}"))
+
+    def read_lock(self) -> dict | None:
+        """The current driver's lease, or None if no driver holds the run."""
+        try:
+            return json.loads(self._read_bytes(self.path(LOCK)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a torn lease is no lease
+
+    def remove_lock(self) -> None:
+        if self._exists(self.path(LOCK)):
+            self._delete(self.path(LOCK))
 
     def load_checkpoint(self, case_id: str) -> bytes | None:
         """The bytes of the case's latest committed checkpoint (per the ledger), or None."""

@@ -179,15 +179,30 @@ def test_output_error_quirk_drops_only_the_batch_mean():
     np.testing.assert_allclose(ok.backward(cache_ok), (tf.nn.softmax(logits) - y).numpy() / 2)
 
 
-def test_softmax_twice_quirk_changes_only_the_logged_cost():
+def test_softmax_twice_quirks_change_only_their_logged_cost():
     logits = tf.constant([[1.0, 2.0, 0.5]], tf.float64)
     y = tf.one_hot([1], 3, dtype=tf.float64)
-    ok, quirk = L.SoftmaxCrossEntropy(), L.SoftmaxCrossEntropy(softmax_twice_quirk=True)
+    ok = L.SoftmaxCrossEntropy()
+    train_quirk = L.SoftmaxCrossEntropy(softmax_twice_train_quirk=True)
+    test_quirk = L.SoftmaxCrossEntropy(softmax_twice_test_quirk=True)
     p = np.exp([1.0, 2.0, 0.5]) / np.exp([1.0, 2.0, 0.5]).sum()
     twice = np.exp(p) / np.exp(p).sum()
-    assert float(ok.logged_cost(logits, y)) == pytest.approx(-np.log(p[1]))
-    assert float(quirk.logged_cost(logits, y)) == pytest.approx(-np.log(twice[1]))
-    np.testing.assert_array_equal(quirk.backward(quirk.forward(logits, y)[1]), ok.backward(ok.forward(logits, y)[1]))
+    right, wrong = -np.log(p[1]), -np.log(twice[1])
+    assert float(ok.logged_cost(logits, y, "train")) == pytest.approx(right)
+    assert float(train_quirk.logged_cost(logits, y, "train")) == pytest.approx(wrong)
+    assert float(train_quirk.logged_cost(logits, y, "test")) == pytest.approx(right)
+    assert float(test_quirk.logged_cost(logits, y, "test")) == pytest.approx(wrong)
+    assert float(test_quirk.logged_cost(logits, y, "train")) == pytest.approx(right)
+    for quirk in (train_quirk, test_quirk):
+        np.testing.assert_array_equal(quirk.backward(quirk.forward(logits, y)[1]), ok.backward(ok.forward(logits, y)[1]))
+
+
+def test_gradient_quirks_are_refused_with_autodiff_and_synthetic_needs_dni():
+    with pytest.raises(settings_module.SettingsError, match="elu_derivative_two"):
+        settings_module.from_dict({"engine": "autodiff", "quirks": ["elu_derivative_two"]})
+    settings_module.from_dict({"engine": "autodiff", "quirks": ["softmax_twice_in_train_cost"]})  # a logging quirk is fine
+    with pytest.raises(settings_module.SettingsError, match="dni_rnn"):
+        settings_module.from_dict({"schedule": "synthetic", "model": "mlp"})
 
 
 def one_variable_net(value):

@@ -182,6 +182,9 @@ def test_driver_killed_then_resume_runs_only_unfinished(cluster, tmp_path):
                     "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
     wait_for(lambda: (lambda l: l.get("quick1", {}).get("state") == "done" and l.get("slow1", {}).get("commit_seq", 0) >= 1)(ledger(run)),
              240, "one case done and another committed", process)
+    second = subprocess.run([sys.executable, "-m", "jobs", "run", "--resume", str(run), "--address", cluster.address],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "is being run by pid" in second.stderr, second.stderr  # one driver per run
     process.kill()  # SIGKILL: no cleanup at all
     process.wait()
     before = ledger(run)
@@ -211,6 +214,26 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
     assert all(e["state"] == "pending" and e["reason_class"] == "interrupted" for e in stopped.values())
     output = finish(bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0", "--no-report"))
     assert all(e["state"] == "done" for e in ledger(run).values())
+    check_rows_exactly_once(run, 2)
+
+
+def test_resume_reruns_a_failed_case(cluster, tmp_path):
+    from jobs.storage import RunDir
+
+    suite = write_suite(tmp_path, "failed", {"ok": {}, "broken": {"seed": 3}}, epochs=1, train=320)
+    run = tmp_path / "run"
+    finish(bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                 "--progress-every", "0", "--no-report"))
+    store = RunDir.open(str(run))
+    broken = next(e for e in store.ledger().values() if e.name == "broken")
+    done_before = next(e for e in store.ledger().values() if e.name == "ok")
+    broken.state, broken.reason_class, broken.reason = "failed", "oom", "as if it had run out of memory"
+    store.write_entry(broken)
+    output = finish(bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0", "--no-report"))
+    assert "1 to run" in output
+    after = {e.name: e for e in RunDir.open(str(run)).ledger().values()}
+    assert after["broken"].state == "done" and after["broken"].attempts == broken.attempts + 1
+    assert after["ok"].attempts == done_before.attempts
     check_rows_exactly_once(run, 2)
 
 

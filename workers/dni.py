@@ -36,7 +36,9 @@ def synthetic_step(step, x, y_onehot):
     """One DNI step: per recurrent unit, forward then update at once from its synthetic
     gradient (lr = recurrent_lr); the output unit from the true gradient (lr); then each
     synthetic-gradient model one SGD step (synthetic_lr) toward the true gradient of its
-    unit's state, back-propagated from the loss through the (already updated) units above.
+    unit's state, back-propagated from the loss through the units above with the weights
+    their forward used (the layers cache snapshots, so the updates made in between do not
+    leak into the targets).
     Logs synthetic_error: mean squared error of the predictions against those targets."""
     import tensorflow as tf
 
@@ -53,7 +55,7 @@ def synthetic_step(step, x, y_onehot):
         g_hat = tf.matmul(state, variables["sg_w"]) + variables["sg_b"]
         d_y = tf.concat([tf.zeros_like(y[:, :-hidden]), g_hat], axis=1)  # no gradient for the carried image
         _, grads = net.backward_unit(index, d_y, cache, need_d_x=False, need_grads=True)
-        step.update({index: grads}, lr=tf.cast(settings.recurrent_lr, dtype))
+        step.update({index: grads}, lr=tf.constant(settings.recurrent_lr, dtype))
         acts.append(y)
         caches.append(cache)
         predictions.append((state, g_hat))
@@ -69,7 +71,7 @@ def synthetic_step(step, x, y_onehot):
         error = g_hat - true_d[:, -hidden:]  # (B, hidden)
         errors.append(tf.reduce_mean(tf.reduce_sum(error * error, axis=1)))
         variables = net.variables[index]
-        lr_sg = tf.cast(settings.synthetic_lr, dtype)
+        lr_sg = tf.constant(settings.synthetic_lr, dtype)
         # d/d(sg) of 0.5 * mean_b ||g_hat - target||^2
         variables["sg_w"].assign_sub(lr_sg * tf.matmul(state, error, transpose_a=True) / batch)
         variables["sg_b"].assign_sub(lr_sg * tf.reduce_sum(error, axis=0) / batch)

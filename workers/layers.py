@@ -11,7 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tensorflow as tf
+
+class _LazyTensorFlow:
+    """`tf`, imported on first use: the driver builds models to check their shapes at plan
+    time (Op.output_shape) and must not import TensorFlow (DESIGN.md decision 3)."""
+
+    def __getattr__(self, name):
+        import tensorflow
+
+        globals()["tf"] = tensorflow  # later lookups go straight to the module
+        return getattr(tensorflow, name)
+
+
+tf = _LazyTensorFlow()
 
 
 @dataclass
@@ -306,9 +318,10 @@ def activation(name: str, quirks=(), alpha: float = 2.0) -> Op:
 class SoftmaxCrossEntropy:
     """loss = mean_b( -sum_c y[b,c] log softmax(z)[b,c] );  d_z = (softmax(z) - y) / B."""
 
-    def __init__(self, unscaled_output_error_quirk: bool = False, softmax_twice_quirk: bool = False):
+    def __init__(self, unscaled_output_error_quirk: bool = False, softmax_twice_train_quirk: bool = False,
+                 softmax_twice_test_quirk: bool = False):
         self.unscaled = unscaled_output_error_quirk
-        self.softmax_twice = softmax_twice_quirk
+        self.softmax_twice = {"train": softmax_twice_train_quirk, "test": softmax_twice_test_quirk}
 
     def forward(self, logits, y_onehot):
         log_p = tf.nn.log_softmax(logits)  # (B, classes)
@@ -322,9 +335,10 @@ class SoftmaxCrossEntropy:
             d_logits = d_logits / tf.cast(tf.shape(probs)[0], probs.dtype)
         return d_logits
 
-    def logged_cost(self, logits, y_onehot):
-        """The number written to the logs (the source applied softmax twice here)."""
-        if self.softmax_twice:
+    def logged_cost(self, logits, y_onehot, split: str = "train"):
+        """The number written to the logs (the sources applied softmax twice here: the unfair
+        study to its train cost, the adversarial study to its test cost)."""
+        if self.softmax_twice[split]:
             logits = tf.nn.softmax(logits)
         return self.forward(logits, y_onehot)[0]
 
@@ -349,7 +363,7 @@ class SquaredError:
         (diff,) = cache
         return diff / tf.cast(tf.shape(diff)[0], diff.dtype)
 
-    def logged_cost(self, output, y_onehot):
+    def logged_cost(self, output, y_onehot, split: str = "train"):
         return self.forward(output, y_onehot)[0]
 
     correct = staticmethod(SoftmaxCrossEntropy.correct)
@@ -396,7 +410,11 @@ class RNNCell(Op):
             h_prev = z[:, self.d_in:]  # (B, hidden)
             pre = pre + tf.matmul(h_prev, params["wh"])
         h = tf.tanh(pre)
-        return tf.concat([x, h], axis=1), (x, h_prev, h, params["wx"], params.get("wh"))
+        # Snapshots, not the variables: the synthetic schedule updates a step before the true
+        # gradient is back-propagated through it, which must use the forward's weights.
+        wx = tf.identity(params["wx"])
+        wh = tf.identity(params["wh"]) if not self.first else None
+        return tf.concat([x, h], axis=1), (x, h_prev, h, wx, wh)
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         x, h_prev, h, wx, wh = cache

@@ -58,6 +58,15 @@ class Model:
             params.append(unit_params)
         return params
 
+    def output_shapes(self) -> list[tuple]:
+        """Each unit's output shape (without the batch), computed without TensorFlow."""
+        shapes, shape = [], tuple(self.input_shape)
+        for unit in self.units:
+            for op in unit.ops:
+                shape = op.output_shape(shape)
+            shapes.append(shape)
+        return shapes
+
     def describe(self) -> str:
         lines = [f"{self.name}: input {self.input_shape}, {self.num_classes} classes"]
         for unit in self.units:
@@ -104,7 +113,8 @@ def _loss(settings, kind="softmax"):
         return L.SquaredError()
     return L.SoftmaxCrossEntropy(
         unscaled_output_error_quirk=settings.has("output_error_unscaled"),
-        softmax_twice_quirk=settings.has("softmax_twice_in_cost"),
+        softmax_twice_train_quirk=settings.has("softmax_twice_in_train_cost"),
+        softmax_twice_test_quirk=settings.has("softmax_twice_in_test_cost"),
     )
 
 

@@ -18,6 +18,32 @@ def dilation_rate(settings, epoch: int) -> float:
     return settings.dilation_rate / (1.0 + settings.dilation_decay * epoch)
 
 
+def dilated_units(depth: int) -> tuple:
+    """Units whose incoming gradient gets the skip from two units above: all but the
+    first and the top two (celu7: layers 2, 3, 4, 5 of EXPERIMENTS.md s2)."""
+    return tuple(range(1, depth - 2))
+
+
+def check_fits(settings, model) -> None:
+    """SettingsError if the schedule cannot run on this model at this input shape (plan time,
+    no TensorFlow): the dilated skip needs unit i's output and unit i+1's output to have the
+    same channels and a whole-number spatial ratio."""
+    from workers.settings import SettingsError
+
+    if "dilated" not in settings.schedule:
+        return
+    shapes = model.output_shapes()
+    for index in dilated_units(len(shapes)):
+        here, above = shapes[index], shapes[index + 1]
+        same_rank = len(here) == len(above)
+        fits = same_rank and here[-1] == above[-1] and all(a > 0 and h % a == 0 for h, a in zip(here[:-1], above[:-1]))
+        if not fits:
+            raise SettingsError(
+                f"schedule {settings.schedule}: {model.name} on inputs {model.input_shape} cannot add the gradient of "
+                f"{model.units[index + 1].name} {above} to {model.units[index].name} {here} (needs equal channels and "
+                "a whole-number upsampling)")
+
+
 class Stepper:
     """What a schedule works with: the net, the optimiser and counters of what it did."""
 
@@ -46,9 +72,7 @@ class Stepper:
             self.updates[index] += 1
 
     def dilated_units(self) -> tuple:
-        """Units whose incoming gradient gets the skip from two units above: all but the
-        first and the top two (celu7: layers 2, 3, 4, 5 of EXPERIMENTS.md s2)."""
-        return tuple(range(1, self.net.depth - 2))
+        return dilated_units(self.net.depth)
 
 
 def standard(step: Stepper, x, y_onehot):

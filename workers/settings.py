@@ -35,9 +35,12 @@ QUIRKS = (
     "output_error_unscaled",
     "adam_constant_bias_correction",
     "amsgrad_whole_tensor_max",
-    "softmax_twice_in_cost",
+    "softmax_twice_in_train_cost",
+    "softmax_twice_in_test_cost",
     "float_images_to_imgaug",
 )
+# Quirks that change a hand-written backward pass (meaningless with engine: autodiff).
+GRADIENT_QUIRKS = ("elu_derivative_two", "celu_derivative_two", "pool_gradient_unscaled", "output_error_unscaled")
 QUIRK_DOCS = {
     "elu_derivative_two": "ELU backward returns 2 (not 1) where x > 0 (unfair study source).",
     "celu_derivative_two": "CELU backward returns 2 (not 1) where x >= 0 (adversarial study source).",
@@ -46,10 +49,12 @@ QUIRK_DOCS = {
     "output_error_unscaled": "output error is softmax - y, not divided by the batch size.",
     "adam_constant_bias_correction": "Adam divides m and v by the constant (1-beta), "
     "not (1-beta^t).",
-    "amsgrad_whole_tensor_max": "AMSGrad keeps the old v-hat unless sum(new v) > sum(old v), "
+    "amsgrad_whole_tensor_max": "AMSGrad keeps the old v-hat unless sum(new v) > sum(old v-hat), "
     "and has no bias correction.",
-    "softmax_twice_in_cost": "the logged cost applies softmax twice (logged number only; "
-    "gradients are unchanged).",
+    "softmax_twice_in_train_cost": "the logged train cost applies softmax twice (unfair study source; "
+    "logged number only, gradients unchanged).",
+    "softmax_twice_in_test_cost": "the logged test cost applies softmax twice (adversarial study source; "
+    "logged number only).",
     "float_images_to_imgaug": "augmentation feeds float images in [0, 1] to imgaug instead "
     "of uint8 (the suspected cause of the source's ~.49 train accuracy).",
 }
@@ -191,6 +196,12 @@ class CaseSettings:
             raise SettingsError(f"{where}.engine: unknown engine {self.engine!r}; expected manual or autodiff")
         if self.engine == "autodiff" and self.schedule != "standard":
             raise SettingsError(f"{where}.engine: autodiff runs the standard schedule only, not {self.schedule!r}")
+        gradient_quirks = [q for q in self.quirks if q in GRADIENT_QUIRKS]
+        if self.engine == "autodiff" and gradient_quirks:
+            raise SettingsError(f"{where}.quirks: {gradient_quirks[0]} changes a hand-written backward; "
+                                "engine autodiff differentiates the forward pass and would ignore it")
+        if self.schedule == "synthetic" and self.model != "dni_rnn":
+            raise SettingsError(f"{where}.schedule: synthetic gradients need model dni_rnn, not {self.model!r}")
         if self.optimizer not in OPTIMIZERS:
             raise SettingsError(f"{where}.optimizer: unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:

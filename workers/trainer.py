@@ -176,14 +176,14 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         stepper = schedules.Stepper(net, optimizer, Context(training=True, seed=seed), lr, settings, skip_rate)
         loss, output = schedule(stepper, x, y_onehot)
         traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes, stages=stepper.stages)
-        cost = model.loss.logged_cost(output, y_onehot)
+        cost = model.loss.logged_cost(output, y_onehot, "train")
         return loss, cost, model.loss.correct(output, labels), dict(stepper.extras)
 
     @tf.function(reduce_retracing=True)
     def test_step(x, labels):
         y_onehot = tf.one_hot(labels, data.num_classes, dtype=tf_dtype)
         output = net.predict(x)
-        cost = model.loss.logged_cost(output, y_onehot) * tf.cast(tf.shape(x)[0], tf_dtype)
+        cost = model.loss.logged_cost(output, y_onehot, "test") * tf.cast(tf.shape(x)[0], tf_dtype)
         return cost, model.loss.correct(output, labels)
 
     def evaluate() -> tuple[float, float]:
@@ -237,7 +237,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             global_step += 1
             if not math.isfinite(loss):
                 pending.status = "diverged"
-                pending.progress = {"epoch": epoch, "step": global_step - 1, "diverged_step": global_step - 1}
+                pending.progress = {"epoch": epoch, "step": global_step, "diverged_step": global_step - 1}
                 report(pending)
                 return {"status": "diverged", "epoch": epoch, "step": global_step - 1, "diverged_step": global_step - 1}
             done_in_epoch = step_in_epoch + 1
