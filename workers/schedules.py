@@ -87,7 +87,9 @@ def standard(step: Stepper, x, y_onehot):
 def unfair_back(step: Stepper, x, y_onehot):
     """Stage k = 1..n updates units n-k..n-1 (top k), back-propagating only that far, then
     re-forwards from the lowest updated unit; stage k+1 starts from the new output.
-    Per batch unit i (0-based) is updated i+1 times; n+1 forward passes."""
+    Per batch unit i (0-based) is updated i+1 times; n+1 forward passes. The last
+    re-forward is part of the schedule as EXPERIMENTS.md defines it, but nothing reads its
+    output, so inside tf.function TensorFlow prunes it (benchmarks/README.md)."""
     depth = step.net.depth
     acts, caches = step.forward(x)
     loss, d_out = step.loss(acts[-1], y_onehot)
@@ -106,7 +108,8 @@ def unfair_back(step: Stepper, x, y_onehot):
 def unfair_front(step: Stepper, x, y_onehot):
     """Mirror image: stage k = 1..n updates units 0..k-1. Each stage back-propagates to
     the bottom (weight gradients only for the units it updates) and re-forwards fully.
-    Per batch unit i is updated n-i times; n+1 forward passes."""
+    Per batch unit i is updated n-i times; n+1 forward passes (the last one unread, and
+    pruned inside tf.function, as in unfair_back)."""
     depth = step.net.depth
     acts, caches = step.forward(x)
     loss, d_out = step.loss(acts[-1], y_onehot)
