@@ -313,7 +313,8 @@ def _connect(address: str | None) -> None:
         if address:
             ray.init(address=address, logging_level="ERROR")
         else:
-            ray.init(include_dashboard=False, logging_level="ERROR")
+            # "local": a new Ray of our own, never a cluster some other process started on this machine
+            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 
