@@ -26,9 +26,10 @@ directory against the same rows stored the way Ray Tune stores trial results.
    - tune-csv:  pd.concat([pd.read_csv(p) for p in progress.csv files], keys=case ids)
                 + the same per-case columns with pandas groupby
    - tune-json: the same with pd.read_json(p, lines=True, convert_dates=False)
-   - bplab-compacted (a what-if, not a layout bplab writes today): analysis.load +
-                per_case on DIR/bplab-compacted, a copy of the run whose metrics parts are
-                merged into one file (one row group) per case, made on first use
+   - bplab-compacted: analysis.load + per_case on DIR/bplab-compacted, the run after the
+                driver's end-of-case compaction (RunDir.compact_metrics) of every case: what
+                a finished study looks like. "bplab" is the same study before it (parts only,
+                as while the cases are still running)
    and reports the median seconds (wall and CPU), peak RSS and the ratios to bplab.
 3. Checks that the per-case tables agree (ints exactly, floats to 1e-9 relative: pandas'
    default CSV/JSON float parsers are not always correctly rounded).
@@ -275,33 +276,26 @@ def generate(root: Path, n_cases: int, rows_per_case: int, log) -> dict:
 
 
 def compact_copy(root: Path, log) -> float:
-    """DIR/bplab-compacted: DIR/bplab with each case's metrics parts merged into one file and
-    one row group (named after the last commit, part-<commit_seq>.parquet, so RunDir.recover
-    keeps it). What a compaction step at the end of a case would leave; read with the same
-    analysis.load. Returns the seconds it took (0 if it already existed)."""
-    import pyarrow.parquet as pq
+    """DIR/bplab-compacted: DIR/bplab (hard-linked) after the driver's own end-of-case step,
+    jobs.storage.RunDir.compact_metrics, for every case: what a finished study looks like.
+    analysis.load then reads metrics_compact/ (one file per case). Returns the seconds the
+    compaction took (0 if it already existed)."""
+    from jobs.storage import RunDir
 
     source, target = root / "bplab", root / COMPACTED
-    done = target / ".compacted"
+    done = target / ".compacted-by-runddir"
     if done.exists():
         return 0.0
-    started = time.perf_counter()
     if target.exists():
         shutil.rmtree(target)
-    target.mkdir()
-    for name in ("manifest.json", "cases.parquet"):
-        shutil.copy2(source / name, target / name)
-    shutil.copytree(source / "ledger", target / "ledger")
-    (target / "metrics").mkdir()
-    shutil.copy2(source / "metrics" / "0-schema.parquet", target / "metrics" / "0-schema.parquet")
-    for folder in sorted((source / "metrics").glob("case_id=*")):
-        parts = sorted(folder.glob("part-*.parquet"))
-        table = pa_concat([pq.read_table(p) for p in parts])
-        (target / "metrics" / folder.name).mkdir()
-        pq.write_table(table, target / "metrics" / folder.name / parts[-1].name, row_group_size=len(table) or 1)
-    done.write_text("")
+    shutil.copytree(source, target, copy_function=os.link)  # hard links: no second copy of the parts
+    started = time.perf_counter()
+    run = RunDir.open(str(target))
+    for case_id in run.case_ids():
+        run.compact_metrics(case_id)
     seconds = time.perf_counter() - started
-    log(f"  compacted copy of the run written to {target} in {seconds:.0f} s")
+    done.write_text("")
+    log(f"  RunDir.compact_metrics on all {len(run.case_ids())} cases of {target}: {seconds:.0f} s")
     return seconds
 
 

@@ -135,6 +135,13 @@ class Driver:
         self.print_view()
         return {cid: s.entry.state for cid, s in self.cases.items()}
 
+    def _compact(self, state: CaseState) -> None:
+        """One metrics file per finished case for fast loading (a cache; failure costs only speed)."""
+        try:
+            self.run.compact_metrics(state.planned.case_id)
+        except Exception as error:
+            self._say(f"{state.planned.name}: metrics not compacted ({_first_line(error)})")
+
     def _fail_case(self, state: CaseState, error: Exception) -> None:
         from jobs.storage import StorageError
 
@@ -184,6 +191,7 @@ class Driver:
             self._finish(state, result["outcome"])
         elif state.entry.state in TERMINAL:  # committed its end: nothing may reopen it
             self._kill(state)
+            self._compact(state)
             self._say(f"{state.planned.name}: {state.entry.state}" + (f" ({state.entry.reason})" if state.entry.reason else ""))
         else:
             state.poll_ref = state.actor.poll.remote(POLL_SECONDS)
@@ -221,6 +229,7 @@ class Driver:
         self._kill(state)
         entry = state.entry
         if entry.state in TERMINAL:
+            self._compact(state)
             self._say(f"{state.planned.name}: {entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
             return
         if outcome.get("ok"):

@@ -83,7 +83,9 @@ SCHEMA_ANCHOR = "0-schema.parquet"  # sorts before "case_id=..." and is not hidd
 PARTITION_KEY = "case_id"
 
 LOCK = "driver.lock"
-_LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, LOCK, *DATASETS}
+COMPACT = "metrics_compact"  # read cache: a finished case's metrics parts merged into one file
+_COMPACT_RE = re.compile(r"^upto-(\d+)\.parquet$")
+_LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, LOCK, COMPACT, *DATASETS}
 _TMP_MARK = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
@@ -440,6 +442,38 @@ class RunDir:
             table = self._conform("boundary", _strip_key(rows, case_id, "boundary"))
             self._write_table(self._part_path("boundary", case_id, "final"), table)
 
+    # ------------------------------------------------------------------ the read cache
+    def compact_metrics(self, case_id: str) -> str | None:
+        """Merge a finished case's committed metrics parts into one file, a read cache.
+
+        Written to ``metrics_compact/case_id=<id>/upto-<commit_seq>.parquet`` (atomically);
+        ``metrics/`` stays complete and authoritative, so ``pandas.read_parquet(RUN/"metrics")``
+        is unchanged. A reader uses the cache only while its sequence number equals the
+        ledger's commit_seq (analysis.load does), so a later commit simply makes it stale.
+        Returns the cache's run-relative path, or None if the case has no metrics.
+        """
+        _check_name(case_id, "case id")
+        with self._lock:
+            entry = self._committed(case_id)
+            if entry is None or entry.commit_seq == 0:
+                return None
+            folder = self.path("metrics", f"{PARTITION_KEY}={case_id}")
+            parts = sorted(
+                (int(m.group(1)), info.path)
+                for info in self._list(folder)
+                if (m := _PART_RE.match(info.base_name)) and int(m.group(1)) <= entry.commit_seq
+            )
+            if not parts:
+                return None
+            tables = [pq.read_table(path, filesystem=self._fs) for _, path in parts]
+            table = pa.concat_tables(tables, promote_options="permissive")
+            rel = f"{COMPACT}/{PARTITION_KEY}={case_id}/upto-{entry.commit_seq:06d}.parquet"
+            self._write_table(self.path(rel), table)
+            for info in self._list(self.path(COMPACT, f"{PARTITION_KEY}={case_id}")):
+                if _COMPACT_RE.match(info.base_name) and info.path != self.path(rel):
+                    self._delete(info.path)
+            return rel
+
     # ------------------------------------------------------------------ the driver's lease
     def write_lock(self, holder: dict) -> None:
         """Claim (or refresh) the run for one driver: host, pid, heartbeat time."""
@@ -504,6 +538,8 @@ class RunDir:
                     case_id, m = rel[1][len(PARTITION_KEY) + 1 :], _PART_RE.match(rel[2])
                 elif len(rel) == 3 and rel[0] == CHECKPOINTS:
                     case_id, m = rel[1], _CKPT_RE.match(rel[2])
+                elif len(rel) == 3 and rel[0] == COMPACT and rel[1].startswith(PARTITION_KEY + "="):
+                    case_id, m = rel[1][len(PARTITION_KEY) + 1 :], _COMPACT_RE.match(rel[2])
                 else:
                     continue
                 entry = ledger.get(case_id)
