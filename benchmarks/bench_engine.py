@@ -31,13 +31,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model, load1, uptime  # noqa: E402
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -48,19 +50,8 @@ ISSUE_FLOORS = {"unfair-back": "~2.9x", "unfair-front": "~6-7x"}
 # ---------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def load1() -> float:
-    return os.getloadavg()[0]
 
 
 def cpu_pressure() -> str:
@@ -72,11 +63,6 @@ def cpu_pressure() -> str:
         return "n/a"
 
 
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 # ---------------------------------------------------------------------- FLOP floors

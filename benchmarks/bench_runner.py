@@ -59,6 +59,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model, uptime  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_FLAG = "--harness"
 
@@ -177,23 +180,8 @@ def harness(events_path: str, argv: list[str]) -> int:
 # ====================================================================== machine
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def uptime() -> str:
-    try:
-        out = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-        return out[out.index("load average"):] if "load average" in out else out
-    except OSError:
-        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 def cpu_pressure() -> str:

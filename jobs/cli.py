@@ -136,8 +136,6 @@ def cmd_plan(args) -> int:
 
     suite, datasets = _load(args)
     if args.address:
-        import ray
-
         _connect(args.address)
         nodes, where = plan_module.ray_nodes(), f"the Ray cluster at {args.address}"
     else:
