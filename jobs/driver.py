@@ -183,7 +183,8 @@ class Driver:
             state.steps_at_start = state.entry.step
             state.entry = self.run.write_entry(state.entry)
             self._say(f"{state.planned.name}: running on {state.entry.node} gpu {state.entry.gpu or '-'} "
-                      f"(attempt {state.entry.attempts}{', resumed at step %d' % state.entry.step if state.entry.commit_seq else ''})")
+                      f"(attempt {state.entry.attempts}{', resumed at step %d' % state.entry.step if state.entry.commit_seq else ''})"
+                      + (f"; WARNING {result['warning']}" if result.get("warning") else ""))
             return
         for report in result["reports"]:
             self._take_report(state, report)

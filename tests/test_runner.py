@@ -149,6 +149,8 @@ def test_six_cases_at_once_on_distinct_gpus(cluster, tmp_path):
     assert len(pairs) == 6, pairs  # six distinct node/GPU pairs
     assert len({node for node, _ in pairs}) == 3 and all(len(gpus) == 1 for _, gpus in pairs)
     assert all(e["info"]["cuda_visible_devices"] == e["info"]["gpu_ids"][0] for e in entries.values())
+    # declared GPUs, CPU-only TensorFlow: allowed, but said (a CUDA build seeing no GPU is an error)
+    assert all("CPU-only build" in e["info"]["warning"] for e in entries.values())
     check_rows_exactly_once(run, 6)
 
 

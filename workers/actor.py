@@ -81,8 +81,15 @@ class CaseRunner:
             tf.config.experimental.set_memory_growth(gpu, True)
         assigned = [str(g) for g in ray.get_gpu_ids()]
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        warning = None
         if gpus and len(gpus) != len(assigned):
             raise RuntimeError(f"TensorFlow sees {len(gpus)} GPUs but Ray assigned {assigned} (CUDA_VISIBLE_DEVICES={visible!r})")
+        if assigned and not gpus:
+            message = f"Ray assigned GPU {','.join(assigned)} but TensorFlow sees none"
+            if tf.test.is_built_with_cuda():  # a GPU build that finds no GPU: driver/CUDA trouble on this node
+                raise RuntimeError(f"{message} (CUDA_VISIBLE_DEVICES={visible!r}; is the NVIDIA driver visible?)")
+            # A CPU-only TensorFlow (tensorflow-cpu): declared GPUs, as on a laptop or in tests.
+            warning = f"{message}: this TensorFlow is a CPU-only build, the case runs on the CPU"
         gpu_names = []
         for gpu in gpus:
             details = tf.config.experimental.get_device_details(gpu)
@@ -100,6 +107,7 @@ class CaseRunner:
             "ray": ray.__version__,
             "python": platform.python_version(),
             "threads": threads,
+            "warning": warning,
         }
 
 
