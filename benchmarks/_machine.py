@@ -27,3 +27,12 @@ def uptime() -> str:
 
 def load1() -> float:
     return os.getloadavg()[0]
+
+
+def cpu_pressure() -> str:
+    """Linux PSI 'some avg10': share of the last 10 s in which a runnable task waited for a CPU."""
+    try:
+        with open("/proc/pressure/cpu") as handle:
+            return handle.readline().split()[1].split("=")[1] + "%"
+    except (OSError, IndexError):
+        return "n/a"

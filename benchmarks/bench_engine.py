@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import cpu_model, load1, uptime  # noqa: E402
+from _machine import cpu_model, cpu_pressure, load1, uptime  # noqa: E402
 
 INPUT_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -54,13 +54,6 @@ ISSUE_FLOORS = {"unfair-back": "~2.9x", "unfair-front": "~6-7x"}
 
 
 
-def cpu_pressure() -> str:
-    """Linux PSI 'some avg10': share of the last 10 s in which a runnable task waited for a CPU."""
-    try:
-        with open("/proc/pressure/cpu") as handle:
-            return handle.readline().split()[1].split("=")[1] + "%"
-    except (OSError, IndexError):
-        return "n/a"
 
 
 

@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import cpu_model, uptime  # noqa: E402
+from _machine import cpu_model, cpu_pressure, uptime  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_FLAG = "--harness"
@@ -184,13 +184,6 @@ def harness(events_path: str, argv: list[str]) -> int:
 
 
 
-def cpu_pressure() -> str:
-    """Linux PSI 'some avg10': share of the last 10 s in which a runnable task waited for a CPU."""
-    try:
-        with open("/proc/pressure/cpu") as handle:
-            return handle.readline().split()[1].split("=")[1] + "%"
-    except (OSError, IndexError):
-        return "n/a"
 
 
 def load_note() -> dict:
