@@ -199,26 +199,24 @@ def _boundary_figures(data: RunData, table: pd.DataFrame, out_dir: Path, limit: 
     lines = -(-len(panels) // columns)
     fig = _figure(figsize=(3.2 * columns, 3.0 * lines))
     axes = np.atleast_1d(fig.subplots(lines, columns)).ravel()
+    settings_json = {}
+    if "settings_json" in data.cases:
+        settings_json = dict(zip(data.cases["case_id"].astype(str), data.cases["settings_json"]))
     points = {}
     for ax, (row, cells) in zip(axes, panels):
         x = y = None
-        settings_json = getattr(row, "settings_json", None) if hasattr(row, "settings_json") else None
-        if settings_json is None and "settings_json" in data.cases:
-            match = data.cases[data.cases["case_id"].astype(str) == str(row.case_id)]
-            settings_json = match["settings_json"].iloc[0] if len(match) else None
-        if settings_json:
-            spec = json_module.loads(settings_json)["data"]
-            key = json_module.dumps(spec, sort_keys=True)
-            if key not in points:
+        stored = settings_json.get(str(row.case_id))
+        if stored:
+            if stored not in points:
                 try:  # the training points, regenerated from the case's data settings (moons: no files)
                     from workers import settings as settings_module
                     from workers.data import load_dataset
 
-                    dataset = load_dataset(settings_module.DataSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()}))
-                    points[key] = (dataset.x_train, dataset.y_train)
+                    dataset = load_dataset(settings_module.from_json(json_module.loads(stored)).data)
+                    points[stored] = (dataset.x_train, dataset.y_train)
                 except Exception:  # the figure is still useful without the points
-                    points[key] = (None, None)
-            x, y = points[key]
+                    points[stored] = (None, None)
+            x, y = points[stored]
         plot_boundary_grid(ax, cells, x, y)
         ax.set_title(str(row.name), fontsize=9)
     for ax in axes[len(panels):]:

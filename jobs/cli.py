@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
@@ -149,21 +150,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _suite_from_run(run, only, overrides):
-    """The cases of an existing run (for --resume without a suite)."""
-    from jobs.suites import Case, Suite, SuiteError
+def _case_from_row(row: dict):
+    """A suite Case from a row of a run's cases table (its settings are stored as JSON)."""
+    from jobs.suites import Case
     from workers import settings as settings_module
 
-    if overrides:
-        raise SuiteError("--set needs a suite: a resumed run keeps the settings it was started with")
-    table = run.cases()
-    manifest = run.manifest()
-    cases = tuple(Case(row["name"], row.get("group") or row["name"], settings_module.from_json(json.loads(row["settings_json"])))
-                  for row in table.to_dict("records"))
-    suite = Suite(manifest.get("suite", "resumed"), manifest.get("description", ""), manifest.get("reference"), cases,
-                  manifest.get("suite_source", ""), manifest.get("suite_text", ""))
+    settings = settings_module.from_json(json.loads(row["settings_json"]))
+    return Case(row["name"], row.get("group") or row["name"], settings)
+
+
+def _suite_from_run(run, only, overrides):
+    """The cases of an existing run (for --resume without a suite)."""
     from jobs import suites
 
+    if overrides:
+        raise suites.SuiteError("--set needs a suite: a resumed run keeps the settings it was started with")
+    manifest = run.manifest()
+    cases = tuple(_case_from_row(row) for row in run.cases().to_dict("records"))
+    suite = suites.Suite(manifest.get("suite", "resumed"), manifest.get("description", ""), manifest.get("reference"),
+                         cases, manifest.get("suite_source", ""), manifest.get("suite_text", ""))
     return suites.select(suite, only)
 
 
@@ -189,8 +194,8 @@ def cmd_run(args) -> int:
     else:
         raise UsageError("run: give a SUITE (see `bplab cases`) or --resume RUN")
     datasets = plan_module.load_data(suite.cases)
-    # impossible requests fail before Ray starts
-    plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case or 0.0)
+    # impossible requests fail before Ray starts; the GPU default is set once the cluster is known
+    planned = plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case or 0.0)
     location = args.out or str(Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run is None:
         probe = RunDir(location)
@@ -204,7 +209,8 @@ def cmd_run(args) -> int:
         nodes = plan_module.ray_nodes()
         where = f"the Ray cluster ({args.address or 'local'})"
         gpus = args.gpus_per_case if args.gpus_per_case is not None else (1.0 if any(n["GPU"] for n in nodes) else 0.0)
-        planned = plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=gpus)
+        for case in planned:
+            case.num_gpus = gpus
         plan_module.check_fits(planned, nodes, where)
         fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
         if run is None:
@@ -214,18 +220,19 @@ def cmd_run(args) -> int:
             _take_lease(run)  # before recover(): never repair a run another driver is writing
             for note in run.recover():
                 print(f"[bplab] recover: {note}", file=sys.stderr)
-            added = run.add_cases([p.row() for p in planned if p.case_id not in set(run.case_ids())])
+            known = set(run.case_ids())
+            added = run.add_cases([p.row() for p in planned if p.case_id not in known])
             if added:
                 print(f"[bplab] {len(added)} new case(s) added to {run.location}", file=sys.stderr)
+        from jobs.driver import TERMINAL, Driver
+
         ledger = run.ledger()
-        todo = [p for p in planned if ledger[p.case_id].state not in ("done", "diverged")]
+        todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
         print(f"[bplab] run {run.location}: {len(planned)} cases, {len(todo)} to run, "
               f"{plan_module.parallel_slots(planned, nodes)} at once ({gpus:g} GPU, {args.cpus_per_case:g} CPU each)",
               file=sys.stderr, flush=True)
         states = {cid: entry.state for cid, entry in ledger.items() if cid in {p.case_id for p in planned}}
         if todo:
-            from jobs.driver import Driver
-
             refs = {spec: ray.put(datasets[spec]) for spec in {p.data_key for p in todo}}  # once per data set
             driver = Driver(run, todo, refs, max_retries=args.max_retries, checkpoint_every_steps=args.checkpoint_every,
                             progress_every=args.progress_every, lease=lambda: _refresh_lease(run))
@@ -236,9 +243,9 @@ def cmd_run(args) -> int:
         ray.shutdown()
     if not args.no_report:
         _write_report(run)
-    failed = sorted(cid for cid, state in states.items() if state == "failed")
-    print(f"[bplab] {run.location}: " + ", ".join(f"{n} {s}" for s, n in _count(states.values())), file=sys.stderr)
-    return 1 if failed else 0
+    counts = Counter(states.values())
+    print(f"[bplab] {run.location}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=sys.stderr)
+    return 1 if counts["failed"] else 0
 
 
 LEASE_STALE_SECONDS = 60.0
@@ -281,13 +288,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _count(values):
-    counts: dict = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return sorted(counts.items())
 
 
 def _write_report(run) -> None:
@@ -362,33 +362,25 @@ def _manifest(suite, fingerprints: dict, args) -> dict:
 
 
 def cmd_status(args) -> int:
-    from jobs.driver import render_view
+    from jobs.driver import CaseState, render_view
     from jobs.plan import PlannedCase
     from jobs.storage import RunDir
-    from jobs.suites import Case
-    from workers import settings as settings_module
 
     run = RunDir.open(args.run)
-    ledger = run.ledger()
     table = run.cases().set_index("case_id")
     manifest = run.manifest()
     states = []
-
-    class _View:  # what render_view reads
-        def __init__(self, planned, entry):
-            self.planned, self.entry, self.progress, self.started_at, self.steps_at_start = planned, entry, {}, 0.0, 0
-
-    for case_id, entry in ledger.items():
+    for case_id, entry in run.ledger().items():
         row = table.loc[case_id]
-        settings = settings_module.from_json(json.loads(row["settings_json"]))
-        planned = PlannedCase(Case(row["name"], row.get("group", row["name"]), settings), case_id, row.get("num_cpus", 0),
-                              row.get("num_gpus", 0), 0, int(row.get("steps_total", 0)), settings.data)
-        states.append(_View(planned, entry))
+        case = _case_from_row({**row.to_dict(), "case_id": case_id})
+        planned = PlannedCase(case, case_id, row.get("num_cpus", 0), row.get("num_gpus", 0), 0,
+                              int(row.get("steps_total", 0)), case.settings.data)
+        states.append(CaseState(planned, entry))
     print(f"run {run.location} (suite {manifest.get('suite')}, commit {str(manifest.get('git_commit'))[:10]})")
     print(render_view(states))
-    for view in states:
-        if view.entry.reason and view.entry.state != "done":
-            print(f"  {view.planned.name}: {view.entry.reason_class}: {view.entry.reason}")
+    for state in states:
+        if state.entry.reason and state.entry.state != "done":
+            print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
     return 0
 
 

@@ -16,16 +16,12 @@ from dataclasses import dataclass, field
 
 from jobs.plan import PlannedCase
 from jobs.storage import LedgerEntry, RunDir
+from workers.actor import classify_exception, first_line
 
 TRANSIENT = ("worker_died", "node_lost")
 TERMINAL = ("done", "diverged")
 POLL_SECONDS = 1.0
 LEASE_REFRESH_SECONDS = 10.0
-
-
-def _first_line(error) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:500] if text else type(error).__name__
 
 
 @dataclass
@@ -140,7 +136,7 @@ class Driver:
         try:
             self.run.compact_metrics(state.planned.case_id)
         except Exception as error:
-            self._say(f"{state.planned.name}: metrics not compacted ({_first_line(error)})")
+            self._say(f"{state.planned.name}: metrics not compacted ({first_line(error)})")
 
     def _fail_case(self, state: CaseState, error: Exception) -> None:
         from jobs.storage import StorageError
@@ -148,12 +144,12 @@ class Driver:
         self._kill(state)
         reason_class = "storage" if isinstance(error, (StorageError, OSError)) else "bug"
         state.entry.state, state.entry.reason_class = "failed", reason_class
-        state.entry.reason = f"driver: {type(error).__name__}: {_first_line(error)}"
+        state.entry.reason = f"driver: {type(error).__name__}: {first_line(error)}"
         self._say(f"{state.planned.name}: failed ({state.entry.reason})")
         try:
             state.entry = self.run.write_entry(state.entry)
         except Exception as second:  # storage unreachable: the ledger keeps its last state, resume fixes it
-            self._say(f"{state.planned.name}: could not record the failure: {_first_line(second)}")
+            self._say(f"{state.planned.name}: could not record the failure: {first_line(second)}")
 
     def _handle(self, state: CaseState, ref, kind: str) -> None:
         import ray
@@ -161,10 +157,8 @@ class Driver:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as error:  # start() itself raised: not transient
-            from workers.actor import classify_exception
-
             cause = getattr(error, "cause", None) or error
-            self._finish(state, {"ok": False, "error_type": type(cause).__name__, "error": _first_line(cause),
+            self._finish(state, {"ok": False, "error_type": type(cause).__name__, "error": first_line(cause),
                                  "error_class": classify_exception(cause) if isinstance(cause, BaseException) else "bug",
                                  "traceback": str(error)[-4000:]})
             return
@@ -188,12 +182,8 @@ class Driver:
             return
         for report in result["reports"]:
             self._take_report(state, report)
-        if result["finished"]:
-            self._finish(state, result["outcome"])
-        elif state.entry.state in TERMINAL:  # committed its end: nothing may reopen it
-            self._kill(state)
-            self._compact(state)
-            self._say(f"{state.planned.name}: {state.entry.state}" + (f" ({state.entry.reason})" if state.entry.reason else ""))
+        if result["finished"] or state.entry.state in TERMINAL:  # a committed end closes the case at once
+            self._finish(state, result["outcome"] or {})
         else:
             state.poll_ref = state.actor.poll.remote(POLL_SECONDS)
             self.active[state.poll_ref] = (state.planned.case_id, "poll")
@@ -211,7 +201,7 @@ class Driver:
                 self.run.write_histograms(state.planned.case_id, phase, rows)
         if report.boundary:
             self.run.write_boundary(state.planned.case_id, report.boundary)
-        if report.checkpoint is not None or report.status in ("done", "diverged"):
+        if report.checkpoint is not None or report.status in TERMINAL:
             entry = state.entry
             entry.epoch = int(report.progress.get("epoch", entry.epoch))
             entry.step = int(report.progress.get("step", entry.step))
@@ -233,9 +223,8 @@ class Driver:
             self._compact(state)
             self._say(f"{state.planned.name}: {entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
             return
-        if outcome.get("ok"):
-            if entry.state not in ("done", "diverged"):  # a finished trainer always reports its end
-                entry.state, entry.reason_class, entry.reason = "failed", "bug", "trainer ended without a final report"
+        if outcome.get("ok"):  # a trainer that finished normally always commits its end first
+            entry.state, entry.reason_class, entry.reason = "failed", "bug", "trainer ended without a final report"
         else:
             entry.state, entry.reason_class = "failed", outcome.get("error_class", "bug")
             entry.reason = f"{outcome.get('error_type')}: {outcome.get('error')}"
@@ -288,7 +277,7 @@ class Driver:
                     entry.state, entry.reason_class, entry.reason = "pending", "interrupted", "stopped by the user"
                     state.entry = self.run.write_entry(entry)
             except Exception as error:  # recover() on resume puts 'running' back to 'pending' anyway
-                self._say(f"{state.planned.name}: could not mark interrupted: {_first_line(error)}")
+                self._say(f"{state.planned.name}: could not mark interrupted: {first_line(error)}")
         self._say(f"interrupted: resume with  bplab run --resume {self.run.location}")
 
     # ------------------------------------------------------------------ the view

@@ -45,6 +45,17 @@ def prepared(config) -> dict:
     return prepare_config(copy.deepcopy(config))
 
 
+# The cluster-level command lists (prepare_config fills a missing one with Ray's defaults).
+COMMAND_KEYS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
+
+
 def _head_and_workers(cfg):
     types = cfg["available_node_types"]
     head = cfg["head_node_type"]
@@ -52,14 +63,7 @@ def _head_and_workers(cfg):
 
 
 def _all_commands(cfg) -> list[str]:
-    keys = (
-        "initialization_commands",
-        "setup_commands",
-        "head_setup_commands",
-        "worker_setup_commands",
-        "head_start_ray_commands",
-        "worker_start_ray_commands",
-    )
+    keys = COMMAND_KEYS
     cmds = [c for k in keys for c in (cfg.get(k) or [])]
     for node_type in cfg["available_node_types"].values():
         for k in ("initialization_commands", "worker_setup_commands"):
@@ -95,14 +99,7 @@ def test_validation_really_checks_something(prepared):
 def test_all_command_lists_are_explicit(config):
     """prepare_config falls back to Ray's AWS defaults for a missing list, which
     would install a Ray nightly wheel on every node: every list must be ours."""
-    for key in (
-        "initialization_commands",
-        "setup_commands",
-        "head_setup_commands",
-        "worker_setup_commands",
-        "head_start_ray_commands",
-        "worker_start_ray_commands",
-    ):
+    for key in COMMAND_KEYS:
         assert key in config, f"{key} missing: Ray's defaults would be used"
     assert not any("ray-wheels" in c or "ray-3.0.0.dev" in c for c in _all_commands(config))
 

@@ -45,7 +45,7 @@ class CaseRunner:
             self.outcome = {"ok": True, **train(settings, data, self.reports.put, resume=resume,
                                                 checkpoint_every_steps=checkpoint_every_steps)}
         except BaseException as error:  # reported to the driver, which classifies it
-            self.outcome = {"ok": False, "error_type": type(error).__name__, "error": str(error).strip().splitlines()[0][:500] if str(error).strip() else type(error).__name__,
+            self.outcome = {"ok": False, "error_type": type(error).__name__, "error": first_line(error),
                             "traceback": traceback.format_exc()[-4000:], "error_class": classify_exception(error)}
         finally:
             self.reports.put(None)  # end marker
@@ -109,6 +109,12 @@ class CaseRunner:
             "threads": threads,
             "warning": warning,
         }
+
+
+def first_line(error) -> str:
+    """An error's first line (at most 500 characters), or its type when it has no text."""
+    text = str(error).strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__
 
 
 def classify_exception(error: BaseException) -> str:

@@ -128,24 +128,35 @@ ALLCONV9 = [
 ]
 
 
-def allconv9(settings, input_shape, num_classes) -> Model:
-    """Nine SAME convs, ELU after each, 2 avg-pools, global mean -> logits (EXPERIMENTS.md s1)."""
+def _conv_stack(name, settings, input_shape, num_classes, layers, activation) -> Model:
+    """SAME convs, each followed by `activation()` and, where asked, a 2x2 avg-pool; a global
+    mean after the last. layers: (kernel, channels out or None for the classes, init, pool)."""
     from workers import layers as L
 
     pool_quirk = settings.has("pool_gradient_unscaled")
     units, c_in, shape = [], input_shape[-1], tuple(input_shape)
-    for index, (kernel, c_out, std, pool) in enumerate(ALLCONV9, start=1):
-        c_out = num_classes if c_out is None else _scaled(settings.width, c_out)
-        ops = [L.Conv2D(kernel, c_in, c_out), L.activation("elu", settings.quirks)]
-        if pool and min(shape[0], shape[1]) >= 2:  # tiny inputs (digits 8x8) still pool twice
+    for index, (kernel, c_out, init, pool) in enumerate(layers, start=1):
+        c_out = num_classes if c_out is None else c_out
+        ops = [L.Conv2D(kernel, c_in, c_out), activation()]
+        if pool and min(shape[0], shape[1]) >= 2:  # tiny inputs (digits 8x8) pool only while they can
             ops.append(L.AvgPool2(pool_quirk))
-        if index == 9:
-            ops.append(L.GlobalMean(pool_quirk))
+        if index == len(layers):
+            ops.append(L.GlobalMean(pool_quirk))  # celu7 at 32x32: 1x1, a reshape to logits
         for op in ops:
             shape = op.output_shape(shape)
-        units.append(Unit(f"l{index}", ops, {"w": _init_for(settings, ("truncated_normal", std))}))
+        units.append(Unit(f"l{index}", ops, {"w": _init_for(settings, init)}))
         c_in = c_out
-    return Model("allconv9", units, _loss(settings), tuple(input_shape), num_classes)
+    return Model(name, units, _loss(settings), tuple(input_shape), num_classes)
+
+
+def allconv9(settings, input_shape, num_classes) -> Model:
+    """Nine SAME convs, ELU after each, 2 avg-pools, global mean -> logits (EXPERIMENTS.md s1)."""
+    from workers import layers as L
+
+    layers = [(kernel, None if c_out is None else _scaled(settings.width, c_out), ("truncated_normal", std), pool)
+              for kernel, c_out, std, pool in ALLCONV9]
+    return _conv_stack("allconv9", settings, input_shape, num_classes, layers,
+                       lambda: L.activation("elu", settings.quirks))
 
 
 # ---------------------------------------------------------------------- celu7
@@ -159,20 +170,10 @@ def celu7(settings, input_shape, num_classes) -> Model:
     from workers import layers as L
 
     width = _scaled(settings.width, 128)
-    pool_quirk = settings.has("pool_gradient_unscaled")
-    units, c_in, shape = [], input_shape[-1], tuple(input_shape)
-    for index, (kernel, pool) in enumerate(CELU7, start=1):
-        c_out = num_classes if index == 7 else width
-        ops = [L.Conv2D(kernel, c_in, c_out), L.activation("celu", settings.quirks, alpha=2.0)]
-        if pool and min(shape[0], shape[1]) >= 2:
-            ops.append(L.AvgPool2(pool_quirk))
-        if index == 7:
-            ops.append(L.GlobalMean(pool_quirk))  # 1x1 on 32x32 inputs: a reshape to logits
-        for op in ops:
-            shape = op.output_shape(shape)
-        units.append(Unit(f"l{index}", ops, {"w": _init_for(settings, ("normal", 0.05))}))
-        c_in = c_out
-    return Model("celu7", units, _loss(settings), tuple(input_shape), num_classes)
+    layers = [(kernel, None if index == len(CELU7) else width, ("normal", 0.05), pool)
+              for index, (kernel, pool) in enumerate(CELU7, start=1)]
+    return _conv_stack("celu7", settings, input_shape, num_classes, layers,
+                       lambda: L.activation("celu", settings.quirks, alpha=2.0))
 
 
 # ---------------------------------------------------------------------- mlp

@@ -71,9 +71,6 @@ class Stepper:
             self.optimizer.apply(index, grads[index], self.lr if lr is None else lr)
             self.updates[index] += 1
 
-    def dilated_units(self) -> tuple:
-        return dilated_units(self.net.depth)
-
 
 def standard(step: Stepper, x, y_onehot):
     """Forward, backward through every unit, update every unit once."""
@@ -128,7 +125,7 @@ def dilated(step: Stepper, x, y_onehot):
     the incoming gradient of units 1..n-3; r = r0 / (1 + decay * epoch)."""
     acts, caches = step.forward(x)
     loss, d_out = step.loss(acts[-1], y_onehot)
-    grads, _ = step.net.backward(d_out, caches, skip_units=step.dilated_units(), skip_rate=step.skip_rate)
+    grads, _ = step.net.backward(d_out, caches, skip_units=dilated_units(step.net.depth), skip_rate=step.skip_rate)
     step.update(grads)
     return loss, acts[-1]
 
@@ -145,7 +142,7 @@ def adversarial(step: Stepper, x, y_onehot, dilate: bool = False):
     x_adv = x + step.settings.adversarial_epsilon * tf.sign(d_inputs[0])
     acts, caches = step.forward(x_adv)
     loss, d_out = step.loss(acts[-1], y_onehot)
-    skip_units = step.dilated_units() if dilate else ()
+    skip_units = dilated_units(step.net.depth) if dilate else ()
     grads, _ = step.net.backward(d_out, caches, skip_units=skip_units, skip_rate=step.skip_rate)
     step.update(grads)
     return loss, acts[-1]
