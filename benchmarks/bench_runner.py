@@ -31,7 +31,7 @@ Parts (the issue's four numbers, each with a reference measured in the same run)
 
 The driver harness: each `bplab run` is launched as
 `python benchmarks/bench_runner.py --harness EVENTS.json -- run ...`, which imports
-jobs.cli, wraps a few functions with timers (load_data, _connect = ray.init, RunDir.create /
+jobs.cli, wraps a few functions with timers (load_data, connect = ray.init, RunDir.create /
 commit / write_entry, Driver.execute / _launch / _handle / _finish, ray.put, ray.shutdown,
 the report) and calls jobs.cli.main in-process, exactly as `python -m jobs` does. Nothing in
 jobs/ or workers/ is modified; the wrappers add microseconds per call.
@@ -114,6 +114,7 @@ def harness(events_path: str, argv: list[str]) -> int:
     import jobs.driver as driver
     import jobs.plan as plan
     import jobs.storage as storage
+    import jobs.study as study
 
     events["t_imported"], events["cpu_imported"] = time.time(), cpu()
     calls = events["calls"]
@@ -141,7 +142,7 @@ def harness(events_path: str, argv: list[str]) -> int:
                 "last_row_wall": max(walls) if walls else None}
 
     plan.load_data = wrap("load_data", plan.load_data)
-    original_connect = cli._connect
+    original_connect = study.connect
 
     def connect(address):
         original_connect(address)
@@ -151,9 +152,9 @@ def harness(events_path: str, argv: list[str]) -> int:
         except Exception:
             events["session_dir"], events["raylet_pids"] = None, []
 
-    cli._connect = wrap("ray_init", connect)
-    cli._write_report = wrap("report", cli._write_report)
-    cli._manifest = wrap("manifest", cli._manifest)
+    study.connect = wrap("ray_init", connect)
+    study.write_report = wrap("report", study.write_report)
+    study.manifest = wrap("manifest", study.manifest)
     storage.RunDir.create = wrap("create", storage.RunDir.create)
     storage.RunDir.commit = wrap("commit", storage.RunDir.commit, commit_extra)
     storage.RunDir.write_entry = wrap("write_entry", storage.RunDir.write_entry,

@@ -7,32 +7,13 @@ failed, 2 bad input (shown as one line, before anything is launched), 130 interr
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import platform
-import subprocess
 import sys
-import time
-from collections import Counter
-from importlib import metadata
 from pathlib import Path
 
+from jobs.study import UsageError, user_errors as _user_errors  # light: no Ray, no TensorFlow at import
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class UsageError(ValueError):
-    """Bad command-line input (one line)."""
-
-
-def _user_errors() -> tuple:
-    from jobs.plan import PlanError
-    from jobs.storage import StorageError
-    from jobs.suites import SuiteError
-    from workers.data import DataError
-    from workers.settings import SettingsError
-
-    return (UsageError, SuiteError, SettingsError, PlanError, StorageError, DataError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,7 +118,9 @@ def cmd_plan(args) -> int:
 
     suite, datasets = _load(args)
     if args.address:
-        _connect(args.address)
+        from jobs.study import connect
+
+        connect(args.address)
         nodes, where = plan_module.ray_nodes(), f"the Ray cluster at {args.address}"
     else:
         nodes, where = plan_module.cluster_yaml_nodes(), "cluster.yaml"
@@ -150,221 +133,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _case_from_row(row: dict):
-    """A suite Case from a row of a run's cases table (its settings are stored as JSON)."""
-    from jobs.suites import Case
-    from workers import settings as settings_module
-
-    settings = settings_module.from_json(json.loads(row["settings_json"]))
-    return Case(row["name"], row.get("group") or row["name"], settings)
-
-
-def _suite_from_run(run, only, overrides):
-    """The cases of an existing run (for --resume without a suite)."""
-    from jobs import suites
-
-    if overrides:
-        raise suites.SuiteError("--set needs a suite: a resumed run keeps the settings it was started with")
-    manifest = run.manifest()
-    cases = tuple(_case_from_row(row) for row in run.cases().to_dict("records"))
-    suite = suites.Suite(manifest.get("suite", "resumed"), manifest.get("description", ""), manifest.get("reference"),
-                         cases, manifest.get("suite_source", ""), manifest.get("suite_text", ""))
-    return suites.select(suite, only)
-
-
 def cmd_run(args) -> int:
-    from jobs import plan as plan_module
-    from jobs.storage import RunDir, StorageError
+    from jobs.study import run_study
 
-    if args.max_retries < 0:
-        raise UsageError(f"--max-retries {args.max_retries}: must be >= 0")
-    if args.checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every {args.checkpoint_every}: must be >= 0")
-    run = None
-    if args.resume:
-        run = RunDir.open(args.resume)
-        if args.out:
-            raise UsageError("--out and --resume: the resumed run is written where it is")
-    if args.suite:
-        from jobs import suites
-
-        suite = suites.select(suites.load_suite(args.suite, args.overrides), args.only)
-    elif run is not None:
-        suite = _suite_from_run(run, args.only, args.overrides)
-    else:
-        raise UsageError("run: give a SUITE (see `bplab cases`) or --resume RUN")
-    datasets = plan_module.load_data(suite.cases)
-    # impossible requests fail before Ray starts; the GPU default is set once the cluster is known
-    planned = plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case or 0.0)
-    location = args.out or str(Path("runs") / f"{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run is None:
-        probe = RunDir(location)
-        if probe.is_run():
-            raise StorageError(f"{location} already holds a run: resume it with --resume {location}")
-
-    import ray
-
-    _connect(args.address)
-    try:
-        nodes = plan_module.ray_nodes()
-        where = f"the Ray cluster ({args.address or 'local'})"
-        gpus = args.gpus_per_case if args.gpus_per_case is not None else (1.0 if any(n["GPU"] for n in nodes) else 0.0)
-        for case in planned:
-            case.num_gpus = gpus
-        plan_module.check_fits(planned, nodes, where)
-        fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
-        if run is None:
-            run = RunDir.create(location, _manifest(suite, fingerprints, args), [p.row() for p in planned])
-            _take_lease(run)
-        else:
-            _take_lease(run)  # before recover(): never repair a run another driver is writing
-            for note in run.recover():
-                print(f"[bplab] recover: {note}", file=sys.stderr)
-            known = set(run.case_ids())
-            added = run.add_cases([p.row() for p in planned if p.case_id not in known])
-            if added:
-                print(f"[bplab] {len(added)} new case(s) added to {run.location}", file=sys.stderr)
-        from jobs.driver import TERMINAL, Driver
-
-        ledger = run.ledger()
-        todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
-        print(f"[bplab] run {run.location}: {len(planned)} cases, {len(todo)} to run, "
-              f"{plan_module.parallel_slots(planned, nodes)} at once ({gpus:g} GPU, {args.cpus_per_case:g} CPU each)",
-              file=sys.stderr, flush=True)
-        states = {cid: entry.state for cid, entry in ledger.items() if cid in {p.case_id for p in planned}}
-        if todo:
-            refs = {spec: ray.put(datasets[spec]) for spec in {p.data_key for p in todo}}  # once per data set
-            driver = Driver(run, todo, refs, max_retries=args.max_retries, checkpoint_every_steps=args.checkpoint_every,
-                            progress_every=args.progress_every, lease=lambda: _refresh_lease(run))
-            states.update(driver.execute())
-    finally:
-        if run is not None and (run.read_lock() or {}).get("token") == _LEASE_TOKEN:
-            run.remove_lock()
-        ray.shutdown()
-    if not args.no_report:
-        _write_report(run)
-    counts = Counter(states.values())
-    print(f"[bplab] {run.location}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=sys.stderr)
-    return 1 if counts["failed"] else 0
-
-
-LEASE_STALE_SECONDS = 60.0
-_LEASE_TOKEN = f"{platform.node()}:{os.getpid()}:{time.time()}"
-
-
-def _lease() -> dict:
-    return {"host": platform.node(), "pid": os.getpid(), "token": _LEASE_TOKEN, "heartbeat": time.time()}
-
-
-def _take_lease(run) -> None:
-    """Refuse a run another live driver holds (fresh heartbeat, or a live pid on this host)."""
-    from jobs.storage import StorageError
-
-    holder = run.read_lock()
-    if holder and holder.get("token") != _LEASE_TOKEN:
-        age = time.time() - float(holder.get("heartbeat", 0))
-        same_host = holder.get("host") == platform.node()
-        alive = same_host and _pid_alive(int(holder.get("pid", -1)))
-        if alive or (not same_host and age < LEASE_STALE_SECONDS):
-            raise StorageError(f"{run.location} is being run by pid {holder.get('pid')} on {holder.get('host')} "
-                               f"(heartbeat {age:.0f} s ago); wait for it, or remove {run.location}/driver.lock if it is dead")
-    run.write_lock(_lease())
-
-
-def _refresh_lease(run) -> None:
-    try:
-        run.write_lock(_lease())
-    except Exception as error:  # a missed heartbeat is not worth stopping the study
-        print(f"[bplab] could not refresh driver.lock: {_one_line(error)}", file=sys.stderr)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_report(run) -> None:
-    try:
-        from analysis.report import write_report
-
-        location = str(run.location)
-        out_dir = None
-        if "://" in location and not location.startswith("file://"):  # remote run: the report goes to a local folder
-            out_dir = Path("reports") / location.rstrip("/").rsplit("/", 1)[-1]
-        path = write_report(location, out_dir=out_dir)
-        print(f"[bplab] report: {path}", file=sys.stderr)
-    except Exception as error:  # a report problem never loses the run's results
-        print(f"[bplab] report not written: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
-
-
-def _connect(address: str | None) -> None:
-    import ray
-
-    try:
-        if address:
-            ray.init(address=address, logging_level="ERROR")
-        else:
-            # "local": a new Ray of our own, never a cluster some other process started on this machine
-            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git() -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"git_commit": None, "git_dirty": None}
-
-
-def _manifest(suite, fingerprints: dict, args) -> dict:
-    import numpy
-    import ray
-
-    cluster_yaml = ROOT / "cluster.yaml"
-    return {
-        "suite": suite.name,
-        "description": suite.description,
-        "reference": suite.reference,
-        "suite_source": suite.source,
-        "suite_text": suite.text,
-        "overrides": list(getattr(args, "overrides", [])),
-        "bplab_version": _version("bplab") or "0.1.0",
-        **_git(),
-        "versions": {"python": platform.python_version(), "ray": ray.__version__, "numpy": numpy.__version__,
-                     "tensorflow": _version("tensorflow") or _version("tensorflow-cpu"),
-                     "pandas": _version("pandas"), "pyarrow": _version("pyarrow"), "imgaug": _version("imgaug")},
-        "data_fingerprints": fingerprints,
-        "cluster_yaml_sha256": hashlib.sha256(cluster_yaml.read_bytes()).hexdigest() if cluster_yaml.is_file() else None,
-        "command": sys.argv,
-        "address": args.address,
-        "created_at": time.time(),
-        "host": platform.node(),
-    }
+    result = run_study(args.suite, args.out, address=args.address, resume=args.resume, only=args.only,
+                       overrides=args.overrides, gpus_per_case=args.gpus_per_case, cpus_per_case=args.cpus_per_case,
+                       max_retries=args.max_retries, checkpoint_every=args.checkpoint_every,
+                       progress_every=args.progress_every, report=not args.no_report, command=sys.argv)
+    return result.exit_code
 
 
 def cmd_status(args) -> int:
     from jobs.driver import CaseState, render_view
     from jobs.plan import PlannedCase
     from jobs.storage import RunDir
+    from jobs.study import case_from_row
 
     run = RunDir.open(args.run)
     table = run.cases().set_index("case_id")
@@ -372,7 +155,7 @@ def cmd_status(args) -> int:
     states = []
     for case_id, entry in run.ledger().items():
         row = table.loc[case_id]
-        case = _case_from_row({**row.to_dict(), "case_id": case_id})
+        case = case_from_row({**row.to_dict(), "case_id": case_id})
         planned = PlannedCase(case, case_id, row.get("num_cpus", 0), row.get("num_gpus", 0), 0,
                               int(row.get("steps_total", 0)), case.settings.data)
         states.append(CaseState(planned, entry))

@@ -46,6 +46,7 @@ import copy
 import dataclasses
 import json
 import os
+import platform
 import posixpath
 import re
 import secrets
@@ -83,6 +84,7 @@ SCHEMA_ANCHOR = "0-schema.parquet"  # sorts before "case_id=..." and is not hidd
 PARTITION_KEY = "case_id"
 
 LOCK = "driver.lock"
+LEASE_STALE_SECONDS = 60.0  # a lease on another host is dead after this long without a heartbeat
 COMPACT = "metrics_compact"  # read cache: a finished case's metrics parts merged into one file
 _COMPACT_RE = re.compile(r"^upto-(\d+)\.parquet$")
 _LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, LOCK, COMPACT, *DATASETS}
@@ -492,6 +494,30 @@ class RunDir:
         if self._exists(self.path(LOCK)):
             self._delete(self.path(LOCK))
 
+    def take_lease(self, token: str, stale_seconds: float = LEASE_STALE_SECONDS) -> None:
+        """Claim the run for the driver holding ``token``; StorageError if a live driver holds it.
+
+        A lease is live while its heartbeat is fresh, or (on this host) while its pid lives.
+        """
+        holder = self.read_lock()
+        if holder and holder.get("token") != token:
+            age = time.time() - float(holder.get("heartbeat", 0))
+            same_host = holder.get("host") == platform.node()
+            alive = same_host and _pid_alive(int(holder.get("pid", -1)))
+            if alive or (not same_host and age < stale_seconds):
+                raise StorageError(f"{self.location} is being run by pid {holder.get('pid')} on {holder.get('host')} "
+                                   f"(heartbeat {age:.0f} s ago); wait for it, or remove {self.location}/{LOCK} if it is dead")
+        self.write_lock(_lease_record(token))
+
+    def renew_lease(self, token: str) -> None:
+        """Refresh the heartbeat of the lease ``token`` holds."""
+        self.write_lock(_lease_record(token))
+
+    def release_lease(self, token: str) -> None:
+        """Give the run up, if ``token`` still holds it."""
+        if (self.read_lock() or {}).get("token") == token:
+            self.remove_lock()
+
     def load_checkpoint(self, case_id: str) -> bytes | None:
         """The bytes of the case's latest committed checkpoint (per the ledger), or None."""
         entry = self.entry(case_id)
@@ -748,6 +774,22 @@ class RunDir:
 
 
 # ---------------------------------------------------------------------- helpers
+def _lease_record(token: str) -> dict:
+    return {"host": platform.node(), "pid": os.getpid(), "token": token, "heartbeat": time.time()}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
