@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from workers import registry
+
 
 class Optimizer:
     """Base: slots per parameter, a step counter per unit, `apply(unit, grads, lr)`."""
@@ -121,6 +123,7 @@ class AMSGrad(Adam):
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "amsgrad": AMSGrad}
+assert tuple(OPTIMIZERS) == registry.OPTIMIZERS, "an optimizer registered here but not in workers.registry (or the reverse)"
 
 
 def make_optimizer(settings, net) -> Optimizer:
@@ -133,6 +136,7 @@ def learning_rate(settings, epoch: int) -> float:
         return settings.lr * settings.lr_decay ** (epoch // settings.lr_decay_epochs)
     if settings.lr_schedule == "inverse":
         return settings.lr / (1.0 + settings.lr_decay * epoch)
+    assert settings.lr_schedule == "constant", settings.lr_schedule
     return settings.lr
 
 
