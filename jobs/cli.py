@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cases = sub.add_parser("cases", help="list built-in suites, or the cases of one")
     cases.add_argument("suite", nargs="?")
+
+    sub.add_parser("schema", help="print the JSON schema of a suite file (docs/suite.schema.json)")
     return parser
 
 
@@ -405,4 +407,11 @@ def cmd_gradcheck(args) -> int:
     return gradcheck.main(names, tolerance=args.tolerance)
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+def cmd_schema(args) -> int:
+    from workers.settings import suite_schema
+
+    print(json.dumps(suite_schema(), indent=2))
+    return 0
+
+
+COMMANDS = {"schema": cmd_schema, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}

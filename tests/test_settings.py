@@ -135,3 +135,120 @@ def test_default_settings_dict_and_digest_are_pinned():
                          data=DataSpec(name="mnist", classes=(0, 1), resize=32))
     assert other.digest() == "dd34921bda50"
     assert other.to_dict()["hidden"] == (7, 5) and other.to_dict()["data"]["classes"] == (0, 1)
+
+
+# ---------------------------------------------------------------------- validation
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("values, message", [
+    ({"schedule": "sideways"}, "where.schedule: unknown schedule 'sideways'; expected one of standard, unfair-back"),
+    ({"lr": -0.001}, "where.lr: must be > 0, got -0.001"),
+    ({"epochs": "3"}, "where.epochs: expected an integer, got '3'"),
+    ({"epochs": True}, "where.epochs: expected an integer, got True"),
+    ({"lr": True}, "where.lr: expected a number, got True"),
+    ({"augment": 1}, "where.augment: expected true or false, got 1"),
+    ({"hidden": [3, 0]}, "where.hidden[1]: must be >= 1, got 0"),
+    ({"hidden": []}, "where.hidden: expected at least 1 value(s)"),
+    ({"seed": 2 ** 31}, "where.seed: must be < 2147483648"),
+    ({"data": {"name": "mnist", "resize": 2048}}, "where.data.resize: must be <= 1024, got 2048"),
+    ({"data": {"classes": [1, 1]}}, "where.data.classes: repeated label"),
+    ({"data": {"nam": "mnist"}}, "where.data.nam: unknown setting (did you mean 'name'?)"),
+    ({"optimiser": "sgd"}, "where.optimiser: unknown setting (did you mean 'optimizer'?)"),
+    ({"quirks": ["nope"]}, "where.quirks[0]: unknown quirk 'nope'"),
+    ({"engine": "autodiff", "schedule": "unfair-back"}, "where.engine: autodiff runs the standard schedule only"),
+])
+def test_bad_settings_are_one_line_errors_naming_the_field(values, message):
+    with pytest.raises(settings_module.SettingsError) as error:
+        settings_module.from_dict(values, where="where")
+    assert str(error.value).startswith(message), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.timeout(30)
+def test_yaml_values_are_read_as_before():
+    settings = settings_module.from_dict({"lr": "1e-3", "width": 1, "hidden": 7, "quirks": "elu_derivative_two",
+                                          "data": "mnist", "seed": 2 ** 31 - 1})
+    assert settings.lr == 1e-3 and isinstance(settings.width, float) and settings.width == 1.0
+    assert settings.hidden == (7,) and settings.quirks == ("elu_derivative_two",)
+    assert settings.data == DataSpec("mnist") == DataSpec(name="mnist")
+    assert settings_module.from_json(json.loads(json.dumps(settings.to_dict(), default=list))) == settings
+
+
+@pytest.mark.timeout(60)
+def test_settings_are_frozen_and_hashable():
+    a, b = settings_module.from_dict({"data": {"name": "moons", "samples": 50}}), CaseSettings(data=DataSpec("moons", samples=50))
+    assert a == b and hash(a) == hash(b) and {a.data: 1}[b.data] == 1
+    with pytest.raises(Exception):
+        a.lr = 1.0  # frozen
+
+
+@pytest.mark.timeout(120)
+def test_largest_seed_works_in_numpy_and_tensorflow():
+    import numpy as np
+    import tensorflow as tf
+
+    seed = settings_module.from_dict({"seed": settings_module.SEED_LIMIT - 1}).seed
+    np.random.default_rng([seed, 0x1417]).standard_normal(2)
+    for dtype in (tf.int32, tf.int64):
+        tf.random.stateless_uniform((2,), seed=tf.constant([seed, 1], dtype))
+
+
+# ---------------------------------------------------------------------- the suite schema
+
+
+@pytest.mark.timeout(30)
+def test_checked_in_schema_is_the_generated_one():
+    assert json.loads((ROOT / "docs" / "suite.schema.json").read_text()) == settings_module.suite_schema(), (
+        "docs/suite.schema.json is stale: regenerate it with `bplab schema > docs/suite.schema.json`")
+
+
+@pytest.mark.timeout(30)
+def test_bplab_schema_prints_it(capsys):
+    from jobs.cli import main
+
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == settings_module.suite_schema()
+
+
+def _schema_errors(document) -> list[str]:
+    """Errors of `document` against the published schema (jsonschema if installed, else the pydantic model)."""
+    try:
+        import jsonschema
+    except ImportError:
+        from pydantic import ValidationError
+
+        try:
+            settings_module.SuiteFile.model_validate(document)
+        except ValidationError as error:
+            return [str(e) for e in error.errors()]
+        return []
+    validator = jsonschema.Draft202012Validator(settings_module.suite_schema())
+    return [error.message for error in validator.iter_errors(document)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", suites.builtin_names())
+def test_every_builtin_suite_file_validates_against_the_schema(name):
+    import yaml
+
+    document = yaml.safe_load((suites.SUITE_DIR / f"{name}.yaml").read_text())
+    assert _schema_errors(document) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("change", [
+    {"defaults": {"schedule": "sideways"}},
+    {"defaults": {"learning_rate": 0.1}},
+    {"cases": {"a": {"lr": -1}}},
+    {"cases": {"a b": {}}},
+    {"grid": {"epoch": [1, 2]}},
+    {"grid": {"seed": []}},
+    {"default": {}},
+    {"cases": {"a": {"data": {"name": "mnist", "resize": 0}}}},
+])
+def test_the_schema_refuses_what_the_loader_refuses(change):
+    import yaml
+
+    document = {**yaml.safe_load((suites.SUITE_DIR / "quick.yaml").read_text()), **change}
+    assert _schema_errors(document), change

@@ -61,13 +61,18 @@ def _listed(value):
     return value
 
 
-Float = Annotated[float, BeforeValidator(_number, json_schema_input_type=float)]
+def _float(**constraints):
+    """A float field (constraints before the validator, so the JSON schema shows them)."""
+    return Annotated[float, Field(**constraints), BeforeValidator(_number)]
+
+
+Float = _float()
+NonNegative = _float(ge=0)
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Seed = Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)]
 Positive = Annotated[int, Strict(), Field(ge=1)]
 PositiveOrNone = Optional[Positive]
-NonNegative = Annotated[float, BeforeValidator(_number, json_schema_input_type=float), Field(ge=0)]
 
 
 def _names(*names):
@@ -75,8 +80,9 @@ def _names(*names):
 
 
 def _listed_of(item, **constraints):
-    return Annotated[tuple[item, ...], BeforeValidator(_listed, json_schema_input_type=Union[item, list[item]]),
-                     Field(**constraints)]
+    """A tuple field that a YAML list or a single value fills."""
+    accepted = Union[item, Annotated[list[item], Field(**constraints)]]
+    return Annotated[tuple[item, ...], Field(**constraints), BeforeValidator(_listed, json_schema_input_type=accepted)]
 
 
 def _unique(values):
@@ -136,7 +142,7 @@ class CaseFields(_Settings):
 
     model: _names(*registry.MODELS) = "allconv9"
     """Model name from the registry (workers.registry.MODELS): allconv9, mlp, celu7, dcn, dni_rnn."""
-    width: Annotated[Float, Field(gt=0)] = 1.0
+    width: _float(gt=0) = 1.0
     """Width multiplier: every hidden layer's channel or unit count is scaled by it (min 1)."""
     hidden: _listed_of(Positive, min_length=1) = (50,)
     """mlp only: sizes of the hidden layers."""
@@ -146,9 +152,9 @@ class CaseFields(_Settings):
     init: _names("default", *registry.INITS) = "default"
     """Weight initialisation: 'default' (the model's own, e.g. allconv9's truncated normal
     stds), 'xavier' (Glorot uniform) or 'normal' (N(0, init_std))."""
-    init_std: Annotated[Float, Field(gt=0)] = 0.05
+    init_std: _float(gt=0) = 0.05
     """Standard deviation for init: normal."""
-    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    dropout: _float(ge=0, lt=1) = 0.0
     """dcn only: dropout rate before the last dense layer (0.5 in the source)."""
     data: Annotated[DataSpec, BeforeValidator(_data, json_schema_input_type=Union[DataSpec, _names(*registry.DATASETS)])] = DataSpec()
     """The data set and its preparation (see DataSpec)."""
@@ -162,7 +168,7 @@ class CaseFields(_Settings):
     """manual (hand-written backward) or autodiff (tf.GradientTape, standard schedule only)."""
     optimizer: _names(*registry.OPTIMIZERS) = "adam"
     """sgd, momentum, adam or amsgrad; all written by hand."""
-    lr: Annotated[Float, Field(gt=0)] = 1e-4
+    lr: _float(gt=0) = 1e-4
     """Learning rate."""
     lr_schedule: _names(*registry.LR_SCHEDULES) = "constant"
     """constant, step (times lr_decay every lr_decay_epochs) or inverse (lr / (1 + lr_decay*epoch))."""
@@ -170,9 +176,9 @@ class CaseFields(_Settings):
     """Decay factor for the step and inverse learning-rate schedules."""
     lr_decay_epochs: Positive = 10
     """Epochs between decays for the step schedule."""
-    beta1: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    beta1: _float(ge=0, lt=1) = 0.9
     """Adam/AMSGrad first-moment decay (also the momentum coefficient)."""
-    beta2: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    beta2: _float(ge=0, lt=1) = 0.9
     """Adam/AMSGrad second-moment decay (0.9 in the source studies, not 0.999)."""
     epsilon: NonNegative = 1e-8
     """Adam/AMSGrad denominator constant."""
@@ -297,7 +303,8 @@ def _message(error: dict) -> str:
         expected = ", ".join(str(v).strip("'") for v in ctx.get("expected", "").replace(" or ", ", ").split(", "))
         return f"{where}: unknown {_KINDS.get(field, 'value')} {value!r}; expected one of {expected}"
     message = _MESSAGES.get(kind)
-    message = message.format(**ctx) if message else error["msg"]
+    bounds = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
+    message = message.format(**bounds) if message else error["msg"]
     return f"{where}: {message}, got {value!r}"
 
 
@@ -357,7 +364,7 @@ class SuiteFile(BaseModel):
     grid: Optional[Grid] = None
     """Expand every case over every combination of these values (cartesian)."""
     cases: Annotated[dict[Annotated[str, StringConstraints(pattern=CASE_NAME_PATTERN)], Optional[SuiteCase]],
-                     Field(min_length=1)]
+                     Field(min_length=1, json_schema_extra={"additionalProperties": False})]
     """Case name -> its settings (letters, digits and _ . + - in a name)."""
 
 
