@@ -18,6 +18,8 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
+from workers.errors import one_line as _one_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,11 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bplab: interrupted", file=sys.stderr)
         return 130
-
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 # ---------------------------------------------------------------------- commands

@@ -58,6 +58,8 @@ from typing import Any, Iterable, Mapping
 import pandas
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from workers.errors import one_line as _one_line
 import pyarrow.parquet as pq
 
 __all__ = [
@@ -748,11 +750,6 @@ class RunDir:
 
 
 # ---------------------------------------------------------------------- helpers
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _is_tmp(name: str) -> bool:
     return name.startswith(".") and _TMP_MARK in name
 

@@ -342,7 +342,7 @@ def _uncommented_keys(text: str) -> list[str]:
 
 
 def test_key_regex_and_parser_agree(raw_text):
-    """The brief's line regex and the parser find the same key lines (the file has
+    """A line regex for keys and the parser find the same key lines (the file has
     no block scalars), so the parser-based check covers every regex-visible key."""
     regex = re.compile(r"^\s*(?:-\s+)?[\w\"'~/.\[\]$-]+\s*:(\s|$)")
     by_regex = {

@@ -37,3 +37,18 @@ def test_ci_runs_the_readme_test_command():
     command = "pip install -e '.[test]' && python -m pytest -q"
     assert command in README
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.timeout(30)
+def test_comments_and_docs_speak_to_a_reader_of_the_repository():
+    import re
+
+    pattern = re.compile(r"\bthe (issue|brief)\b", re.IGNORECASE)
+    found = []
+    for folder in ("jobs", "workers", "analysis", "benchmarks", "tests", "docs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".yaml", ".json") and path.name != "test_docs.py":
+                found += [f"{path.relative_to(ROOT)}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1)
+                          if pattern.search(line)]
+    found += [f"README.md:{n}" for n, line in enumerate(README.splitlines(), 1) if pattern.search(line)]
+    assert not found, f"text that refers to a task instead of the code: {found}"
