@@ -29,6 +29,13 @@ class Unit:
         assert len(found) <= 1, f"unit {self.name} has {len(found)} parametric ops"
         return found[0] if found else None
 
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """The unit's weights (weight decay, weight statistics); the other parameters are
+        biases or the unit's extras."""
+        op = self.param_op
+        return op.weight_names if op is not None else ()
+
     def param_shapes(self) -> dict:
         op = self.param_op
         return {**(op.param_shapes() if op is not None else {}), **self.extra}

@@ -36,7 +36,7 @@ class Optimizer:
         lr = tf.cast(lr, self.net.dtype) if tf.is_tensor(lr) else tf.constant(lr, self.net.dtype)
         for name, d_param in grads.items():
             var = self.net.variables[unit][name]
-            if self.weight_decay and name == "w":  # L2 on weights, not biases
+            if self.weight_decay and name in self.net.units[unit].weight_names:  # L2 on weights, not biases
                 d_param = d_param + self.weight_decay * var
             self.update(var, d_param, self.slots[unit][name], lr, t)
 
