@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.timeout(120)  # per test; a test's own mark wins
+
 CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
 AMI_NOTE = "replace with a current Deep Learning Base GPU AMI for your region"
 

@@ -10,6 +10,8 @@ from workers.engine import Net
 from workers.layers import Context
 from workers.settings import CaseSettings
 
+pytestmark = pytest.mark.timeout(300)  # per test; a test's own mark wins
+
 LR = 0.05
 
 
