@@ -252,3 +252,38 @@ def test_the_schema_refuses_what_the_loader_refuses(change):
 
     document = {**yaml.safe_load((suites.SUITE_DIR / "quick.yaml").read_text()), **change}
     assert _schema_errors(document), change
+
+
+# ---------------------------------------------------------------------- one registry per kind
+
+
+@pytest.mark.timeout(120)
+def test_every_registered_name_has_an_implementation():
+    from workers import gradcheck, layers, models, optimizers, registry, schedules
+    from workers.data import DataError, load_dataset
+
+    assert tuple(models.MODELS) == registry.MODELS == tuple(gradcheck.CHECK_CONFIGS)
+    assert tuple(schedules.SCHEDULES) == registry.SCHEDULES
+    assert tuple(optimizers.OPTIMIZERS) == registry.OPTIMIZERS
+    assert tuple(layers.ACTIVATIONS) == registry.ACTIVATIONS
+    for name in registry.LR_SCHEDULES:
+        optimizers.learning_rate(CaseSettings(lr_schedule=name), 3)
+    for name in registry.INITS:
+        assert models._init_for(CaseSettings(init=name), ("default", 0.0))[0] == name
+    for name in registry.DATASETS:  # loads, or asks for its files: never an unknown name
+        try:
+            load_dataset(DataSpec(name, path="/nonexistent/bplab-test", samples=20))
+        except DataError as error:
+            assert name in str(error)
+    assert set(registry.QUIRK_DOCS) == set(registry.QUIRKS) and set(registry.GRADIENT_QUIRKS) <= set(registry.QUIRKS)
+    assert settings_module.QUIRKS is registry.QUIRKS
+
+
+@pytest.mark.timeout(120)
+def test_settings_and_planner_import_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; import jobs.plan, jobs.suites, workers.settings, workers.registry, workers.models, "
+            "workers.schedules; assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=100)

@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import math
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints,
                       ValidationError, model_validator)
@@ -66,7 +66,6 @@ def _float(**constraints):
     return Annotated[float, Field(**constraints), BeforeValidator(_number)]
 
 
-Float = _float()
 NonNegative = _float(ge=0)
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
@@ -75,8 +74,17 @@ Positive = Annotated[int, Strict(), Field(ge=1)]
 PositiveOrNone = Optional[Positive]
 
 
-def _names(*names):
-    return Literal[names]
+# Names a field accepts, from the registry ("default": the model's own).
+DataSetName = Literal[registry.DATASETS]
+Standardize = Literal[registry.STANDARDIZE]
+ModelName = Literal[registry.MODELS]
+ActivationName = Literal[("default", *registry.ACTIVATIONS)]
+InitName = Literal[("default", *registry.INITS)]
+ScheduleName = Literal[registry.SCHEDULES]
+EngineName = Literal[registry.ENGINES]
+OptimizerName = Literal[registry.OPTIMIZERS]
+LrScheduleName = Literal[registry.LR_SCHEDULES]
+QuirkName = Literal[registry.QUIRKS]
 
 
 def _listed_of(item, **constraints):
@@ -92,8 +100,7 @@ def _unique(values):
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=False,
-                              hide_input_in_errors=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     def to_dict(self) -> dict:
         """Every field (nested DataSpec as a dict), tuples kept: what the digest hashes."""
@@ -103,7 +110,7 @@ class _Settings(BaseModel):
 class DataSpec(_Settings):
     """Which data a case trains on, and how it is prepared."""
 
-    name: _names(*registry.DATASETS) = "digits"
+    name: DataSetName = "digits"
     """Data set: digits (scikit-learn's bundled 8x8 digits), moons (generated), mnist, cifar10."""
     path: Optional[str] = None
     """Folder or file of the raw data (mnist, cifar10); None looks in the usual places
@@ -116,7 +123,7 @@ class DataSpec(_Settings):
     """Use only the first N test examples; None uses all."""
     resize: Optional[Annotated[int, Strict(), Field(ge=1, le=RESIZE_LIMIT)]] = None
     """Resize images to N x N (bilinear, N <= 1024), e.g. 32 for MNIST into celu7; None keeps the size."""
-    standardize: _names(*registry.STANDARDIZE) = "none"
+    standardize: Standardize = "none"
     """'none' (pixels / 255), 'per_pixel' (subtract the training set's per-pixel mean and
     divide by its per-pixel std) or 'global'."""
     noise: NonNegative = 0.1
@@ -140,37 +147,37 @@ def _data(value):
 class CaseFields(_Settings):
     """The fields of a case (CaseSettings adds the rules between fields)."""
 
-    model: _names(*registry.MODELS) = "allconv9"
+    model: ModelName = "allconv9"
     """Model name from the registry (workers.registry.MODELS): allconv9, mlp, celu7, dcn, dni_rnn."""
     width: _float(gt=0) = 1.0
     """Width multiplier: every hidden layer's channel or unit count is scaled by it (min 1)."""
     hidden: _listed_of(Positive, min_length=1) = (50,)
     """mlp only: sizes of the hidden layers."""
-    activation: _names("default", *registry.ACTIVATIONS) = "default"
+    activation: ActivationName = "default"
     """mlp, dcn and dni_rnn: hidden activation (tanh, sigmoid, relu, elu, celu); 'default' is
     the model's own (mlp and dni_rnn: tanh, dcn: relu)."""
-    init: _names("default", *registry.INITS) = "default"
+    init: InitName = "default"
     """Weight initialisation: 'default' (the model's own, e.g. allconv9's truncated normal
     stds), 'xavier' (Glorot uniform) or 'normal' (N(0, init_std))."""
     init_std: _float(gt=0) = 0.05
     """Standard deviation for init: normal."""
     dropout: _float(ge=0, lt=1) = 0.0
     """dcn only: dropout rate before the last dense layer (0.5 in the source)."""
-    data: Annotated[DataSpec, BeforeValidator(_data, json_schema_input_type=Union[DataSpec, _names(*registry.DATASETS)])] = DataSpec()
+    data: Annotated[DataSpec, BeforeValidator(_data, json_schema_input_type=Union[DataSpec, DataSetName])] = DataSpec()
     """The data set and its preparation (see DataSpec)."""
     augment: Bool = False
     """Train on half original, half augmented copies (EXPERIMENTS.md section 1); the
     effective batch is twice batch_size."""
-    schedule: _names(*registry.SCHEDULES) = "standard"
+    schedule: ScheduleName = "standard"
     """Which layers are updated in each stage of a step: standard, unfair-back,
     unfair-front, adversarial, dilated, adversarial+dilated, synthetic."""
-    engine: _names(*registry.ENGINES) = "manual"
+    engine: EngineName = "manual"
     """manual (hand-written backward) or autodiff (tf.GradientTape, standard schedule only)."""
-    optimizer: _names(*registry.OPTIMIZERS) = "adam"
+    optimizer: OptimizerName = "adam"
     """sgd, momentum, adam or amsgrad; all written by hand."""
     lr: _float(gt=0) = 1e-4
     """Learning rate."""
-    lr_schedule: _names(*registry.LR_SCHEDULES) = "constant"
+    lr_schedule: LrScheduleName = "constant"
     """constant, step (times lr_decay every lr_decay_epochs) or inverse (lr / (1 + lr_decay*epoch))."""
     lr_decay: NonNegative = 0.1
     """Decay factor for the step and inverse learning-rate schedules."""
@@ -205,7 +212,7 @@ class CaseFields(_Settings):
     layer_stats_every: Annotated[int, Strict(), Field(ge=0)] = 0
     """Log mean/std/min/max/histogram of weights, biases, pre-activations and activations of
     every layer every N steps (0: never)."""
-    quirks: _listed_of(_names(*QUIRKS)) = ()
+    quirks: _listed_of(QuirkName) = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
 
 
@@ -328,14 +335,10 @@ def from_json(values: dict) -> CaseSettings:
     return from_dict(values, where="stored settings")
 
 
-def json_schema(cls=CaseSettings) -> dict:
-    return cls.model_json_schema()
-
-
 # ---------------------------------------------------------------------- the suite file
 
 CASE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
-SettingName = _names(*CaseFields.model_fields)
+SettingName = Literal[tuple(CaseFields.model_fields)]
 Grid = dict[SettingName, Annotated[list, Field(min_length=1)]]
 
 
