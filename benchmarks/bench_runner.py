@@ -3,7 +3,7 @@ scheduling itself is measured (not TensorFlow's arithmetic).
 
     python benchmarks/bench_runner.py [--json PATH] [--reps N] [--epochs N] [--skip PART ...] [--keep]
 
-Parts (the issue's four numbers, each with a reference measured in the same run):
+Parts (the four numbers asked for, each with a reference measured in the same run):
 
 1. ttfs      Time to first step: wall time from launching `python -m jobs run tiny.yaml --out DIR`
              (mlp hidden [16] on digits, 1 case, 20 steps, local Ray) to the `wall_time` of the
@@ -15,7 +15,7 @@ Parts (the issue's four numbers, each with a reference measured in the same run)
              not counted), in total and inside Driver.execute, per case; the marginal driver
              CPU per extra case (slope between the 1-case and 6-case cluster runs); the wall
              time the driver loop spends in its own calls (launch, commit, ledger writes,
-             finish) per case; and the issue's wall formula (command wall - training span)
+             finish) per case; and the requested wall formula (command wall - training span)
              for a case run alone.
 3. parallel  ray.cluster_utils.Cluster: head (0 CPU, 0 GPU) + 3 nodes with num_cpus=2,
              num_gpus=2 (declared: no real GPU). Six cases with --gpus-per-case 1

@@ -7,11 +7,13 @@ failed, 2 bad input (shown as one line, before anything is launched), 130 interr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from jobs.study import UsageError, user_errors as _user_errors  # light: no Ray, no TensorFlow at import
+from workers.errors import one_line as _one_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cases = sub.add_parser("cases", help="list built-in suites, or the cases of one")
     cases.add_argument("suite", nargs="?")
+
+    sub.add_parser("schema", help="print the JSON schema of a suite file (docs/suite.schema.json)")
     return parser
 
 
@@ -76,11 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bplab: interrupted", file=sys.stderr)
         return 130
-
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
 
 
 # ---------------------------------------------------------------------- commands
@@ -188,4 +187,11 @@ def cmd_gradcheck(args) -> int:
     return gradcheck.main(names, tolerance=args.tolerance)
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+def cmd_schema(args) -> int:
+    from workers.settings import suite_schema
+
+    print(json.dumps(suite_schema(), indent=2))
+    return 0
+
+
+COMMANDS = {"schema": cmd_schema, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}

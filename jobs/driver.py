@@ -189,6 +189,8 @@ class Driver:
             self.active[state.poll_ref] = (state.planned.case_id, "poll")
 
     def _take_report(self, state: CaseState, report) -> None:
+        if report.info:  # the trainer's description (model, units, batch, TF version): kept with the case
+            state.entry.info = {**state.entry.info, "trainer": report.info}  # written by the next commit
         state.rows.extend(report.rows)
         state.layer_stats.extend(report.layer_stats)
         if report.progress:

@@ -63,7 +63,7 @@ def make_plan(suite: Suite, datasets: dict, *, cpus_per_case: float, gpus_per_ca
         raise PlanError(f"--gpus-per-case {gpus_per_case}: must be >= 0")
     if gpus_per_case > 1 and gpus_per_case != int(gpus_per_case):
         raise PlanError(f"--gpus-per-case {gpus_per_case}: above 1 it must be a whole number")
-    from workers import models, schedules
+    from workers import models
     from workers.settings import SettingsError
 
     planned = []
@@ -74,7 +74,7 @@ def make_plan(suite: Suite, datasets: dict, *, cpus_per_case: float, gpus_per_ca
             if any(dim <= 0 for shape in model.output_shapes() for dim in shape):
                 raise SettingsError(f"{case.settings.model} on inputs {model.input_shape}: a layer's output is empty "
                                     f"{model.output_shapes()}")
-            schedules.check_fits(case.settings, model)
+            check_schedule_fits(case.settings, model)
         except SettingsError as error:
             raise PlanError(f"case {case.name}: {error}") from None
         _, steps = batch_plan(case.settings, len(data.x_train))
@@ -83,6 +83,27 @@ def make_plan(suite: Suite, datasets: dict, *, cpus_per_case: float, gpus_per_ca
     ids = [p.case_id for p in planned]
     assert len(set(ids)) == len(ids), "case ids collide"
     return planned
+
+
+def check_schedule_fits(settings, model) -> None:
+    """SettingsError if the schedule cannot run on this model at this input shape (no
+    TensorFlow): the dilated skip needs unit i's output and unit i+1's output to have the
+    same channels and a whole-number spatial ratio."""
+    from workers.schedules import dilated_units
+    from workers.settings import SettingsError
+
+    if "dilated" not in settings.schedule:
+        return
+    shapes = model.output_shapes()
+    for index in dilated_units(len(shapes)):
+        here, above = shapes[index], shapes[index + 1]
+        same_rank = len(here) == len(above)
+        fits = same_rank and here[-1] == above[-1] and all(a > 0 and h % a == 0 for h, a in zip(here[:-1], above[:-1]))
+        if not fits:
+            raise SettingsError(
+                f"schedule {settings.schedule}: {model.name} on inputs {model.input_shape} cannot add the gradient of "
+                f"{model.units[index + 1].name} {above} to {model.units[index].name} {here} (needs equal channels and "
+                "a whole-number upsampling)")
 
 
 # ---------------------------------------------------------------------- resources

@@ -59,6 +59,8 @@ from typing import Any, Iterable, Mapping
 import pandas
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from workers.errors import one_line as _one_line
 import pyarrow.parquet as pq
 
 __all__ = [
@@ -788,11 +790,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _is_tmp(name: str) -> bool:

@@ -350,7 +350,7 @@ def test_seed_summary_mean_and_ci(table):
     assert seeds.loc["a", "final_test_acc_mean"] == pytest.approx(.725)
     assert seeds.loc["a", "final_test_acc_sd"] == pytest.approx(sd)
     assert seeds.loc["a", "final_test_acc_ci95"] == pytest.approx(T_975_1 * sd / math.sqrt(2))
-    # the brief's example: .8 and .9 -> mean .85, sd .0707, half-width 12.706 * .0707 / sqrt 2
+    # a worked example: .8 and .9 -> mean .85, sd .0707, half-width 12.706 * .0707 / sqrt 2
     assert seeds.loc["b", "final_train_acc_mean"] == pytest.approx(.85)
     assert seeds.loc["b", "final_train_acc_sd"] == pytest.approx(0.070711, rel=1e-4)
     assert seeds.loc["b", "final_train_acc_ci95"] == pytest.approx(12.706 * 0.070711 / math.sqrt(2), rel=1e-4)

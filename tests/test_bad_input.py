@@ -1,6 +1,6 @@
 """Bad input is refused up front: a one-line error, exit 2, no actor started, nothing written.
 
-The issue's requirement: "At least 20 bad inputs (unknown schedule, negative learning rate,
+The requirement: "At least 20 bad inputs (unknown schedule, negative learning rate,
 unknown key, wrong type, malformed YAML, missing data folder, more GPUs per case than any node
 has, unknown case in `--only`, a `--resume` of a folder that is not a run, ...): each a one-line
 error, exit 2, no actor started, no result already written touched."

@@ -3,6 +3,8 @@ README's test command is what CI runs."""
 
 from pathlib import Path
 
+import pytest
+
 from jobs import suites
 from workers.settings import QUIRKS, CaseSettings, DataSpec, field_docs
 
@@ -10,24 +12,43 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+@pytest.mark.timeout(60)
 def test_every_setting_has_a_docstring_and_is_in_the_readme():
     for cls, prefix in ((CaseSettings, ""), (DataSpec, "data.")):
         docs = field_docs(cls)
-        assert set(docs) == set(cls.__dataclass_fields__), "a field without a docstring"
+        assert set(docs) == set(cls.model_fields), "a field without a docstring"
+        assert all(docs.values()), f"a field without a docstring: {[name for name, doc in docs.items() if not doc]}"
         for name in docs:
             assert f"`{prefix}{name}`" in README, f"{prefix}{name} missing from README"
     for quirk in QUIRKS:
         assert f"`{quirk}`" in README
 
 
+@pytest.mark.timeout(60)
 def test_every_builtin_suite_loads_and_is_in_the_readme():
     for name in suites.builtin_names():
         suite = suites.load_suite(name)
         assert len(suite.cases) >= 3 and suite.description
-        assert f"`{name}`" in README or name.endswith("-quick") and f"`{name}`" in README, name
+        assert f"`{name}`" in README, name
 
 
+@pytest.mark.timeout(10)
 def test_ci_runs_the_readme_test_command():
     command = "pip install -e '.[test]' && python -m pytest -q"
     assert command in README
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.timeout(30)
+def test_comments_and_docs_speak_to_a_reader_of_the_repository():
+    import re
+
+    pattern = re.compile(r"\bthe (issue|brief)\b", re.IGNORECASE)
+    found = []
+    for folder in ("jobs", "workers", "analysis", "benchmarks", "tests", "docs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".yaml", ".json") and path.name != "test_docs.py":
+                found += [f"{path.relative_to(ROOT)}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1)
+                          if pattern.search(line)]
+    found += [f"README.md:{n}" for n, line in enumerate(README.splitlines(), 1) if pattern.search(line)]
+    assert not found, f"text that refers to a task instead of the code: {found}"

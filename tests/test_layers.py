@@ -7,6 +7,8 @@ import tensorflow as tf
 
 from workers import layers as L
 
+pytestmark = pytest.mark.timeout(120)  # per test; a test's own mark wins
+
 TOL = 1e-6
 
 

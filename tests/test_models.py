@@ -7,20 +7,46 @@ from workers import gradcheck, models
 from workers.settings import CaseSettings
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["allconv9", "celu7", "mlp", "dcn"])
 def test_model_gradients_match_autodiff(name):
     errors = gradcheck.check_model(name)
-    assert set(errors) >= {"input"}
+    config, shape, classes = gradcheck.CHECK_CONFIGS[name]
+    units = models.build_model(CaseSettings(model=name, **config), shape, classes).unit_names
+    assert list(errors) == ["input", *units]
     worst = max(errors.values())
     assert worst <= 1e-6, errors
 
 
+@pytest.mark.timeout(300)
+def test_gradcheck_fails_on_a_missing_gradient(monkeypatch, capsys):
+    """A Dense.backward that drops d_b must fail the check (it used to compare only the keys
+    the hand-written backward returned, and pass with error 0)."""
+    from workers import layers as L
+
+    real = L.Dense.backward
+
+    def without_bias_gradient(self, d_y, cache, need_d_x=True, need_grads=True):
+        d_x, grads = real(self, d_y, cache, need_d_x=need_d_x, need_grads=need_grads)
+        grads.pop("b", None)
+        return d_x, grads
+
+    monkeypatch.setattr(L.Dense, "backward", without_bias_gradient)
+    errors = gradcheck.check_model("mlp")
+    assert errors["l1"] == errors["l2"] == errors["l3"] == float("inf") and errors["input"] <= 1e-6
+    assert gradcheck.main(["mlp"]) == 1
+    out = capsys.readouterr().out
+    assert "a gradient is missing  FAIL" in out
+
+
+@pytest.mark.timeout(300)
 def test_gradcheck_detects_a_wrong_backward():
     # The source's ELU derivative (2 for x > 0) is a wrong gradient: gradcheck must flag it.
     errors = gradcheck.check_model("allconv9", overrides={"quirks": ("elu_derivative_two",)})
     assert max(errors.values()) > 1e-2
 
 
+@pytest.mark.timeout(60)
 def test_allconv9_matches_experiments_table():
     model = models.build_model(CaseSettings(model="allconv9"), (32, 32, 3), 10)
     shapes = [unit.param_shapes()["w"] for unit in model.units]
@@ -38,12 +64,14 @@ def test_allconv9_matches_experiments_table():
     assert names[8] == ["Conv2D", "ELU", "GlobalMean"]
 
 
+@pytest.mark.timeout(60)
 def test_width_multiplier_and_small_inputs():
     model = models.build_model(CaseSettings(model="allconv9", width=0.25), (8, 8, 1), 10)
     assert model.units[0].param_shapes()["w"] == (3, 3, 1, 64)
     assert model.units[8].param_shapes()["w"] == (1, 1, 16, 10)
 
 
+@pytest.mark.timeout(60)
 def test_init_is_a_function_of_the_seed():
     model = models.build_model(CaseSettings(model="mlp", hidden=(5,)), (2,), 2)
     a, b, c = model.init_params(1), model.init_params(1), model.init_params(2)

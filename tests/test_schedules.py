@@ -10,6 +10,8 @@ from workers.engine import Net
 from workers.layers import Context
 from workers.settings import CaseSettings
 
+pytestmark = pytest.mark.timeout(300)  # per test; a test's own mark wins
+
 LR = 0.05
 
 
@@ -123,3 +125,47 @@ def test_adversarial_input_gradient_matches_autodiff():
     oracle = naive_stages(built, params, x_adv, y, [list(range(7))])
     assert step.forward_passes == 2 and step.updates == [1] * 7
     assert_params_close(stepped.numpy_params(), oracle)
+
+
+@pytest.mark.timeout(120)
+def test_adam_counts_steps_per_unit_under_unfair_back_by_hand():
+    """unfair-back on a two-unit mlp with Adam: stage 1 updates the top unit (its t = 1), stage 2
+    both units (top t = 2, bottom t = 1). Worked out in NumPy from tape gradients; counting t
+    per stage instead (bottom t = 2) gives other weights."""
+    b1, b2, eps = 0.9, 0.9, 1e-8
+    settings = CaseSettings(model="mlp", hidden=(5,), schedule="unfair-back", optimizer="adam", lr=LR,
+                            beta1=b1, beta2=b2, epsilon=eps)
+    built = models.build_model(settings, (4,), 3)
+    rng = np.random.default_rng(2)
+    params = [{k: v + 0.1 * rng.standard_normal(v.shape) for k, v in unit.items()}
+              for unit in built.init_params(3, dtype=np.float64)]
+    x = tf.constant(rng.normal(size=(6, 4)))
+    y = tf.one_hot([0, 1, 2, 0, 1, 2], 3, dtype=tf.float64)
+    net, step, _ = run_step(settings, built, params, x, y)
+    assert step.updates == [1, 2] and step.stages == 2
+
+    def tape_grads(values, units):
+        oracle = Net(built, values, dtype=tf.float64)
+        with tf.GradientTape() as tape:
+            loss = oracle.loss.forward(oracle.forward(x, Context())[0][-1], y)[0]
+        grads = tape.gradient(loss, [oracle.variables[i] for i in units])
+        return {i: {k: g.numpy() for k, g in unit.items()} for i, unit in zip(units, grads)}
+
+    def by_hand(bottom_t):
+        values = [dict(unit) for unit in params]
+        m = [{k: np.zeros_like(v) for k, v in unit.items()} for unit in params]
+        v = [{k: np.zeros_like(w) for k, w in unit.items()} for unit in params]
+        for units, ts in (([1], {1: 1}), ([0, 1], {0: bottom_t, 1: 2})):
+            grads = tape_grads(values, units)
+            for i in units:
+                for name, g in grads[i].items():
+                    m[i][name] = b1 * m[i][name] + (1 - b1) * g
+                    v[i][name] = b2 * v[i][name] + (1 - b2) * g * g
+                    t = ts[i]
+                    values[i][name] = values[i][name] - LR * (m[i][name] / (1 - b1 ** t)) / (
+                        np.sqrt(v[i][name] / (1 - b2 ** t)) + eps)
+        return values
+
+    assert_params_close(net.numpy_params(), by_hand(bottom_t=1), tol=1e-10)
+    with pytest.raises(AssertionError):
+        assert_params_close(net.numpy_params(), by_hand(bottom_t=2), tol=1e-10)

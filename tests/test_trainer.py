@@ -51,7 +51,7 @@ def final_params(reports):
 
 
 def test_standard_on_digits_learns():
-    """The issue's bar: >= 0.90 test accuracy within 5 epochs on digits with a small allconv9."""
+    """The bar set for the trainer: >= 0.90 test accuracy within 5 epochs on digits with a small allconv9."""
     case = settings_module.from_dict({**SMALL, "width": 0.25, "epochs": 5, "data": {"name": "digits"}})
     result, reports = run(case)
     test_accuracy = [row["accuracy"] for row in rows_of(reports, "test")]

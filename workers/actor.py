@@ -15,6 +15,8 @@ import threading
 import time
 import traceback
 
+from workers.errors import one_line as first_line
+
 
 class CaseRunner:
     """Plain class (made remote by the driver with the case's resources)."""
@@ -109,12 +111,6 @@ class CaseRunner:
             "threads": threads,
             "warning": warning,
         }
-
-
-def first_line(error) -> str:
-    """An error's first line (at most 500 characters), or its type when it has no text."""
-    text = str(error).strip()
-    return text.splitlines()[0][:500] if text else type(error).__name__
 
 
 def classify_exception(error: BaseException) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workers.errors import one_line as _one_line
 from workers.settings import DataSpec
 
 
@@ -188,10 +189,6 @@ def _load_moons(spec: DataSpec):
 
 
 # ---- shared helpers ---------------------------------------------------------------------
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _search_dirs(spec: DataSpec, folder: str) -> list[Path]:

@@ -1,35 +1,13 @@
 """Decoupled neural interfaces (synthetic gradients, Jaderberg et al. 2016), EXPERIMENTS.md s3.
 
-Model `dni_rnn`: a recurrent net unrolled over 2 steps, each fed the same image, with
-untied weights per step (t1, t2: tanh, `hidden` units), then a sigmoid output layer (out)
-and a squared-error loss. Each recurrent step owns a linear synthetic-gradient model
-g_hat = h sg_w + sg_b (unit parameters, so they are checkpointed with the net; zero at
-start, as in the paper). The `synthetic` schedule updates each step's weights from its
-g_hat as soon as its forward is done, then trains each g_hat toward the true gradient
-that arrives later. `standard` on the same model is back propagation through time.
+The model, `dni_rnn`, is built in workers.models: a recurrent net unrolled over 2 steps
+(t1, t2), a sigmoid output layer (out), a squared-error loss, and per recurrent step a
+linear synthetic-gradient model g_hat = h sg_w + sg_b. The `synthetic` schedule updates
+each step's weights from its g_hat as soon as its forward is done, then trains each g_hat
+toward the true gradient that arrives later. `standard` on the same model is back propagation through time.
 """
 
 from __future__ import annotations
-
-import numpy as np
-
-
-def build(settings, input_shape, num_classes):
-    from workers import layers as L
-    from workers.models import Model, Unit, _init_for
-
-    hidden = settings.hidden[0]
-    d_in = int(np.prod(input_shape))
-    weight_init = _init_for(settings, ("xavier", 0.0))
-    sg = {"sg_w": (hidden, hidden), "sg_b": (hidden,)}
-    zeros = {"sg_w": ("constant", 0.0), "sg_b": ("constant", 0.0)}
-    flatten = [L.Flatten()] if len(input_shape) > 1 else []
-    units = [
-        Unit("t1", flatten + [L.RNNCell(d_in, hidden, first=True)], {"wx": weight_init, "b": ("constant", 0.0), **zeros}, sg),
-        Unit("t2", [L.RNNCell(d_in, hidden, first=False)], {"wx": weight_init, "wh": weight_init, "b": ("constant", 0.0), **zeros}, dict(sg)),
-        Unit("out", [L.TakeLast(hidden), L.Dense(hidden, num_classes), L.Sigmoid()], {"w": weight_init, "b": ("constant", 0.0)}),
-    ]
-    return Model("dni_rnn", units, L.SquaredError(), tuple(input_shape), num_classes)
 
 
 def synthetic_step(step, x, y_onehot):

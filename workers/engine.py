@@ -69,13 +69,10 @@ class Net:
         grads = {}
         ops = self.units[index].ops
         for position in reversed(range(len(ops))):
-            op = ops[position]
             # Only the unit's first op hands a gradient to the unit below.
-            wants_d_x = need_d_x or position > 0
-            if op.param_names:
-                d_y, grads = op.backward(d_y, caches[position], need_d_x=wants_d_x, need_grads=need_grads)
-            else:
-                d_y, _ = op.backward(d_y, caches[position], need_d_x=wants_d_x)
+            d_y, op_grads = ops[position].backward(d_y, caches[position], need_d_x=need_d_x or position > 0,
+                                                   need_grads=need_grads)
+            grads.update(op_grads)
         return d_y, grads
 
     def backward(self, d_out, caches, down_to: int = 0, want_grads=None, need_input_grad: bool = False,

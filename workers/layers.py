@@ -1,8 +1,11 @@
 """Layers as forward/backward pairs with an explicit, inspectable cache.
 
 Every op has `forward(x, params, ctx) -> (y, cache)` and, right below it,
-`backward(d_y, cache, need_d_x=True) -> (d_x, grads)`; `grads` maps a parameter name
-to d_<param>. The docstring of each op is its equation. Ops are dtype-generic (the
+`backward(d_y, cache, need_d_x=True, need_grads=True) -> (d_x, grads)`; `grads` maps a
+parameter name to d_<param> (empty for an op without parameters, or with need_grads=False;
+d_x is None with need_d_x=False). An op names its parameters (`param_names`) and which of
+them are weights (`weight_names`: weight decay and the weight statistics use these; biases
+are the rest). The docstring of each op is its equation. Ops are dtype-generic (the
 gradient tests run them in float64). Source-study mistakes are constructor flags, off
 by default (see workers.settings.QUIRK_DOCS).
 """
@@ -10,6 +13,8 @@ by default (see workers.settings.QUIRK_DOCS).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from workers import registry
 
 
 class _LazyTensorFlow:
@@ -38,6 +43,7 @@ class Op:
     """Base class: an op with no parameters unless it says so."""
 
     param_names: tuple[str, ...] = ()
+    weight_names: tuple[str, ...] = ()  # the subset of param_names that are weights (not biases)
 
     def output_shape(self, in_shape: tuple) -> tuple:
         return in_shape
@@ -45,8 +51,9 @@ class Op:
     def forward(self, x, params, ctx: Context):
         raise NotImplementedError
 
-    def backward(self, d_y, cache, need_d_x: bool = True):
-        """Parametric ops also take need_grads=False to skip d_<param> (unfair-front stages)."""
+    def backward(self, d_y, cache, need_d_x: bool = True, need_grads: bool = True):
+        """(d_x, grads): need_d_x=False skips d_x (the lowest unit of an unfair stage),
+        need_grads=False skips d_<param> (units a stage does not update)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -63,6 +70,7 @@ class Conv2D(Op):
         assert padding in ("SAME", "VALID"), padding
         self.kernel, self.c_in, self.c_out, self.stride, self.padding, self.bias = kernel, c_in, c_out, stride, padding, bias
         self.param_names = ("w", "b") if bias else ("w",)
+        self.weight_names = ("w",)
 
     def param_shapes(self) -> dict:
         shapes = {"w": (self.kernel, self.kernel, self.c_in, self.c_out)}
@@ -107,6 +115,7 @@ class Dense(Op):
     def __init__(self, d_in: int, d_out: int, bias: bool = True):
         self.d_in, self.d_out, self.bias = d_in, d_out, bias
         self.param_names = ("w", "b") if bias else ("w",)
+        self.weight_names = ("w",)
 
     def param_shapes(self):
         shapes = {"w": (self.d_in, self.d_out)}
@@ -160,7 +169,7 @@ class AvgPool2(Op):
     def forward(self, x, params, ctx):
         return tf.nn.avg_pool2d(x, 2, 2, "VALID"), tf.shape(x)
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         # Each input of a window gets 1/4 of the window's gradient; the source forgot the 1/4.
         scale = 1.0 if self.unscaled else 0.25
         return _upsample2(d_y * scale, cache), {}
@@ -176,7 +185,7 @@ class MaxPool2(Op):
         y = tf.nn.max_pool2d(x, 2, 2, "VALID")
         return y, (x, y)
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         x, y = cache
         d_x = tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=d_y, ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1], padding="VALID")
         return d_x, {}
@@ -194,7 +203,7 @@ class GlobalMean(Op):
     def forward(self, x, params, ctx):
         return tf.reduce_mean(x, axis=[1, 2]), tf.shape(x)
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         shape = cache  # (B, H, W, C)
         d_x = tf.broadcast_to(d_y[:, None, None, :], shape)
         if not self.unscaled:  # the source copied the gradient without 1/(H*W)
@@ -214,7 +223,7 @@ class Flatten(Op):
     def forward(self, x, params, ctx):
         return tf.reshape(x, [tf.shape(x)[0], -1]), tf.shape(x)
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         return tf.reshape(d_y, cache), {}
 
 
@@ -232,7 +241,7 @@ class Dropout(Op):
         mask = tf.cast(keep, x.dtype) / (1.0 - self.rate)
         return x * mask, mask
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         return (d_y if cache is None else d_y * cache), {}
 
 
@@ -249,7 +258,7 @@ class ELU(Op):
         y = tf.where(x > 0, x, tf.exp(tf.minimum(x, 0.0)) - 1.0)
         return y, (x, y)
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         x, y = cache
         return d_y * tf.where(x > 0, tf.cast(self.positive_slope, y.dtype), y + 1.0), {}
 
@@ -266,7 +275,7 @@ class CELU(Op):
         y = tf.where(x >= 0, x, self.alpha * (exp_part - 1.0))
         return y, (x, exp_part)
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         x, exp_part = cache
         return d_y * tf.where(x >= 0, tf.cast(self.positive_slope, x.dtype), exp_part), {}
 
@@ -277,7 +286,7 @@ class ReLU(Op):
     def forward(self, x, params, ctx):
         return tf.nn.relu(x), x
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         return d_y * tf.cast(cache > 0, d_y.dtype), {}
 
 
@@ -288,7 +297,7 @@ class Tanh(Op):
         y = tf.tanh(x)
         return y, y
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         return d_y * (1.0 - cache * cache), {}
 
 
@@ -299,17 +308,24 @@ class Sigmoid(Op):
         y = tf.sigmoid(x)
         return y, y
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         return d_y * cache * (1.0 - cache), {}
+
+
+# name -> (quirks, alpha) -> op; the names the settings accept are workers.registry.ACTIVATIONS
+ACTIVATIONS = {
+    "tanh": lambda quirks, alpha: Tanh(),
+    "sigmoid": lambda quirks, alpha: Sigmoid(),
+    "relu": lambda quirks, alpha: ReLU(),
+    "elu": lambda quirks, alpha: ELU("elu_derivative_two" in quirks),
+    "celu": lambda quirks, alpha: CELU(alpha, "celu_derivative_two" in quirks),
+}
+assert tuple(ACTIVATIONS) == registry.ACTIVATIONS, "an activation registered here but not in workers.registry (or the reverse)"
 
 
 def activation(name: str, quirks=(), alpha: float = 2.0) -> Op:
     """An activation op by name (tanh, sigmoid, relu, elu, celu)."""
-    if name == "elu":
-        return ELU("elu_derivative_two" in quirks)
-    if name == "celu":
-        return CELU(alpha, "celu_derivative_two" in quirks)
-    return {"tanh": Tanh, "sigmoid": Sigmoid, "relu": ReLU}[name]()
+    return ACTIVATIONS[name](quirks, alpha)
 
 
 # ---------------------------------------------------------------------- losses
@@ -392,6 +408,7 @@ class RNNCell(Op):
     def __init__(self, d_in: int, hidden: int, first: bool):
         self.d_in, self.hidden, self.first = d_in, hidden, first
         self.param_names = ("wx", "b") if first else ("wx", "wh", "b")
+        self.weight_names = ("wx",) if first else ("wx", "wh")
 
     def param_shapes(self):
         shapes = {"wx": (self.d_in, self.hidden), "b": (self.hidden,)}
@@ -449,6 +466,6 @@ class TakeLast(Op):
     def forward(self, x, params, ctx):
         return x[:, -self.k:], tf.shape(x)
 
-    def backward(self, d_y, cache, need_d_x=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         width = cache[1]
         return tf.pad(d_y, [[0, 0], [width - self.k, 0]]), {}

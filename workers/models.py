@@ -2,9 +2,9 @@
 
 A unit is a short chain of ops with at most one parametric op (conv or dense), e.g.
 allconv9's l3 = conv -> ELU -> avg-pool. Schedules count, update and re-forward units.
-Adding a model = one builder function registered in MODELS; the trainer is untouched.
-This module imports TensorFlow only inside the builders, so the driver can read
-MODEL_NAMES without it.
+Adding a model = one builder function registered in MODELS and its name in
+workers.registry.MODELS; the trainer is untouched. This module imports TensorFlow only
+inside the builders, so the driver can build models (to check shapes) without it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-MODEL_NAMES = ("allconv9", "mlp", "celu7", "dcn", "dni_rnn")
+from workers import registry
 
 
 @dataclass
@@ -28,6 +28,13 @@ class Unit:
         found = [op for op in self.ops if op.param_names]
         assert len(found) <= 1, f"unit {self.name} has {len(found)} parametric ops"
         return found[0] if found else None
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """The unit's weights (weight decay, weight statistics); the other parameters are
+        biases or the unit's extras."""
+        op = self.param_op
+        return op.weight_names if op is not None else ()
 
     def param_shapes(self) -> dict:
         op = self.param_op
@@ -218,15 +225,34 @@ def dcn(settings, input_shape, num_classes) -> Model:
     return Model("dcn", units, _loss(settings), tuple(input_shape), num_classes)
 
 
-def dni_rnn(settings, input_shape, num_classes) -> Model:
-    """Synthetic-gradient recurrent net of EXPERIMENTS.md s3 (see workers.dni)."""
-    from workers import dni
+# ---------------------------------------------------------------------- dni_rnn
 
-    return dni.build(settings, input_shape, num_classes)
+
+def dni_rnn(settings, input_shape, num_classes) -> Model:
+    """Synthetic-gradient recurrent net of EXPERIMENTS.md s3 (its schedule: workers.dni).
+
+    Unrolled over 2 steps, each fed the same image, with untied weights per step (t1, t2:
+    tanh, `hidden` units), then a sigmoid output layer (out) and a squared-error loss. Each
+    recurrent step owns a linear synthetic-gradient model g_hat = h sg_w + sg_b (unit
+    parameters, so they are checkpointed with the net; zero at start, as in the paper)."""
+    from workers import layers as L
+
+    hidden = settings.hidden[0]
+    d_in = int(np.prod(input_shape))
+    weight_init = _init_for(settings, ("xavier", 0.0))
+    sg = {"sg_w": (hidden, hidden), "sg_b": (hidden,)}
+    zeros = {"sg_w": ("constant", 0.0), "sg_b": ("constant", 0.0)}
+    flatten = [L.Flatten()] if len(input_shape) > 1 else []
+    units = [
+        Unit("t1", flatten + [L.RNNCell(d_in, hidden, first=True)], {"wx": weight_init, "b": ("constant", 0.0), **zeros}, sg),
+        Unit("t2", [L.RNNCell(d_in, hidden, first=False)], {"wx": weight_init, "wh": weight_init, "b": ("constant", 0.0), **zeros}, dict(sg)),
+        Unit("out", [L.TakeLast(hidden), L.Dense(hidden, num_classes), L.Sigmoid()], {"w": weight_init, "b": ("constant", 0.0)}),
+    ]
+    return Model("dni_rnn", units, L.SquaredError(), tuple(input_shape), num_classes)
 
 
 MODELS = {"allconv9": allconv9, "mlp": mlp, "celu7": celu7, "dcn": dcn, "dni_rnn": dni_rnn}
-assert tuple(MODELS) == MODEL_NAMES
+assert tuple(MODELS) == registry.MODELS, "a model registered here but not in workers.registry (or the reverse)"
 
 
 def build_model(settings, input_shape, num_classes) -> Model:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from workers import registry
+
 
 class Optimizer:
     """Base: slots per parameter, a step counter per unit, `apply(unit, grads, lr)`."""
@@ -21,6 +23,9 @@ class Optimizer:
         self.settings = settings
         self.net = net
         self.weight_decay = settings.weight_decay
+        # Read here, not inside the traced step: tf.function's autograph would try to convert
+        # the settings' methods (pydantic models), which it cannot.
+        self.quirks = frozenset(settings.quirks)
         self.steps = [tf.Variable(0.0, dtype=net.dtype, name=f"t_{index}") for index in range(net.depth)]
         self.slots = [
             {name: {slot: tf.Variable(tf.zeros_like(var), name=f"{slot}_{index}_{name}") for slot in self.slot_names}
@@ -34,7 +39,7 @@ class Optimizer:
         lr = tf.cast(lr, self.net.dtype) if tf.is_tensor(lr) else tf.constant(lr, self.net.dtype)
         for name, d_param in grads.items():
             var = self.net.variables[unit][name]
-            if self.weight_decay and name == "w":  # L2 on weights, not biases
+            if self.weight_decay and name in self.net.units[unit].weight_names:  # L2 on weights, not biases
                 d_param = d_param + self.weight_decay * var
             self.update(var, d_param, self.slots[unit][name], lr, t)
 
@@ -84,7 +89,7 @@ class Adam(Optimizer):
 
     def corrections(self, t):
         b1, b2 = self.settings.beta1, self.settings.beta2
-        if self.settings.has("adam_constant_bias_correction"):
+        if "adam_constant_bias_correction" in self.quirks:
             return 1.0 - b1, 1.0 - b2
         return 1.0 - tf.pow(tf.constant(b1, t.dtype), t), 1.0 - tf.pow(tf.constant(b2, t.dtype), t)
 
@@ -111,7 +116,7 @@ class AMSGrad(Adam):
     def update(self, var, d_param, slots, lr, t):
         m, v = self.moments(d_param, slots)
         eps = self.settings.epsilon
-        if self.settings.has("amsgrad_whole_tensor_max"):
+        if "amsgrad_whole_tensor_max" in self.quirks:
             v_hat = slots["v_hat"].assign(tf.cond(tf.reduce_sum(v) > tf.reduce_sum(slots["v_hat"]), lambda: v, lambda: tf.identity(slots["v_hat"])))
             var.assign_sub(lr * m / (tf.sqrt(v_hat) + eps))
             return
@@ -121,6 +126,7 @@ class AMSGrad(Adam):
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "amsgrad": AMSGrad}
+assert tuple(OPTIMIZERS) == registry.OPTIMIZERS, "an optimizer registered here but not in workers.registry (or the reverse)"
 
 
 def make_optimizer(settings, net) -> Optimizer:
@@ -133,6 +139,7 @@ def learning_rate(settings, epoch: int) -> float:
         return settings.lr * settings.lr_decay ** (epoch // settings.lr_decay_epochs)
     if settings.lr_schedule == "inverse":
         return settings.lr / (1.0 + settings.lr_decay * epoch)
+    assert settings.lr_schedule == "constant", settings.lr_schedule
     return settings.lr
 
 

@@ -4,13 +4,14 @@ A schedule is a function `(step: Stepper, x, y_onehot) -> (loss, output)` picked
 name from SCHEDULES. It calls `step.forward`, `step.net.backward` and `step.update`;
 the Stepper counts forward passes, stages and per-unit updates while the step is
 traced, so the counts logged are the ones the schedule really performed. Adding a
-schedule touches this file only. (Registered names are listed without importing
-TensorFlow, so the driver can validate suites.)
+schedule touches this file and its name in workers.registry.SCHEDULES (which the
+settings validate against without importing TensorFlow). Whether a schedule fits a
+model's shapes is checked at plan time (jobs.plan.check_schedule_fits).
 """
 
 from __future__ import annotations
 
-SCHEDULE_NAMES = ("standard", "unfair-back", "unfair-front", "adversarial", "dilated", "adversarial+dilated", "synthetic")
+from workers import dni, registry
 
 
 def dilation_rate(settings, epoch: int) -> float:
@@ -22,26 +23,6 @@ def dilated_units(depth: int) -> tuple:
     """Units whose incoming gradient gets the skip from two units above: all but the
     first and the top two (celu7: layers 2, 3, 4, 5 of EXPERIMENTS.md s2)."""
     return tuple(range(1, depth - 2))
-
-
-def check_fits(settings, model) -> None:
-    """SettingsError if the schedule cannot run on this model at this input shape (plan time,
-    no TensorFlow): the dilated skip needs unit i's output and unit i+1's output to have the
-    same channels and a whole-number spatial ratio."""
-    from workers.settings import SettingsError
-
-    if "dilated" not in settings.schedule:
-        return
-    shapes = model.output_shapes()
-    for index in dilated_units(len(shapes)):
-        here, above = shapes[index], shapes[index + 1]
-        same_rank = len(here) == len(above)
-        fits = same_rank and here[-1] == above[-1] and all(a > 0 and h % a == 0 for h, a in zip(here[:-1], above[:-1]))
-        if not fits:
-            raise SettingsError(
-                f"schedule {settings.schedule}: {model.name} on inputs {model.input_shape} cannot add the gradient of "
-                f"{model.units[index + 1].name} {above} to {model.units[index].name} {here} (needs equal channels and "
-                "a whole-number upsampling)")
 
 
 class Stepper:
@@ -155,8 +136,6 @@ def adversarial_dilated(step: Stepper, x, y_onehot):
 
 def synthetic(step: Stepper, x, y_onehot):
     """Decoupled neural interfaces: see workers.dni (needs model dni_rnn)."""
-    from workers import dni
-
     return dni.synthetic_step(step, x, y_onehot)
 
 
@@ -185,7 +164,7 @@ SCHEDULES = {
     "adversarial+dilated": adversarial_dilated,
     "synthetic": synthetic,
 }
-assert tuple(SCHEDULES) == SCHEDULE_NAMES
+assert tuple(SCHEDULES) == registry.SCHEDULES, "a schedule registered here but not in workers.registry (or the reverse)"
 
 
 def get_schedule(settings):

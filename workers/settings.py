@@ -1,254 +1,243 @@
 """The settings of one training case: a validated, documented, hashable record.
 
-Every field has a docstring (the string literal right below it). A suite file names
-fields by these names; an unknown name, a wrong type or an impossible value raises
-`SettingsError` naming the field, before anything is launched. No TensorFlow here:
-the driver imports this module.
+Two frozen pydantic models, `CaseSettings` and its `DataSpec`. Every field has a
+docstring (the string literal right below it), which is its description in the JSON
+schema (`bplab schema`) and in the README. A suite file names fields by these names; an
+unknown name, a wrong type or an impossible value raises `SettingsError`, one line naming
+the field, before anything is launched. Names (models, schedules, ...) come from
+workers.registry. No TensorFlow here: the driver imports this module.
 """
 
-from __future__ import annotations
-
-import dataclasses
+import difflib
 import hashlib
 import json
 import math
-import typing
-from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal, Optional, Union
 
-SCHEDULES = (
-    "standard",
-    "unfair-back",
-    "unfair-front",
-    "adversarial",
-    "dilated",
-    "adversarial+dilated",
-    "synthetic",
-)
-ENGINES = ("manual", "autodiff")
-OPTIMIZERS = ("sgd", "momentum", "adam", "amsgrad")
-DATASETS = ("digits", "moons", "mnist", "cifar10")
-LR_SCHEDULES = ("constant", "step", "inverse")
-QUIRKS = (
-    "elu_derivative_two",
-    "celu_derivative_two",
-    "pool_gradient_unscaled",
-    "output_error_unscaled",
-    "adam_constant_bias_correction",
-    "amsgrad_whole_tensor_max",
-    "softmax_twice_in_train_cost",
-    "softmax_twice_in_test_cost",
-    "float_images_to_imgaug",
-)
-# Quirks that change a hand-written backward pass (meaningless with engine: autodiff).
-GRADIENT_QUIRKS = ("elu_derivative_two", "celu_derivative_two", "pool_gradient_unscaled", "output_error_unscaled")
-QUIRK_DOCS = {
-    "elu_derivative_two": "ELU backward returns 2 (not 1) where x > 0 (unfair study source).",
-    "celu_derivative_two": "CELU backward returns 2 (not 1) where x >= 0 (adversarial study source).",
-    "pool_gradient_unscaled": "average-pool and global-mean backward copy the gradient "
-    "without the 1/4 (1/H*W) factor.",
-    "output_error_unscaled": "output error is softmax - y, not divided by the batch size.",
-    "adam_constant_bias_correction": "Adam divides m and v by the constant (1-beta), "
-    "not (1-beta^t).",
-    "amsgrad_whole_tensor_max": "AMSGrad keeps the old v-hat unless sum(new v) > sum(old v-hat), "
-    "and has no bias correction.",
-    "softmax_twice_in_train_cost": "the logged train cost applies softmax twice (unfair study source; "
-    "logged number only, gradients unchanged).",
-    "softmax_twice_in_test_cost": "the logged test cost applies softmax twice (adversarial study source; "
-    "logged number only).",
-    "float_images_to_imgaug": "augmentation feeds float images in [0, 1] to imgaug instead "
-    "of uint8 (the suspected cause of the source's ~.49 train accuracy).",
-}
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints,
+                      ValidationError, model_validator)
+from pydantic_core import PydanticCustomError
 
+from workers import registry
+from workers.registry import GRADIENT_QUIRKS, QUIRK_DOCS, QUIRKS  # noqa: F401 - re-exported
 
 # Names people reach for from other tools, for the did-you-mean hint.
 ALIASES = {"learning_rate": "lr", "batch": "batch_size", "num_epochs": "epochs", "n_epochs": "epochs",
            "dataset": "data", "optimiser": "optimizer", "random_seed": "seed", "eps": "epsilon", "l2": "weight_decay"}
+
+SEED_LIMIT = 2 ** 31  # NumPy's default_rng and tf.random's stateless seeds take any int below it
+RESIZE_LIMIT = 1024
 
 
 class SettingsError(ValueError):
     """A user-facing settings error; its message is one line naming the field."""
 
 
-@dataclass(frozen=True)
-class DataSpec:
+# ---------------------------------------------------------------------- value types
+
+
+def _number(value):
+    """A float from a YAML number or a string YAML left unparsed (1e-4 without a dot); no bools."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number", "expected a number")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise PydanticCustomError("number", "expected a number") from None
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise PydanticCustomError("number", "expected a finite number")
+        return float(value)
+    raise PydanticCustomError("number", "expected a number")
+
+
+def _listed(value):
+    """A scalar stands for a one-element list (hidden: 50, quirks: name); lists become tuples."""
+    if isinstance(value, (int, str, float)) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _float(**constraints):
+    """A float field (constraints before the validator, so the JSON schema shows them)."""
+    return Annotated[float, Field(**constraints), BeforeValidator(_number)]
+
+
+NonNegative = _float(ge=0)
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)]
+Positive = Annotated[int, Strict(), Field(ge=1)]
+PositiveOrNone = Optional[Positive]
+
+
+# Names a field accepts, from the registry ("default": the model's own).
+DataSetName = Literal[registry.DATASETS]
+Standardize = Literal[registry.STANDARDIZE]
+ModelName = Literal[registry.MODELS]
+ActivationName = Literal[("default", *registry.ACTIVATIONS)]
+InitName = Literal[("default", *registry.INITS)]
+ScheduleName = Literal[registry.SCHEDULES]
+EngineName = Literal[registry.ENGINES]
+OptimizerName = Literal[registry.OPTIMIZERS]
+LrScheduleName = Literal[registry.LR_SCHEDULES]
+QuirkName = Literal[registry.QUIRKS]
+
+
+def _listed_of(item, **constraints):
+    """A tuple field that a YAML list or a single value fills."""
+    accepted = Union[item, Annotated[list[item], Field(**constraints)]]
+    return Annotated[tuple[item, ...], Field(**constraints), BeforeValidator(_listed, json_schema_input_type=accepted)]
+
+
+def _unique(values):
+    if values is not None and len(set(values)) != len(values):
+        raise PydanticCustomError("unique", "repeated label")
+    return values
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    def to_dict(self) -> dict:
+        """Every field (nested DataSpec as a dict), tuples kept: what the digest hashes."""
+        return self.model_dump(mode="python")
+
+
+class DataSpec(_Settings):
     """Which data a case trains on, and how it is prepared."""
 
-    name: str = "digits"
+    name: DataSetName = "digits"
     """Data set: digits (scikit-learn's bundled 8x8 digits), moons (generated), mnist, cifar10."""
-    path: str | None = None
+    path: Optional[str] = None
     """Folder or file of the raw data (mnist, cifar10); None looks in the usual places
     (./data/NAME, ~/.keras/datasets)."""
-    classes: tuple[int, ...] | None = None
+    classes: Annotated[Optional[_listed_of(Int)], AfterValidator(_unique)] = None
     """Keep only these labels (relabelled 0..k-1 in the given order); None keeps all."""
-    train_size: int | None = None
+    train_size: PositiveOrNone = None
     """Use only the first N training examples (after class filtering); None uses all."""
-    test_size: int | None = None
+    test_size: PositiveOrNone = None
     """Use only the first N test examples; None uses all."""
-    resize: int | None = None
-    """Resize images to N x N (bilinear), e.g. 32 for MNIST into celu7; None keeps the size."""
-    standardize: str = "none"
+    resize: Optional[Annotated[int, Strict(), Field(ge=1, le=RESIZE_LIMIT)]] = None
+    """Resize images to N x N (bilinear, N <= 1024), e.g. 32 for MNIST into celu7; None keeps the size."""
+    standardize: Standardize = "none"
     """'none' (pixels / 255), 'per_pixel' (subtract the training set's per-pixel mean and
     divide by its per-pixel std) or 'global'."""
-    noise: float = 0.1
+    noise: NonNegative = 0.1
     """moons only: standard deviation of the Gaussian noise."""
-    samples: int = 1000
+    samples: Annotated[int, Strict(), Field(ge=10)] = 1000
     """moons only: number of generated points (80 % train, 20 % test)."""
 
-    def validate(self, where: str = "data") -> None:
-        if self.name not in DATASETS:
-            raise SettingsError(f"{where}.name: unknown data set {self.name!r}; expected one of {', '.join(DATASETS)}")
-        for name in ("train_size", "test_size", "resize"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise SettingsError(f"{where}.{name}: must be a positive integer, got {value}")
-        if self.standardize not in ("none", "per_pixel", "global"):
-            raise SettingsError(f"{where}.standardize: expected none, per_pixel or global, got {self.standardize!r}")
-        if self.classes is not None and len(set(self.classes)) != len(self.classes):
-            raise SettingsError(f"{where}.classes: repeated label in {list(self.classes)}")
-        if self.noise < 0:
-            raise SettingsError(f"{where}.noise: must be >= 0, got {self.noise}")
-        if self.samples < 10:
-            raise SettingsError(f"{where}.samples: must be >= 10, got {self.samples}")
+    def __init__(self, name: str = "digits", /, **values):  # DataSpec("mnist", ...) as well as DataSpec(name=...)
+        super().__init__(name=values.pop("name", name), **values)
 
 
-@dataclass(frozen=True)
-class CaseSettings:
-    """Everything that decides the numbers one training case produces."""
+def _data(value):
+    """A data set's name stands for DataSpec(name)."""
+    if isinstance(value, str):
+        return {"name": value}
+    if not isinstance(value, (dict, DataSpec)):
+        raise PydanticCustomError("data", "expected a mapping or a data set name")
+    return value
 
-    model: str = "allconv9"
-    """Model name from the registry (workers.models.MODELS): allconv9, mlp, celu7, dcn, dni_rnn."""
-    width: float = 1.0
+
+class CaseFields(_Settings):
+    """The fields of a case (CaseSettings adds the rules between fields)."""
+
+    model: ModelName = "allconv9"
+    """Model name from the registry (workers.registry.MODELS): allconv9, mlp, celu7, dcn, dni_rnn."""
+    width: _float(gt=0) = 1.0
     """Width multiplier: every hidden layer's channel or unit count is scaled by it (min 1)."""
-    hidden: tuple[int, ...] = (50,)
+    hidden: _listed_of(Positive, min_length=1) = (50,)
     """mlp only: sizes of the hidden layers."""
-    activation: str = "default"
+    activation: ActivationName = "default"
     """mlp, dcn and dni_rnn: hidden activation (tanh, sigmoid, relu, elu, celu); 'default' is
     the model's own (mlp and dni_rnn: tanh, dcn: relu)."""
-    init: str = "default"
+    init: InitName = "default"
     """Weight initialisation: 'default' (the model's own, e.g. allconv9's truncated normal
     stds), 'xavier' (Glorot uniform) or 'normal' (N(0, init_std))."""
-    init_std: float = 0.05
+    init_std: _float(gt=0) = 0.05
     """Standard deviation for init: normal."""
-    dropout: float = 0.0
+    dropout: _float(ge=0, lt=1) = 0.0
     """dcn only: dropout rate before the last dense layer (0.5 in the source)."""
-    data: DataSpec = field(default_factory=DataSpec)
+    data: Annotated[DataSpec, BeforeValidator(_data, json_schema_input_type=Union[DataSpec, DataSetName])] = DataSpec()
     """The data set and its preparation (see DataSpec)."""
-    augment: bool = False
+    augment: Bool = False
     """Train on half original, half augmented copies (EXPERIMENTS.md section 1); the
     effective batch is twice batch_size."""
-    schedule: str = "standard"
+    schedule: ScheduleName = "standard"
     """Which layers are updated in each stage of a step: standard, unfair-back,
     unfair-front, adversarial, dilated, adversarial+dilated, synthetic."""
-    engine: str = "manual"
+    engine: EngineName = "manual"
     """manual (hand-written backward) or autodiff (tf.GradientTape, standard schedule only)."""
-    optimizer: str = "adam"
+    optimizer: OptimizerName = "adam"
     """sgd, momentum, adam or amsgrad; all written by hand."""
-    lr: float = 1e-4
+    lr: _float(gt=0) = 1e-4
     """Learning rate."""
-    lr_schedule: str = "constant"
+    lr_schedule: LrScheduleName = "constant"
     """constant, step (times lr_decay every lr_decay_epochs) or inverse (lr / (1 + lr_decay*epoch))."""
-    lr_decay: float = 0.1
+    lr_decay: NonNegative = 0.1
     """Decay factor for the step and inverse learning-rate schedules."""
-    lr_decay_epochs: int = 10
+    lr_decay_epochs: Positive = 10
     """Epochs between decays for the step schedule."""
-    beta1: float = 0.9
+    beta1: _float(ge=0, lt=1) = 0.9
     """Adam/AMSGrad first-moment decay (also the momentum coefficient)."""
-    beta2: float = 0.9
+    beta2: _float(ge=0, lt=1) = 0.9
     """Adam/AMSGrad second-moment decay (0.9 in the source studies, not 0.999)."""
-    epsilon: float = 1e-8
+    epsilon: NonNegative = 1e-8
     """Adam/AMSGrad denominator constant."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """L2 regularisation coefficient: loss += weight_decay/2 * sum(w^2) over weights."""
-    batch_size: int = 10
+    batch_size: Annotated[int, Strict(), Field(ge=0)] = 10
     """Examples per step; 0 means the whole training set (full-batch gradient descent)."""
-    epochs: int = 10
+    epochs: Positive = 10
     """Passes over the training set."""
-    seed: int = 678
-    """Seeds initialisation, data order, augmentation and dropout."""
-    adversarial_epsilon: float = 0.1
+    seed: Seed = 678
+    """Seeds initialisation, data order, augmentation and dropout (0 <= seed < 2**31)."""
+    adversarial_epsilon: NonNegative = 0.1
     """adversarial schedules: x_adv = x + epsilon * sign(dloss/dx)."""
-    dilation_rate: float = 0.5
+    dilation_rate: NonNegative = 0.5
     """dilated schedules: skip-gradient rate r0 in r = r0 / (1 + dilation_decay * epoch)."""
-    dilation_decay: float = 0.05
+    dilation_decay: NonNegative = 0.05
     """dilated schedules: decay of the skip-gradient rate per epoch."""
-    synthetic_lr: float = 1e-4
+    synthetic_lr: NonNegative = 1e-4
     """synthetic schedule: learning rate of the synthetic-gradient models."""
-    recurrent_lr: float = 1e-6
+    recurrent_lr: NonNegative = 1e-6
     """synthetic schedule and dni_rnn: learning rate of the recurrent weights (lr is the output layer's)."""
-    steps_per_epoch: int | None = None
+    steps_per_epoch: PositiveOrNone = None
     """Stop each epoch after N steps (None: a full pass). Useful for smoke runs."""
-    layer_stats_every: int = 0
+    layer_stats_every: Annotated[int, Strict(), Field(ge=0)] = 0
     """Log mean/std/min/max/histogram of weights, biases, pre-activations and activations of
     every layer every N steps (0: never)."""
-    quirks: tuple[str, ...] = ()
+    quirks: _listed_of(QuirkName) = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
 
-    # ---- derived -----------------------------------------------------------------
-    def validate(self, where: str = "case") -> "CaseSettings":
-        """Raise SettingsError naming the first bad field; return self."""
-        from workers import models, schedules  # registries; no TensorFlow at import
 
-        if self.model not in models.MODEL_NAMES:
-            raise SettingsError(f"{where}.model: unknown model {self.model!r}; expected one of {', '.join(models.MODEL_NAMES)}")
-        if self.schedule not in schedules.SCHEDULE_NAMES:
-            raise SettingsError(f"{where}.schedule: unknown schedule {self.schedule!r}; expected one of {', '.join(schedules.SCHEDULE_NAMES)}")
-        if self.engine not in ENGINES:
-            raise SettingsError(f"{where}.engine: unknown engine {self.engine!r}; expected manual or autodiff")
+def _rule(field: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("rule", "{field}: " + message.replace("{", "{{").replace("}", "}}"), {"field": field})
+
+
+class CaseSettings(CaseFields):
+    """Everything that decides the numbers one training case produces."""
+
+    @model_validator(mode="after")
+    def _rules_between_fields(self) -> "CaseSettings":
         if self.engine == "autodiff" and self.schedule != "standard":
-            raise SettingsError(f"{where}.engine: autodiff runs the standard schedule only, not {self.schedule!r}")
+            raise _rule("engine", f"autodiff runs the standard schedule only, not {self.schedule!r}")
         gradient_quirks = [q for q in self.quirks if q in GRADIENT_QUIRKS]
         if self.engine == "autodiff" and gradient_quirks:
-            raise SettingsError(f"{where}.quirks: {gradient_quirks[0]} changes a hand-written backward; "
-                                "engine autodiff differentiates the forward pass and would ignore it")
+            raise _rule("quirks", f"{gradient_quirks[0]} changes a hand-written backward; "
+                        "engine autodiff differentiates the forward pass and would ignore it")
         if self.schedule == "synthetic" and self.model != "dni_rnn":
-            raise SettingsError(f"{where}.schedule: synthetic gradients need model dni_rnn, not {self.model!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise SettingsError(f"{where}.optimizer: unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise SettingsError(f"{where}.lr_schedule: expected one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.init not in ("default", "xavier", "normal"):
-            raise SettingsError(f"{where}.init: expected default, xavier or normal, got {self.init!r}")
-        if self.activation not in ("default", "tanh", "sigmoid", "relu", "elu", "celu"):
-            raise SettingsError(f"{where}.activation: expected default, tanh, sigmoid, relu, elu or celu, got {self.activation!r}")
-        positive = {"lr": self.lr, "width": self.width, "epochs": self.epochs, "init_std": self.init_std}
-        for name, value in positive.items():
-            if not value > 0:
-                raise SettingsError(f"{where}.{name}: must be > 0, got {value}")
-        non_negative = {
-            "batch_size": self.batch_size, "weight_decay": self.weight_decay, "epsilon": self.epsilon,
-            "adversarial_epsilon": self.adversarial_epsilon, "dilation_rate": self.dilation_rate,
-            "dilation_decay": self.dilation_decay, "layer_stats_every": self.layer_stats_every,
-            "synthetic_lr": self.synthetic_lr, "recurrent_lr": self.recurrent_lr, "lr_decay": self.lr_decay,
-        }
-        for name, value in non_negative.items():
-            if value < 0:
-                raise SettingsError(f"{where}.{name}: must be >= 0, got {value}")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise SettingsError(f"{where}.{name}: must be in [0, 1), got {value}")
-        if not 0 <= self.dropout < 1:
-            raise SettingsError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
-        if self.lr_decay_epochs < 1:
-            raise SettingsError(f"{where}.lr_decay_epochs: must be >= 1, got {self.lr_decay_epochs}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise SettingsError(f"{where}.steps_per_epoch: must be >= 1, got {self.steps_per_epoch}")
-        if any(h < 1 for h in self.hidden) or not self.hidden:
-            raise SettingsError(f"{where}.hidden: expected one or more positive sizes, got {list(self.hidden)}")
-        for quirk in self.quirks:
-            if quirk not in QUIRKS:
-                raise SettingsError(f"{where}.quirks: unknown quirk {quirk!r}; expected any of {', '.join(QUIRKS)}")
-        if self.seed < 0:
-            raise SettingsError(f"{where}.seed: must be >= 0, got {self.seed}")
-        self.data.validate(f"{where}.data")
+            raise _rule("schedule", f"synthetic gradients need model dni_rnn, not {self.model!r}")
         return self
 
     def has(self, quirk: str) -> bool:
         assert quirk in QUIRKS, f"unknown quirk {quirk}"
         return quirk in self.quirks
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def flat(self) -> dict:
         """One level of keys (data.name ...), lists as JSON strings: a row of the cases table."""
@@ -274,95 +263,115 @@ def _scalar(value):
 
 
 def field_docs(cls=CaseSettings) -> dict[str, str]:
-    """Field name -> its docstring, read from the source (the string below each field)."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
+    """Field name -> its docstring (one line)."""
+    return {name: " ".join((info.description or "").split()) for name, info in cls.model_fields.items()}
 
 
-def _coerce(value, annotation, where: str):
-    """Check/convert a YAML value to a field's annotated type, or raise SettingsError."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is typing.Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is tuple:
-        if isinstance(value, (int, str, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise SettingsError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(v, args[0], where) for v in value)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise SettingsError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SettingsError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)  # YAML reads 1e-4 (no dot) as a string
-            except ValueError:
-                raise SettingsError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SettingsError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
-            raise SettingsError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise SettingsError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is DataSpec:
-        if isinstance(value, DataSpec):
-            return value
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, dict):
-            raise SettingsError(f"{where}: expected a mapping or a data set name, got {value!r}")
-        return build(DataSpec, value, where)
-    raise AssertionError(f"no coercion for {annotation}")
+# ---------------------------------------------------------------------- errors
+
+_KINDS = {"model": "model", "schedule": "schedule", "engine": "engine", "optimizer": "optimizer", "quirks": "quirk",
+          "name": "data set", "lr_schedule": "learning-rate schedule", "activation": "activation", "init": "init",
+          "standardize": "standardization"}
+_MESSAGES = {
+    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}", "int_type": "expected an integer", "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer", "bool_type": "expected true or false", "string_type": "expected a string",
+    "tuple_type": "expected a list", "too_short": "expected at least {min_length} value(s)",
+    "model_type": "expected a mapping", "dict_type": "expected a mapping", "unique": "repeated label",
+}
 
 
-def build(cls, values: dict, where: str = "case"):
-    """Make a settings record from a plain dict (a YAML mapping), checking every key and type."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            import difflib
+def _location(loc) -> tuple[str, list]:
+    """('data', 'classes', 1) -> 'data.classes[1]' and the path of field names."""
+    text, names = "", []
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + part
+            names.append(part)
+    return text, names
 
-            alias = ALIASES.get(str(key))
-            close = [alias] if alias in known else difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SettingsError(f"{where}.{key}: unknown setting{hint}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+
+def _message(error: dict) -> str:
+    """One pydantic error as 'field: message, got VALUE'."""
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "rule":
+        return error["msg"]
+    where, names = _location(error["loc"])
+    if kind == "extra_forbidden":
+        known = sorted((DataSpec if names[:1] == ["data"] and len(names) > 1 else CaseSettings).model_fields)
+        key = names[-1]
+        alias = ALIASES.get(key)
+        close = [alias] if alias in known else difflib.get_close_matches(key, known, n=1)
+        return f"{where}: unknown setting" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if kind == "literal_error":
+        field = names[-1] if names else ""
+        expected = ", ".join(str(v).strip("'") for v in ctx.get("expected", "").replace(" or ", ", ").split(", "))
+        return f"{where}: unknown {_KINDS.get(field, 'value')} {value!r}; expected one of {expected}"
+    message = _MESSAGES.get(kind)
+    bounds = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
+    message = message.format(**bounds) if message else error["msg"]
+    return f"{where}: {message}, got {value!r}"
+
+
+def _first_error(error: ValidationError) -> str:
+    return _message(error.errors(include_url=False)[0])
 
 
 def from_dict(values: dict, where: str = "case") -> CaseSettings:
-    """A validated CaseSettings from a plain dict."""
-    return build(CaseSettings, values, where).validate(where)
+    """A validated CaseSettings from a plain dict (a YAML mapping); SettingsError
+    'WHERE.field: message' naming the first bad field."""
+    if not isinstance(values, dict):
+        raise SettingsError(f"{where}: expected a mapping of settings, got {values!r}")
+    try:
+        return CaseSettings.model_validate({str(k): v for k, v in values.items()})
+    except ValidationError as error:
+        raise SettingsError(f"{where}.{_first_error(error)}") from None
 
 
 def from_json(values: dict) -> CaseSettings:
-    """Inverse of to_dict (trusted input: a checkpoint or a cases table)."""
-    values = dict(values)
-    values["data"] = DataSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values["data"].items()})
-    return CaseSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+    """Inverse of to_dict (a checkpoint or a cases table)."""
+    return from_dict(values, where="stored settings")
+
+
+# ---------------------------------------------------------------------- the suite file
+
+CASE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+SettingName = Literal[tuple(CaseFields.model_fields)]
+Grid = dict[SettingName, Annotated[list, Field(min_length=1)]]
+
+
+class SuiteCase(CaseFields):
+    """One case of a suite: settings over the suite's defaults, and its own grid."""
+
+    grid: Optional[Grid] = None
+    """Expand this case over every combination of these values (on top of the suite's grid)."""
+
+
+class SuiteFile(BaseModel):
+    """A suite file (jobs/suites/*.yaml): shared defaults, an optional grid, named cases.
+    Rules between settings (e.g. autodiff runs the standard schedule only) are checked per
+    expanded case, after defaults, grid and --set are merged."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, title="bplab suite")
+
+    name: Optional[Annotated[str, StringConstraints(pattern=CASE_NAME_PATTERN)]] = None
+    """The suite's name (default: the file's name): letters, digits and _ . + - only."""
+    description: Optional[str] = None
+    """One paragraph: what the suite studies."""
+    reference: Optional[str] = None
+    """The source study its report is compared with (analysis.reference)."""
+    defaults: Optional[CaseFields] = None
+    """Settings shared by every case (a case's own settings win)."""
+    grid: Optional[Grid] = None
+    """Expand every case over every combination of these values (cartesian)."""
+    cases: Annotated[dict[Annotated[str, StringConstraints(pattern=CASE_NAME_PATTERN)], Optional[SuiteCase]],
+                     Field(min_length=1, json_schema_extra={"additionalProperties": False})]
+    """Case name -> its settings (letters, digits and _ . + - in a name)."""
+
+
+def suite_schema() -> dict:
+    """The JSON schema of a suite file (docs/suite.schema.json, `bplab schema`)."""
+    schema = SuiteFile.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

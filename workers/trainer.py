@@ -123,8 +123,8 @@ def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
 
     for index, unit in enumerate(net.units):
         variables = net.variables[index]
-        if "w" in variables:
-            add(unit.name, "weights", variables["w"].numpy())
+        if unit.weight_names:  # every weight of the unit (dni_rnn's t2: wx and wh)
+            add(unit.name, "weights", np.concatenate([variables[n].numpy().ravel() for n in unit.weight_names]))
         if "b" in variables:
             add(unit.name, "biases", variables["b"].numpy())
         for op in unit.ops:

@@ -1,0 +1,68 @@
+"""The names of everything a suite file can pick, one tuple per kind.
+
+A leaf module (no TensorFlow, no other bplab import): the settings validate names
+against these tuples and the driver reads them at plan time. Each kind's implementation
+registers the same names in its own module and asserts that they match, so adding a
+model, schedule, optimiser or activation means adding it there and naming it here.
+"""
+
+from __future__ import annotations
+
+# workers.models.MODELS
+MODELS = ("allconv9", "mlp", "celu7", "dcn", "dni_rnn")
+# workers.schedules.SCHEDULES
+SCHEDULES = (
+    "standard",
+    "unfair-back",
+    "unfair-front",
+    "adversarial",
+    "dilated",
+    "adversarial+dilated",
+    "synthetic",
+)
+# workers.optimizers.OPTIMIZERS
+OPTIMIZERS = ("sgd", "momentum", "adam", "amsgrad")
+# workers.optimizers.learning_rate
+LR_SCHEDULES = ("constant", "step", "inverse")
+# workers.data.load_dataset
+DATASETS = ("digits", "moons", "mnist", "cifar10")
+STANDARDIZE = ("none", "per_pixel", "global")
+# workers.layers.ACTIVATIONS ("default" in the settings: the model's own)
+ACTIVATIONS = ("tanh", "sigmoid", "relu", "elu", "celu")
+# workers.models._init_for ("default" in the settings: the model's own)
+INITS = ("xavier", "normal")
+# workers.schedules.get_schedule: hand-written backward, or tf.GradientTape
+ENGINES = ("manual", "autodiff")
+
+# ---- quirks: source-study mistakes a case may reproduce (workers.layers, optimizers, augment)
+QUIRKS = (
+    "elu_derivative_two",
+    "celu_derivative_two",
+    "pool_gradient_unscaled",
+    "output_error_unscaled",
+    "adam_constant_bias_correction",
+    "amsgrad_whole_tensor_max",
+    "softmax_twice_in_train_cost",
+    "softmax_twice_in_test_cost",
+    "float_images_to_imgaug",
+)
+QUIRK_DOCS = {
+    "elu_derivative_two": "ELU backward returns 2 (not 1) where x > 0 (unfair study source).",
+    "celu_derivative_two": "CELU backward returns 2 (not 1) where x >= 0 (adversarial study source).",
+    "pool_gradient_unscaled": "average-pool and global-mean backward copy the gradient "
+    "without the 1/4 (1/H*W) factor.",
+    "output_error_unscaled": "output error is softmax - y, not divided by the batch size.",
+    "adam_constant_bias_correction": "Adam divides m and v by the constant (1-beta), "
+    "not (1-beta^t).",
+    "amsgrad_whole_tensor_max": "AMSGrad keeps the old v-hat unless sum(new v) > sum(old v-hat), "
+    "and has no bias correction.",
+    "softmax_twice_in_train_cost": "the logged train cost applies softmax twice (unfair study source; "
+    "logged number only, gradients unchanged).",
+    "softmax_twice_in_test_cost": "the logged test cost applies softmax twice (adversarial study source; "
+    "logged number only).",
+    "float_images_to_imgaug": "augmentation feeds float images in [0, 1] to imgaug instead "
+    "of uint8 (the suspected cause of the source's ~.49 train accuracy).",
+}
+# Quirks that change a hand-written backward pass (meaningless with engine: autodiff).
+GRADIENT_QUIRKS = ("elu_derivative_two", "celu_derivative_two", "pool_gradient_unscaled", "output_error_unscaled")
+# ---- end of quirks
