@@ -67,6 +67,7 @@ __all__ = [
     "CASE_STATES",
     "FAILURE_CLASSES",
     "DATASETS",
+    "LeaseLost",
     "LedgerEntry",
     "RunDir",
     "StorageError",
@@ -106,6 +107,10 @@ _IN_PLACE_HINTS = ("s3", "gcs", "gs")  # object stores: single writes are atomic
 
 class StorageError(ValueError):
     """A run-directory problem, with a one-line message fit to show to the user."""
+
+
+class LeaseLost(StorageError):
+    """The driver's lease was taken by another driver: this one must stop writing."""
 
 
 @dataclass
@@ -263,20 +268,7 @@ class RunDir:
         manifest_bytes = _json_bytes(manifest, f"{run.location}: manifest")
         rows = _check_cases(cases)
         with run._lock:
-            if run._fs.get_file_info(run.root).type == pafs.FileType.File:
-                raise StorageError(f"{run.location} is a file, not a folder for a bplab run")
-            if run.is_run():
-                raise StorageError(f"{run.location} already holds a bplab run (it has a manifest.json)")
-            foreign = sorted(
-                info.base_name
-                for info in run._list(run.root)
-                if info.base_name not in _LAYOUT_NAMES and not _is_tmp(info.base_name)
-            )
-            if foreign:
-                raise StorageError(
-                    f"{run.location} is not empty and is not a bplab run directory (it holds {', '.join(foreign[:3])}"
-                    f"{', ...' if len(foreign) > 3 else ''})"
-                )
+            run.check_new()
             run._write_table(run.path(CASES), _rows_to_table(rows, "cases", json_fallback=True))
             ids = {row["case_id"] for row in rows}
             for info in run._list(run.path(LEDGER)):  # leftovers of a create that died half-way
@@ -287,6 +279,28 @@ class RunDir:
             run._case_ids = ids
             run._write_bytes(run.path(MANIFEST), manifest_bytes)
         return run
+
+    def check_new(self) -> None:
+        """StorageError (one line) unless a new run can be created here: the location is not a
+        file, holds no run and no files foreign to a run. Reads only."""
+        try:
+            kind = self._fs.get_file_info(self.root).type
+        except (OSError, pa.ArrowException) as exc:
+            raise StorageError(f"cannot use {self.location}: {_one_line(exc)}") from None
+        if kind == pafs.FileType.File:
+            raise StorageError(f"{self.location} is a file, not a folder for a bplab run")
+        if self.is_run():
+            raise StorageError(f"{self.location} already holds a run: resume it with --resume {self.location}")
+        foreign = sorted(
+            info.base_name
+            for info in self._list(self.root)
+            if info.base_name not in _LAYOUT_NAMES and not _is_tmp(info.base_name)
+        )
+        if foreign:
+            raise StorageError(
+                f"{self.location} is not empty and is not a bplab run directory (it holds {', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''})"
+            )
 
     @classmethod
     def open(
@@ -687,7 +701,7 @@ class RunDir:
             holder = self.read_lock()
             if holder is None or holder.get("token") != token:
                 who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody"
-                raise StorageError(f"{self.location}: this driver lost {LOCK} (now held by {who}); stop writing")
+                raise LeaseLost(f"{self.location}: this driver lost {LOCK} (now held by {who}); stopped")
             self._write_bytes(self.path(LOCK), _json_bytes(_lease_record(token), f"{self.location}: {LOCK}"))
 
     def release_lease(self, token: str) -> None:

@@ -69,7 +69,7 @@ def test_create_over_existing_run_is_refused_and_run_untouched(tmp_path):
     entry = run.entry("aaa111")
     run.commit("aaa111", [train_row(0, 1)], b"ckpt", dataclasses_replace(entry, state="running"))
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    with pytest.raises(StorageError, match="already holds a bplab run") as err:
+    with pytest.raises(StorageError, match="already holds a run") as err:
         RunDir.create(str(root), {"suite": "other"}, [{"case_id": "ccc333", "name": "x"}])
     assert "\n" not in str(err.value)
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}

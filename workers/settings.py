@@ -9,9 +9,11 @@ the driver imports this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -25,6 +27,8 @@ SCHEDULES = (
     "synthetic",
 )
 ENGINES = ("manual", "autodiff")
+MAX_RESIZE = 1024  # data.resize: images of at most MAX_RESIZE x MAX_RESIZE
+MAX_STEPS = 10**8  # epochs x steps_per_epoch (epochs alone without steps_per_epoch), unless BPLAB_FORCE_LONG=1
 OPTIMIZERS = ("sgd", "momentum", "adam", "amsgrad")
 DATASETS = ("digits", "moons", "mnist", "cifar10")
 LR_SCHEDULES = ("constant", "step", "inverse")
@@ -101,6 +105,8 @@ class DataSpec:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise SettingsError(f"{where}.{name}: must be a positive integer, got {value}")
+        if self.resize is not None and self.resize > MAX_RESIZE:
+            raise SettingsError(f"{where}.resize: must be at most {MAX_RESIZE}, got {str(self.resize)[:40]}")
         if self.standardize not in ("none", "per_pixel", "global"):
             raise SettingsError(f"{where}.standardize: expected none, per_pixel or global, got {self.standardize!r}")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
@@ -238,8 +244,12 @@ class CaseSettings:
         for quirk in self.quirks:
             if quirk not in QUIRKS:
                 raise SettingsError(f"{where}.quirks: unknown quirk {quirk!r}; expected any of {', '.join(QUIRKS)}")
-        if self.seed < 0:
-            raise SettingsError(f"{where}.seed: must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**31:  # what NumPy and TensorFlow both seed
+            raise SettingsError(f"{where}.seed: must be in [0, 2**31), got {str(self.seed)[:40]}")
+        steps = self.epochs * (self.steps_per_epoch or 1)
+        if steps > MAX_STEPS and os.environ.get("BPLAB_FORCE_LONG") != "1":
+            raise SettingsError(f"{where}.epochs: epochs x steps_per_epoch = {str(steps)[:40]} is more than {MAX_STEPS:.0e} "
+                                "(set BPLAB_FORCE_LONG=1 to run it anyway)")
         self.data.validate(f"{where}.data")
         return self
 
@@ -339,9 +349,14 @@ def _coerce(value, annotation, where: str):
     raise AssertionError(f"no coercion for {annotation}")
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)  # slow (compiles every annotation): once per class
+
+
 def build(cls, values: dict, where: str = "case"):
     """Make a settings record from a plain dict (a YAML mapping), checking every key and type."""
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     known = {f.name for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
