@@ -503,22 +503,27 @@ class RunDir:
         self._sync(posixpath.dirname(final))
 
     # ------------------------------------------------------------------ verification
-    def verify(self, case_ids: Iterable[str] | None = None, *, checkpoints: bool = True) -> list[tuple[str, int, str]]:
+    def verify(self, case_ids: Iterable[str] | None = None, *, checkpoints: bool = True,
+               ledger: bool = True) -> list[tuple[str, int, str]]:
         """Check the committed files of each case against its ledger entry, changing nothing.
 
         Returns ``(case_id, first damaged commit, what)`` for every case whose committed
         metrics or layer-stats part is missing, unreadable or holds another number of rows
         than its commit recorded, or (unfinished cases, with ``checkpoints``) whose latest
-        checkpoint is missing or does not match its SHA-256. :meth:`recover` repairs them.
+        checkpoint is missing or does not match its SHA-256, and (with ``ledger``) whose ledger
+        entry is damaged but has an intact backup copy. :meth:`recover` repairs them.
         """
         damage = []
-        ledger = self.ledger()
-        for case_id, entry in sorted(ledger.items()):
+        self._restored.clear()
+        entries = self.ledger()
+        for case_id, entry in sorted(entries.items()):
             if case_ids is not None and case_id not in case_ids:
                 continue
             found = self._first_damage(entry, checkpoints=checkpoints)
             if found is not None:
                 damage.append((case_id, *found))
+            elif ledger and case_id in self._restored:
+                damage.append((case_id, entry.commit_seq + 1, f"ledger/{case_id}.json is damaged (its backup copy is intact)"))
         return damage
 
     def _first_damage(self, entry: LedgerEntry, checkpoints: bool = True) -> tuple[int, str] | None:
