@@ -408,6 +408,7 @@ def cli(tmp_path, guard_dir, monkeypatch, capsys):
     return run
 
 
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("label, mode", _cases(BAD_INPUTS, SUBPROCESS))
 def test_bad_input_is_refused_up_front(label, mode, tmp_path, cli):
     make, names = BAD_INPUTS[label]
@@ -461,6 +462,7 @@ EXISTING_RUN_INPUTS = {
 }
 
 
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("label, mode", _cases(EXISTING_RUN_INPUTS, ["--out an existing run", "--resume with a bad suite"]))
 def test_bad_input_leaves_an_existing_run_untouched(label, mode, existing_run, cli):
     make, names = EXISTING_RUN_INPUTS[label]
