@@ -340,3 +340,41 @@ def test_storage_error_stops_launching_new_cases_and_says_so_once(tmp_path, monk
     assert out.getvalue().count("no new case is started") == 1
     assert driver_module.storage_is_broken(StorageError("x")) is False
     assert driver_module.storage_is_broken(OSError(errno.EACCES, "Permission denied")) is True
+
+
+# ---------------------------------------------------------------------- one real run through the CLI
+
+
+def _bplab(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "jobs", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=400)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_real_run_with_a_torn_part_is_repaired_and_resumed_to_the_same_rows(tmp_path):
+    out = tmp_path / "run"
+    first = _bplab("run", "quick", "--only", "a", "--set", "epochs=1", "--set", "steps_per_epoch=4",
+                   "--checkpoint-every", "2", "--progress-every", "0", "--no-report", "--out", out, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (out / LOCK).exists()
+    columns = ["split", "epoch", "step", "cost", "accuracy"]
+    original = pd.read_parquet(out / "metrics")[columns].sort_values(["split", "step"]).reset_index(drop=True)
+    parts = sorted((out / "metrics").glob("case_id=*/part-*.parquet"))
+    assert len(parts) == 2, parts
+    cut(parts[-1])
+
+    report = _bplab("report", out, cwd=tmp_path)
+    assert report.returncode == 2 and "Traceback" not in report.stderr
+    assert len(report.stderr.strip().splitlines()) == 1 and parts[-1].name in report.stderr
+
+    status = _bplab("status", out, cwd=tmp_path)
+    assert status.returncode == 0 and "rolled back to commit 1" in status.stdout, status.stdout + status.stderr
+
+    resumed = _bplab("run", "--resume", out, "--progress-every", "0", "--no-report", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = pd.read_parquet(out / "metrics")[columns].sort_values(["split", "step"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, original)  # every row once, the same numbers
+    assert RunDir.open(str(out)).verify() == []
