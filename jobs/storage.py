@@ -21,7 +21,8 @@ A run directory is a local path or a ``pyarrow.fs`` URI (``s3://bucket/run``,
       weights/0-schema.parquet
       weights/case_id=<id>/part-<phase>.parquet        weight histograms ('before', 'after')
       boundary/case_id=<id>/part-final.parquet         decision-boundary grid of a 2-D classifier
-      checkpoints/<case_id>/ckpt-<seq:06d>.npz         latest committed checkpoint only
+      checkpoints/<case_id>/ckpt-<seq:06d>.npz         the latest committed checkpoint and the one before it
+      driver.lock                                      the live driver's lease (see take_lease)
 
 ``metrics/``, ``layer_stats/`` and ``weights/`` are hive-partitioned Parquet datasets, read
 whole with ``pandas.read_parquet(RUN + "/metrics")`` (``case_id`` comes back categorical).
@@ -35,6 +36,14 @@ written with exactly that schema. Column types: integers -> int64, floats -> flo
 strings -> string, bool -> bool, anything else as pyarrow infers it; a column that has only
 been None so far is float64 until a real value arrives; int64 widens to float64 when a
 float arrives (older int64 parts are cast on read); any other change of type is refused.
+
+Commits (see :meth:`RunDir.commit`): a part is written as ``.staged-part-<seq>.parquet``,
+recorded (row count) in the case's ledger entry, which is the commit, and only then renamed
+into place, so a plain ``pandas.read_parquet(RUN/metrics)`` never reads an uncommitted row.
+Each ledger entry also keeps the SHA-256 of the two kept checkpoints, and a second copy of
+itself in ``ledger/.<case_id>.json.bak``. :meth:`RunDir.verify` checks a run against its
+ledger; :meth:`RunDir.recover` publishes committed parts, deletes uncommitted ones and rolls
+a case with a damaged part or checkpoint back to its last intact commit.
 
 Temporary files are named ``.<name>.tmp-<random>`` (hidden, so pyarrow's dataset discovery
 skips them even while a reader lists the folder). On object stores (s3, gcs) a single object
@@ -516,6 +525,10 @@ class RunDir:
         damage = []
         self._restored.clear()
         entries = self.ledger()
+        for dataset in ("metrics", "layer_stats", "weights", "boundary"):
+            problem = self._anchor_problem(dataset)
+            if problem is not None:
+                damage.append(("", 0, problem))
         for case_id, entry in sorted(entries.items()):
             if case_ids is not None and case_id not in case_ids:
                 continue
@@ -546,6 +559,32 @@ class RunDir:
             if problem is not None and (worst is None or seq < worst[0]):
                 worst = (seq, f"{entry.checkpoint} {problem}")
         return worst
+
+    def _anchor_problem(self, dataset: str) -> str | None:
+        path = self.path(dataset, SCHEMA_ANCHOR)
+        if not self._exists(path):
+            return None
+        try:
+            pq.read_schema(path, filesystem=self._fs)
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            return f"{dataset}/{SCHEMA_ANCHOR} is damaged ({_one_line(exc)[:100]})"
+        return None
+
+    def _rebuild_anchor(self, dataset: str) -> str:
+        """Write a damaged schema anchor again from the schemas of the dataset's readable parts."""
+        schemas = []
+        for info in self._list(self.path(dataset), recursive=True):
+            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and info.base_name != SCHEMA_ANCHOR \
+                    and not info.base_name.startswith("."):
+                try:
+                    schemas.append(pq.read_schema(info.path, filesystem=self._fs).remove_metadata())
+                except (OSError, pa.ArrowException, ValueError):
+                    continue
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+        meta = {_PROVISIONAL_KEY: json.dumps([]).encode()}
+        self._write_table(self.path(dataset, SCHEMA_ANCHOR), schema.with_metadata(meta).empty_table())
+        self._schemas.pop(dataset, None)
+        return f"{dataset}/{SCHEMA_ANCHOR} was damaged; wrote it again from the schemas of its parts"
 
     def _part_problem(self, path: str, rows: int) -> str | None:
         if not self._exists(path):
@@ -867,6 +906,10 @@ class RunDir:
                     ledger[row["case_id"]] = self._put_entry(LedgerEntry(case_id=row["case_id"], name=str(row["name"])))
                     notes.append(f"case {row['case_id']}: had no ledger entry; added it as pending")
 
+            for dataset in ("metrics", "layer_stats", "weights", "boundary"):
+                if self._anchor_problem(dataset) is not None:
+                    notes.append(self._rebuild_anchor(dataset))
+
             for case_id, entry in sorted(ledger.items()):  # a commit cut before its renames
                 for rel in self._publish_all(entry):
                     notes.append(f"case {case_id}: published committed {rel}")
@@ -976,7 +1019,11 @@ class RunDir:
             data = self._read_bytes(self.path(CASES))
         except FileNotFoundError:
             raise StorageError(f"{self.location} is not a bplab run directory (no {CASES})") from None
-        return pq.read_table(pa.BufferReader(data))
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StorageError(f"{self.location}/{CASES} is damaged ({_one_line(exc)[:100]}); restore it from a copy, "
+                               "or start the study again in a new folder") from None
 
     def _known_case_ids(self) -> set[str]:
         if self._case_ids is None:

@@ -378,3 +378,18 @@ def test_real_run_with_a_torn_part_is_repaired_and_resumed_to_the_same_rows(tmp_
     again = pd.read_parquet(out / "metrics")[columns].sort_values(["split", "step"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(again, original)  # every row once, the same numbers
     assert RunDir.open(str(out)).verify() == []
+
+
+@pytest.mark.timeout(60)
+def test_torn_schema_anchor_is_rebuilt_and_a_torn_cases_table_named(tmp_path, cli):
+    run, root = make_run(tmp_path, finished=True)
+    cut(root / "metrics" / "0-schema.parquet")
+    assert_refused(cli("report", root), "metrics/0-schema.parquet")
+    result = cli("status", root)
+    assert result.code == 0 and "metrics/0-schema.parquet was damaged" in result.stdout, result.stdout + result.stderr
+    assert steps_of(root) == list(range(1, 9))
+    cut(root / "cases.parquet")
+    before = tree_state(root)
+    for command in ("status", "report"):
+        assert_refused(cli(command, root), "cases.parquet")
+    assert tree_state(root) == before
