@@ -533,6 +533,8 @@ class RunDir:
             if case_ids is not None and case_id not in case_ids:
                 continue
             found = self._first_damage(entry, checkpoints=checkpoints)
+            if found is None:
+                found = self._uncommitted_visible(entry)
             if found is not None:
                 damage.append((case_id, *found))
             elif ledger and case_id in self._restored:
@@ -559,6 +561,15 @@ class RunDir:
             if problem is not None and (worst is None or seq < worst[0]):
                 worst = (seq, f"{entry.checkpoint} {problem}")
         return worst
+
+    def _uncommitted_visible(self, entry: LedgerEntry) -> tuple[int, str] | None:
+        """A published part newer than the ledger's commit (left by a driver of an older bplab)."""
+        for dataset in ("metrics", "layer_stats"):
+            for info in self._list(self.path(dataset, f"{PARTITION_KEY}={entry.case_id}")):
+                m = _PART_RE.match(info.base_name)
+                if m and int(m.group(1)) > entry.commit_seq:
+                    return entry.commit_seq + 1, f"{self._rel(info.path)} is not committed but visible to readers"
+        return None
 
     def _anchor_problem(self, dataset: str) -> str | None:
         path = self.path(dataset, SCHEMA_ANCHOR)

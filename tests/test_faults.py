@@ -393,3 +393,15 @@ def test_torn_schema_anchor_is_rebuilt_and_a_torn_cases_table_named(tmp_path, cl
     for command in ("status", "report"):
         assert_refused(cli(command, root), "cases.parquet")
     assert tree_state(root) == before
+
+
+@pytest.mark.timeout(60)
+def test_a_visible_uncommitted_part_is_reported_and_removed(tmp_path, cli):
+    run, root = make_run(tmp_path, finished=False)
+    folder = root / "metrics" / "case_id=aaa111"
+    (folder / "part-000004.parquet").write_bytes((folder / "part-000003.parquet").read_bytes())  # as an older driver left it
+    assert steps_of(root) == [1, 2, 3, 4, 5, 5, 6, 6]
+    assert_refused(cli("report", root), "part-000004.parquet", "not committed")
+    result = cli("status", root)
+    assert result.code == 0 and "deleted uncommitted metrics/case_id=aaa111/part-000004.parquet" in result.stdout
+    assert steps_of(root) == [1, 2, 3, 4, 5, 6]
