@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+def _one_line(error, limit: int = 1000) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"  # never echo a huge value
 
 
 # ---------------------------------------------------------------------- commands
