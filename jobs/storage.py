@@ -615,6 +615,16 @@ class RunDir:
             return "is missing"
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             return "is damaged (its SHA-256 differs from the one its commit recorded)"
+        if sha256 is None and data[:2] == b"PK":  # written before digests were recorded: check the archive
+            import io
+            import zipfile
+
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                    if archive.testzip() is not None:
+                        return "is damaged (a member fails its CRC)"
+            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                return f"is damaged ({_one_line(exc)[:80]})"
         return None
 
     def _rollback(self, entry: LedgerEntry, damaged_seq: int, what: str) -> tuple[LedgerEntry, str]:
