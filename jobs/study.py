@@ -151,6 +151,9 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         raise
     states: dict = {}
     try:
+        if run is not None:  # the lease is held: recover() never repairs a run another driver is writing
+            for note in run.recover():
+                print(f"[bplab] recover: {note}", file=stream)
         connect(address)
     except BaseException:
         leased.release_lease(token)
@@ -167,9 +170,7 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         if run is None:
             run = RunDir.create(location, manifest(study, fingerprints, address=address, overrides=overrides,
                                                    command=command), [p.row() for p in planned])
-        else:  # the lease is held: recover() never repairs a run another driver is writing
-            for note in run.recover():
-                print(f"[bplab] recover: {note}", file=stream)
+        else:
             known = set(run.case_ids())
             added = run.add_cases([p.row() for p in planned if p.case_id not in known])
             if added:

@@ -405,3 +405,13 @@ def test_a_visible_uncommitted_part_is_reported_and_removed(tmp_path, cli):
     result = cli("status", root)
     assert result.code == 0 and "deleted uncommitted metrics/case_id=aaa111/part-000004.parquet" in result.stdout
     assert steps_of(root) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_run_with_an_unrecoverable_ledger_entry_is_one_line_before_ray(tmp_path, cli):
+    location = tmp_path / "old-run"
+    make_existing_run(location)
+    for name in ("a-0123456789.json", ".a-0123456789.json.bak"):
+        cut(location / "ledger" / name)
+    assert_refused(cli("run", "--resume", location), "ledger/a-0123456789.json", "delete it")
+    assert not (location / LOCK).exists()
