@@ -115,7 +115,10 @@ def _load(args):
 
 def cmd_plan(args) -> int:
     from jobs import plan as plan_module
+    from jobs.study import check_address, check_arguments
 
+    check_arguments(cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case)
+    check_address(args.address)
     suite, datasets = _load(args)
     if args.address:
         from jobs.study import connect

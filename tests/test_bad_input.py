@@ -373,6 +373,7 @@ BAD_INPUTS.update({
     "--address malformed": (lambda tmp: ["run", write_suite(tmp), "--address", "nowhere"], ["--address", "nowhere"]),
     "--address unreachable": (lambda tmp: ["run", write_suite(tmp), "--address", "127.0.0.1:1"],
                               ["--address", "127.0.0.1:1", "cannot reach"]),
+    "plan --cpus-per-case nan": (lambda tmp: ["plan", write_suite(tmp), "--cpus-per-case", "nan"], ["--cpus-per-case"]),
     "plan --address unreachable": (lambda tmp: ["plan", write_suite(tmp), "--address", "127.0.0.1:1"],
                                    ["--address", "127.0.0.1:1"]),
 })
