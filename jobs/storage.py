@@ -690,6 +690,7 @@ class RunDir:
             entry = self._committed(case_id)
             if entry is None or entry.commit_seq == 0:
                 return None
+            self._publish_all(entry)  # a cache of every committed part, none still under its staged name
             folder = self.path("metrics", f"{PARTITION_KEY}={case_id}")
             parts = sorted(
                 (int(m.group(1)), info.path)
