@@ -298,7 +298,7 @@ def _read_ledger(filesystem: pafs.FileSystem, root: str) -> pd.DataFrame:
             base = info.base_name
             if info.type != pafs.FileType.File or not base.endswith(".json") or base.startswith((".", "_")):
                 continue
-            record = _read_json(filesystem, info.path)
+            record = _read_ledger_entry(filesystem, folder, base)
             record.setdefault("case_id", base[: -len(".json")])
             records.append(record)
     if not records:
@@ -311,6 +311,25 @@ def _read_ledger(filesystem: pafs.FileSystem, root: str) -> pd.DataFrame:
     ledger["case_id"] = ledger["case_id"].astype(str)
     first = [c for c in LEDGER_COLUMNS if c in ledger]
     return ledger[first + [c for c in ledger.columns if c not in first]]
+
+
+def _read_ledger_entry(filesystem: pafs.FileSystem, folder: str, base: str) -> dict:
+    """A ledger entry; a damaged one is read from its backup copy (ledger/.<id>.json.bak, which
+    the driver writes after each entry); ValueError (one line, naming the file) if both are."""
+    try:
+        record = _read_json(filesystem, posixpath.join(folder, base))
+        if isinstance(record, dict):
+            return record
+    except ValueError:
+        pass
+    try:
+        record = _read_json(filesystem, posixpath.join(folder, f".{base}.bak"))
+        if isinstance(record, dict):
+            return record
+    except (ValueError, FileNotFoundError, OSError):
+        pass
+    raise ValueError(f"{posixpath.join(folder, base)} is damaged and has no intact backup copy; "
+                     "`bplab status` on the run names what to do")
 
 
 def _merge_state(cases: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:

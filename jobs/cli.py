@@ -114,7 +114,10 @@ def _load(args):
 
 def cmd_plan(args) -> int:
     from jobs import plan as plan_module
+    from jobs.study import check_address, check_arguments
 
+    check_arguments(cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case)
+    check_address(args.address)
     suite, datasets = _load(args)
     if args.address:
         from jobs.study import connect
@@ -149,6 +152,7 @@ def cmd_status(args) -> int:
     from jobs.study import case_from_row
 
     run = RunDir.open(args.run)
+    unrepaired = _verify_and_repair(run)
     table = run.cases().set_index("case_id")
     manifest = run.manifest()
     states = []
@@ -163,15 +167,60 @@ def cmd_status(args) -> int:
     for state in states:
         if state.entry.reason and state.entry.state != "done":
             print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
-    return 0
+    return 1 if unrepaired else 0
+
+
+def _verify_and_repair(run) -> bool:
+    """Check the run's committed files against its ledger; when damaged and no driver holds the
+    run, roll the damaged cases back to their last intact commit. True if damage remains."""
+    import platform
+
+    from jobs.storage import StorageError
+
+    damage = run.verify()
+    if not damage:
+        return False
+    token = f"status:{platform.node()}:{os.getpid()}:{os.urandom(4).hex()}"
+    try:
+        run.take_lease(token)
+    except StorageError as error:
+        for _, _, what in damage:
+            print(f"damaged: {what} (not repaired: {_one_line(error)})")
+        return True
+    try:
+        for note in run.recover():
+            print(f"repaired: {note}")
+    finally:
+        run.release_lease(token)
+    return bool(run.verify())
 
 
 def cmd_report(args) -> int:
     from analysis.report import write_report
     from jobs.storage import RunDir
 
-    RunDir.open(args.run)  # a one-line error if it is not a run
-    path = write_report(args.run, out_dir=args.out, baseline=args.baseline)
+    import pyarrow as pa
+
+    from jobs.storage import StorageError
+    from jobs.study import check_out
+
+    run = RunDir.open(args.run)  # a one-line error if it is not a run
+    if args.out is not None:
+        check_out(str(args.out))
+    if args.baseline is not None:
+        cases = run.cases()
+        known = set(cases["name"].astype(str)) | set(cases.get("group", cases["name"]).dropna().astype(str))
+        if args.baseline not in known:
+            shown = ", ".join(sorted(known)[:10]) + (", ..." if len(known) > 10 else "")
+            raise UsageError(f"--baseline {args.baseline[:80]}: no such case or group in the run ({shown})")
+    damage = run.verify(checkpoints=False, ledger=False)
+    if damage:
+        raise StorageError(f"{run.location}: {damage[0][2]}; `bplab status {run.location}` repairs it "
+                           "(the case goes back to its last intact commit)")
+    try:
+        path = write_report(args.run, out_dir=args.out, baseline=args.baseline)
+    except (OSError, ValueError, pa.ArrowException) as error:  # a damaged run: one line, never a traceback
+        raise StorageError(f"report {run.location}: {type(error).__name__}: {_one_line(error)[:300]}") from None
     print(path)
     return 0
 

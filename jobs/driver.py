@@ -9,6 +9,7 @@ times, from the last commit; one failed case never stops the others.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -54,6 +55,7 @@ class Driver:
                       for p in planned}
         self.active: dict = {}  # ObjectRef -> (case_id, kind)
         self._remote_class = None
+        self.storage_broken: str | None = None  # set by the first storage error: no new case is launched
 
     # ------------------------------------------------------------------ actors
     def _runner_class(self):
@@ -66,6 +68,8 @@ class Driver:
         return self._remote_class
 
     def _launch(self, state: CaseState) -> None:
+        if self.storage_broken:  # the run directory cannot be written: a new actor would fail at its first commit
+            return
         p = state.planned
         resume = self.run.load_checkpoint(p.case_id) if state.entry.commit_seq else None
         actor = self._runner_class().options(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0,
@@ -150,6 +154,21 @@ class Driver:
             state.entry = self.run.write_entry(state.entry)
         except Exception as second:  # storage unreachable: the ledger keeps its last state, resume fixes it
             self._say(f"{state.planned.name}: could not record the failure: {first_line(second)}")
+        if self.storage_broken is None and storage_is_broken(error):
+            self._stop_launching(f"{type(error).__name__}: {first_line(error)}")
+
+    # ------------------------------------------------------------------ a broken run directory
+    def _stop_launching(self, reason: str) -> None:
+        """After a storage error (no space, no permission): start no new case, say so once.
+
+        Cases whose actor is still waiting for resources are withdrawn (their ledger entry
+        stays pending, so a resume runs them); running cases go on and commit if they can."""
+        self.storage_broken = reason
+        waiting = [s for s in self.cases.values() if s.actor is not None and s.entry.state == "pending"]
+        for state in waiting:
+            self._kill(state)
+        self._say(f"storage error ({reason}): no new case is started ({len(waiting)} withdrawn); "
+                  f"fix it, then  bplab run --resume {self.run.location}")
 
     def _handle(self, state: CaseState, ref, kind: str) -> None:
         import ray
@@ -288,6 +307,20 @@ class Driver:
 
     def print_view(self) -> None:
         print(render_view(self.cases.values()), file=self.out, flush=True)
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+_STORAGE_TEXTS = ("no space left", "disk quota", "permission denied", "read-only file system", "input/output error")
+
+
+def storage_is_broken(error: BaseException) -> bool:
+    """True for an error that every later write to the run directory would hit too."""
+    while error is not None:
+        if isinstance(error, OSError) and (error.errno in STORAGE_ERRNOS
+                                           or any(t in str(error).lower() for t in _STORAGE_TEXTS)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def render_view(states) -> str:

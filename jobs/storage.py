@@ -21,7 +21,8 @@ A run directory is a local path or a ``pyarrow.fs`` URI (``s3://bucket/run``,
       weights/0-schema.parquet
       weights/case_id=<id>/part-<phase>.parquet        weight histograms ('before', 'after')
       boundary/case_id=<id>/part-final.parquet         decision-boundary grid of a 2-D classifier
-      checkpoints/<case_id>/ckpt-<seq:06d>.npz         latest committed checkpoint only
+      checkpoints/<case_id>/ckpt-<seq:06d>.npz         the latest committed checkpoint and the one before it
+      driver.lock                                      the live driver's lease (see take_lease)
 
 ``metrics/``, ``layer_stats/`` and ``weights/`` are hive-partitioned Parquet datasets, read
 whole with ``pandas.read_parquet(RUN + "/metrics")`` (``case_id`` comes back categorical).
@@ -36,13 +37,23 @@ strings -> string, bool -> bool, anything else as pyarrow infers it; a column th
 been None so far is float64 until a real value arrives; int64 widens to float64 when a
 float arrives (older int64 parts are cast on read); any other change of type is refused.
 
+Commits (see :meth:`RunDir.commit`): a part is written as ``.staged-part-<seq>.parquet``,
+recorded (row count) in the case's ledger entry, which is the commit, and only then renamed
+into place, so a plain ``pandas.read_parquet(RUN/metrics)`` never reads an uncommitted row.
+Each ledger entry also keeps the SHA-256 of the two kept checkpoints, and a second copy of
+itself in ``ledger/.<case_id>.json.bak``. :meth:`RunDir.verify` checks a run against its
+ledger; :meth:`RunDir.recover` publishes committed parts, deletes uncommitted ones and rolls
+a case with a damaged part or checkpoint back to its last intact commit.
+
 Temporary files are named ``.<name>.tmp-<random>`` (hidden, so pyarrow's dataset discovery
 skips them even while a reader lists the folder). On object stores (s3, gcs) a single object
 write is already atomic, so files are written in place instead.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import dataclasses
 import json
 import os
@@ -67,6 +78,7 @@ __all__ = [
     "CASE_STATES",
     "FAILURE_CLASSES",
     "DATASETS",
+    "LeaseLost",
     "LedgerEntry",
     "RunDir",
     "StorageError",
@@ -87,13 +99,18 @@ PARTITION_KEY = "case_id"
 
 LOCK = "driver.lock"
 LEASE_STALE_SECONDS = 60.0  # a lease on another host is dead after this long without a heartbeat
+_TAKEOVER = ".driver.lock.takeover"  # held for a moment while a lease is taken over, renewed or released
+_TAKEOVER_STALE_SECONDS = 30.0
 COMPACT = "metrics_compact"  # read cache: a finished case's metrics parts merged into one file
 _COMPACT_RE = re.compile(r"^upto-(\d+)\.parquet$")
-_LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, LOCK, COMPACT, *DATASETS}
+_LAYOUT_NAMES = {MANIFEST, CASES, LEDGER, CHECKPOINTS, LOCK, _TAKEOVER, COMPACT, *DATASETS}
 _TMP_MARK = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 _CKPT_RE = re.compile(r"^ckpt-(\d+)\.npz$")
+_STAGED_PREFIX = ".staged-"  # a part written but not yet published by its commit (hidden from readers)
+_STAGED_RE = re.compile(r"^\.staged-part-(\d+)\.parquet$")
+_BACKUP_SUFFIX = ".bak"  # ledger/.<case_id>.json.bak: a second copy of each ledger entry
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # two+ letters: not a Windows drive
 _PROVISIONAL_KEY = b"bplab.provisional"
 _IN_PLACE_HINTS = ("s3", "gcs", "gs")  # object stores: single writes are atomic, no rename
@@ -101,6 +118,10 @@ _IN_PLACE_HINTS = ("s3", "gcs", "gs")  # object stores: single writes are atomic
 
 class StorageError(ValueError):
     """A run-directory problem, with a one-line message fit to show to the user."""
+
+
+class LeaseLost(StorageError):
+    """The driver's lease was taken by another driver: this one must stop writing."""
 
 
 @dataclass
@@ -128,6 +149,10 @@ class LedgerEntry:
     info: dict = field(default_factory=dict)  # versions, gpu name, ... reported by the actor
     latest: dict = field(default_factory=dict)  # latest test accuracy etc., for status
     updated_at: float = 0.0
+    # the commit record: {dataset: {str(seq): rows}} of every committed metrics / layer-stats part
+    parts: dict = field(default_factory=dict)
+    # the kept checkpoints, newest first (at most two): {commit_seq, path, sha256, epoch, step, latest}
+    checkpoints: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of all fields."""
@@ -154,6 +179,8 @@ class LedgerEntry:
                 raise StorageError(f"case {self.case_id}: {name} must be a non-negative integer, not {value!r}")
         if not isinstance(self.info, dict) or not isinstance(self.latest, dict):
             raise StorageError(f"case {self.case_id}: info and latest must be dicts")
+        if not isinstance(self.parts, dict) or not isinstance(self.checkpoints, list):
+            raise StorageError(f"case {self.case_id}: parts must be a dict and checkpoints a list")
 
 
 class RunDir:
@@ -201,6 +228,7 @@ class RunDir:
         self._schemas: dict[str, tuple[pa.Schema, set[str]]] = {}  # dataset -> (schema, provisional)
         self._entries: dict[str, LedgerEntry] = {}  # last ledger entry known to be on disk
         self._case_ids: set[str] | None = None
+        self._restored: set[str] = set()  # cases whose ledger entry was read from its backup copy
 
     # ------------------------------------------------------------------ basics
     @property
@@ -251,20 +279,7 @@ class RunDir:
         manifest_bytes = _json_bytes(manifest, f"{run.location}: manifest")
         rows = _check_cases(cases)
         with run._lock:
-            if run._fs.get_file_info(run.root).type == pafs.FileType.File:
-                raise StorageError(f"{run.location} is a file, not a folder for a bplab run")
-            if run.is_run():
-                raise StorageError(f"{run.location} already holds a bplab run (it has a manifest.json)")
-            foreign = sorted(
-                info.base_name
-                for info in run._list(run.root)
-                if info.base_name not in _LAYOUT_NAMES and not _is_tmp(info.base_name)
-            )
-            if foreign:
-                raise StorageError(
-                    f"{run.location} is not empty and is not a bplab run directory (it holds {', '.join(foreign[:3])}"
-                    f"{', ...' if len(foreign) > 3 else ''})"
-                )
+            run.check_new()
             run._write_table(run.path(CASES), _rows_to_table(rows, "cases", json_fallback=True))
             ids = {row["case_id"] for row in rows}
             for info in run._list(run.path(LEDGER)):  # leftovers of a create that died half-way
@@ -275,6 +290,28 @@ class RunDir:
             run._case_ids = ids
             run._write_bytes(run.path(MANIFEST), manifest_bytes)
         return run
+
+    def check_new(self) -> None:
+        """StorageError (one line) unless a new run can be created here: the location is not a
+        file, holds no run and no files foreign to a run. Reads only."""
+        try:
+            kind = self._fs.get_file_info(self.root).type
+        except (OSError, pa.ArrowException) as exc:
+            raise StorageError(f"cannot use {self.location}: {_one_line(exc)}") from None
+        if kind == pafs.FileType.File:
+            raise StorageError(f"{self.location} is a file, not a folder for a bplab run")
+        if self.is_run():
+            raise StorageError(f"{self.location} already holds a run: resume it with --resume {self.location}")
+        foreign = sorted(
+            info.base_name
+            for info in self._list(self.root)
+            if info.base_name not in _LAYOUT_NAMES and not _is_tmp(info.base_name)
+        )
+        if foreign:
+            raise StorageError(
+                f"{self.location} is not empty and is not a bplab run directory (it holds {', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''})"
+            )
 
     @classmethod
     def open(
@@ -371,6 +408,9 @@ class RunDir:
                     f"case {entry.case_id}: entry is at commit {entry.commit_seq} ({entry.checkpoint}) but the "
                     f"ledger is at commit {base_seq} ({base_ckpt}); only commit() may change them"
                 )
+            if current is not None:  # the commit record moves only with commit()
+                entry = dataclasses.replace(entry, parts=copy.deepcopy(current.parts),
+                                            checkpoints=copy.deepcopy(current.checkpoints))
             return self._put_entry(entry)
 
     # ------------------------------------------------------------------ commits
@@ -384,16 +424,24 @@ class RunDir:
     ) -> LedgerEntry:
         """Commit one progress report of a case, exactly once; return the new ledger entry.
 
-        ``seq = entry.commit_seq + 1``. The metrics part (if ``rows``), the layer-stats part
-        (if ``layer_stats``) and the checkpoint (if given) are written first, each atomically;
-        then the ledger entry (``entry`` with ``commit_seq = seq`` and, if a checkpoint was
-        given, ``checkpoint`` = its path) is written LAST: it is the commit record. Older
-        checkpoints are deleted afterwards. ``entry`` carries the rest of the new state
-        (epoch, step, latest, ...) and is not modified.
+        ``seq = entry.commit_seq + 1``. In order:
+
+        1. the metrics part (if ``rows``) and the layer-stats part (if ``layer_stats``) are
+           written under hidden names (``.staged-part-<seq>.parquet``, which every Parquet
+           reader skips) and the checkpoint (if given) as ``ckpt-<seq>.npz``;
+        2. the ledger entry is written: ``entry`` with ``commit_seq = seq``, the parts' row
+           counts in ``parts``, the checkpoint's path and SHA-256 in ``checkpoints`` (this
+           one and the one before it: two generations). This write is the commit;
+        3. the parts are published (renamed to ``part-<seq>.parquet``) and checkpoints older
+           than the two kept generations are deleted.
+
+        So ``pandas.read_parquet(RUN/metrics)`` never sees a row that is not committed. A
+        driver that dies before step 2 leaves hidden files that :meth:`recover` deletes; one
+        that dies between 2 and 3 leaves committed parts that :meth:`recover` publishes.
 
         ``entry.commit_seq`` must equal the ledger's: committing the same report twice, or
-        from a stale entry, raises StorageError and changes nothing. If commit raises midway,
-        nothing is committed and it may be called again with the same arguments.
+        from a stale entry, raises StorageError and changes nothing. If commit raises before
+        step 2, nothing is committed and it may be called again with the same arguments.
         """
         _check_name(case_id, "case id")
         if entry.case_id != case_id:
@@ -410,26 +458,209 @@ class RunDir:
                     f"case {case_id}: commit from an entry at commit {entry.commit_seq}, but the ledger is at "
                     f"commit {current.commit_seq} (duplicate or stale report)"
                 )
+            self._publish_all(current)  # a publish that failed after an earlier commit
             seq = current.commit_seq + 1
             tables = []
             if rows:
                 tables.append(("metrics", self._conform("metrics", _strip_key(rows, case_id, "metrics"))))
             if layer_stats:
                 tables.append(("layer_stats", self._conform("layer_stats", _strip_key(layer_stats, case_id, "layer_stats"))))
-            for dataset, table in tables:
-                self._write_table(self._part_path(dataset, case_id, f"{seq:06d}"), table)
-            ckpt_rel = current.checkpoint
+            parts = copy.deepcopy(current.parts)
+            for dataset, table in tables:  # 1. staged under hidden names
+                self._write_table(self._staged_path(dataset, case_id, seq), table)
+                parts.setdefault(dataset, {})[str(seq)] = table.num_rows
+            ckpt_rel, generations = current.checkpoint, copy.deepcopy(current.checkpoints)
             if checkpoint is not None:
+                data = bytes(checkpoint)
                 ckpt_rel = f"{CHECKPOINTS}/{case_id}/ckpt-{seq:06d}.npz"
-                self._write_bytes(self.path(ckpt_rel), bytes(checkpoint))
-            new = dataclasses.replace(copy.deepcopy(entry), commit_seq=seq, checkpoint=ckpt_rel)
-            new = self._put_entry(new)  # the commit record
+                self._write_bytes(self.path(ckpt_rel), data)
+                if not generations and current.checkpoint:  # a run written before generations were kept
+                    generations = [_generation(current, current.commit_seq, current.checkpoint, None)]
+                generations = [_generation(entry, seq, ckpt_rel, hashlib.sha256(data).hexdigest())] + generations[:1]
+            new = dataclasses.replace(copy.deepcopy(entry), commit_seq=seq, checkpoint=ckpt_rel, parts=parts,
+                                      checkpoints=generations)
+            new = self._put_entry(new)  # 2. the commit record
+            self._publish_all(new, quiet=True)  # 3. visible to readers
             if checkpoint is not None:
+                keep = {g["path"] for g in generations}
                 for info in self._list(self.path(CHECKPOINTS, case_id)):
-                    m = _CKPT_RE.match(info.base_name)
-                    if m and int(m.group(1)) < seq:
+                    if _CKPT_RE.match(info.base_name) and self._rel(info.path) not in keep:
                         self._delete(info.path)
             return new
+
+    def _staged_path(self, dataset: str, case_id: str, seq: int) -> str:
+        return self.path(dataset, f"{PARTITION_KEY}={case_id}", f"{_STAGED_PREFIX}part-{seq:06d}.parquet")
+
+    def _publish_all(self, entry: LedgerEntry, quiet: bool = False) -> list[str]:
+        """Rename the committed parts of ``entry`` still under their staged names into place."""
+        done = []
+        for dataset, seqs in entry.parts.items():
+            for seq in seqs:
+                staged = self._staged_path(dataset, entry.case_id, int(seq))
+                if not self._exists(staged):
+                    continue
+                final = self._part_path(dataset, entry.case_id, f"{int(seq):06d}")
+                try:
+                    self._publish(staged, final)
+                except (OSError, pa.ArrowException):
+                    if quiet:  # committed all the same: the next commit or recover() publishes it
+                        continue
+                    raise
+                done.append(self._rel(final))
+        return done
+
+    def _publish(self, staged: str, final: str) -> None:
+        self._fs.move(staged, final)
+        self._sync(posixpath.dirname(final))
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, case_ids: Iterable[str] | None = None, *, checkpoints: bool = True,
+               ledger: bool = True) -> list[tuple[str, int, str]]:
+        """Check the committed files of each case against its ledger entry, changing nothing.
+
+        Returns ``(case_id, first damaged commit, what)`` for every case whose committed
+        metrics or layer-stats part is missing, unreadable or holds another number of rows
+        than its commit recorded, or (unfinished cases, with ``checkpoints``) whose latest
+        checkpoint is missing or does not match its SHA-256, and (with ``ledger``) whose ledger
+        entry is damaged but has an intact backup copy. :meth:`recover` repairs them.
+        """
+        damage = []
+        self._restored.clear()
+        entries = self.ledger()
+        for dataset in ("metrics", "layer_stats", "weights", "boundary"):
+            problem = self._anchor_problem(dataset)
+            if problem is not None:
+                damage.append(("", 0, problem))
+        for case_id, entry in sorted(entries.items()):
+            if case_ids is not None and case_id not in case_ids:
+                continue
+            found = self._first_damage(entry, checkpoints=checkpoints)
+            if found is None:
+                found = self._uncommitted_visible(entry)
+            if found is not None:
+                damage.append((case_id, *found))
+            elif ledger and case_id in self._restored:
+                damage.append((case_id, entry.commit_seq + 1, f"ledger/{case_id}.json is damaged (its backup copy is intact)"))
+        return damage
+
+    def _first_damage(self, entry: LedgerEntry, checkpoints: bool = True) -> tuple[int, str] | None:
+        worst: tuple[int, str] | None = None
+        for dataset, seqs in sorted(entry.parts.items()):
+            for seq_text, rows in sorted(seqs.items(), key=lambda kv: int(kv[0])):
+                seq = int(seq_text)
+                if seq > entry.commit_seq or (worst is not None and seq >= worst[0]):
+                    continue
+                final = self._part_path(dataset, entry.case_id, f"{seq:06d}")
+                path = final if self._exists(final) else self._staged_path(dataset, entry.case_id, seq)
+                problem = self._part_problem(path, rows)
+                if problem is not None:
+                    worst = (seq, f"{self._rel(final)} {problem}")
+                    break
+        if checkpoints and entry.state not in ("done", "diverged") and entry.checkpoint is not None:
+            gen = entry.checkpoints[0] if entry.checkpoints else None
+            seq = int(gen["commit_seq"]) if gen else _ckpt_seq(entry.checkpoint)
+            problem = self._checkpoint_problem(entry.checkpoint, gen["sha256"] if gen else None)
+            if problem is not None and (worst is None or seq < worst[0]):
+                worst = (seq, f"{entry.checkpoint} {problem}")
+        return worst
+
+    def _uncommitted_visible(self, entry: LedgerEntry) -> tuple[int, str] | None:
+        """A published part newer than the ledger's commit (left by a driver of an older bplab)."""
+        for dataset in ("metrics", "layer_stats"):
+            for info in self._list(self.path(dataset, f"{PARTITION_KEY}={entry.case_id}")):
+                m = _PART_RE.match(info.base_name)
+                if m and int(m.group(1)) > entry.commit_seq:
+                    return entry.commit_seq + 1, f"{self._rel(info.path)} is not committed but visible to readers"
+        return None
+
+    def _anchor_problem(self, dataset: str) -> str | None:
+        path = self.path(dataset, SCHEMA_ANCHOR)
+        if not self._exists(path):
+            return None
+        try:
+            pq.read_schema(path, filesystem=self._fs)
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            return f"{dataset}/{SCHEMA_ANCHOR} is damaged ({_one_line(exc)[:100]})"
+        return None
+
+    def _rebuild_anchor(self, dataset: str) -> str:
+        """Write a damaged schema anchor again from the schemas of the dataset's readable parts."""
+        schemas = []
+        for info in self._list(self.path(dataset), recursive=True):
+            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and info.base_name != SCHEMA_ANCHOR \
+                    and not info.base_name.startswith("."):
+                try:
+                    schemas.append(pq.read_schema(info.path, filesystem=self._fs).remove_metadata())
+                except (OSError, pa.ArrowException, ValueError):
+                    continue
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+        meta = {_PROVISIONAL_KEY: json.dumps([]).encode()}
+        self._write_table(self.path(dataset, SCHEMA_ANCHOR), schema.with_metadata(meta).empty_table())
+        self._schemas.pop(dataset, None)
+        return f"{dataset}/{SCHEMA_ANCHOR} was damaged; wrote it again from the schemas of its parts"
+
+    def _part_problem(self, path: str, rows: int) -> str | None:
+        if not self._exists(path):
+            return "is missing"
+        try:
+            found = pq.read_metadata(path, filesystem=self._fs).num_rows
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            return f"is damaged ({_one_line(exc)[:120]})"
+        if found != int(rows):
+            return f"holds {found} rows where its commit wrote {rows}"
+        return None
+
+    def _checkpoint_problem(self, rel: str, sha256: str | None) -> str | None:
+        try:
+            data = self._read_bytes(self.path(rel))
+        except FileNotFoundError:
+            return "is missing"
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            return "is damaged (its SHA-256 differs from the one its commit recorded)"
+        if sha256 is None and data[:2] == b"PK":  # written before digests were recorded: check the archive
+            import io
+            import zipfile
+
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                    if archive.testzip() is not None:
+                        return "is damaged (a member fails its CRC)"
+            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                return f"is damaged ({_one_line(exc)[:80]})"
+        return None
+
+    def _rollback(self, entry: LedgerEntry, damaged_seq: int, what: str) -> tuple[LedgerEntry, str]:
+        """Move a case back to its newest commit before ``damaged_seq`` that has an intact checkpoint
+        (or to the start); delete everything it committed after that."""
+        target = None
+        for gen in entry.checkpoints:
+            if int(gen["commit_seq"]) < damaged_seq and self._checkpoint_problem(gen["path"], gen.get("sha256")) is None:
+                target = gen
+                break
+        seq = int(target["commit_seq"]) if target else 0
+        for dataset in ("metrics", "layer_stats"):
+            folder = self.path(dataset, f"{PARTITION_KEY}={entry.case_id}")
+            for info in self._list(folder):
+                m = _PART_RE.match(info.base_name) or _STAGED_RE.match(info.base_name)
+                if m and int(m.group(1)) > seq:
+                    self._delete(info.path)
+        kept = [g for g in entry.checkpoints if int(g["commit_seq"]) <= seq]
+        keep = {g["path"] for g in kept}
+        for info in self._list(self.path(CHECKPOINTS, entry.case_id)):
+            if self._rel(info.path) not in keep:
+                self._delete(info.path)
+        for info in self._list(self.path(COMPACT, f"{PARTITION_KEY}={entry.case_id}")):
+            self._delete(info.path)
+        parts = {d: {k: v for k, v in seqs.items() if int(k) <= seq} for d, seqs in entry.parts.items()}
+        new = dataclasses.replace(
+            entry, state="pending", reason_class=None, reason=None, diverged_step=None, commit_seq=seq,
+            checkpoint=target["path"] if target else None, epoch=int(target["epoch"]) if target else 0,
+            step=int(target["step"]) if target else 0, latest=dict(target.get("latest") or {}) if target else {},
+            parts={d: v for d, v in parts.items() if v}, checkpoints=kept,
+        )
+        new = self._put_entry(new)
+        where = f"commit {seq} (step {new.step})" if seq else "its start"
+        return new, f"case {entry.case_id}: {what}; rolled back to {where}, the steps after it run again on resume"
 
     def write_histograms(self, case_id: str, phase: str, rows: list[dict]) -> None:
         """Write (or replace) the weight histograms of a case for ``phase`` ('before', 'after'), atomically."""
@@ -461,6 +692,7 @@ class RunDir:
             entry = self._committed(case_id)
             if entry is None or entry.commit_seq == 0:
                 return None
+            self._publish_all(entry)  # a cache of every committed part, none still under its staged name
             folder = self.path("metrics", f"{PARTITION_KEY}={case_id}")
             parts = sorted(
                 (int(m.group(1)), info.path)
@@ -479,73 +711,208 @@ class RunDir:
             return rel
 
     # ------------------------------------------------------------------ the driver's lease
-    def write_lock(self, holder: dict) -> None:
-        """Claim (or refresh) the run for one driver: host, pid, heartbeat time."""
-        self._write_bytes(self.path(LOCK), _json_bytes(holder, f"{self.location}: {LOCK}"))
-
     def read_lock(self) -> dict | None:
-        """The current driver's lease, or None if no driver holds the run."""
+        """The current driver's lease, or None if no driver holds the run (or the lease is unreadable)."""
         try:
-            return json.loads(self._read_bytes(self.path(LOCK)))
-        except FileNotFoundError:
+            holder = json.loads(self._read_bytes(self.path(LOCK)))
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except ValueError:
-            return None  # a torn lease is no lease
-
-    def remove_lock(self) -> None:
-        if self._exists(self.path(LOCK)):
-            self._delete(self.path(LOCK))
+            return None  # a torn lease: see _lease_state
+        return holder if isinstance(holder, dict) else None
 
     def take_lease(self, token: str, stale_seconds: float = LEASE_STALE_SECONDS) -> None:
-        """Claim the run for the driver holding ``token``; StorageError if a live driver holds it.
+        """Claim the run for the driver holding ``token``; StorageError (one line) if another holds it.
 
-        A lease is live while its heartbeat is fresh, or (on this host) while its pid lives.
+        The lease is ``RUN/driver.lock``. It is taken with an exclusive create, so of many
+        drivers starting at once exactly one wins. A lease is live while its pid lives (same
+        host) or, on another host, while its heartbeat is younger than ``stale_seconds``; an
+        expired lease is taken over under a short takeover mark (``.driver.lock.takeover``,
+        itself created exclusively), which also serialises renewals and releases, so a lease
+        is never overwritten by anyone but its owner. The run folder is created if needed.
+
+        Object stores: pyarrow offers no conditional write, so there the exclusive create is
+        a write followed by a read-back check, which narrows but does not close the window
+        in which two drivers starting in the same instant could both win.
         """
-        holder = self.read_lock()
-        if holder and holder.get("token") != token:
-            age = time.time() - float(holder.get("heartbeat", 0))
-            same_host = holder.get("host") == platform.node()
-            alive = same_host and _pid_alive(int(holder.get("pid", -1)))
-            if alive or (not same_host and age < stale_seconds):
-                raise StorageError(f"{self.location} is being run by pid {holder.get('pid')} on {holder.get('host')} "
-                                   f"(heartbeat {age:.0f} s ago); wait for it, or remove {self.location}/{LOCK} if it is dead")
-        self.write_lock(_lease_record(token))
+        if not isinstance(token, str) or not token:
+            raise StorageError("a lease token must be a non-empty string")
+        self._make_folder()
+        for _ in range(3):
+            if self._create_exclusive(self.path(LOCK), _lease_record(token)):
+                return
+            state, holder = self._lease_state(stale_seconds)
+            if state == "gone":
+                continue  # released in the meantime: try the exclusive create again
+            if holder.get("token") == token:
+                self.renew_lease(token)
+                return
+            if state == "live":
+                raise StorageError(self._held_message(holder))
+            with self._takeover_mark() as marked:  # expired: take it over, one taker at a time
+                if not marked:
+                    raise StorageError(f"{self.location}: another driver is taking over its expired {LOCK}; try again")
+                state, holder = self._lease_state(stale_seconds)  # look again, under the mark
+                if state == "live" and holder.get("token") != token:
+                    raise StorageError(self._held_message(holder))
+                if state != "gone":
+                    self._delete(self.path(LOCK))
+                if self._create_exclusive(self.path(LOCK), _lease_record(token)):
+                    return
+        raise StorageError(f"{self.location}: could not take {LOCK} (other drivers keep taking it); try again")
 
     def renew_lease(self, token: str) -> None:
-        """Refresh the heartbeat of the lease ``token`` holds."""
-        self.write_lock(_lease_record(token))
+        """Refresh the heartbeat of the lease ``token`` holds; StorageError if it is not the owner's any more."""
+        with self._takeover_mark() as marked:
+            if not marked:
+                return  # someone is looking at the lease right now: renew at the next heartbeat
+            holder = self.read_lock()
+            if holder is None or holder.get("token") != token:
+                who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody"
+                raise LeaseLost(f"{self.location}: this driver lost {LOCK} (now held by {who}); stopped")
+            self._write_bytes(self.path(LOCK), _json_bytes(_lease_record(token), f"{self.location}: {LOCK}"))
 
     def release_lease(self, token: str) -> None:
         """Give the run up, if ``token`` still holds it."""
-        if (self.read_lock() or {}).get("token") == token:
-            self.remove_lock()
+        with self._takeover_mark() as marked:
+            if marked and (self.read_lock() or {}).get("token") == token:
+                self._delete(self.path(LOCK))
+
+    def lease_holder(self, stale_seconds: float = LEASE_STALE_SECONDS) -> dict | None:
+        """The live lease's record (host, pid, token, heartbeat), or None if no live driver holds the run."""
+        state, holder = self._lease_state(stale_seconds)
+        return holder if state == "live" else None
+
+    def _lease_state(self, stale_seconds: float) -> tuple[str, dict]:
+        """('gone' | 'live' | 'expired', the lease record)."""
+        info = self._fs.get_file_info(self.path(LOCK))
+        if info.type == pafs.FileType.NotFound:
+            return "gone", {}
+        holder = self.read_lock()
+        mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
+        if holder is None:  # being written right now, or torn by a crash: judged by its age
+            return ("live" if time.time() - mtime < stale_seconds else "expired"), {}
+        try:
+            beat = float(holder.get("heartbeat", 0))
+            pid = int(holder.get("pid", -1))
+        except (TypeError, ValueError):
+            beat, pid = mtime, -1
+        if holder.get("host") == platform.node():
+            return ("live" if _pid_alive(pid) else "expired"), holder
+        return ("live" if time.time() - beat < stale_seconds else "expired"), holder
+
+    def _held_message(self, holder: dict) -> str:
+        if not holder:
+            return f"{self.location} is being started by another driver ({LOCK} is being written); wait for it"
+        try:
+            age = f"{time.time() - float(holder.get('heartbeat', 0)):.0f} s"
+        except (TypeError, ValueError):
+            age = "?"
+        return (f"{self.location} is being run by pid {holder.get('pid')} on {holder.get('host')} (heartbeat {age} ago); "
+                f"wait for it, or remove {self.location}/{LOCK} if it is dead")
+
+    def _create_exclusive(self, path: str, record: dict) -> bool:
+        """Create ``path`` holding ``record`` only if it does not exist; True if this call created it."""
+        data = _json_bytes(record, f"{self.location}: {posixpath.basename(path)}")
+        if self._fs.type_name == "local":
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                raise StorageError(f"cannot write {path}: {_one_line(exc)}") from None
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._sync(posixpath.dirname(path))
+            return True
+        if self._exists(path):  # object stores: write, then check that the write that landed is ours
+            return False
+        self._write_bytes(path, data)
+        time.sleep(0.2)
+        try:
+            return json.loads(self._read_bytes(path)).get("token") == record.get("token")
+        except (FileNotFoundError, ValueError):
+            return False
+
+    @contextlib.contextmanager
+    def _takeover_mark(self):
+        """Hold ``.driver.lock.takeover`` (exclusive create) for a moment; yields False if another process holds it."""
+        path = self.path(_TAKEOVER)
+        record = {"host": platform.node(), "pid": os.getpid(), "token": secrets.token_hex(8), "heartbeat": time.time()}
+        mine = False
+        for attempt in range(50):
+            if self._create_exclusive(path, record):
+                mine = True
+                break
+            info = self._fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                continue
+            if info.mtime is not None and time.time() - info.mtime.timestamp() > _TAKEOVER_STALE_SECONDS:
+                self._delete(path)  # left by a process that died while holding it
+                continue
+            time.sleep(0.01 + 0.02 * secrets.randbelow(5))
+        try:
+            yield mine
+        finally:
+            if mine:
+                self._delete(path)
+
+    def _make_folder(self) -> None:
+        info = self._fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise StorageError(f"{self.location} is a file, not a folder for a bplab run")
+        if info.type == pafs.FileType.NotFound:
+            try:
+                self._fs.create_dir(self.root, recursive=True)
+            except (OSError, pa.ArrowException) as exc:
+                raise StorageError(f"cannot create {self.location}: {_one_line(exc)}") from None
 
     def load_checkpoint(self, case_id: str) -> bytes | None:
-        """The bytes of the case's latest committed checkpoint (per the ledger), or None."""
+        """The bytes of the case's latest committed checkpoint (per the ledger), or None.
+
+        StorageError (one line, naming the file) if it is missing or does not match the
+        SHA-256 its commit recorded; ``bplab run --resume`` then falls back to the one before.
+        """
         entry = self.entry(case_id)
         if entry.checkpoint is None:
             return None
         try:
-            return self._read_bytes(self.path(entry.checkpoint))
+            data = self._read_bytes(self.path(entry.checkpoint))
         except FileNotFoundError:
             raise StorageError(
-                f"case {case_id}: the ledger names checkpoint {entry.checkpoint} but the file is missing"
+                f"case {case_id}: the ledger names checkpoint {entry.checkpoint} but the file is missing; "
+                f"`bplab run --resume {self.location}` falls back to the commit before it"
             ) from None
+        gen = entry.checkpoints[0] if entry.checkpoints else {}
+        if gen.get("path") == entry.checkpoint and gen.get("sha256") and hashlib.sha256(data).hexdigest() != gen["sha256"]:
+            raise StorageError(
+                f"case {case_id}: checkpoint {self.location}/{entry.checkpoint} is damaged (SHA-256 mismatch); "
+                f"`bplab run --resume {self.location}` falls back to the commit before it"
+            )
+        return data
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> list[str]:
-        """Repair the run after a driver crash; call it before resuming, with no driver alive.
+        """Repair the run after a driver crash or damage; call it holding the lease (no other driver alive).
 
-        Deletes leftover temporary files, metrics / layer-stats parts and checkpoints newer
-        than the ledger's commit (written by a driver that died before its ledger write) and
-        checkpoints older than the committed one; writes a pending entry for any case that
-        has none; sets 'running' cases back to 'pending'. Returns human-readable notes.
+        Deletes leftover temporary files and everything a commit wrote but did not record
+        (staged or published parts and checkpoints newer than the ledger's commit), publishes
+        committed parts still under their staged names (a commit cut between its ledger
+        write and its renames), restores a damaged ledger entry from its backup copy, checks
+        every committed part (and an unfinished case's latest checkpoint) against the ledger
+        and rolls a damaged case back to its last intact commit, deletes checkpoints the
+        ledger no longer keeps, writes a pending entry for any case that has none and sets
+        'running' cases back to 'pending'. Returns human-readable notes.
         """
         notes: list[str] = []
         with self._lock:
             self._require_run()
             self._entries.clear()
             self._schemas.clear()
+            self._restored.clear()
             files = [i for i in self._list(self.root, recursive=True) if i.type == pafs.FileType.File]
             for info in files:
                 if _is_tmp(info.base_name):
@@ -554,16 +921,29 @@ class RunDir:
             files = [i for i in files if not _is_tmp(i.base_name)]
 
             ledger = self.ledger()
+            for case_id in sorted(self._restored):
+                self._put_entry(ledger[case_id])
+                notes.append(f"case {case_id}: ledger/{case_id}.json was damaged; restored it from its backup copy")
+            self._restored.clear()
             for row in self._cases_table().select(["case_id", "name"]).to_pylist():
                 if row["case_id"] not in ledger:
                     ledger[row["case_id"]] = self._put_entry(LedgerEntry(case_id=row["case_id"], name=str(row["name"])))
                     notes.append(f"case {row['case_id']}: had no ledger entry; added it as pending")
 
+            for dataset in ("metrics", "layer_stats", "weights", "boundary"):
+                if self._anchor_problem(dataset) is not None:
+                    notes.append(self._rebuild_anchor(dataset))
+
+            for case_id, entry in sorted(ledger.items()):  # a commit cut before its renames
+                for rel in self._publish_all(entry):
+                    notes.append(f"case {case_id}: published committed {rel}")
+
             orphans: set[str] = set()
             for info in files:
                 rel = self._rel(info.path).split("/")
                 if len(rel) == 3 and rel[0] in ("metrics", "layer_stats") and rel[1].startswith(PARTITION_KEY + "="):
-                    case_id, m = rel[1][len(PARTITION_KEY) + 1 :], _PART_RE.match(rel[2])
+                    case_id = rel[1][len(PARTITION_KEY) + 1 :]
+                    m = _PART_RE.match(rel[2]) or _STAGED_RE.match(rel[2])
                 elif len(rel) == 3 and rel[0] == CHECKPOINTS:
                     case_id, m = rel[1], _CKPT_RE.match(rel[2])
                 elif len(rel) == 3 and rel[0] == COMPACT and rel[1].startswith(PARTITION_KEY + "="):
@@ -574,7 +954,7 @@ class RunDir:
                 if entry is None:
                     orphans.add(case_id)
                     continue
-                if m is None:
+                if m is None or not self._exists(info.path):
                     continue
                 seq = int(m.group(1))
                 if seq > entry.commit_seq:
@@ -582,11 +962,18 @@ class RunDir:
                     notes.append(
                         f"case {case_id}: deleted uncommitted {'/'.join(rel)} (ledger is at commit {entry.commit_seq})"
                     )
-                elif rel[0] == CHECKPOINTS and "/".join(rel) != entry.checkpoint:
+                elif rel[0] == CHECKPOINTS and "/".join(rel) != entry.checkpoint and "/".join(rel) not in {
+                    g.get("path") for g in entry.checkpoints
+                }:
                     self._delete(info.path)
                     notes.append(f"case {case_id}: deleted superseded checkpoint {'/'.join(rel)}")
 
             for case_id, entry in sorted(ledger.items()):
+                found = self._first_damage(entry)
+                if found is not None:
+                    entry, note = self._rollback(entry, *found)
+                    ledger[case_id] = entry
+                    notes.append(note)
                 if entry.checkpoint is not None and not self._exists(self.path(entry.checkpoint)):
                     notes.append(f"case {case_id}: WARNING the committed checkpoint {entry.checkpoint} is missing")
                 if entry.state == "running":
@@ -600,14 +987,35 @@ class RunDir:
     def _entry_path(self, case_id: str) -> str:
         return self.path(LEDGER, f"{case_id}.json")
 
+    def _backup_path(self, case_id: str) -> str:
+        return self.path(LEDGER, f".{case_id}.json{_BACKUP_SUFFIX}")
+
+    def _parse_entry(self, path: str, case_id: str) -> LedgerEntry:
+        data = json.loads(self._read_bytes(path))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        entry = LedgerEntry.from_dict(data)
+        entry.validate()
+        return entry
+
     def _read_entry(self, case_id: str) -> LedgerEntry | None:
+        """The entry on disk; a damaged one is replaced by its backup copy (StorageError if that is damaged too)."""
         try:
-            data = json.loads(self._read_bytes(self._entry_path(case_id)))
-            entry = LedgerEntry.from_dict(data)
+            entry = self._parse_entry(self._entry_path(case_id), case_id)
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as exc:
-            raise StorageError(f"{self.location}: ledger/{case_id}.json is damaged ({_one_line(exc)})") from None
+        except (ValueError, TypeError, StorageError) as exc:
+            try:
+                entry = self._parse_entry(self._backup_path(case_id), case_id)
+                if entry.case_id != case_id:
+                    raise ValueError("it holds another case's entry")
+            except (FileNotFoundError, ValueError, TypeError, StorageError):
+                raise StorageError(
+                    f"{self.location}/ledger/{case_id}.json is damaged ({_one_line(exc)[:100]}) and has no intact backup; "
+                    f"delete it and run `bplab run --resume {self.location}` to run case {case_id} again from the start"
+                ) from None
+            with self._lock:
+                self._restored.add(case_id)
         if entry.case_id != case_id:
             raise StorageError(f"{self.location}: ledger/{case_id}.json holds the entry of case {entry.case_id}")
         with self._lock:
@@ -620,10 +1028,13 @@ class RunDir:
         return copy.deepcopy(cached) if cached is not None else self._read_entry(case_id)
 
     def _put_entry(self, entry: LedgerEntry) -> LedgerEntry:
+        """Write the entry, then its backup copy (so one of the two always holds a whole entry)."""
         entry = dataclasses.replace(copy.deepcopy(entry), updated_at=time.time())
         entry.validate()
-        self._write_bytes(self._entry_path(entry.case_id), _json_bytes(entry.to_dict(), f"case {entry.case_id}: ledger entry"))
+        data = _json_bytes(entry.to_dict(), f"case {entry.case_id}: ledger entry")
+        self._write_bytes(self._entry_path(entry.case_id), data)
         self._entries[entry.case_id] = copy.deepcopy(entry)
+        self._write_bytes(self._backup_path(entry.case_id), data)
         return entry
 
     # ------------------------------------------------------------------ internals: cases
@@ -632,7 +1043,11 @@ class RunDir:
             data = self._read_bytes(self.path(CASES))
         except FileNotFoundError:
             raise StorageError(f"{self.location} is not a bplab run directory (no {CASES})") from None
-        return pq.read_table(pa.BufferReader(data))
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise StorageError(f"{self.location}/{CASES} is damaged ({_one_line(exc)[:100]}); restore it from a copy, "
+                               "or start the study again in a new folder") from None
 
     def _known_case_ids(self) -> set[str]:
         if self._case_ids is None:
@@ -790,6 +1205,16 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _generation(entry: LedgerEntry, seq: int, path: str, sha256: str | None) -> dict:
+    return {"commit_seq": seq, "path": path, "sha256": sha256, "epoch": entry.epoch, "step": entry.step,
+            "latest": copy.deepcopy(entry.latest)}
+
+
+def _ckpt_seq(rel: str) -> int:
+    m = _CKPT_RE.match(posixpath.basename(rel))
+    return int(m.group(1)) if m else 0
 
 
 def _is_tmp(name: str) -> bool:

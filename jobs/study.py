@@ -115,10 +115,9 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     from jobs.storage import RunDir, StorageError
 
     stream = stream or sys.stderr
-    if max_retries < 0:
-        raise UsageError(f"--max-retries {max_retries}: must be >= 0")
-    if checkpoint_every < 0:
-        raise UsageError(f"--checkpoint-every {checkpoint_every}: must be >= 0")
+    check_arguments(max_retries=max_retries, checkpoint_every=checkpoint_every, cpus_per_case=cpus_per_case,
+                    gpus_per_case=gpus_per_case, progress_every=progress_every)
+    check_address(address)
     run = None
     if resume:
         run = RunDir.open(resume)
@@ -130,17 +129,36 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     planned = plan_module.make_plan(study, datasets, cpus_per_case=cpus_per_case, gpus_per_case=gpus_per_case or 0.0)
     location = str(out) if out else str(Path("runs") / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run is None:
-        probe = RunDir(location)
-        if probe.is_run():
-            raise StorageError(f"{location} already holds a run: resume it with --resume {location}")
+        check_out(location)
+        RunDir(location).check_new()
 
     import ray
 
     from jobs.driver import TERMINAL, Driver
 
+    # the lease is taken before Ray starts: a second driver is refused at once, in one line
     token = f"{platform.node()}:{os.getpid()}:{time.time()}:{os.urandom(4).hex()}"
-    connect(address)
+    made = None
+    if run is None:
+        made = _missing_folders(location)
+        leased = RunDir(location)
+    else:
+        leased = run
+    try:
+        leased.take_lease(token)
+    except BaseException:
+        _remove_empty(made)
+        raise
     states: dict = {}
+    try:
+        if run is not None:  # the lease is held: recover() never repairs a run another driver is writing
+            for note in run.recover():
+                print(f"[bplab] recover: {note}", file=stream)
+        connect(address)
+    except BaseException:
+        leased.release_lease(token)
+        _remove_empty(made)
+        raise
     try:
         nodes = plan_module.ray_nodes()
         where = f"the Ray cluster ({address or 'local'})"
@@ -152,11 +170,7 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         if run is None:
             run = RunDir.create(location, manifest(study, fingerprints, address=address, overrides=overrides,
                                                    command=command), [p.row() for p in planned])
-            run.take_lease(token)
         else:
-            run.take_lease(token)  # before recover(): never repair a run another driver is writing
-            for note in run.recover():
-                print(f"[bplab] recover: {note}", file=stream)
             known = set(run.case_ids())
             added = run.add_cases([p.row() for p in planned if p.case_id not in known])
             if added:
@@ -173,11 +187,12 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
                             progress_every=progress_every, out=stream, lease=lambda: _renew(run, token, stream))
             states.update(driver.execute())
     finally:
-        if run is not None:
-            try:
-                run.release_lease(token)
-            except Exception as error:  # the lease goes stale by itself
-                print(f"[bplab] could not release driver.lock: {_one_line(error)}", file=stream)
+        try:
+            leased.release_lease(token)
+        except Exception as error:  # the lease goes stale by itself
+            print(f"[bplab] could not release driver.lock: {_one_line(error)}", file=stream)
+        if run is None:  # nothing was created (e.g. the plan does not fit the cluster): leave nothing behind
+            _remove_empty(made)
         ray.shutdown()
     result = StudyResult(str(run.location), states)
     if report:
@@ -188,8 +203,12 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
 
 
 def _renew(run, token: str, stream) -> None:
+    from jobs.storage import LeaseLost
+
     try:
         run.renew_lease(token)
+    except LeaseLost:  # another driver took the run over: stop at once
+        raise
     except Exception as error:  # a missed heartbeat is not worth stopping the study
         print(f"[bplab] could not refresh driver.lock: {_one_line(error)}", file=stream)
 
@@ -212,11 +231,113 @@ def write_report(run, stream=None) -> str | None:
         return None
 
 
+def check_arguments(*, max_retries=2, checkpoint_every=200, cpus_per_case=1.0, gpus_per_case=None,
+                    progress_every=10.0) -> None:
+    """UsageError (one line) for a numeric argument out of range, NaN or infinite."""
+    import math
+
+    def number(name, value, low, *, integer=False, strict=False, optional=False):
+        if value is None and optional:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > low if strict else value >= low) and (not integer or float(value).is_integer())
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            raise UsageError(f"--{name} {_short(value)}: must be {kind} {'>' if strict else '>='} {low:g}")
+
+    number("max-retries", max_retries, 0, integer=True)
+    number("checkpoint-every", checkpoint_every, 0, integer=True)
+    number("cpus-per-case", cpus_per_case, 0, strict=True)
+    number("gpus-per-case", gpus_per_case, 0, optional=True)
+    number("progress-every", progress_every, 0)
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """UsageError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
+
+    'auto', 'local' and None are left to Ray; 'HOST:PORT' and 'ray://HOST:PORT' are probed
+    with a TCP connection first, so an unreachable address fails at once instead of Ray
+    retrying for minutes."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    if not isinstance(address, str) or not address.strip() or len(address) > 1000:
+        raise UsageError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    target = address.strip()
+    if "://" in target:
+        scheme, target = target.split("://", 1)
+        if scheme != "ray":
+            raise UsageError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    host, _, port_text = target.rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"--address {_short(address)}: expected HOST:PORT with a port in 1..65535")
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout):
+            pass
+    except OSError as error:
+        reason = _one_line(error) if not isinstance(error, socket.timeout) else f"no answer in {timeout:g} s"
+        raise UsageError(f"--address {_short(address)}: cannot reach a Ray cluster there ({reason})") from None
+
+
+def check_out(location: str) -> None:
+    """UsageError (one line) if a new run cannot be created at the local path `location`:
+    it is a regular file, lies under one, or its nearest existing folder is not writable."""
+    import re
+
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+        return  # an object store: checked by the first write
+    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    if path.is_file():
+        raise UsageError(f"--out {_short(location)}: is a regular file, not a folder")
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--out {_short(location)}: {_short(str(parent))} is a regular file, not a folder")
+    if path.exists() and not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {_short(location)}: the folder is not writable")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {_short(location)}: cannot create it ({_short(str(parent))} is not writable)")
+
+
+def _missing_folders(location: str) -> list[Path] | None:
+    """The local folders that creating `location` would make, deepest first (None: not local)."""
+    import re
+
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+        return None
+    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    missing = []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path] | None) -> None:
+    """Remove the folders a failed start created (each only if it is empty), deepest first."""
+    for folder in folders or []:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _short(value, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def connect(address: str | None) -> None:
     """Connect to Ray at `address`, or start a private local Ray (never a cluster some other
     process started on this machine)."""
     import ray
 
+    check_address(address)
     try:
         if address:
             ray.init(address=address, logging_level="ERROR")

@@ -16,6 +16,8 @@ Every error is a `SuiteError` naming the file, the case and the field.
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,107 @@ CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 class SuiteError(ValueError):
     """A user-facing suite error (one line)."""
+
+
+# Bounds on what a suite file may ask of the machine (each error says which one was hit).
+MAX_SUITE_BYTES = 4_000_000  # the file's size
+MAX_YAML_DEPTH = 64  # nesting of mappings and lists
+MAX_YAML_NODES = 200_000  # values in the document, with every alias counted as a copy of its anchor
+MAX_CASE_NAME = 100  # characters of a case name as written in the file
+MAX_EXPANDED_NAME = 150  # characters of a case name after grid labels are added
+DEFAULT_MAX_CASES = 10_000  # cases after grid expansion; BPLAB_MAX_CASES (or max_cases=) changes it
+MAX_ERROR_CHARS = 300  # an error line never echoes more of a value than this
+
+
+def _short(text, limit: int = MAX_ERROR_CHARS) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys, nesting deeper than MAX_YAML_DEPTH and
+    documents larger than MAX_YAML_NODES values once aliases are expanded (an alias bomb),
+    before anything is built from them."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_short(repr(key), 80)}",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root) -> int:
+    """Values in the tree under `root` with aliases expanded, computed once per distinct node;
+    ComposerError past MAX_YAML_NODES or for an alias inside its own anchor."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it", node.start_mark)
+        busy.add(key)
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in node.value)
+        else:
+            total = 1
+        busy.discard(key)
+        if total > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES} values once aliases are "
+                                              "expanded (anchors and aliases that multiply)", node.start_mark)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def safe_load(text: str):
+    """yaml.safe_load with the bounds of _BoundedLoader."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def max_cases() -> int:
+    """The largest number of cases a suite may expand to: BPLAB_MAX_CASES, default DEFAULT_MAX_CASES."""
+    text = os.environ.get("BPLAB_MAX_CASES", "").strip()
+    if not text:
+        return DEFAULT_MAX_CASES
+    if not text.isdigit() or int(text) < 1:
+        raise SuiteError(f"BPLAB_MAX_CASES={_short(text, 40)}: expected a positive integer")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -79,9 +182,16 @@ def parse_override(text: str) -> tuple[str, object]:
     key = key.strip()
     if not key:
         raise SuiteError(f"--set {text}: empty key")
+    if len(text) > 10_000:
+        raise SuiteError(f"--set {_short(text, 60)}: longer than 10000 characters")
     try:
-        return key, yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        return key, safe_load(value) if value.strip() else ""
+    except RecursionError:
+        raise SuiteError(f"--set {_short(key, 60)}: value nested too deeply") from None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or ""
+        if "duplicate key" in problem or "nested deeper" in problem or "aliases" in problem or "alias refers" in problem:
+            raise SuiteError(f"--set {_short(key, 60)}: {problem}") from None
         return key, value
 
 
@@ -109,15 +219,23 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _grid_size(spec, where: str) -> int:
+    """The number of points of a grid (the product of its list lengths), without expanding it."""
+    if spec is None:
+        return 1
+    if not isinstance(spec, dict) or not spec:
+        raise SuiteError(f"{where}: expected a mapping of setting -> list of values")
+    for key in spec:
+        if not isinstance(spec[key], list) or not spec[key]:
+            raise SuiteError(f"{where}.{_short(key, 60)}: expected a non-empty list of values")
+    return math.prod(len(values) for values in spec.values())
+
+
 def _grid(spec, where: str) -> list[dict]:
     if spec is None:
         return [{}]
-    if not isinstance(spec, dict) or not spec:
-        raise SuiteError(f"{where}: expected a mapping of setting -> list of values")
+    _grid_size(spec, where)
     keys = list(spec)
-    for key in keys:
-        if not isinstance(spec[key], list) or not spec[key]:
-            raise SuiteError(f"{where}.{key}: expected a non-empty list of values")
     return [dict(zip(keys, combo)) for combo in itertools.product(*(spec[k] for k in keys))]
 
 
@@ -129,18 +247,33 @@ def _label(key: str, value) -> str:
     return f"{short}{text}"
 
 
-def load_suite(name_or_path: str, overrides: list[str] = ()) -> Suite:
-    """Read, expand and validate a suite; raise SuiteError naming file, case and field."""
+def load_suite(name_or_path: str, overrides: list[str] = (), max_cases: int | None = None) -> Suite:
+    """Read, expand and validate a suite; raise SuiteError naming file, case and field.
+
+    The file is read with bounds (size, nesting, aliases, no duplicate keys) and may expand
+    to at most `max_cases` cases (default: `max_cases()`, i.e. BPLAB_MAX_CASES or 10,000)."""
+    try:
+        return _load_suite(name_or_path, overrides, max_cases)
+    except SuiteError as error:
+        raise SuiteError(_short(" ".join(str(error).split()))) from None
+
+
+def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
     path = resolve(name_or_path)
     where_file = path.name if path.parent == SUITE_DIR else str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_SUITE_BYTES:
+            raise SuiteError(f"{where_file}: {size} bytes; a suite file may hold at most {MAX_SUITE_BYTES}")
         text = path.read_text()
-        document = yaml.safe_load(text)
+        document = safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SuiteError(f"{where_file}: malformed YAML{at}: {problem}") from None
+        raise SuiteError(f"{where_file}: malformed YAML{at}: {_short(problem, 200)}") from None
+    except RecursionError:
+        raise SuiteError(f"{where_file}: malformed YAML: nested too deeply") from None
     except (OSError, UnicodeDecodeError) as error:
         raise SuiteError(f"{where_file}: cannot read: {error}") from None
     if not isinstance(document, dict):
@@ -155,18 +288,31 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> Suite:
     if not isinstance(defaults, dict):
         raise SuiteError(f"{where_file}: 'defaults' must be a mapping")
     parsed_overrides = [parse_override(o) for o in overrides]
+    # count the cases before expanding anything: the product of the grids' list lengths
+    limit = max_cases() if limit is None else limit
+    total = 0
+    suite_size = _grid_size(document.get("grid"), f"{where_file}: grid")
+    for base_name, spec in cases_spec.items():
+        base_name = str(base_name)
+        where = f"{where_file}: case {_short(base_name, 40)}"
+        if len(base_name) > MAX_CASE_NAME:
+            raise SuiteError(f"{where}: a case name may be at most {MAX_CASE_NAME} characters, not {len(base_name)}")
+        if not CASE_NAME.match(base_name):
+            raise SuiteError(f"{where}: a case name may hold letters, digits and _ . + - only")
+        if spec is not None and not isinstance(spec, dict):
+            raise SuiteError(f"{where}: expected a mapping of settings, got {_short(repr(spec), 80)}")
+        total += suite_size * _grid_size((spec or {}).get("grid"), f"{where}: grid")
+    if total > limit:
+        raise SuiteError(f"{where_file}: the grids expand to {total} cases, more than the limit of {limit} "
+                         "(set BPLAB_MAX_CASES to allow more)")
     suite_grid = _grid(document.get("grid"), f"{where_file}: grid")
 
     cases: list[Case] = []
+    names_seen: set[str] = set()
     for base_name, spec in cases_spec.items():
         base_name = str(base_name)
         where = f"{where_file}: case {base_name}"
-        if not CASE_NAME.match(base_name):
-            raise SuiteError(f"{where}: a case name may hold letters, digits and _ . + - only")
-        spec = spec or {}
-        if not isinstance(spec, dict):
-            raise SuiteError(f"{where}: expected a mapping of settings, got {spec!r}")
-        spec = dict(spec)
+        spec = dict(spec or {})
         case_grid = _grid(spec.pop("grid", None), f"{where}: grid")
         for suite_point, case_point in itertools.product(suite_grid, case_grid):
             point = {**suite_point, **case_point}
@@ -179,11 +325,13 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> Suite:
                 settings = settings_module.from_dict(values, where=where)
             except SettingsError as error:
                 raise SuiteError(str(error)) from None
+            if len(name) > MAX_EXPANDED_NAME:
+                raise SuiteError(f"{where}: the expanded case name is {len(name)} characters, more than "
+                                 f"{MAX_EXPANDED_NAME} ({_short(name, 60)})")
+            if name in names_seen:
+                raise SuiteError(f"{where_file}: two cases are both named {_short(name, 100)!r}")
+            names_seen.add(name)
             cases.append(Case(name=name, group=group, settings=settings))
-    names = [c.name for c in cases]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise SuiteError(f"{where_file}: two cases are both named {sorted(duplicates)[0]!r}")
     suite_name = str(document.get("name") or path.stem)
     if not CASE_NAME.match(suite_name):
         raise SuiteError(f"{where_file}: name {suite_name!r}: a suite name may hold letters, digits and _ . + - only")

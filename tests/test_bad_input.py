@@ -324,8 +324,64 @@ BAD_INPUTS.update({
 })
 
 
+# ---- bounds on what a suite file or an argument may ask of the machine
+def _alias_bomb_description(tmp):
+    body = yaml.safe_dump({"name": "bad", "defaults": QUICK_DEFAULTS, "cases": QUICK_CASES}, sort_keys=False)
+    anchors = "\n".join(f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10 if i else ["lol"] * 10) + "]" for i in range(9))
+    return ["run", write_suite(tmp, text="description:\n" + anchors + "\n" + body)]
+
+
+def _alias_bomb_setting(tmp):
+    body = yaml.safe_dump({"name": "bad", "defaults": QUICK_DEFAULTS}, sort_keys=False)
+    anchors = "\n".join(f"    - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10 if i else ["lol"] * 10) + "]" for i in range(9))
+    return ["run", write_suite(tmp, text=body + "cases:\n  a:\n    quirks:\n" + anchors + "\n")]
+
+
+def _deep(tmp):
+    return ["run", write_suite(tmp, text="name: bad\ncases:\n  a: {lr: " + "[" * 50000 + "]" * 50000 + "}\n")]
+
+
+def _million_grid(tmp):
+    grid = {"seed": list(range(1000)), "lr": [round(0.001 * (i + 1), 6) for i in range(1000)]}
+    return ["run", write_suite(tmp, extra={"grid": grid})]
+
+
+def _regular_file(tmp):
+    (tmp / "afile").write_text("not a folder\n")
+    return tmp / "afile"
+
+
+BAD_INPUTS.update({
+    "YAML alias bomb in the description": (_alias_bomb_description, ["bad.yaml", "aliases"]),
+    "YAML alias bomb in a setting": (_alias_bomb_setting, ["bad.yaml", "aliases"]),
+    "YAML nested 50000 deep": (_deep, ["bad.yaml", "nested deeper"]),
+    "duplicate case names": (lambda tmp: ["run", write_suite(tmp, text="name: bad\ncases:\n  a: {lr: 0.1}\n  a: {lr: 0.2}\n")],
+                             ["bad.yaml", "duplicate key 'a'", "line 4"]),
+    "duplicate setting": (lambda tmp: ["run", write_suite(tmp, text="name: bad\ncases:\n  a: {lr: 0.1, lr: 0.2}\n")],
+                          ["bad.yaml", "duplicate key 'lr'"]),
+    "two million cases": (_million_grid, ["bad.yaml", "2000000 cases", "10000"]),
+    "300-character case name": (_suite_case(cases={"a" * 300: {}}), ["bad.yaml", "at most 100 characters"]),
+    "seed 2**64": (_suite_case(defaults={"seed": 2**64}), ["seed", "2**31"]),
+    "data.resize 100000": (_suite_case(defaults={"data": {"name": "digits", "resize": 100000}}), ["data.resize", "1024"]),
+    "epochs x steps_per_epoch beyond the maximum": (_suite_case(defaults={"epochs": 10**6, "steps_per_epoch": 10**6}),
+                                                    ["epochs", "BPLAB_FORCE_LONG"]),
+    "--cpus-per-case nan": (lambda tmp: ["run", write_suite(tmp), "--cpus-per-case", "nan"], ["--cpus-per-case", "nan"]),
+    "--gpus-per-case inf": (lambda tmp: ["run", write_suite(tmp), "--gpus-per-case", "inf"], ["--gpus-per-case"]),
+    "--out at a regular file": (lambda tmp: ["run", write_suite(tmp), "--out", _regular_file(tmp)], ["afile", "regular file"]),
+    "--out under a regular file": (lambda tmp: ["run", write_suite(tmp), "--out", _regular_file(tmp) / "run"],
+                                   ["afile", "regular file"]),
+    "--address malformed": (lambda tmp: ["run", write_suite(tmp), "--address", "nowhere"], ["--address", "nowhere"]),
+    "--address unreachable": (lambda tmp: ["run", write_suite(tmp), "--address", "127.0.0.1:1"],
+                              ["--address", "127.0.0.1:1", "cannot reach"]),
+    "plan --cpus-per-case nan": (lambda tmp: ["plan", write_suite(tmp), "--cpus-per-case", "nan"], ["--cpus-per-case"]),
+    "plan --address unreachable": (lambda tmp: ["plan", write_suite(tmp), "--address", "127.0.0.1:1"],
+                                   ["--address", "127.0.0.1:1"]),
+})
+
+
 # These also run as `python -m jobs` in a subprocess (real exit code, real stderr).
-SUBPROCESS = ["--cpus-per-case 0", "unknown schedule", "negative lr", "typo epoch", "augment 'yes'", "malformed YAML: indentation",
+SUBPROCESS = ["YAML alias bomb in a setting", "--address unreachable", "--out under a regular file", "--cpus-per-case nan",
+              "YAML nested 50000 deep", "--cpus-per-case 0", "unknown schedule", "negative lr", "typo epoch", "augment 'yes'", "malformed YAML: indentation",
               "mnist folder missing", "cifar10 truncated data_batch_1.bin", "--only unknown case",
               "--max-retries not an int", "--resume folder that is not a run", "status of a non-run folder",
               "report of a non-run folder", "gradcheck unknown model", "unknown suite name"]
@@ -353,6 +409,7 @@ def cli(tmp_path, guard_dir, monkeypatch, capsys):
     return run
 
 
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("label, mode", _cases(BAD_INPUTS, SUBPROCESS))
 def test_bad_input_is_refused_up_front(label, mode, tmp_path, cli):
     make, names = BAD_INPUTS[label]
@@ -395,9 +452,18 @@ EXISTING_RUN_INPUTS = {
     "--resume with --out": (lambda run, tmp: ["run", "--resume", run, "--out", tmp / "elsewhere"], ["--out", "--resume"]),
     "--resume --only unknown case": (lambda run, tmp: ["run", "--resume", run, "--only", "nosuchcase"], ["nosuchcase"]),
     "--resume with --max-retries -1": (lambda run, tmp: ["run", "--resume", run, "--max-retries", "-1"], ["--max-retries"]),
+    "--resume with --cpus-per-case nan": (lambda run, tmp: ["run", "--resume", run, "--cpus-per-case", "nan"],
+                                          ["--cpus-per-case"]),
+    "--resume with an unreachable --address": (lambda run, tmp: ["run", "--resume", run, "--address", "127.0.0.1:1"],
+                                               ["127.0.0.1:1"]),
+    "report --baseline zzz": (lambda run, tmp: ["report", run, "--baseline", "zzz", "--out", tmp / "elsewhere"],
+                              ["--baseline", "zzz"]),
+    "report --out under a regular file": (lambda run, tmp: ["report", run, "--out", _regular_file(tmp) / "report"],
+                                          ["afile", "regular file"]),
 }
 
 
+@pytest.mark.timeout(150)
 @pytest.mark.parametrize("label, mode", _cases(EXISTING_RUN_INPUTS, ["--out an existing run", "--resume with a bad suite"]))
 def test_bad_input_leaves_an_existing_run_untouched(label, mode, existing_run, cli):
     make, names = EXISTING_RUN_INPUTS[label]

@@ -69,7 +69,7 @@ def test_create_over_existing_run_is_refused_and_run_untouched(tmp_path):
     entry = run.entry("aaa111")
     run.commit("aaa111", [train_row(0, 1)], b"ckpt", dataclasses_replace(entry, state="running"))
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    with pytest.raises(StorageError, match="already holds a bplab run") as err:
+    with pytest.raises(StorageError, match="already holds a run") as err:
         RunDir.create(str(root), {"suite": "other"}, [{"case_id": "ccc333", "name": "x"}])
     assert "\n" not in str(err.value)
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -182,7 +182,7 @@ def test_crash_before_ledger_write_is_recovered(tmp_path):
     assert run.recover() == []
 
 
-def test_only_the_latest_checkpoint_is_kept(tmp_path):
+def test_two_checkpoint_generations_are_kept(tmp_path):
     run, root = make_run(tmp_path)
     ckpt_dir = root / "checkpoints" / "aaa111"
     a = run.commit("aaa111", [train_row(0, 1)], b"one", run.entry("aaa111"))
@@ -192,8 +192,11 @@ def test_only_the_latest_checkpoint_is_kept(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["ckpt-000001.npz"]
     a = run.commit("aaa111", [train_row(0, 3)], b"three", a)
     assert a.checkpoint == "checkpoints/aaa111/ckpt-000003.npz" and a.commit_seq == 3
-    assert sorted(os.listdir(ckpt_dir)) == ["ckpt-000003.npz"]
-    assert RunDir.open(str(root)).load_checkpoint("aaa111") == b"three"
+    assert sorted(os.listdir(ckpt_dir)) == ["ckpt-000001.npz", "ckpt-000003.npz"]  # latest and the one before
+    a = run.commit("aaa111", [train_row(0, 4)], b"four", a)
+    assert sorted(os.listdir(ckpt_dir)) == ["ckpt-000003.npz", "ckpt-000004.npz"]
+    assert [g["commit_seq"] for g in a.checkpoints] == [4, 3]
+    assert RunDir.open(str(root)).load_checkpoint("aaa111") == b"four"
     assert run.load_checkpoint("bbb222") is None
 
 
@@ -258,7 +261,8 @@ def test_object_store_mode_and_mock_filesystem():
     assert again.load_checkpoint("aaa111") == b"two"
     files = [i.path for i in fs.get_file_info(pafs.FileSelector("bucket/run", recursive=True))]
     assert not [f for f in files if ".tmp-" in f]
-    assert "bucket/run/checkpoints/aaa111/ckpt-000001.npz" not in files
+    assert "bucket/run/checkpoints/aaa111/ckpt-000001.npz" in files  # the generation before the latest
+    assert not [f for f in files if "/.staged-" in f]  # every committed part is published
     df = pd.read_parquet(again.path("metrics"), filesystem=fs)
     assert df["step"].tolist() == [1, 2]
 

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints,
@@ -27,6 +28,8 @@ ALIASES = {"learning_rate": "lr", "batch": "batch_size", "num_epochs": "epochs",
 
 SEED_LIMIT = 2 ** 31  # NumPy's default_rng and tf.random's stateless seeds take any int below it
 RESIZE_LIMIT = 1024
+MAX_RESIZE = RESIZE_LIMIT
+MAX_STEPS = 10**8  # epochs x steps_per_epoch (epochs alone without steps_per_epoch), unless BPLAB_FORCE_LONG=1
 
 
 class SettingsError(ValueError):
@@ -233,6 +236,10 @@ class CaseSettings(CaseFields):
                         "engine autodiff differentiates the forward pass and would ignore it")
         if self.schedule == "synthetic" and self.model != "dni_rnn":
             raise _rule("schedule", f"synthetic gradients need model dni_rnn, not {self.model!r}")
+        steps = self.epochs * (self.steps_per_epoch or 1)
+        if steps > MAX_STEPS and os.environ.get("BPLAB_FORCE_LONG") != "1":
+            raise _rule("epochs", f"{self.epochs} epochs x {self.steps_per_epoch or 1} steps is more than {MAX_STEPS:.0e} "
+                        "steps; set BPLAB_FORCE_LONG=1 to run it anyway")
         return self
 
     def has(self, quirk: str) -> bool:
