@@ -180,6 +180,9 @@ class CaseSettings:
     layer_stats_every: int = 0
     """Log mean/std/min/max/histogram of weights, biases, pre-activations and activations of
     every layer every N steps (0: never)."""
+    eval_every: int = 1
+    """Evaluate on the test set every N epochs and after the last (1: every epoch; a
+    full-batch case has one step per epoch, the moons source evaluated every 1,000)."""
     quirks: tuple[str, ...] = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
 
@@ -229,6 +232,8 @@ class CaseSettings:
                 raise SettingsError(f"{where}.{name}: must be in [0, 1), got {value}")
         if not 0 <= self.dropout < 1:
             raise SettingsError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        if self.eval_every < 1:
+            raise SettingsError(f"{where}.eval_every: must be >= 1, got {self.eval_every}")
         if self.lr_decay_epochs < 1:
             raise SettingsError(f"{where}.lr_decay_epochs: must be >= 1, got {self.lr_decay_epochs}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -248,7 +253,10 @@ class CaseSettings:
         return quirk in self.quirks
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["eval_every"] == 1:  # added later: left out at its default so earlier case ids stay the same
+            del out["eval_every"]
+        return out
 
     def flat(self) -> dict:
         """One level of keys (data.name ...), lists as JSON strings: a row of the cases table."""
