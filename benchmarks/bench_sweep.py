@@ -165,25 +165,31 @@ def main(argv=None) -> int:
                "cores": os.cpu_count(), "load_before": uptime(), "cpu_pressure_before": cpu_pressure(), "parts": []}
     say(f"{results['date']} on {results['cpu']} ({results['cores']} cores); {results['load_before']}")
     bplab = tune = None
+
+    def save():  # after every part: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if "bplab" not in args.skip:
         bplab = bench_bplab(args.suite, args.slots, "bplab")
         results["parts"].append(bplab)
+        save()
     if "tune" not in args.skip:
         tune = bench_tune(args.suite, args.slots)
         results["parts"].append(tune)
+        save()
     if bplab and tune:
         results["tune_over_bplab"] = tune["wall_s"] / bplab["wall_s"]
         say(f"Ray Tune / bplab wall time: {results['tune_over_bplab']:.2f}x")
     if "moons-quick" not in args.skip:
         results["parts"].append(bench_bplab("moons-quick", args.slots, "moons-quick"))
+        save()
     if "quick" not in args.skip:
         results["parts"].append(bench_cli(str(ROOT), "quick after"))
         if args.main:
             results["parts"].append(bench_cli(args.main, "quick before"))
     results["load_after"], results["cpu_pressure_after"] = uptime(), cpu_pressure()
     say(f"load after: {results['load_after']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    save()
     return 0
 
 
