@@ -161,7 +161,7 @@ def harness(events_path: str, argv: list[str]) -> int:
                                       lambda self, entry: {"case": entry.case_id, "state": entry.state})
     storage.RunDir.write_histograms = wrap("write_histograms", storage.RunDir.write_histograms)
     driver.Driver.execute = wrap("execute", driver.Driver.execute)
-    driver.Driver._launch = wrap("launch", driver.Driver._launch, lambda self, state: {"case": state.planned.case_id})
+    driver.Driver._launch = wrap("launch", driver.Driver._launch, lambda self, state, *_: {"case": state.planned.case_id})
     driver.Driver._handle = wrap("handle", driver.Driver._handle,
                                  lambda self, state, ref, kind: {"case": state.planned.case_id, "what": kind})
     driver.Driver._finish = wrap("finish", driver.Driver._finish, lambda self, state, outcome: {"case": state.planned.case_id})
@@ -281,7 +281,7 @@ class ActorSampler(threading.Thread):
                 except (OSError, ValueError):
                     continue
                 pid = (entry.get("info") or {}).get("pid")
-                if pid and _cmdline(str(pid)).startswith("ray::CaseRunner"):
+                if pid and _cmdline(str(pid)).startswith("ray::Worker"):
                     value = process_cpu(pid)
                     if value is not None:
                         self.cpu[(entry["case_id"], pid)] = value

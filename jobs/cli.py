@@ -40,7 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory: a path or a pyarrow.fs URI (default runs/SUITE-TIME)")
     run.add_argument("--resume", default=None, metavar="RUN", help="continue this run: whatever is not done, plus new cases")
     run.add_argument("--max-retries", type=int, default=2, help="retries per case after a lost worker or node")
-    run.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS", help="commit every N steps as well as every epoch (0: epochs only)")
+    run.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
+                     help="commit a running case's rows with a checkpoint at most this often (and at its end, and on Ctrl-C)")
+    run.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                     help="also commit every N steps (0, the default: by time only)")
+    run.add_argument("--fresh-worker-per-case", action="store_true",
+                     help="a new worker process for every case (default: workers run cases one after another)")
+    run.add_argument("--worker-max-cases", type=int, default=50, metavar="N", help="recycle a worker after N cases")
+    run.add_argument("--worker-max-memory-mb", type=float, default=0.0, metavar="MB",
+                     help="recycle a worker whose resident memory is above this after a case (0: no limit)")
     run.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS", help="print the progress table this often (0: never)")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     resources(run)
@@ -140,7 +148,9 @@ def cmd_run(args) -> int:
 
     result = run_study(args.suite, args.out, address=args.address, resume=args.resume, only=args.only,
                        overrides=args.overrides, gpus_per_case=args.gpus_per_case, cpus_per_case=args.cpus_per_case,
-                       max_retries=args.max_retries, checkpoint_every=args.checkpoint_every,
+                       max_retries=args.max_retries, commit_every=args.commit_every,
+                       checkpoint_every=args.checkpoint_every, fresh_worker_per_case=args.fresh_worker_per_case,
+                       worker_max_cases=args.worker_max_cases, worker_max_memory_mb=args.worker_max_memory_mb,
                        progress_every=args.progress_every, report=not args.no_report, command=sys.argv)
     return result.exit_code
 

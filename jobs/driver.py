@@ -1,10 +1,12 @@
-"""The driver: one actor per case, reports collected with ray.wait, commits to the run dir.
+"""The driver: a pool of long-lived workers, reports collected with ray.wait, commits to the run dir.
 
-The driver is the only writer (DESIGN.md decision 1). Rows of a case are buffered until
-a report carries a checkpoint, then rows + checkpoint + ledger entry are committed
-together, so a case restarted from its last commit logs every step exactly once.
-Only transient failures (a worker or a node lost) are retried, a bounded number of
-times, from the last commit; one failed case never stops the others.
+The driver is the only writer (DESIGN.md decision 1). It keeps one worker per resource
+slot that fits (DESIGN.md decision 3) and hands each free worker the next pending case.
+Rows of a case are buffered until a report carries a checkpoint, then rows + checkpoint +
+ledger entry are committed together, so a case restarted from its last commit logs every
+step exactly once. A worker that dies is replaced and only its case is retried (a worker
+or a node lost: transient), a bounded number of times, from the last commit; a case that
+fails gets a fresh worker for the next case; one failed case never stops the others.
 """
 
 from __future__ import annotations
@@ -23,13 +25,26 @@ TRANSIENT = ("worker_died", "node_lost")
 TERMINAL = ("done", "diverged")
 POLL_SECONDS = 1.0
 LEASE_REFRESH_SECONDS = 10.0
+INTERRUPT_COMMIT_SECONDS = 15.0  # Ctrl-C: how long running cases get to commit before they are stopped
+
+
+@dataclass
+class WorkerSlot:
+    """One live worker actor and what it is doing."""
+
+    actor: object
+    num_cpus: float
+    num_gpus: float
+    case_id: str | None = None  # the case it runs, None when idle
+    cases: int = 0  # cases it has finished
+    memory_mb: float = 0.0  # resident memory at its last report
 
 
 @dataclass
 class CaseState:
     planned: PlannedCase
     entry: LedgerEntry
-    actor: object = None
+    worker: WorkerSlot | None = None
     start_ref: object = None
     poll_ref: object = None
     rows: list = field(default_factory=list)
@@ -42,59 +57,115 @@ class CaseState:
 
 class Driver:
     def __init__(self, run: RunDir, planned: list[PlannedCase], data_refs: dict, *, max_retries: int = 2,
-                 checkpoint_every_steps: int = 0, progress_every: float = 10.0, out=sys.stderr, lease=None):
+                 checkpoint_every_steps: int = 0, commit_every: float = 30.0, slots: int = 0,
+                 fresh_worker_per_case: bool = False, worker_max_cases: int = 50, worker_max_memory_mb: float = 0.0,
+                 progress_every: float = 10.0, out=sys.stderr, lease=None):
         self.run = run
         self.data_refs = data_refs
         self.max_retries = max_retries
         self.checkpoint_every_steps = checkpoint_every_steps
+        self.commit_every = commit_every
+        self.slots = max(1, slots or len(planned))  # workers at most: what fits the cluster
+        self.fresh_worker_per_case = fresh_worker_per_case
+        self.worker_max_cases = worker_max_cases
+        self.worker_max_memory_mb = worker_max_memory_mb
         self.progress_every = progress_every
         self.out = out
         self.lease = lease  # called every LEASE_REFRESH_SECONDS: refreshes the run's driver.lock
         ledger = run.ledger()
         self.cases = {p.case_id: CaseState(p, ledger[p.case_id], attempts_at_start=ledger[p.case_id].attempts)
                       for p in planned}
+        self.queue: list[CaseState] = []  # cases waiting for a worker, in order
+        self.storage_broken: str | None = None  # set by the first storage error: no new case is handed out
+        self.workers: list[WorkerSlot] = []
         self.active: dict = {}  # ObjectRef -> (case_id, kind)
+        self.interrupting = False
+        self.workers_started = 0
         self._remote_class = None
-        self.storage_broken: str | None = None  # set by the first storage error: no new case is launched
 
-    # ------------------------------------------------------------------ actors
-    def _runner_class(self):
+    # ------------------------------------------------------------------ workers
+    def _worker_class(self):
         import ray
 
-        from workers.actor import CaseRunner
+        from workers.actor import Worker
 
         if self._remote_class is None:
-            self._remote_class = ray.remote(CaseRunner)
+            self._remote_class = ray.remote(Worker)
         return self._remote_class
 
-    def _launch(self, state: CaseState) -> None:
-        if self.storage_broken:  # the run directory cannot be written: a new actor would fail at its first commit
-            return
+    def _new_worker(self, num_cpus: float, num_gpus: float) -> WorkerSlot:
+        actor = self._worker_class().options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
+                                             max_task_retries=0).remote(num_cpus, num_gpus)
+        worker = WorkerSlot(actor, num_cpus, num_gpus)
+        self.workers.append(worker)
+        self.workers_started += 1
+        return worker
+
+    def _release(self, worker: WorkerSlot) -> None:
+        """Stop a worker (its process ends; a GPU's memory goes back to the device)."""
+        import ray
+
+        if worker in self.workers:
+            self.workers.remove(worker)
+        try:
+            ray.kill(worker.actor, no_restart=True)
+        except Exception:  # already gone with its node
+            pass
+
+    def _dispatch(self) -> None:
+        """Hand each free worker the next pending case; start workers while more fit."""
+        while self.queue and not self.storage_broken:  # a broken run directory: a new case would fail at its first commit
+            state = self.queue[0]
+            p = state.planned
+            worker = next((w for w in self.workers if w.case_id is None and (w.num_cpus, w.num_gpus) == (p.num_cpus, p.num_gpus)), None)
+            if worker is None:
+                idle_other = next((w for w in self.workers if w.case_id is None), None)
+                if idle_other is not None:  # a slot of another shape: make room
+                    self._release(idle_other)
+                if len(self.workers) >= self.slots:
+                    break
+                worker = self._new_worker(p.num_cpus, p.num_gpus)
+            self.queue.pop(0)
+            self._launch(state, worker)
+        if not self.queue:  # nothing left to hand out: idle workers give their resources back
+            for worker in [w for w in self.workers if w.case_id is None]:
+                self._release(worker)
+
+    def _launch(self, state: CaseState, worker: WorkerSlot) -> None:
         p = state.planned
         resume = self.run.load_checkpoint(p.case_id) if state.entry.commit_seq else None
-        actor = self._runner_class().options(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0,
-                                             max_task_retries=0).remote(p.case_id, p.num_cpus, p.num_gpus)
         settings_json = json.loads(json.dumps(p.case.settings.to_dict(), default=list))
-        state.actor = actor
+        worker.case_id = p.case_id
+        state.worker = worker
         state.rows, state.layer_stats = [], []
-        state.start_ref = actor.start.remote(settings_json, self.data_refs[p.data_key], resume, self.checkpoint_every_steps)
-        state.poll_ref = actor.poll.remote(POLL_SECONDS)
+        state.start_ref = worker.actor.start.remote(p.case_id, settings_json, self.data_refs[p.data_key], resume,
+                                                    self.checkpoint_every_steps, self.commit_every)
+        state.poll_ref = worker.actor.poll.remote(POLL_SECONDS)
         self.active[state.start_ref] = (p.case_id, "start")
         self.active[state.poll_ref] = (p.case_id, "poll")
         state.entry.attempts += 1
-        state.entry.state = "pending"  # waits for resources until start returns
+        state.entry.state = "pending"  # waits for its worker until start returns
         state.entry.node = state.entry.gpu = None  # this attempt's placement comes with start()
         state.entry.info = {k: v for k, v in state.entry.info.items() if k not in ("node_id", "pid", "gpu_ids")}
         state.entry = self.run.write_entry(state.entry)
 
-    def _kill(self, state: CaseState) -> None:
-        import ray
-
+    def _detach(self, state: CaseState, reusable: bool) -> None:
+        """The case no longer runs on its worker: keep the worker for the next case, or stop it."""
         for ref in (state.start_ref, state.poll_ref):
             self.active.pop(ref, None)
-        if state.actor is not None:
-            ray.kill(state.actor, no_restart=True)
-        state.actor = state.start_ref = state.poll_ref = None
+        state.start_ref = state.poll_ref = None
+        worker, state.worker = state.worker, None
+        if worker is None or worker not in self.workers:
+            return
+        worker.case_id = None
+        worker.cases += 1
+        over_memory = self.worker_max_memory_mb and worker.memory_mb > self.worker_max_memory_mb
+        if (not reusable or self.fresh_worker_per_case or worker.cases >= self.worker_max_cases or over_memory
+                or self.interrupting):
+            self._release(worker)
+
+    def _kill(self, state: CaseState) -> None:
+        self._detach(state, reusable=False)
 
     # ------------------------------------------------------------------ the loop
     def execute(self) -> dict[str, str]:
@@ -106,22 +177,15 @@ class Driver:
                 continue
             if state.entry.state == "failed":  # a resumed run tries failed cases again
                 state.entry.reason_class = state.entry.reason = None
-            self._launch(state)
+            self.queue.append(state)
         last_view = last_lease = 0.0
         try:
-            while self.active:
-                ready, _ = ray.wait(list(self.active), num_returns=1, timeout=POLL_SECONDS)
+            self._dispatch()
+            while self.active or (self.queue and not self.storage_broken):
+                ready, _ = ray.wait(list(self.active), num_returns=1, timeout=POLL_SECONDS) if self.active else ([], [])
                 for ref in ready:
-                    if ref not in self.active:
-                        continue
-                    case_id, kind = self.active.pop(ref)
-                    state = self.cases[case_id]
-                    try:
-                        self._handle(state, ref, kind)
-                    except KeyboardInterrupt:
-                        raise
-                    except Exception as error:  # one case's trouble (e.g. storage) never stops the others
-                        self._fail_case(state, error)
+                    self._take(ref)
+                self._dispatch()
                 now = time.monotonic()
                 if self.lease is not None and now - last_lease >= LEASE_REFRESH_SECONDS:
                     self.lease()
@@ -132,8 +196,23 @@ class Driver:
         except KeyboardInterrupt:
             self._interrupt()
             raise
+        finally:
+            for worker in list(self.workers):
+                self._release(worker)
         self.print_view()
         return {cid: s.entry.state for cid, s in self.cases.items()}
+
+    def _take(self, ref) -> None:
+        if ref not in self.active:
+            return
+        case_id, kind = self.active.pop(ref)
+        state = self.cases[case_id]
+        try:
+            self._handle(state, ref, kind)
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # one case's trouble (e.g. storage) never stops the others
+            self._fail_case(state, error)
 
     def _compact(self, state: CaseState) -> None:
         """One metrics file per finished case for fast loading (a cache; failure costs only speed)."""
@@ -159,15 +238,12 @@ class Driver:
 
     # ------------------------------------------------------------------ a broken run directory
     def _stop_launching(self, reason: str) -> None:
-        """After a storage error (no space, no permission): start no new case, say so once.
+        """After a storage error (no space, no permission): hand out no new case, say so once.
 
-        Cases whose actor is still waiting for resources are withdrawn (their ledger entry
-        stays pending, so a resume runs them); running cases go on and commit if they can."""
+        Queued cases keep their pending ledger entries, so a resume runs them; running cases go
+        on and commit if they can."""
         self.storage_broken = reason
-        waiting = [s for s in self.cases.values() if s.actor is not None and s.entry.state == "pending"]
-        for state in waiting:
-            self._kill(state)
-        self._say(f"storage error ({reason}): no new case is started ({len(waiting)} withdrawn); "
+        self._say(f"storage error ({reason}): no new case is started ({len(self.queue)} withdrawn); "
                   f"fix it, then  bplab run --resume {self.run.location}")
 
     def _handle(self, state: CaseState, ref, kind: str) -> None:
@@ -188,7 +264,7 @@ class Driver:
             self._actor_lost(state, error)
             return
         if kind == "start":
-            state.entry.info = result
+            state.entry.info = {**{k: v for k, v in state.entry.info.items() if k != "traceback"}, **result}
             state.entry.node = result.get("node_ip") or result.get("hostname")
             state.entry.gpu = ",".join(result.get("gpu_ids") or []) or None
             state.entry.state = "running"
@@ -196,15 +272,18 @@ class Driver:
             state.steps_at_start = state.entry.step
             state.entry = self.run.write_entry(state.entry)
             self._say(f"{state.planned.name}: running on {state.entry.node} gpu {state.entry.gpu or '-'} "
-                      f"(attempt {state.entry.attempts}{', resumed at step %d' % state.entry.step if state.entry.commit_seq else ''})"
+                      f"(attempt {state.entry.attempts}, worker pid {result.get('pid')} case {result.get('worker_cases')}"
+                      f"{', resumed at step %d' % state.entry.step if state.entry.commit_seq else ''})"
                       + (f"; WARNING {result['warning']}" if result.get("warning") else ""))
             return
+        if state.worker is not None:
+            state.worker.memory_mb = result.get("memory_mb", 0.0)
         for report in result["reports"]:
             self._take_report(state, report)
         if result["finished"] or state.entry.state in TERMINAL:  # a committed end closes the case at once
             self._finish(state, result["outcome"] or {})
         else:
-            state.poll_ref = state.actor.poll.remote(POLL_SECONDS)
+            state.poll_ref = state.worker.actor.poll.remote(POLL_SECONDS)
             self.active[state.poll_ref] = (state.planned.case_id, "poll")
 
     def _take_report(self, state: CaseState, report) -> None:
@@ -238,12 +317,13 @@ class Driver:
             state.rows, state.layer_stats = [], []
 
     def _finish(self, state: CaseState, outcome: dict) -> None:
-        self._kill(state)
         entry = state.entry
         if entry.state in TERMINAL:
+            self._detach(state, reusable=True)
             self._compact(state)
             self._say(f"{state.planned.name}: {entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
             return
+        self._kill(state)  # the next case gets a fresh worker: a failure never poisons it
         if outcome.get("ok"):  # a trainer that finished normally always commits its end first
             entry.state, entry.reason_class, entry.reason = "failed", "bug", "trainer ended without a final report"
         else:
@@ -256,6 +336,9 @@ class Driver:
     def _actor_lost(self, state: CaseState, error) -> None:
         import ray
 
+        worker = state.worker
+        if worker is not None and worker in self.workers:
+            self.workers.remove(worker)  # dead: never handed another case
         if state.entry.state in TERMINAL:  # died after committing its end: nothing is lost
             self._kill(state)
             return
@@ -271,26 +354,55 @@ class Driver:
         else:
             reason_class = "worker_died"
         self._kill(state)
-        state.rows, state.layer_stats = [], []  # uncommitted: the resumed actor regenerates them
+        state.rows, state.layer_stats = [], []  # uncommitted: the resumed case regenerates them
         entry = state.entry
         entry.reason_class, entry.reason = reason_class, (text or type(error).__name__)[:1000]
         retries_used = entry.attempts - state.attempts_at_start - 1
+        if self.interrupting:
+            state.entry = entry
+            return
         if reason_class in TRANSIENT and retries_used < self.max_retries:
             self._say(f"{state.planned.name}: {reason_class}; retrying from commit {entry.commit_seq} (step {entry.step})")
             state.entry = entry
-            self._launch(state)
+            self.queue.insert(0, state)  # a new worker takes it at the next dispatch
         else:
             entry.state = "failed"
             state.entry = self.run.write_entry(entry)
             self._say(f"{state.planned.name}: failed ({reason_class}, {entry.attempts} attempts)")
 
     def _interrupt(self) -> None:
-        """Ctrl-C: stop every actor, leave the ledger resumable (running -> pending)."""
+        """Ctrl-C: running cases commit what they have (a checkpoint with their rows, within
+        INTERRUPT_COMMIT_SECONDS; a second Ctrl-C skips this), then every worker stops and the
+        ledger is left resumable (running -> pending)."""
+        import ray
+
+        self.interrupting = True
+        running = [s for s in self.cases.values() if s.worker is not None and s.entry.state not in TERMINAL]
+        try:
+            if running:
+                self._say(f"interrupted: committing {len(running)} running case(s) (Ctrl-C again to stop at once)")
+                waiting = {s.planned.case_id: s.entry.commit_seq for s in running}
+                for s in running:
+                    s.worker.actor.request_commit.remote()
+                deadline = time.monotonic() + INTERRUPT_COMMIT_SECONDS
+                while waiting and time.monotonic() < deadline:
+                    polls = [ref for ref, (cid, kind) in self.active.items() if cid in waiting]
+                    if not polls:
+                        break
+                    ready, _ = ray.wait(polls, num_returns=1, timeout=POLL_SECONDS)
+                    for ref in ready:
+                        case_id = self.active[ref][0]
+                        self._take(ref)
+                        state = self.cases[case_id]
+                        if state.worker is None or state.entry.commit_seq > waiting.get(case_id, 0):
+                            waiting.pop(case_id, None)
+        except KeyboardInterrupt:
+            pass
         for state in self.cases.values():
-            if state.actor is None:
-                continue
-            self._kill(state)
-            if state.entry.state in TERMINAL:
+            launched = state.worker is not None or state in running
+            if state.worker is not None:
+                self._kill(state)
+            if not launched or state.entry.state in TERMINAL:
                 continue
             try:
                 entry = self.run.entry(state.planned.case_id)  # the ledger's own copy: a commit may have just landed
@@ -299,7 +411,10 @@ class Driver:
                     state.entry = self.run.write_entry(entry)
             except Exception as error:  # recover() on resume puts 'running' back to 'pending' anyway
                 self._say(f"{state.planned.name}: could not mark interrupted: {first_line(error)}")
+        for worker in list(self.workers):
+            self._release(worker)
         self._say(f"interrupted: resume with  bplab run --resume {self.run.location}")
+
 
     # ------------------------------------------------------------------ the view
     def _say(self, text: str) -> None:

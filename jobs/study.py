@@ -102,14 +102,20 @@ def load_study(suite, *, only=(), overrides=(), run=None):
 
 def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str | None = None,
               resume: str | os.PathLike | None = None, only=(), overrides=(), gpus_per_case: float | None = None,
-              cpus_per_case: float = 1.0, max_retries: int = 2, checkpoint_every: int = 200,
-              progress_every: float = 10.0, report: bool = True, command: list | None = None,
-              stream=None) -> StudyResult:
+              cpus_per_case: float = 1.0, max_retries: int = 2, commit_every: float = 30.0,
+              checkpoint_every: int = 0, fresh_worker_per_case: bool = False, worker_max_cases: int = 50,
+              worker_max_memory_mb: float = 0.0, progress_every: float = 10.0, report: bool = True,
+              command: list | None = None, stream=None) -> StudyResult:
     """Run every case of `suite` (or what `resume`'s run has not finished) and return the result.
 
     `suite`: a built-in suite name, a YAML path or a `jobs.suites.Suite`; None with `resume`
     takes the resumed run's own cases. `out`: the run directory (default runs/SUITE-TIME).
     `address`: a Ray address ('auto' inside a cluster); None starts a private local Ray.
+    `commit_every`: seconds between a running case's commits (rows + checkpoint; also at its
+    end and on Ctrl-C); `checkpoint_every`: also commit every N steps (0: by time only).
+    Workers run cases one after another, each for at most `worker_max_cases` cases and while
+    its resident memory stays under `worker_max_memory_mb` (0: no limit);
+    `fresh_worker_per_case` starts a new process for every case instead.
     """
     from jobs import plan as plan_module
     from jobs.storage import RunDir, StorageError
@@ -118,6 +124,12 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     check_arguments(max_retries=max_retries, checkpoint_every=checkpoint_every, cpus_per_case=cpus_per_case,
                     gpus_per_case=gpus_per_case, progress_every=progress_every)
     check_address(address)
+    if not commit_every >= 0 or commit_every == float("inf"):
+        raise UsageError(f"--commit-every {commit_every}: must be a number of seconds >= 0")
+    if worker_max_cases < 1:
+        raise UsageError(f"--worker-max-cases {worker_max_cases}: must be >= 1")
+    if not worker_max_memory_mb >= 0:
+        raise UsageError(f"--worker-max-memory-mb {worker_max_memory_mb}: must be >= 0 (0: no limit)")
     run = None
     if resume:
         run = RunDir.open(resume)
@@ -177,13 +189,15 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
                 print(f"[bplab] {len(added)} new case(s) added to {run.location}", file=stream)
         ledger = run.ledger()
         todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
+        slots = plan_module.parallel_slots(planned, nodes)
         print(f"[bplab] run {run.location}: {len(planned)} cases, {len(todo)} to run, "
-              f"{plan_module.parallel_slots(planned, nodes)} at once ({gpus:g} GPU, {cpus_per_case:g} CPU each)",
-              file=stream, flush=True)
+              f"{slots} at once ({gpus:g} GPU, {cpus_per_case:g} CPU each)", file=stream, flush=True)
         states = {cid: entry.state for cid, entry in ledger.items() if cid in {p.case_id for p in planned}}
         if todo:
             refs = {spec: ray.put(datasets[spec]) for spec in {p.data_key for p in todo}}  # once per data set
             driver = Driver(run, todo, refs, max_retries=max_retries, checkpoint_every_steps=checkpoint_every,
+                            commit_every=commit_every, slots=slots, fresh_worker_per_case=fresh_worker_per_case,
+                            worker_max_cases=worker_max_cases, worker_max_memory_mb=worker_max_memory_mb,
                             progress_every=progress_every, out=stream, lease=lambda: _renew(run, token, stream))
             states.update(driver.execute())
     finally:

@@ -319,23 +319,24 @@ def test_storage_error_stops_launching_new_cases_and_says_so_once(tmp_path, monk
     from jobs import driver as driver_module
     from jobs.plan import PlannedCase
     from jobs.suites import Case
-    killed = []
-    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: killed.append(actor))
     run = RunDir.create(str(tmp_path / "run"), {"suite": "faults"}, CASES + [case_row("ccc333", "c")])
     settings = CaseSettings(data=DataSpec("digits"))
     planned = [PlannedCase(Case(c, c, settings), cid, 1.0, 0.0, 10, 10, settings.data)
                for cid, c in (("aaa111", "a"), ("bbb222", "b"), ("ccc333", "c"))]
     out = io.StringIO()
     driver = driver_module.Driver(run, planned, {}, out=out)
+    killed = []
+    monkeypatch.setattr(driver, "_kill", lambda state: killed.append(state.planned.name))
+    monkeypatch.setattr(ray, "kill", lambda *a, **k: pytest.fail("no worker to stop"))
     running, waiting, other = (driver.cases[p.case_id] for p in planned)
-    running.actor, running.entry.state = "actor-a", "running"
-    waiting.actor = "actor-b"  # created, still waiting for resources (its start() has not returned)
+    running.entry.state = "running"
+    driver.queue = [waiting, other]  # waiting for a worker
     driver._fail_case(running, OSError(errno.ENOSPC, "No space left on device"))
     assert driver.storage_broken and "No space left" in driver.storage_broken
-    assert killed == ["actor-a", "actor-b"] and waiting.actor is None
+    assert killed == ["a"]
+    driver._dispatch()  # hands out nothing (no Ray call either: nothing is stubbed for a new worker)
+    assert driver.queue == [waiting, other] and not driver.workers
     assert run.entry("bbb222").state == "pending"  # withdrawn, not failed: a resume runs it
-    driver._launch(other)  # no new case after a storage error (no Ray call either: nothing is stubbed for it)
-    assert other.actor is None
     driver._fail_case(running, OSError(errno.ENOSPC, "No space left on device"))
     assert out.getvalue().count("no new case is started") == 1
     assert driver_module.storage_is_broken(StorageError("x")) is False

@@ -1,9 +1,18 @@
-"""The Ray actor that runs one case: a thin shell around `workers.trainer.train`.
+"""The Ray actor that runs cases: a thin shell around `workers.trainer.train`.
 
-One actor per case, killed when the case ends (TensorFlow never gives GPU memory back).
-TensorFlow is imported inside the actor only, after the thread pools are sized to the
-CPUs Ray gave the case and memory growth is switched on. Training runs in a thread; the
-driver collects its reports with `poll`, so the actor never touches storage.
+One long-lived worker per resource slot (one GPU, or its CPUs) runs cases one after
+another (DESIGN.md decision 3): TensorFlow is imported and set up once per worker, with
+its thread pools sized to the CPUs Ray gave it and memory growth on, and the traced steps
+of a case structure are kept for the next case of the same structure (StepCache). The
+driver replaces a worker after a failed case and recycles it after N cases or above a
+memory limit. Each case trains in a thread; the driver collects its reports with `poll`,
+so the worker never touches storage.
+
+Why a thread, a queue and `poll` rather than a streaming generator method: the trainer
+reports through a callback (it never imports Ray), so a generator would still need a
+thread and a queue inside; `poll` batches every report since the last call into one
+reply (a fast case makes hundreds), and `request_commit` can reach the worker while a
+case runs (Ctrl-C commits before it stops).
 """
 
 from __future__ import annotations
@@ -18,39 +27,67 @@ import traceback
 from workers.errors import one_line as first_line
 
 
-class CaseRunner:
-    """Plain class (made remote by the driver with the case's resources)."""
+class Worker:
+    """Plain class (made remote by the driver with one slot's resources)."""
 
-    def __init__(self, case_id: str, num_cpus: float, num_gpus: float):
-        self.case_id = case_id
+    def __init__(self, num_cpus: float, num_gpus: float):
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.reports: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
         self.outcome: dict | None = None
-        self.info: dict = {}
+        self.info: dict | None = None
+        self.cache = None  # workers.trainer.StepCache, made with TensorFlow
+        self.commit_wanted = threading.Event()
+        self.cases_run = 0
 
-    def start(self, settings_json: dict, data, resume: bytes | None, checkpoint_every_steps: int) -> dict:
-        """Set up TensorFlow for this process and start training in a thread; return device info."""
-        self.info = self._setup_tensorflow()
+    def start(self, case_id: str, settings_json: dict, data, resume: bytes | None, checkpoint_every_steps: int,
+              commit_every: float = 30.0) -> dict:
+        """Start training a case in a thread; return device info (TensorFlow set up on first use)."""
+        if self.thread is not None:
+            self.thread.join(timeout=30)  # the previous case has committed its end; let its thread finish
+            assert not self.thread.is_alive(), "a worker runs one case at a time"
+        if self.info is None:
+            self.info = self._setup_tensorflow()
+            from workers.trainer import StepCache
+
+            self.cache = StepCache()
         from workers import settings as settings_module
 
         settings = settings_module.from_json(settings_json)
-        self.thread = threading.Thread(target=self._run, args=(settings, data, resume, checkpoint_every_steps), daemon=True)
+        self.reports, self.outcome = queue.Queue(), None
+        self.commit_wanted.clear()
+        self.cases_run += 1
+        self.thread = threading.Thread(target=self._run, args=(settings, data, resume, checkpoint_every_steps,
+                                                                 commit_every), daemon=True)
         self.thread.start()
-        return self.info
+        return {**self.info, "case_id": case_id, "worker_cases": self.cases_run}
 
-    def _run(self, settings, data, resume, checkpoint_every_steps):
+    def _run(self, settings, data, resume, checkpoint_every_steps, commit_every):
         from workers.trainer import train
 
+        reports = self.reports
         try:
-            self.outcome = {"ok": True, **train(settings, data, self.reports.put, resume=resume,
-                                                checkpoint_every_steps=checkpoint_every_steps)}
+            self.outcome = {"ok": True, **train(settings, data, reports.put, resume=resume,
+                                                checkpoint_every_steps=checkpoint_every_steps,
+                                                commit_every=commit_every, cache=self.cache,
+                                                commit_requested=self._take_commit_request)}
         except BaseException as error:  # reported to the driver, which classifies it
             self.outcome = {"ok": False, "error_type": type(error).__name__, "error": first_line(error),
                             "traceback": traceback.format_exc()[-4000:], "error_class": classify_exception(error)}
         finally:
-            self.reports.put(None)  # end marker
+            reports.put(None)  # end marker
+
+    def _take_commit_request(self) -> bool:
+        if self.commit_wanted.is_set():
+            self.commit_wanted.clear()
+            return True
+        return False
+
+    def request_commit(self) -> bool:
+        """Ask the running case for a checkpoint at its next chunk boundary (Ctrl-C)."""
+        self.commit_wanted.set()
+        return self.thread is not None and self.thread.is_alive()
 
     def poll(self, timeout: float = 1.0) -> dict:
         """Reports produced since the last poll (waits up to `timeout` for the first one)."""
@@ -66,7 +103,8 @@ class CaseRunner:
                 finished = True
                 break
             reports.append(item)
-        return {"reports": reports, "finished": finished, "outcome": self.outcome if finished else None}
+        return {"reports": reports, "finished": finished, "outcome": self.outcome if finished else None,
+                "memory_mb": resident_mb()}
 
     def _setup_tensorflow(self) -> dict:
         import ray
@@ -126,3 +164,17 @@ def classify_exception(error: BaseException) -> str:
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         return "interrupted"
     return "bug"
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MiB (0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss / 2**20
+        except Exception:
+            return 0.0

@@ -215,6 +215,9 @@ class CaseFields(_Settings):
     layer_stats_every: Annotated[int, Strict(), Field(ge=0)] = 0
     """Log mean/std/min/max/histogram of weights, biases, pre-activations and activations of
     every layer every N steps (0: never)."""
+    eval_every: Annotated[int, Strict(), Field(ge=1)] = 1
+    """Evaluate on the test set every N epochs and after the last (1: every epoch; a
+    full-batch case has one step per epoch, the moons source evaluated every 1,000)."""
     quirks: _listed_of(QuirkName) = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
 
@@ -245,6 +248,12 @@ class CaseSettings(CaseFields):
     def has(self, quirk: str) -> bool:
         assert quirk in QUIRKS, f"unknown quirk {quirk}"
         return quirk in self.quirks
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out["eval_every"] == 1:  # added later: left out at its default so earlier case ids stay the same
+            del out["eval_every"]
+        return out
 
     def flat(self) -> dict:
         """One level of keys (data.name ...), lists as JSON strings: a row of the cases table."""

@@ -4,6 +4,12 @@ The trainer never imports Ray and never touches storage: it hands rows, histogra
 checkpoints to the `report` callback. Everything random is a function of (seed, epoch,
 step): the data order of an epoch, the augmentation draws and the dropout masks of a
 step. A run resumed from a checkpoint therefore continues bit-identically.
+
+Steps run in chunks: one call of a traced tf.while_loop runs K steps (K grows until a call
+takes about CHUNK_SECONDS), so a tiny full-batch step is not bound by the cost of a call,
+and every step still logs its row. A worker keeps the traced steps of a case's structure
+(`StepCache`) for the next case of the same structure; what differs per case (weights,
+optimiser state, learning rates, seeds) is variable state or a tensor argument.
 """
 
 from __future__ import annotations
@@ -135,17 +141,152 @@ def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
     return rows
 
 
+# Settings that never reach a traced step: they are NumPy-side (initial weights, data order,
+# augmentation, when to log) or enter the step as a tensor (learning rate, skip rate, seed).
+# Every other setting is read while tracing, so it is part of a case's structure.
+PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std",
+                   "steps_per_epoch", "layer_stats_every", "eval_every", "dilation_rate", "dilation_decay", "data")
+CHUNK_SECONDS = 0.25  # aim for calls this long: tiny steps run many to a call, big ones one or a few
+CHUNK_BYTES = 32 << 20  # at most this much stacked input per call
+MAX_CHUNK = 2000
+
+
+def structure_key(settings, input_shape, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
+                  dtype: str) -> str:
+    """What decides the traced train and test steps of a case: two cases with the same key
+    run the same graphs, with their own weights, optimiser state, learning rates and seeds."""
+    fixed = {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS}
+    return json.dumps({"settings": fixed, "input": list(input_shape), "classes": int(num_classes),
+                       "step": list(step_shape), "test": list(test_shape), "in_loop_eval": in_loop_eval, "dtype": dtype},
+                      sort_keys=True, default=list)
+
+
+class StepCache:
+    """Traced steps kept by a worker between cases (least recently used first out)."""
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self.entries: dict = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: str, build):
+        if key in self.entries:
+            self.hits += 1
+            self.entries[key] = self.entries.pop(key)  # most recent last
+            return self.entries[key]
+        self.misses += 1
+        while len(self.entries) >= self.max_entries:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = build()
+        return self.entries[key]
+
+
+class Steps:
+    """A case structure's variables and traced functions.
+
+    `train_chunk` runs K training steps in one call (a tf.while_loop over a stacked batch
+    tensor; K is a run-time length, so one trace serves any K and every step runs the same
+    graph whatever the chunking), evaluating the whole test set after the steps flagged
+    when the test set is small (`in_loop_eval`). `test_step` evaluates one test chunk.
+    """
+
+    def __init__(self, settings, model, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
+                 tf_dtype):
+        import tensorflow as tf
+
+        from workers import optimizers, schedules
+        from workers.layers import Context
+
+        self.model = model
+        self.net = net = _make_net(model, model.init_params(0, dtype=tf_dtype.as_numpy_dtype), tf_dtype)
+        self.optimizer = optimizer = optimizers.make_optimizer(settings, net)
+        schedule = schedules.get_schedule(settings)
+        self.traced = traced = {}
+        self.in_loop_eval = in_loop_eval
+        loss_fn = model.loss
+
+        def evaluate_on(x, labels):
+            y_onehot = tf.one_hot(labels, num_classes, dtype=tf_dtype)
+            output = net.predict(x)
+            cost = loss_fn.logged_cost(output, y_onehot, "test") * tf.cast(tf.shape(x)[0], tf_dtype)
+            return cost, loss_fn.correct(output, labels)
+
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, *step_shape], tf_dtype),  # (K, B, ...): the K steps' inputs
+            tf.TensorSpec([None, step_shape[0]], tf.int64),  # (K, B) labels
+            tf.TensorSpec([None], tf_dtype),  # (K,) learning rate of each step
+            tf.TensorSpec([None], tf_dtype),  # (K,) dilated skip rate of each step
+            tf.TensorSpec([], tf.int64),  # the case's seed
+            tf.TensorSpec([], tf.int64),  # global step of the first of the K steps
+            tf.TensorSpec([None], tf.bool),  # (K,) evaluate the test set after this step
+            tf.TensorSpec([None, *test_shape[1:]], tf_dtype),  # the test set (empty unless in_loop_eval)
+            tf.TensorSpec([None], tf.int64),
+        ])
+        def train_chunk(xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
+            k = tf.shape(xs)[0]
+
+            def arrays(dtype):
+                return tf.TensorArray(dtype, size=k)
+
+            def body(i, losses, costs, corrects, extras, test_costs, test_corrects):
+                step_seed = tf.stack([seed, first_step + tf.cast(i, tf.int64)])
+                y_onehot = tf.one_hot(labels[i], num_classes, dtype=tf_dtype)
+                stepper = schedules.Stepper(net, optimizer, Context(training=True, seed=step_seed), lrs[i], settings,
+                                            skip_rates[i])
+                loss, output = schedule(stepper, xs[i], y_onehot)
+                names = sorted(stepper.extras)
+                traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes,
+                              stages=stepper.stages, extra_names=names)
+                cost = loss_fn.logged_cost(output, y_onehot, "train")
+                extra = (tf.stack([tf.cast(stepper.extras[n], tf_dtype) for n in names]) if names
+                         else tf.zeros([0], tf_dtype))
+                if in_loop_eval:
+                    # the ops before must finish first: the test set sees the updated weights
+                    with tf.control_dependencies([loss, cost, extra]):
+                        test_cost, test_correct = tf.cond(
+                            eval_flags[i], lambda: evaluate_on(x_test, y_test),
+                            lambda: (tf.zeros([], tf_dtype), tf.zeros([], tf.float32)))
+                else:
+                    test_cost, test_correct = tf.zeros([], tf_dtype), tf.zeros([], tf.float32)
+                return (i + 1, losses.write(i, loss), costs.write(i, cost),
+                        corrects.write(i, loss_fn.correct(output, labels[i])), extras.write(i, extra),
+                        test_costs.write(i, test_cost), test_corrects.write(i, test_correct))
+
+            start = (tf.constant(0), arrays(tf_dtype), arrays(tf_dtype), arrays(tf.float32), arrays(tf_dtype),
+                     arrays(tf_dtype), arrays(tf.float32))
+            # parallel_iterations=1: step i+1 starts once step i has updated the variables
+            _, *out = tf.while_loop(lambda i, *_: i < k, body, start, parallel_iterations=1)
+            return tuple(array.stack() for array in out)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *test_shape[1:]], tf_dtype), tf.TensorSpec([None], tf.int64)])
+        def test_step(x, labels):
+            return evaluate_on(x, labels)
+
+        self.train_chunk, self.test_step = train_chunk, test_step
+
+    def load(self, params: list[dict], optimizer_state: dict | None) -> None:
+        """This case's weights and optimiser state (zeros for a new case) into the variables."""
+        self.net.assign(params)
+        state = optimizer_state
+        if state is None:
+            state = {key: np.zeros_like(value) for key, value in self.optimizer.state().items()}
+        self.optimizer.load_state(state)
+
+
 def train(settings, data, report, resume: bytes | None = None, *, checkpoint_every_steps: int = 0,
-          report_every_seconds: float = 2.0, dtype: str = "float32") -> dict:
+          commit_every: float = 30.0, report_every_seconds: float = 2.0, dtype: str = "float32",
+          cache: StepCache | None = None, commit_requested=None, max_chunk: int = MAX_CHUNK) -> dict:
     """Train one case on `data` (a workers.data.Dataset), reporting progress to `report`.
 
     Returns {"status": "done"|"diverged", "epoch", "step", "test_accuracy", ...}.
-    `resume` is a checkpoint from an earlier Report of the same settings.
+    `resume` is a checkpoint from an earlier Report of the same settings. A checkpoint is
+    reported at most every `commit_every` seconds, every `checkpoint_every_steps` steps (0:
+    never by count), when `commit_requested()` is true, and at the end. `cache` keeps
+    traced steps between cases of the same structure (a worker's StepCache).
     """
     import tensorflow as tf
 
     from workers import models, optimizers, schedules
-    from workers.layers import Context
 
     tf.config.experimental.enable_op_determinism()
     tf_dtype = tf.as_dtype(dtype)
@@ -154,6 +295,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     model = models.build_model(settings, x_train.shape[1:], data.num_classes)
     batch, steps_per_epoch = batch_plan(settings, len(x_train))
     assert steps_per_epoch > 0, "no training step: empty training set"
+    total_steps = settings.epochs * steps_per_epoch
+    eval_every = getattr(settings, "eval_every", 1)
+    test_chunk = max(batch, 256)
+    in_loop_eval = len(x_test) <= test_chunk
+    step_shape = ((2 * batch) if settings.augment else batch, *x_train.shape[1:])
 
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if resume is not None:
@@ -162,109 +308,143 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         position = meta["position"]
     else:
         params, optimizer_state = model.init_params(settings.seed, dtype=np.dtype(dtype)), None
-    net = _make_net(model, params, tf_dtype)
-    optimizer = optimizers.make_optimizer(settings, net)
-    if optimizer_state is not None:
-        optimizer.load_state(optimizer_state)
-    schedule = schedules.get_schedule(settings)
+    key = structure_key(settings, x_train.shape[1:], data.num_classes, step_shape, x_test.shape, in_loop_eval, dtype)
+
+    def build():
+        return Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype)
+
+    steps = (cache or StepCache()).get(key, build)
+    steps.load(params, optimizer_state)
+    net, optimizer, traced = steps.net, steps.optimizer, steps.traced
     unit_names = [unit.name for unit in model.units]
-    traced = {}
+    test_x = tf.constant(x_test if in_loop_eval else x_test[:0])
+    test_y = tf.constant(y_test if in_loop_eval else y_test[:0])
 
-    @tf.function(reduce_retracing=True)
-    def train_step(x, labels, lr, skip_rate, seed):
-        y_onehot = tf.one_hot(labels, data.num_classes, dtype=tf_dtype)
-        stepper = schedules.Stepper(net, optimizer, Context(training=True, seed=seed), lr, settings, skip_rate)
-        loss, output = schedule(stepper, x, y_onehot)
-        traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes, stages=stepper.stages)
-        cost = model.loss.logged_cost(output, y_onehot, "train")
-        return loss, cost, model.loss.correct(output, labels), dict(stepper.extras)
-
-    @tf.function(reduce_retracing=True)
-    def test_step(x, labels):
-        y_onehot = tf.one_hot(labels, data.num_classes, dtype=tf_dtype)
-        output = net.predict(x)
-        cost = model.loss.logged_cost(output, y_onehot, "test") * tf.cast(tf.shape(x)[0], tf_dtype)
-        return cost, model.loss.correct(output, labels)
+    def eval_due(epoch: int) -> bool:
+        return (epoch + 1) % eval_every == 0 or epoch == settings.epochs - 1
 
     def evaluate() -> tuple[float, float]:
-        total_cost, total_correct, chunk = 0.0, 0.0, max(batch, 256)
-        for start in range(0, len(x_test), chunk):
-            cost, correct = test_step(x_test[start:start + chunk], y_test[start:start + chunk])
+        total_cost, total_correct = 0.0, 0.0
+        for start in range(0, len(x_test), test_chunk):
+            cost, correct = steps.test_step(x_test[start:start + test_chunk], y_test[start:start + test_chunk])
             total_cost += float(cost)
             total_correct += float(correct)
         return total_cost / len(x_test), total_correct / len(x_test)
+
+    def chunk_end(step: int, limit: int) -> int:
+        """Where the chunk from `step` must stop: commits, layer statistics and (outside the
+        loop) evaluations happen between calls."""
+        end = min(total_steps, step + limit)
+        for every in (checkpoint_every_steps, settings.layer_stats_every):
+            if every:
+                end = min(end, (step // every + 1) * every)
+        if not in_loop_eval:
+            epoch = step // steps_per_epoch
+            while not eval_due(epoch):
+                epoch += 1
+            end = min(end, (epoch + 1) * steps_per_epoch)
+        return end
+
+    orders: dict = {}
+
+    def batch_of(step: int):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = epoch_order(settings.seed, epoch, len(x_train))
+        index = orders[epoch][step_in_epoch * batch:(step_in_epoch + 1) * batch]
+        x, labels = x_train[index], y_train[index]
+        if settings.augment:
+            from workers.augment import augment_batch
+
+            x, labels = augment_batch(x, labels, settings.seed, epoch, step_in_epoch,
+                                      float_images_quirk=settings.has("float_images_to_imgaug"))
+            x = x.astype(dtype, copy=False)
+        return x, labels
 
     pending = Report(info={"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch,
                            "model": model.describe(), "tensorflow": tf.__version__})
     if resume is None:
         pending.histograms = weight_histograms(model, params, "before")
-    last_flush = time.monotonic()
-    epoch, global_step = position["epoch"], position["global_step"]
-    latest = {}
+    global_step = position["global_step"]
+    assert global_step == position["epoch"] * steps_per_epoch + position["step_in_epoch"], position
+    latest: dict = {}
+    last_flush = last_commit = time.monotonic()
+    limit = 1  # steps per call: grows to about CHUNK_SECONDS once a call has been timed
+    step_bytes = max(1, int(np.prod(step_shape)) * tf_dtype.size)
 
-    def checkpoint_now(epoch_next: int, step_next: int) -> bytes:
-        where = {"epoch": epoch_next, "step_in_epoch": step_next, "global_step": global_step}
-        return pack_checkpoint(net.numpy_params(), optimizer.state(), where, settings)
+    def progress(step: int, **extra) -> dict:
+        return {"epoch": step // steps_per_epoch, "step": step, "steps_total": total_steps, **extra, **latest}
 
-    while epoch < settings.epochs:
-        order = epoch_order(settings.seed, epoch, len(x_train))
-        lr = optimizers.learning_rate(settings, epoch)
-        skip_rate = schedules.dilation_rate(settings, epoch)
-        for step_in_epoch in range(position["step_in_epoch"] if epoch == position["epoch"] else 0, steps_per_epoch):
-            index = order[step_in_epoch * batch:(step_in_epoch + 1) * batch]
-            x, labels = x_train[index], y_train[index]
-            if settings.augment:
-                from workers.augment import augment_batch
-
-                x, labels = augment_batch(x, labels, settings.seed, epoch, step_in_epoch,
-                                          float_images_quirk=settings.has("float_images_to_imgaug"))
-                x = x.astype(dtype, copy=False)
-            if settings.layer_stats_every and global_step % settings.layer_stats_every == 0:
-                pending.layer_stats.extend(layer_statistics(net, tf.constant(x), global_step, epoch))
-            started = time.perf_counter()
-            loss, cost, correct, extras = train_step(
-                tf.constant(x), tf.constant(labels), tf.constant(lr, tf_dtype), tf.constant(skip_rate, tf_dtype),
-                tf.constant([settings.seed, global_step], tf.int64))
-            loss, cost, correct = float(loss), float(cost), float(correct)
-            seconds = time.perf_counter() - started
+    if resume is not None and global_step >= total_steps:  # resumed after the last commit
+        report(Report(status="done", progress=progress(global_step)))
+        return {"status": "done", "epoch": settings.epochs, "step": global_step}
+    while global_step < total_steps:
+        end = chunk_end(global_step, limit)
+        if settings.layer_stats_every and global_step % settings.layer_stats_every == 0:
+            x0, _ = batch_of(global_step)
+            pending.layer_stats.extend(layer_statistics(net, tf.constant(x0), global_step, global_step // steps_per_epoch))
+        batches = [batch_of(step) for step in range(global_step, end)]
+        epochs = [step // steps_per_epoch for step in range(global_step, end)]
+        flags = [in_loop_eval and (step + 1) % steps_per_epoch == 0 and eval_due(step // steps_per_epoch)
+                 for step in range(global_step, end)]
+        started = time.perf_counter()
+        wall_start = time.time()
+        out = steps.train_chunk(
+            tf.constant(np.stack([x for x, _ in batches])), tf.constant(np.stack([y for _, y in batches])),
+            tf.constant([optimizers.learning_rate(settings, e) for e in epochs], tf_dtype),
+            tf.constant([schedules.dilation_rate(settings, e) for e in epochs], tf_dtype),
+            tf.constant(settings.seed, tf.int64), tf.constant(global_step, tf.int64), tf.constant(flags, tf.bool),
+            test_x, test_y)
+        losses, costs, corrects, extras, test_costs, test_corrects = (value.numpy() for value in out)
+        seconds = (time.perf_counter() - started) / len(batches)
+        limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
+        for i, (x, _) in enumerate(batches):
+            step, epoch = global_step + i, epochs[i]
+            lr = optimizers.learning_rate(settings, epoch)
             pending.rows.append({
-                "split": "train", "epoch": epoch, "step": global_step, "cost": cost, "accuracy": correct / len(x),
-                "lr": lr, "stages": traced["stages"], "layer_updates": int(sum(traced["updates"])),
-                "forward_passes": traced["forward_passes"], "examples": len(x), "examples_per_sec": len(x) / seconds,
-                "wall_time": time.time(), "updates": json.dumps(traced["updates"]), "layers": json.dumps(unit_names),
-                **{name: float(value) for name, value in extras.items()},
+                "split": "train", "epoch": epoch, "step": step, "cost": float(costs[i]),
+                "accuracy": float(corrects[i]) / len(x), "lr": lr, "stages": traced["stages"],
+                "layer_updates": int(sum(traced["updates"])), "forward_passes": traced["forward_passes"],
+                "examples": len(x), "examples_per_sec": len(x) / seconds, "wall_time": wall_start + (i + 1) * seconds,
+                "updates": json.dumps(traced["updates"]), "layers": json.dumps(unit_names),
+                **{name: float(value) for name, value in zip(traced["extra_names"], extras[i])},
             })
-            global_step += 1
-            if not math.isfinite(loss):
+            if not math.isfinite(float(losses[i])):
                 pending.status = "diverged"
-                pending.progress = {"epoch": epoch, "step": global_step, "diverged_step": global_step - 1}
+                pending.progress = {"epoch": epoch, "step": step + 1, "diverged_step": step}
                 report(pending)
-                return {"status": "diverged", "epoch": epoch, "step": global_step - 1, "diverged_step": global_step - 1}
-            done_in_epoch = step_in_epoch + 1
-            pending.progress = {"epoch": epoch, "step": global_step, "steps_total": settings.epochs * steps_per_epoch,
-                                "train_accuracy": correct / len(x), **latest}
-            if checkpoint_every_steps and global_step % checkpoint_every_steps == 0 and done_in_epoch < steps_per_epoch:
-                pending.checkpoint = checkpoint_now(epoch, done_in_epoch)
-            if pending.checkpoint is not None or time.monotonic() - last_flush >= report_every_seconds:
-                report(pending)
-                pending, last_flush = Report(), time.monotonic()
-        test_cost, test_accuracy = evaluate()
-        latest = {"test_accuracy": test_accuracy, "test_cost": test_cost, "test_epoch": epoch}
-        pending.rows.append({"split": "test", "epoch": epoch, "step": global_step, "cost": test_cost,
-                             "accuracy": test_accuracy, "wall_time": time.time()})
-        epoch += 1
-        pending.progress = {"epoch": epoch, "step": global_step, "steps_total": settings.epochs * steps_per_epoch, **latest}
-        pending.checkpoint = checkpoint_now(epoch, 0)
-        if epoch == settings.epochs:
+                return {"status": "diverged", "epoch": epoch, "step": step, "diverged_step": step}
+            pending.progress = progress(step + 1, train_accuracy=float(corrects[i]) / len(x))
+            if flags[i]:
+                test_cost, test_accuracy = float(test_costs[i]) / len(x_test), float(test_corrects[i]) / len(x_test)
+                latest = {"test_accuracy": test_accuracy, "test_cost": test_cost, "test_epoch": epoch}
+                pending.rows.append({"split": "test", "epoch": epoch, "step": step + 1, "cost": test_cost,
+                                     "accuracy": test_accuracy, "wall_time": wall_start + (i + 1) * seconds})
+        global_step = end
+        epoch_done, in_epoch = divmod(global_step, steps_per_epoch)
+        if not in_loop_eval and in_epoch == 0 and eval_due(epoch_done - 1):
+            test_cost, test_accuracy = evaluate()
+            latest = {"test_accuracy": test_accuracy, "test_cost": test_cost, "test_epoch": epoch_done - 1}
+            pending.rows.append({"split": "test", "epoch": epoch_done - 1, "step": global_step, "cost": test_cost,
+                                 "accuracy": test_accuracy, "wall_time": time.time()})
+        pending.progress = {**pending.progress, **progress(global_step)}
+        now = time.monotonic()
+        finished = global_step == total_steps
+        if (finished or now - last_commit >= commit_every or (commit_requested is not None and commit_requested())
+                or (checkpoint_every_steps and global_step % checkpoint_every_steps == 0)):
+            where = {"epoch": epoch_done, "step_in_epoch": in_epoch, "global_step": global_step}
+            pending.checkpoint = pack_checkpoint(net.numpy_params(), optimizer.state(), where, settings)
+            last_commit = now
+        if finished:
             pending.histograms.extend(weight_histograms(model, net.numpy_params(), "after"))
             if x_train.ndim == 2 and x_train.shape[1] == 2:
                 pending.boundary = decision_boundary(net, x_train)
             pending.status = "done"
-        report(pending)
-        pending, last_flush = Report(), time.monotonic()
-    if resume is not None and position["epoch"] >= settings.epochs:  # resumed after the last commit
-        report(Report(status="done", progress={"epoch": epoch, "step": global_step}))
-    return {"status": "done", "epoch": epoch, "step": global_step, **latest}
+        if pending.checkpoint is not None or now - last_flush >= report_every_seconds:
+            report(pending)
+            pending, last_flush = Report(), now
+    return {"status": "done", "epoch": settings.epochs, "step": global_step, **latest}
 
 
 def _make_net(model, params, tf_dtype):

@@ -1,0 +1,262 @@
+"""Reused workers, kept traces, commits by time, many steps per call.
+
+In-process (no Ray): cases run back to back with one StepCache give the rows of fresh
+traces; a case resumed with another chunking is bit-identical; checkpoints are paced by
+time; eval_every. On local Ray, through `bplab run`: one worker runs cases one after
+another (same rows as a worker per case), a failed case does not poison the next one, and
+a worker SIGKILLed during its second case is replaced and that case resumed exactly once.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workers import settings as settings_module
+from workers.data import load_dataset
+from workers.trainer import StepCache, train, unpack_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+VOLATILE = ("wall_time", "examples_per_sec")
+MOONS = {"model": "mlp", "hidden": [8], "optimizer": "sgd", "lr": 2.0, "batch_size": 0, "epochs": 40,
+         "data": {"name": "moons", "samples": 200, "noise": 0.2}}
+
+
+def settings(**changes):
+    return settings_module.from_dict({**MOONS, **changes})
+
+
+def run(case, cache=None, resume=None, stop_after_checkpoints=None, **kwargs):
+    reports = []
+
+    def report(r):
+        reports.append(r)
+        if stop_after_checkpoints is not None and sum(x.checkpoint is not None for x in reports) >= stop_after_checkpoints:
+            raise KeyboardInterrupt("simulated kill")
+
+    try:
+        train(case, load_dataset(case.data), report, resume=resume, cache=cache, **kwargs)
+    except KeyboardInterrupt:
+        pass
+    return reports
+
+
+def rows_of(reports):
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for r in reports for row in r.rows]
+
+
+def last_checkpoint(reports):
+    return [r.checkpoint for r in reports if r.checkpoint is not None][-1]
+
+
+def assert_same_state(a: bytes, b: bytes):
+    params_a, opt_a, meta_a = unpack_checkpoint(a)
+    params_b, opt_b, meta_b = unpack_checkpoint(b)
+    assert meta_a == meta_b
+    for unit_a, unit_b in zip(params_a, params_b):
+        assert unit_a.keys() == unit_b.keys()
+        for name in unit_a:
+            np.testing.assert_array_equal(unit_a[name], unit_b[name])
+    assert opt_a.keys() == opt_b.keys()
+    for key in opt_a:
+        np.testing.assert_array_equal(opt_a[key], opt_b[key])
+
+
+@pytest.mark.timeout(300)
+def test_cases_back_to_back_in_one_worker_equal_fresh_traces():
+    """Kept traces: same structure, other seed/lr/activation order; rows equal fresh runs'."""
+    cases = [settings(seed=1, epochs=12), settings(seed=2, lr=0.5, epochs=9), settings(seed=1, activation="relu", epochs=7),
+             settings(seed=3, optimizer="adam", lr=0.01, epochs=8), settings(seed=4, optimizer="adam", lr=0.02, epochs=8)]
+    cache = StepCache()
+    reused = [run(case, cache=cache) for case in cases]
+    assert cache.misses == 3 and cache.hits == 2  # tanh-sgd, relu-sgd, tanh-adam traced once each
+    for case, reports in zip(cases, reused):
+        fresh = run(case)
+        assert rows_of(reports) == rows_of(fresh)
+        assert_same_state(last_checkpoint(reports), last_checkpoint(fresh))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("changes", [
+    {"epochs": 30, "eval_every": 4},  # full batch, the test set evaluated inside the loop
+    {"model": "dni_rnn", "hidden": [3], "schedule": "synthetic", "batch_size": 10, "epochs": 2,
+     "data": {"name": "digits", "classes": [0, 1], "train_size": 80}},
+    {"batch_size": 10, "epochs": 2, "optimizer": "adam", "lr": 0.01,  # 300 test examples: evaluated between calls
+     "data": {"name": "digits", "train_size": 80, "test_size": 300}},
+])
+def test_resumed_fused_loop_case_is_bit_identical(changes):
+    """Killed after its second commit, resumed with another number of steps per call."""
+    case = settings(**changes)
+    whole = run(case, max_chunk=2000, checkpoint_every_steps=5)
+    part = run(case, max_chunk=2000, checkpoint_every_steps=5, stop_after_checkpoints=2)
+    checkpoint = last_checkpoint(part)
+    assert unpack_checkpoint(checkpoint)[2]["position"]["global_step"] == 10
+    rest = run(case, resume=checkpoint, max_chunk=3, checkpoint_every_steps=7)
+    assert_same_state(last_checkpoint(whole), last_checkpoint(rest))
+    # the rows up to the commit point, then the resumed rows: exactly the uninterrupted rows
+    assert rows_of(part) + rows_of(rest) == rows_of(whole)
+    assert any(row["split"] == "test" for row in rows_of(rest))
+
+
+@pytest.mark.timeout(300)
+def test_eval_every_and_ids_unchanged_at_its_default():
+    reports = run(settings(epochs=10, eval_every=4))
+    tests = [row for row in rows_of(reports) if row["split"] == "test"]
+    assert [row["epoch"] for row in tests] == [3, 7, 9]  # every 4th epoch and the last
+    assert [row["step"] for row in tests] == [4, 8, 10]
+    assert len([row for row in rows_of(reports) if row["split"] == "train"]) == 10
+    # the default leaves case ids as they were before the setting existed (values from that code)
+    assert settings_module.CaseSettings().digest("") == "0dba00524371"
+    assert settings_module.from_dict({"model": "mlp", "data": {"name": "moons"}, "batch_size": 0}).digest("abc") == "ee5d1e520ae7"
+    assert settings(eval_every=2).digest() != settings().digest()
+    with pytest.raises(settings_module.SettingsError, match="eval_every"):
+        settings(eval_every=0)
+
+
+@pytest.mark.timeout(300)
+def test_commits_are_paced_by_time():
+    case = settings(epochs=3000, layer_stats_every=0)
+    started = time.monotonic()
+    reports = run(case, commit_every=0.5, max_chunk=20)
+    seconds = time.monotonic() - started
+    checkpoints = sum(r.checkpoint is not None for r in reports)
+    assert 2 <= checkpoints <= seconds / 0.5 + 2, (checkpoints, seconds)  # one per epoch would be 3,000
+    assert len(rows_of(reports)) == 6000
+
+
+# ---------------------------------------------------------------------- on local Ray
+
+SUITE = """
+name: {name}
+defaults: {defaults}
+cases:
+{cases}
+"""
+
+
+def write_suite(tmp_path, name, cases: dict, **defaults) -> Path:
+    body = "\n".join(f"  {case}: {json.dumps(values)}" for case, values in cases.items())
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SUITE.format(name=name, defaults=json.dumps({**MOONS, **defaults}), cases=body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_slot():
+    """A Ray cluster with one CPU: one worker slot, so every case goes to the same worker."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    cluster.wait_for_nodes()
+    yield cluster.address
+    cluster.shutdown()
+
+
+def bplab(address, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs", "run", *args, "--address", address, "--cpus-per-case", "1",
+                             "--progress-every", "0", "--no-report"], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ledger(run_dir: Path) -> dict:
+    out = {}
+    for path in (run_dir / "ledger").glob("*.json"):
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        out[entry["name"]] = entry
+    return out
+
+
+def metrics(run_dir: Path) -> pd.DataFrame:
+    table = pd.read_parquet(run_dir / "metrics")
+    table["case_id"] = table["case_id"].astype(str)
+    names = dict(pd.read_parquet(run_dir / "cases.parquet")[["case_id", "name"]].values)
+    table["name"] = table["case_id"].map(names)
+    assert not table.duplicated(["case_id", "step", "split"]).any(), "a row was logged twice"
+    return table
+
+
+def rows(table, name):
+    columns = ["split", "epoch", "step", "cost", "accuracy"]
+    return table[table.name == name].sort_values(["step", "split"])[columns].reset_index(drop=True)
+
+
+def files_per_case(run_dir: Path) -> dict:
+    return {folder.name: len(list(folder.glob("*.parquet"))) for folder in (run_dir / "metrics").iterdir()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_one_worker_runs_cases_in_turn_and_a_failure_does_not_poison(one_slot, tmp_path):
+    cases = {"bad": {"augment": True},  # fails in the worker: augmentation needs images
+             "g1": {"seed": 1}, "g2": {"seed": 2, "activation": "relu"}, "g3": {"seed": 3}}
+    suite = write_suite(tmp_path, "turns", cases, epochs=300)
+    reused_dir, fresh_dir = tmp_path / "reused", tmp_path / "fresh"
+    process = bplab(one_slot, str(suite), "--out", str(reused_dir))
+    output, _ = process.communicate(timeout=800)
+    assert process.returncode == 1, output[-3000:]  # the bad case failed, the others did not
+    entries = ledger(reused_dir)
+    assert entries["bad"]["state"] == "failed" and entries["bad"]["reason_class"] == "bug", entries["bad"]
+    assert "augment" in entries["bad"]["reason"]
+    assert all(entries[name]["state"] == "done" for name in ("g1", "g2", "g3")), output[-3000:]
+    pids = {name: entries[name]["info"]["pid"] for name in cases}
+    assert pids["g1"] != pids["bad"]  # a fresh worker after the failure
+    assert pids["g1"] == pids["g2"] == pids["g3"]  # then one worker for the rest
+    assert [entries[name]["info"]["worker_cases"] for name in ("g1", "g2", "g3")] == [1, 2, 3]
+    assert max(files_per_case(reused_dir).values()) <= 2  # commits by time: 300 steps, not 300 files
+
+    fresh_suite = write_suite(tmp_path, "fresh", {k: v for k, v in cases.items() if k != "bad"}, epochs=300)
+    process = bplab(one_slot, str(fresh_suite), "--out", str(fresh_dir), "--fresh-worker-per-case")
+    output, _ = process.communicate(timeout=800)
+    assert process.returncode == 0, output[-3000:]
+    fresh = ledger(fresh_dir)
+    assert len({fresh[name]["info"]["pid"] for name in ("g1", "g2", "g3")}) == 3
+    reused_rows, fresh_rows = metrics(reused_dir), metrics(fresh_dir)
+    for name in ("g1", "g2", "g3"):
+        assert len(rows(fresh_rows, name)) == 600
+        pd.testing.assert_frame_equal(rows(reused_rows, name), rows(fresh_rows, name))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_worker_killed_during_its_second_case(one_slot, tmp_path):
+    cases = {"first": {"seed": 1, "epochs": 50}, "victim": {"seed": 7}, "control": {"seed": 7, "lr": 2.0000000001}}
+    suite = write_suite(tmp_path, "kill2", cases, epochs=4000)
+    run_dir = tmp_path / "run"
+    process = bplab(one_slot, str(suite), "--out", str(run_dir), "--checkpoint-every", "500")
+    deadline = time.monotonic() + 600
+    victim = None
+    while time.monotonic() < deadline and victim is None:
+        entry = ledger(run_dir).get("victim")
+        if entry and entry["state"] == "running" and entry["commit_seq"] >= 2:
+            victim = entry
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    assert victim is not None, "the victim never committed twice"
+    assert victim["info"]["worker_cases"] == 2  # its worker's second case
+    os.kill(victim["info"]["pid"], signal.SIGKILL)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert "worker_died" in output
+    entries = ledger(run_dir)
+    assert entries["victim"]["attempts"] == 2 and entries["victim"]["state"] == "done"
+    assert entries["victim"]["info"]["pid"] != victim["info"]["pid"]
+    table = metrics(run_dir)
+    steps = sorted(table[(table.name == "victim") & (table.split == "train")]["step"])
+    assert steps == list(range(4000))  # every step exactly once
+    control = rows(table, "control")
+    mine = rows(table, "victim")
+    # the control differs only by an lr change far below float32 resolution: the same numbers
+    pd.testing.assert_frame_equal(mine, control)
+    assert math.isclose(mine["accuracy"].iloc[-1], control["accuracy"].iloc[-1])
