@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpus-per-case", type=float, default=1.0, help="CPUs per case (TensorFlow's thread pools are sized to it)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every case, e.g. --set epochs=3 --set data.path=~/data")
-        p.add_argument("--only", nargs="+", default=[], metavar="CASE", help="run only these cases (names or groups)")
+        p.add_argument("--only", nargs="+", default=[], metavar="CASE", help="run only these cases: names, groups or globs ('fast-*')")
 
     run = sub.add_parser("run", help="run a suite (or resume a run)")
     run.add_argument("suite", nargs="?", help="built-in suite name or a YAML file (optional with --resume)")
