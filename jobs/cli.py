@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cases = sub.add_parser("cases", help="list built-in suites, or the cases of one")
     cases.add_argument("suite", nargs="?")
+
+    logs = sub.add_parser("logs", help="a case's own output (TensorFlow and the like), kept in RUN/logs")
+    logs.add_argument("run")
+    logs.add_argument("case", help="case name (or id)")
     return parser
 
 
@@ -309,10 +313,10 @@ def _connect(address: str | None) -> None:
 
     try:
         if address:
-            ray.init(address=address, logging_level="ERROR")
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)  # cases' output: RUN/logs
         else:
             # "local": a new Ray of our own, never a cluster some other process started on this machine
-            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+            ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 
@@ -405,4 +409,22 @@ def cmd_gradcheck(args) -> int:
     return gradcheck.main(names, tolerance=args.tolerance)
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+def cmd_logs(args) -> int:
+    from jobs.storage import RunDir
+    from workers.logs import read_case_log
+
+    run = RunDir.open(args.run)
+    names = dict(zip(run.cases()["case_id"], run.cases()["name"]))
+    name = names.get(args.case, args.case)
+    if name not in names.values():
+        shown = ", ".join(list(names.values())[:8])
+        raise UsageError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
+    text = read_case_log(run, name)
+    if text is None:
+        print(f"bplab: case {name} has no output in {run.location}/logs yet", file=sys.stderr)
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+COMMANDS = {"logs": cmd_logs, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}

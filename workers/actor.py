@@ -15,6 +15,8 @@ import threading
 import time
 import traceback
 
+from workers import logs
+
 
 class CaseRunner:
     """Plain class (made remote by the driver with the case's resources)."""
@@ -27,16 +29,24 @@ class CaseRunner:
         self.thread: threading.Thread | None = None
         self.outcome: dict | None = None
         self.info: dict = {}
+        logs.start_capture()  # before TensorFlow: the case's own output goes to RUN/logs, not the terminal
+        self.log_offset = logs.output_offset()
 
     def start(self, settings_json: dict, data, resume: bytes | None, checkpoint_every_steps: int) -> dict:
-        """Set up TensorFlow for this process and start training in a thread; return device info."""
+        """Set up TensorFlow for this process and start training in a thread; return device info
+        (and, under "log", the case's output so far)."""
+        self.log_offset = logs.output_offset()  # the case's output starts here
         self.info = self._setup_tensorflow()
         from workers import settings as settings_module
 
         settings = settings_module.from_json(settings_json)
         self.thread = threading.Thread(target=self._run, args=(settings, data, resume, checkpoint_every_steps), daemon=True)
         self.thread.start()
-        return self.info
+        return {**self.info, "log": self._new_output()}
+
+    def _new_output(self) -> str:
+        text, self.log_offset = logs.case_output_since(self.log_offset)
+        return text
 
     def _run(self, settings, data, resume, checkpoint_every_steps):
         from workers.trainer import train
@@ -64,13 +74,13 @@ class CaseRunner:
                 finished = True
                 break
             reports.append(item)
-        return {"reports": reports, "finished": finished, "outcome": self.outcome if finished else None}
+        return {"reports": reports, "finished": finished, "outcome": self.outcome if finished else None,
+                "log": self._new_output()}
 
     def _setup_tensorflow(self) -> dict:
         import ray
 
         threads = max(1, int(round(self.num_cpus)))
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the import: keep the driver's log readable
         import tensorflow as tf
 
         # Before the first op: thread pools sized to the CPUs Ray gave us, memory growth on.

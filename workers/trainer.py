@@ -242,7 +242,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 return {"status": "diverged", "epoch": epoch, "step": global_step - 1, "diverged_step": global_step - 1}
             done_in_epoch = step_in_epoch + 1
             pending.progress = {"epoch": epoch, "step": global_step, "steps_total": settings.epochs * steps_per_epoch,
-                                "train_accuracy": correct / len(x), **latest}
+                                "train_accuracy": correct / len(x), "train_cost": cost, **latest}
             if checkpoint_every_steps and global_step % checkpoint_every_steps == 0 and done_in_epoch < steps_per_epoch:
                 pending.checkpoint = checkpoint_now(epoch, done_in_epoch)
             if pending.checkpoint is not None or time.monotonic() - last_flush >= report_every_seconds:
