@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default=None, metavar="RUN", help="continue this run: whatever is not done, plus new cases")
     run.add_argument("--max-retries", type=int, default=2, help="retries per case after a lost worker or node")
     run.add_argument("--checkpoint-every", type=int, default=200, metavar="STEPS", help="commit every N steps as well as every epoch (0: epochs only)")
-    run.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS", help="print the progress table this often (0: never)")
+    run.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS", help="when the output is not a terminal, print the summary this often (0: no live view, state changes only)")
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     resources(run)
 

@@ -111,3 +111,27 @@ def test_case_logs_append_cap_and_tail(tmp_path):
     assert "first line" not in text  # cut to the tail
     assert logs.tail("a", 2) == ["line 098 " + "." * 40, "line 099 " + "." * 40]
     assert read_case_log(run, "b") is None
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_case_shows_its_last_lines(tmp_path):
+    import io
+
+    from jobs import plan, suites
+    from jobs.driver import Driver
+    from jobs.storage import RunDir
+
+    suite = suites.select(suites.load_suite("moons-quick"), ["deep"])
+    planned = plan.make_plan(suite, plan.load_data(suite.cases), cpus_per_case=1, gpus_per_case=0)
+    run = RunDir.create(tmp_path / "run", {"suite": suite.name}, [p.row() for p in planned])
+    out = io.StringIO()
+    driver = Driver(run, planned, {}, out=out, progress_every=0)
+    state = next(iter(driver.cases.values()))
+    driver.logs.append("deep", "".join(f"noise {i}\n" for i in range(20)) + "Traceback (most recent call last):\nBoom\n")
+    driver._finish(state, {"ok": False, "error_type": "RuntimeError", "error": "Boom", "error_class": "bug",
+                           "traceback": "Traceback (most recent call last):\nRuntimeError: Boom\n"})
+    text = out.getvalue()
+    assert "deep: failed (bug: RuntimeError: Boom)" in text
+    assert f"bplab logs {run.location} deep" in text and "    | RuntimeError: Boom" in text
+    assert "    | noise 19" in text and "noise 10" not in text  # the last few lines only
+    assert "RuntimeError: Boom" in (tmp_path / "run" / "logs" / "deep.log").read_text()
