@@ -30,6 +30,7 @@ def start_capture(directory: str | None = None) -> str:
         return _capture_path
     directory = directory or os.path.join(tempfile.gettempdir(), "bplab-worker-logs")
     os.makedirs(directory, exist_ok=True)
+    _remove_old(directory)
     path = os.path.join(directory, f"worker-{os.getpid()}-{int(time.time() * 1000)}.log")
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -45,6 +46,17 @@ def start_capture(directory: str | None = None) -> str:
     sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     _capture_path = path
     return path
+
+
+def _remove_old(directory: str, days: float = 2.0) -> None:
+    """Capture files of workers long gone (a killed worker cannot remove its own)."""
+    cutoff = time.time() - days * 86400
+    try:
+        for entry in os.scandir(directory):
+            if entry.name.startswith("worker-") and entry.stat().st_mtime < cutoff:
+                os.remove(entry.path)
+    except OSError:
+        pass
 
 
 def output_offset() -> int:
