@@ -414,7 +414,8 @@ def cmd_logs(args) -> int:
     from workers.logs import read_case_log
 
     run = RunDir.open(args.run)
-    names = dict(zip(run.cases()["case_id"], run.cases()["name"]))
+    table = run.cases()
+    names = dict(zip(table["case_id"], table["name"]))
     name = names.get(args.case, args.case)
     if name not in names.values():
         shown = ", ".join(list(names.values())[:8])

@@ -137,8 +137,9 @@ def test_naming_is_linear_time():
         return time.perf_counter() - started
 
     seconds(1000)  # warm up
-    small, large = seconds(4000), seconds(40000)
-    assert large < 25 * small + 0.5, (small, large)  # quadratic would be ~100x
+    small = min(seconds(3000) for _ in range(3))  # best of three: a shared machine is noisy
+    large = min(seconds(30000) for _ in range(3))
+    assert large < 40 * small + 1.0, (small, large)  # linear: ~10x; quadratic: ~100x
 
 
 @pytest.mark.timeout(30)
