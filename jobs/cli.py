@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpus-per-case", type=float, default=1.0, help="CPUs per case (TensorFlow's thread pools are sized to it)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of every case, e.g. --set epochs=3 --set data.path=~/data")
-        p.add_argument("--only", nargs="+", default=[], metavar="CASE", help="run only these cases (names or groups)")
+        p.add_argument("--only", nargs="+", default=[], metavar="CASE", help="run only these cases: names, groups or globs ('fast-*')")
 
     run = sub.add_parser("run", help="run a suite (or resume a run)")
     run.add_argument("suite", nargs="?", help="built-in suite name or a YAML file (optional with --resume)")
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     cases.add_argument("suite", nargs="?")
 
     sub.add_parser("schema", help="print the JSON schema of a suite file (docs/suite.schema.json)")
+    logs = sub.add_parser("logs", help="a case's own output (TensorFlow and the like), kept in RUN/logs")
+    logs.add_argument("run")
+    logs.add_argument("case", help="case name (or id)")
     return parser
 
 
@@ -253,4 +256,23 @@ def cmd_schema(args) -> int:
     return 0
 
 
-COMMANDS = {"schema": cmd_schema, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+def cmd_logs(args) -> int:
+    from jobs.storage import RunDir
+    from workers.logs import read_case_log
+
+    run = RunDir.open(args.run)
+    table = run.cases()
+    names = dict(zip(table["case_id"], table["name"]))
+    name = names.get(args.case, args.case)
+    if name not in names.values():
+        shown = ", ".join(list(names.values())[:8])
+        raise UsageError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
+    text = read_case_log(run, name)
+    if text is None:
+        print(f"bplab: case {name} has no output in {run.location}/logs yet", file=sys.stderr)
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+COMMANDS = {"schema": cmd_schema, "logs": cmd_logs, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 from jobs.plan import PlannedCase
 from jobs.storage import LedgerEntry, RunDir
+from jobs.view import LiveView
 from workers.actor import classify_exception, first_line
+from workers.logs import CaseLogs
 
 TRANSIENT = ("worker_died", "node_lost")
 TERMINAL = ("done", "diverged")
@@ -82,6 +84,8 @@ class Driver:
         self.interrupting = False
         self.workers_started = 0
         self._remote_class = None
+        self.view = LiveView(out, summary_every=progress_every)  # the terminal: summary + running cases
+        self.logs = CaseLogs(run)  # the cases' own output -> RUN/logs/<case>.log
 
     # ------------------------------------------------------------------ workers
     def _worker_class(self):
@@ -178,7 +182,7 @@ class Driver:
             if state.entry.state == "failed":  # a resumed run tries failed cases again
                 state.entry.reason_class = state.entry.reason = None
             self.queue.append(state)
-        last_view = last_lease = 0.0
+        last_lease = 0.0
         try:
             self._dispatch()
             while self.active or (self.queue and not self.storage_broken):
@@ -190,16 +194,16 @@ class Driver:
                 if self.lease is not None and now - last_lease >= LEASE_REFRESH_SECONDS:
                     self.lease()
                     last_lease = now
-                if self.progress_every and now - last_view >= self.progress_every:
-                    self.print_view()
-                    last_view = now
+                if self.progress_every:
+                    self.view.update(self.cases.values())
         except KeyboardInterrupt:
             self._interrupt()
             raise
         finally:
             for worker in list(self.workers):
                 self._release(worker)
-        self.print_view()
+            self.view.update(self.cases.values())
+            self.view.close()
         return {cid: s.entry.state for cid, s in self.cases.items()}
 
     def _take(self, ref) -> None:
@@ -263,6 +267,8 @@ class Driver:
         except ray.exceptions.RayError as error:  # e.g. the object was lost with its node
             self._actor_lost(state, error)
             return
+        if isinstance(result, dict) and result.get("log"):  # the case's own output, shipped by the actor
+            self.logs.append(state.planned.name, result.pop("log"))
         if kind == "start":
             state.entry.info = {**{k: v for k, v in state.entry.info.items() if k != "traceback"}, **result}
             state.entry.node = result.get("node_ip") or result.get("hostname")
@@ -330,8 +336,10 @@ class Driver:
             entry.state, entry.reason_class = "failed", outcome.get("error_class", "bug")
             entry.reason = f"{outcome.get('error_type')}: {outcome.get('error')}"
             entry.info = {**entry.info, "traceback": outcome.get("traceback", "")}
+            self.logs.append(state.planned.name, outcome.get("traceback", ""))
         state.entry = self.run.write_entry(entry)
         self._say(f"{state.planned.name}: {entry.state}" + (f" ({entry.reason_class}: {entry.reason})" if entry.reason else ""))
+        self._say_log_tail(state)
 
     def _actor_lost(self, state: CaseState, error) -> None:
         import ray
@@ -369,6 +377,7 @@ class Driver:
             entry.state = "failed"
             state.entry = self.run.write_entry(entry)
             self._say(f"{state.planned.name}: failed ({reason_class}, {entry.attempts} attempts)")
+            self._say_log_tail(state)
 
     def _interrupt(self) -> None:
         """Ctrl-C: running cases commit what they have (a checkpoint with their rows, within
@@ -418,7 +427,14 @@ class Driver:
 
     # ------------------------------------------------------------------ the view
     def _say(self, text: str) -> None:
-        print(f"[bplab {time.strftime('%H:%M:%S')}] {text}", file=self.out, flush=True)
+        self.view.event(text)
+
+    def _say_log_tail(self, state: CaseState) -> None:
+        """A failed case's last lines of output, and where the rest is."""
+        lines = self.logs.tail(state.planned.name)
+        if lines:
+            self._say(f"{state.planned.name}: last lines of its output (bplab logs {self.run.location} {state.planned.name}):\n"
+                      + "\n".join(f"    | {line[:300]}" for line in lines))
 
     def print_view(self) -> None:
         print(render_view(self.cases.values()), file=self.out, flush=True)

@@ -354,9 +354,9 @@ def connect(address: str | None) -> None:
     check_address(address)
     try:
         if address:
-            ray.init(address=address, logging_level="ERROR")
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)  # cases' output: RUN/logs
         else:
-            ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+            ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 

@@ -15,10 +15,14 @@ Every error is a `SuiteError` naming the file, the case and the field.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import itertools
 import math
 import os
+import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,14 @@ from workers.settings import CaseSettings, SettingsError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
 SUITE_KEYS = {"name", "description", "reference", "defaults", "grid", "cases"}
-CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # what a run directory accepts
+NAME_CHARS = "letters, digits and _ . - only, starting with a letter or digit"
+# Short labels of common grid keys: `bs16`, `act_tanh`, `s1`. seed, lr and width keep the
+# labels cases had before, so runs started then still resume.
+KEY_ALIASES = {"seed": "s", "lr": "lr", "width": "w", "batch_size": "bs", "activation": "act", "hidden": "h",
+               "weight_decay": "wd", "epochs": "ep", "augment": "aug", "schedule": ""}
+MAX_LABEL = 40  # a longer label is cut and ends with a hash of the exact value
+MAX_GROUP = 100  # the same for a whole group name (a case id adds the seed and 11 characters)
 
 
 class SuiteError(ValueError):
@@ -239,12 +250,78 @@ def _grid(spec, where: str) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(spec[k] for k in keys))]
 
 
-def _label(key: str, value) -> str:
-    short = {"seed": "s", "schedule": "", "augment": "aug", "lr": "lr", "width": "w"}.get(key, key + "=")
+def _sanitise(text: str) -> str:
+    """Every character outside [A-Za-z0-9_.-] becomes '_' (runs of them one '_')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def _short_hash(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def _value_text(value) -> str:
+    """A grid value as name characters: 0.001, 16, tanh, 8x8 for [8, 8], a.b for ['a', 'b'],
+    digits_resize32 for {name: digits, resize: 32}."""
     if isinstance(value, bool):
-        return key if value else f"no{key}"
-    text = str(value).replace("/", "_").replace(" ", "")
-    return f"{short}{text}"
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return ("x" if numbers else ".").join(_value_text(v) for v in value) or "none"
+    if isinstance(value, dict):
+        parts = [_value_text(value["name"])] if "name" in value else []
+        parts += [label(str(k), v) for k, v in value.items() if k != "name"]
+        return "_".join(p for p in parts if p) or "none"
+    if value is None:
+        return "none"
+    return _sanitise(str(value)) or "empty"
+
+
+def label(key: str, value) -> str:
+    """The part of a case name that says `key: value`, in [A-Za-z0-9_.-] only.
+
+    `s1` (seed 1), `bs16`, `lr0.002`, `act_tanh`, `h8x8`, `augment`/`noaugment`, the value
+    alone for schedule; any other key as `key_value`. A label longer than MAX_LABEL keeps its
+    start and ends with a hash of the exact value.
+    """
+    if isinstance(value, bool) and key not in ("seed", "lr", "width"):
+        text = _sanitise(key) if value else f"no{_sanitise(key)}"
+    else:
+        alias = KEY_ALIASES.get(key, _sanitise(key))
+        text = _value_text(value)
+        if alias and not (text[0].isdigit() or text[0] in "-."):  # act_tanh, but bs16 and lr1e-3
+            text = f"{alias}_{text}"
+        else:
+            text = f"{alias}{text}"
+    if len(text) > MAX_LABEL:
+        text = f"{text[:MAX_LABEL - 7].rstrip('_.-')}-{_short_hash(value)}"
+    return text
+
+
+def case_names(points: list[tuple[str, dict]]) -> list[tuple[str, str]]:
+    """(name, group) of every (base name, grid point), unique, in linear time.
+
+    The group is the base name and the labels of the point's keys other than `seed`; the
+    name adds the seed's label. Two different points whose labels read alike (`a b` and
+    `a_b`) get a short hash of the exact values appended.
+    """
+    def key_of(base, point):
+        return json.dumps([base, point], sort_keys=True, default=str)
+
+    groups = ["-".join([base] + [label(k, v) for k, v in point.items() if k != "seed"]) for base, point in points]
+    groups = [g if len(g) <= MAX_GROUP else f"{g[:MAX_GROUP - 7].rstrip('_.-')}-{_short_hash(key_of(base, point))}"
+              for g, (base, point) in zip(groups, points)]
+    owners: dict[str, set] = {}
+    for group, (base, point) in zip(groups, points):
+        owners.setdefault(group, set()).add(key_of(base, {k: v for k, v in point.items() if k != "seed"}))
+    groups = [g if len(owners[g]) == 1 else f"{g}-{_short_hash(key_of(base, {k: v for k, v in point.items() if k != 'seed'}))}"
+              for g, (base, point) in zip(groups, points)]
+    names = [g + (f"-{label('seed', point['seed'])}" if "seed" in point else "") for g, (_, point) in zip(groups, points)]
+    points_named: dict[str, set] = {}
+    for name, (base, point) in zip(names, points):
+        points_named.setdefault(name, set()).add(key_of(base, point))
+    names = [n if len(points_named[n]) == 1 else f"{n}-{_short_hash(key_of(base, point))}"
+             for n, (base, point) in zip(names, points)]  # the same point twice keeps one name: load_suite refuses it
+    return list(zip(names, groups))
 
 
 def load_suite(name_or_path: str, overrides: list[str] = (), max_cases: int | None = None) -> Suite:
@@ -298,7 +375,7 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
         if len(base_name) > MAX_CASE_NAME:
             raise SuiteError(f"{where}: a case name may be at most {MAX_CASE_NAME} characters, not {len(base_name)}")
         if not CASE_NAME.match(base_name):
-            raise SuiteError(f"{where}: a case name may hold letters, digits and _ . + - only")
+            raise SuiteError(f"{where}: a case name may hold {NAME_CHARS}")
         if spec is not None and not isinstance(spec, dict):
             raise SuiteError(f"{where}: expected a mapping of settings, got {_short(repr(spec), 80)}")
         total += suite_size * _grid_size((spec or {}).get("grid"), f"{where}: grid")
@@ -307,46 +384,54 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
                          "(set BPLAB_MAX_CASES to allow more)")
     suite_grid = _grid(document.get("grid"), f"{where_file}: grid")
 
-    cases: list[Case] = []
-    names_seen: set[str] = set()
+    entries: list[tuple[str, dict, CaseSettings]] = []
     for base_name, spec in cases_spec.items():
         base_name = str(base_name)
         where = f"{where_file}: case {base_name}"
-        spec = dict(spec or {})
+        spec = dict(spec or {})  # checked above
         case_grid = _grid(spec.pop("grid", None), f"{where}: grid")
         for suite_point, case_point in itertools.product(suite_grid, case_grid):
             point = {**suite_point, **case_point}
             values = _merge(_merge(defaults, spec), point)
             for key, value in parsed_overrides:
                 values = _apply_override(values, key, value)
-            group = "-".join([base_name] + [_label(k, v) for k, v in point.items() if k != "seed"])
-            name = group + (f"-{_label('seed', point['seed'])}" if "seed" in point else "")
             try:
                 settings = settings_module.from_dict(values, where=where)
             except SettingsError as error:
                 raise SuiteError(str(error)) from None
-            if len(name) > MAX_EXPANDED_NAME:
-                raise SuiteError(f"{where}: the expanded case name is {len(name)} characters, more than "
-                                 f"{MAX_EXPANDED_NAME} ({_short(name, 60)})")
-            if name in names_seen:
-                raise SuiteError(f"{where_file}: two cases are both named {_short(name, 100)!r}")
-            names_seen.add(name)
-            cases.append(Case(name=name, group=group, settings=settings))
+            entries.append((base_name, point, settings))
+    named = case_names([(base, point) for base, point, _ in entries])
+    counts = Counter(name for name, _ in named)
+    duplicate = next((name for name, _ in named if counts[name] > 1), None)
+    if duplicate is not None:  # the same grid point twice, e.g. seed: [1, 1]
+        raise SuiteError(f"{where_file}: two cases are both named {_short(duplicate, 100)!r} (a grid lists a value twice?)")
+    for name, _ in named:
+        if len(name) > MAX_EXPANDED_NAME:
+            raise SuiteError(f"{where_file}: the expanded case name is {len(name)} characters, more than "
+                             f"{MAX_EXPANDED_NAME} ({_short(name, 60)})")
+    cases = [Case(name=name, group=group, settings=settings) for (name, group), (_, _, settings) in zip(named, entries)]
     suite_name = str(document.get("name") or path.stem)
     if not CASE_NAME.match(suite_name):
-        raise SuiteError(f"{where_file}: name {suite_name!r}: a suite name may hold letters, digits and _ . + - only")
+        raise SuiteError(f"{where_file}: name {suite_name!r}: a suite name may hold {NAME_CHARS}")
     reference = document.get("reference")
     return Suite(name=suite_name, description=str(document.get("description") or ""),
                  reference=str(reference) if reference else None, cases=tuple(cases), source=str(path), text=text)
 
 
 def select(suite: Suite, only: list[str]) -> Suite:
-    """Keep the cases named in --only (a case name or a group name)."""
+    """Keep the cases --only picks: each pattern is a case name, a group or a glob
+    (`fast-*`, `h?-act_relu`); a pattern that picks nothing is an error."""
     if not only:
         return suite
-    known = {c.name for c in suite.cases} | {c.group for c in suite.cases}
-    for name in only:
-        if name not in known:
-            raise SuiteError(f"--only {name}: no such case in suite {suite.name} (cases: {', '.join(c.name for c in suite.cases)})")
-    kept = tuple(c for c in suite.cases if c.name in only or c.group in only)
+    keep: set[str] = set()
+    for pattern in only:
+        picked = {c.name for c in suite.cases
+                  if c.name == pattern or c.group == pattern
+                  or fnmatch.fnmatchcase(c.name, pattern) or fnmatch.fnmatchcase(c.group, pattern)}
+        if not picked:
+            names = [c.name for c in suite.cases]
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} cases)" if len(names) > 8 else "")
+            raise SuiteError(f"--only {pattern}: matches no case name, group or glob in suite {suite.name} (cases: {shown})")
+        keep |= picked
+    kept = tuple(c for c in suite.cases if c.name in keep)
     return Suite(suite.name, suite.description, suite.reference, kept, suite.source, suite.text)

@@ -25,6 +25,8 @@ import time
 import traceback
 
 from workers.errors import one_line as first_line
+from workers import logs
+
 
 
 class Worker:
@@ -40,10 +42,14 @@ class Worker:
         self.cache = None  # workers.trainer.StepCache, made with TensorFlow
         self.commit_wanted = threading.Event()
         self.cases_run = 0
+        logs.start_capture()  # before TensorFlow: a case's own output goes to RUN/logs, not the terminal
+        self.log_offset = logs.output_offset()
 
     def start(self, case_id: str, settings_json: dict, data, resume: bytes | None, checkpoint_every_steps: int,
               commit_every: float = 30.0) -> dict:
-        """Start training a case in a thread; return device info (TensorFlow set up on first use)."""
+        """Start training a case in a thread; return device info (TensorFlow set up on first use)
+        and, under "log", the worker's output since the case began."""
+        self.log_offset = logs.output_offset()  # the case's output starts here
         if self.thread is not None:
             self.thread.join(timeout=30)  # the previous case has committed its end; let its thread finish
             assert not self.thread.is_alive(), "a worker runs one case at a time"
@@ -61,7 +67,11 @@ class Worker:
         self.thread = threading.Thread(target=self._run, args=(settings, data, resume, checkpoint_every_steps,
                                                                  commit_every), daemon=True)
         self.thread.start()
-        return {**self.info, "case_id": case_id, "worker_cases": self.cases_run}
+        return {**self.info, "case_id": case_id, "worker_cases": self.cases_run, "log": self._new_output()}
+
+    def _new_output(self) -> str:
+        text, self.log_offset = logs.case_output_since(self.log_offset)
+        return text
 
     def _run(self, settings, data, resume, checkpoint_every_steps, commit_every):
         from workers.trainer import train
@@ -104,13 +114,12 @@ class Worker:
                 break
             reports.append(item)
         return {"reports": reports, "finished": finished, "outcome": self.outcome if finished else None,
-                "memory_mb": resident_mb()}
+                "memory_mb": resident_mb(), "log": self._new_output()}
 
     def _setup_tensorflow(self) -> dict:
         import ray
 
         threads = max(1, int(round(self.num_cpus)))
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the import: keep the driver's log readable
         import tensorflow as tf
 
         # Before the first op: thread pools sized to the CPUs Ray gave us, memory growth on.

@@ -415,7 +415,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 pending.progress = {"epoch": epoch, "step": step + 1, "diverged_step": step}
                 report(pending)
                 return {"status": "diverged", "epoch": epoch, "step": step, "diverged_step": step}
-            pending.progress = progress(step + 1, train_accuracy=float(corrects[i]) / len(x))
+            pending.progress = progress(step + 1, train_accuracy=float(corrects[i]) / len(x), train_cost=float(costs[i]))
             if flags[i]:
                 test_cost, test_accuracy = float(test_costs[i]) / len(x_test), float(test_corrects[i]) / len(x_test)
                 latest = {"test_accuracy": test_accuracy, "test_cost": test_cost, "test_epoch": epoch}
