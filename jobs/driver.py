@@ -68,7 +68,7 @@ class Driver:
     def _launch(self, state: CaseState) -> None:
         p = state.planned
         resume = self.run.load_checkpoint(p.case_id) if state.entry.commit_seq else None
-        actor = self._runner_class().options(num_cpus=p.num_cpus, num_gpus=p.num_gpus, max_restarts=0,
+        actor = self._runner_class().options(num_cpus=p.num_cpus, num_gpus=p.num_gpus, resources=p.resources or None, max_restarts=0,
                                              max_task_retries=0).remote(p.case_id, p.num_cpus, p.num_gpus)
         settings_json = json.loads(json.dumps(p.case.settings.to_dict(), default=list))
         state.actor = actor

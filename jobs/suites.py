@@ -71,21 +71,50 @@ def resolve(name_or_path: str) -> Path:
     return builtin
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """'epochs=3' -> ('epochs', 3); values are YAML ('1e-3', '[1, 2]', 'true')."""
+def _setting_names() -> set[str]:
+    import dataclasses
+
+    fields = getattr(CaseSettings, "model_fields", None)
+    return set(fields) if fields is not None else {f.name for f in dataclasses.fields(CaseSettings)}
+
+
+def parse_override(text: str, cases=()) -> tuple[str, object]:
+    """'epochs=3' -> ('epochs', 3); values are YAML ('1e-3', '[1, 2]', 'true').
+
+    A key may start with a case name of the suite (`cases`) to set one case only:
+    'adv-a.data.path=~/data/mnist' sets data.path of case adv-a (and every case its grid
+    expands it into)."""
     if "=" not in text:
         raise SuiteError(f"--set {text}: expected KEY=VALUE")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
         raise SuiteError(f"--set {text}: empty key")
+    first = key.split(".", 1)[0]
+    if cases and first not in _setting_names() and _case_of(key, cases) is None:
+        raise SuiteError(f"--set {text}: {first!r} is neither a setting nor a case of this suite "
+                         f"(cases: {', '.join(map(str, cases))})")
+    if cases and first not in _setting_names() and key == _case_of(key, cases):
+        raise SuiteError(f"--set {text}: name a setting after the case, e.g. --set {key}.epochs=3")
     try:
         return key, yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         return key, value
 
 
-def _apply_override(values: dict, key: str, value) -> dict:
+def _case_of(key: str, cases) -> str | None:
+    """The case name a per-case key starts with (the longest, as names may hold dots)."""
+    matches = [str(c) for c in cases if key == str(c) or key.startswith(f"{c}.")]
+    return max(matches, key=len) if matches else None
+
+
+def _apply_override(values: dict, key: str, value, case: str | None = None) -> dict:
+    """`values` with setting `key` (dotted for data.*) set; with `case`, a key that starts with
+    a case name applies to that case only (and is skipped for the others)."""
+    if case is not None and key.split(".", 1)[0] not in _setting_names():
+        if not key.startswith(f"{case}."):
+            return values  # another case's override
+        key = key[len(case) + 1:]
     values = dict(values)
     if "." in key:
         head, tail = key.split(".", 1)
@@ -154,7 +183,7 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> Suite:
     defaults = document.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise SuiteError(f"{where_file}: 'defaults' must be a mapping")
-    parsed_overrides = [parse_override(o) for o in overrides]
+    parsed_overrides = [parse_override(o, list(cases_spec)) for o in overrides]
     suite_grid = _grid(document.get("grid"), f"{where_file}: grid")
 
     cases: list[Case] = []
@@ -172,7 +201,7 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> Suite:
             point = {**suite_point, **case_point}
             values = _merge(_merge(defaults, spec), point)
             for key, value in parsed_overrides:
-                values = _apply_override(values, key, value)
+                values = _apply_override(values, key, value, case=base_name)
             group = "-".join([base_name] + [_label(k, v) for k, v in point.items() if k != "seed"])
             name = group + (f"-{_label('seed', point['seed'])}" if "seed" in point else "")
             try:
