@@ -101,13 +101,14 @@ def _nodes(cluster) -> list[dict]:
     return json.loads(listing.stdout[listing.stdout.index("["):])
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_cold_autoscaling_cluster_round_trip(cluster):
     env = cluster["env"]
     before = [n for n in _nodes(cluster) if n["state"] == "ALIVE"]
     assert len(before) == 1 and before[0]["is_head_node"], before  # a cold start: the head alone
 
     # the plan asks the cluster: node types its autoscaler can launch, and the data on the head
+    clock = time.monotonic()
     plan = run([BIN / "bplab", "plan", "quick", "--address", cluster["gcs"]], env, 180, cwd=cluster["laptop"])
     assert plan.returncode == 0, tail(plan.stdout)
     assert "2 at once when the Ray cluster at" in plan.stdout and "(gpu_worker x2), 0 on the nodes alive now" \
@@ -115,6 +116,7 @@ def test_cold_autoscaling_cluster_round_trip(cluster):
     assert re.search(r"^a\s+a-\w+\s+standard\s+digits\s+1\s+1\s", plan.stdout, re.M), tail(plan.stdout)  # 1 GPU
     assert "data digits on " in plan.stdout, tail(plan.stdout)
 
+    print(f"plan took {time.monotonic() - clock:.0f}s")
     # the README's job submission, from a cold start, no --out: the run lands in ~/bplab-runs on the head
     submission = f"bplab-as-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
@@ -140,6 +142,7 @@ def test_cold_autoscaling_cluster_round_trip(cluster):
         assert len((entry.info or {}).get("gpu_ids") or []) == 1, (entry.name, entry.info)
 
     # fetch it to "the laptop" and report there
+    clock = time.monotonic()
     fetched = run([BIN / "bplab", "fetch", cluster["gcs"], f"bplab-runs/{runs[0].name}", cluster["laptop"] / "runs"],
                   env, 180, cwd=cluster["laptop"])
     assert fetched.returncode == 0, tail(fetched.stdout)
@@ -147,8 +150,11 @@ def test_cold_autoscaling_cluster_round_trip(cluster):
     assert str(local) in fetched.stdout and (local / "manifest.json").is_file(), tail(fetched.stdout)
     assert sorted(p.relative_to(local) for p in local.rglob("*")) == \
         sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*"))
+    print(f"fetch took {time.monotonic() - clock:.0f}s")
+    clock = time.monotonic()
     report = run([BIN / "bplab", "report", local], env, 180, cwd=cluster["laptop"])
     assert report.returncode == 0, tail(report.stdout)
+    print(f"report took {time.monotonic() - clock:.0f}s")
     digest = source_digest(ROOT)["source_sha256"]
     assert RunDir.open(str(local)).manifest()["source_sha256"] == digest
     assert digest[:16] in (local / "report" / "report.md").read_text()
