@@ -220,8 +220,9 @@ def check_fits(planned: list[PlannedCase], nodes: list[dict], where: str) -> Non
                 f"(largest: {most_gpus:g} GPU, {most_cpus:g} CPU)")
 
 
-def parallel_slots(planned: list[PlannedCase], nodes: list[dict]) -> int:
-    """How many of the cases can run at once on these nodes (each node type counted 'max' times)."""
+def parallel_slots(planned: list[PlannedCase], nodes: list[dict], cap: bool = True) -> int:
+    """How many of the cases can run at once on these nodes (each node type counted 'max' times);
+    cap=False: how many cases like them could."""
     if not planned or not nodes:
         return 0
     request = planned[0]
@@ -232,7 +233,7 @@ def parallel_slots(planned: list[PlannedCase], nodes: list[dict]) -> int:
         by_cpu = math.floor(node["CPU"] / request.num_cpus + 1e-9)
         by_gpu = math.floor(node["GPU"] / request.num_gpus + 1e-9) if request.num_gpus else by_cpu
         total += min(by_cpu, by_gpu) * node.get("max", 1)
-    return min(total, len(planned))
+    return min(total, len(planned)) if cap else total
 
 
 def apply_resources(planned: list[PlannedCase], view: ClusterView, gpus_per_case: float | None) -> float:
@@ -265,8 +266,10 @@ def resource_bundles(planned: list[PlannedCase], count: int) -> list[dict]:
 def describe_concurrency(planned: list[PlannedCase], view: ClusterView) -> str:
     full, now = concurrency(planned, view)
     types = [t for t in view.trainable() if t.get("source") != "alive"]
+    slots = parallel_slots(planned, types, cap=False)
     scaled = (f"{full} at once when {view.where} is fully scaled ("
-              + ", ".join(f"{t['name']} x{t['max']}" for t in types) + ")") if types else f"{full} at once on {view.where}"
+              + ", ".join(f"{t['name']} x{t['max']}" for t in types) + f": {slots} slots)") if types \
+        else f"{full} at once on {view.where}"
     return scaled + (f", {now} on the nodes alive now" if now is not None and view.types is not None else "")
 
 
