@@ -90,12 +90,11 @@ def parse_override(text: str, cases=()) -> tuple[str, object]:
     key = key.strip()
     if not key:
         raise SuiteError(f"--set {text}: empty key")
-    first = key.split(".", 1)[0]
-    if cases and first not in _setting_names() and _case_of(key, cases) is None:
-        raise SuiteError(f"--set {text}: {first!r} is neither a setting nor a case of this suite "
-                         f"(cases: {', '.join(map(str, cases))})")
-    if cases and first not in _setting_names() and key == _case_of(key, cases):
-        raise SuiteError(f"--set {text}: name a setting after the case, e.g. --set {key}.epochs=3")
+    case = _case_of(key, cases) if cases and key.split(".", 1)[0] not in _setting_names() else None
+    if case is not None:  # else a setting, or a wrong name the settings check names
+        if key == case:
+            raise SuiteError(f"--set {text}: name a setting after the case, e.g. --set {key}.epochs=3")
+        key = CaseKey(key, case)
     try:
         return key, yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -108,13 +107,22 @@ def _case_of(key: str, cases) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+class CaseKey(str):
+    """An override key that starts with a case name: 'adv.data.path' for case 'adv'."""
+
+    def __new__(cls, key: str, case: str):
+        self = super().__new__(cls, key)
+        self.case, self.setting = case, key[len(case) + 1:]
+        return self
+
+
 def _apply_override(values: dict, key: str, value, case: str | None = None) -> dict:
-    """`values` with setting `key` (dotted for data.*) set; with `case`, a key that starts with
-    a case name applies to that case only (and is skipped for the others)."""
-    if case is not None and key.split(".", 1)[0] not in _setting_names():
-        if not key.startswith(f"{case}."):
+    """`values` (the settings of case `case`) with setting `key` (dotted for data.*) set; a
+    CaseKey applies to its own case only."""
+    if isinstance(key, CaseKey):
+        if key.case != case:
             return values  # another case's override
-        key = key[len(case) + 1:]
+        key = key.setting
     values = dict(values)
     if "." in key:
         head, tail = key.split(".", 1)

@@ -469,8 +469,10 @@ def test_per_case_data_path_override():
     assert by_name["adv"].data.path == "/data/mnist" and by_name["standard"].data.path is None
     assert by_name["nokland"].epochs == 7 and by_name["adv"].epochs == 3
     assert {s.lr for s in by_name.values()} == {0.5}
-    with pytest.raises(SuiteError, match="'zz' is neither a setting nor a case"):
+    with pytest.raises(SuiteError, match="zz"):
         load_suite("adversarial-quick", ["zz.epochs=3"])
+    with pytest.raises(SuiteError, match="name a setting after the case"):
+        load_suite("adversarial-quick", ["adv=3"])
 
 
 @pytest.mark.timeout(60)
