@@ -150,11 +150,6 @@ def cmd_fetch(args) -> int:
         local = fetch_run(args.run, args.dest)
     except (FileNotFoundError, FileExistsError) as error:
         raise UsageError(f"fetch: {_one_line(error)}") from None
-    except ray.exceptions.RayTaskError as error:
-        cause = getattr(error, "cause", None)
-        if isinstance(cause, (FileNotFoundError, OSError)):
-            raise UsageError(f"fetch: {_one_line(cause)}") from None
-        raise
     finally:
         ray.shutdown()
     print(local)

@@ -139,13 +139,14 @@ def head_data_summaries(specs: list) -> list:
     return out
 
 
-def head_pack_run(run: str) -> tuple[str, int]:
-    """Runs on the head: the run directory as a .tar.gz in a temporary file; (path, size)."""
+def head_pack_run(run: str) -> tuple[str | None, int | str]:
+    """Runs on the head: the run directory as a .tar.gz in a temporary file; (path, size), or
+    (None, why) when there is no run there."""
     path = Path(run).expanduser()
     if not path.is_absolute():
         path = Path.home() / path
     if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"{path} on {platform.node()} is not a bplab run (no manifest.json)")
+        return None, f"{path} on {platform.node()} is not a bplab run (no manifest.json)"
     handle, archive = tempfile.mkstemp(prefix="bplab-fetch-", suffix=".tar.gz")
     os.close(handle)
     with tarfile.open(archive, "w:gz") as tar:
@@ -168,6 +169,8 @@ def fetch_run(run: str, dest: str | os.PathLike) -> Path:
     in chunks of CHUNK_BYTES; returns the local run directory."""
     dest = Path(dest)
     archive, size = on_head(head_pack_run, run)
+    if archive is None:
+        raise FileNotFoundError(size)
     buffer = io.BytesIO()
     try:
         for offset in range(0, size, CHUNK_BYTES):
