@@ -111,7 +111,7 @@ def test_cold_autoscaling_cluster_round_trip(cluster):
     clock = time.monotonic()
     plan = run([BIN / "bplab", "plan", "quick", "--address", cluster["gcs"]], env, 180, cwd=cluster["laptop"])
     assert plan.returncode == 0, tail(plan.stdout)
-    assert "2 at once when the Ray cluster at" in plan.stdout and "(gpu_worker x2), 0 on the nodes alive now" \
+    assert "2 at once when the Ray cluster at" in plan.stdout and "(gpu_worker x2: 2 slots), 0 on the nodes alive now" \
         in plan.stdout, tail(plan.stdout)
     assert re.search(r"^a\s+a-\w+\s+standard\s+digits\s+1\s+1\s", plan.stdout, re.M), tail(plan.stdout)  # 1 GPU
     assert "data digits on " in plan.stdout, tail(plan.stdout)
