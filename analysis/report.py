@@ -236,7 +236,9 @@ def _header(data: RunData) -> list[str]:
         lines.append(f"- suite: **{suite}**")
         commit = manifest.get("git_commit") or "unknown"
         dirty = " (dirty: uncommitted changes)" if manifest.get("git_dirty") else ""
-        lines.append(f"- bplab {manifest.get('bplab_version') or 'unknown'}, git commit `{commit}`{dirty}")
+        code = f"source sha256 `{manifest['source_sha256'][:16]}` ({manifest.get('source_files')} files), " \
+            if manifest.get("source_sha256") else ""
+        lines.append(f"- bplab {manifest.get('bplab_version') or 'unknown'}, {code}git commit `{commit}`{dirty}")
         if manifest.get("created_at"):
             created = manifest["created_at"]
             if isinstance(created, (int, float)):  # the driver writes unix seconds
@@ -248,7 +250,8 @@ def _header(data: RunData) -> list[str]:
         if manifest.get("command"):
             lines.append("- command: `" + " ".join(map(str, manifest["command"])) + "`")
         # the suite's full text stays in manifest.json; the description says what it is
-        shown = {"suite", "git_commit", "git_dirty", "bplab_version", "created_at", "versions", "command", "suite_text"}
+        shown = {"suite", "git_commit", "git_dirty", "bplab_version", "created_at", "versions", "command", "suite_text",
+                 "source_sha256", "source_files"}
         for key, value in manifest.items():
             if key not in shown and value not in (None, "", [], {}):
                 text = value if isinstance(value, str) else json.dumps(value, default=str)

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--address", default=None, help="check against this Ray cluster (default: cluster.yaml's node types)")
     resources(plan)
 
+    fetch = sub.add_parser("fetch", help="copy a run from a cluster's head to this machine")
+    fetch.add_argument("address", help="the cluster's Ray address (ray://HOST:10001 through `ray dashboard cluster.yaml -p 10001 --remote-port 10001`, or HOST:6379)")
+    fetch.add_argument("run", help="the run directory on the head, as the run printed it (relative paths start at the head's home)")
+    fetch.add_argument("dest", nargs="?", default="runs", help="local folder to put it in (default runs)")
+
     status = sub.add_parser("status", help="the state of every case of a run (reads the ledger; no driver needed)")
     status.add_argument("run")
 
@@ -115,34 +120,52 @@ def cmd_cases(args) -> int:
     return 0
 
 
-def _load(args):
-    from jobs import plan as plan_module, suites
-
-    suite = suites.select(suites.load_suite(args.suite, args.overrides), args.only)
-    datasets = plan_module.load_data(suite.cases)
-    return suite, datasets
-
-
 def cmd_plan(args) -> int:
-    from jobs import plan as plan_module
+    from jobs import plan as plan_module, suites
     from jobs.study import check_address, check_arguments
 
     check_arguments(cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case)
     check_address(args.address)
-    suite, datasets = _load(args)
-    if args.address:
-        from jobs.study import connect
+    suite = suites.select(suites.load_suite(args.suite, args.overrides), args.only)
+    plan_module.check_request(args.cpus_per_case, args.gpus_per_case)
+    if args.address:  # data, node types and fit as the cluster sees them, from its head
+        from jobs.study import connect, project_runtime_env
 
-        connect(args.address)
-        nodes, where = plan_module.ray_nodes(), f"the Ray cluster at {args.address}"
+        import ray
+
+        connect(args.address, runtime_env=project_runtime_env())
+        try:
+            view = plan_module.ray_view(args.address)
+            datasets = plan_module.load_data_on_head(suite.cases)
+        finally:
+            ray.shutdown()
     else:
-        nodes, where = plan_module.cluster_yaml_nodes(), "cluster.yaml"
-    gpus = args.gpus_per_case if args.gpus_per_case is not None else (1.0 if any(n["GPU"] for n in nodes) else 0.0)
-    planned = plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=gpus)
-    plan_module.check_fits(planned, nodes, where)
-    print(plan_module.format_plan(planned, nodes, where))
+        view = plan_module.cluster_yaml_view()
+        datasets = plan_module.load_data(suite.cases)
+    planned = plan_module.make_plan(suite, datasets, cpus_per_case=args.cpus_per_case, gpus_per_case=0.0)
+    plan_module.apply_resources(planned, view, args.gpus_per_case)
+    print(plan_module.format_plan(planned, view))
+    where = f" on {view.host} (the head)" if view.host else ""
     for spec, data in datasets.items():
-        print(f"data {spec.name}: train {tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}, fingerprint {data.fingerprint[:16]}")
+        print(f"data {spec.name}{where}: train {tuple(data.x_train.shape)}, test {tuple(data.x_test.shape)}, "
+              f"fingerprint {data.fingerprint[:16]}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    import ray
+
+    from jobs.cluster import fetch_run
+    from jobs.study import connect, project_runtime_env
+
+    connect(args.address, runtime_env=project_runtime_env())
+    try:
+        local = fetch_run(args.run, args.dest)
+    except (FileNotFoundError, FileExistsError) as error:
+        raise UsageError(f"fetch: {_one_line(error)}") from None
+    finally:
+        ray.shutdown()
+    print(local)
     return 0
 
 
@@ -275,4 +298,4 @@ def cmd_logs(args) -> int:
     return 0
 
 
-COMMANDS = {"schema": cmd_schema, "logs": cmd_logs, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+COMMANDS = {"schema": cmd_schema, "logs": cmd_logs, "run": cmd_run, "plan": cmd_plan, "fetch": cmd_fetch, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}

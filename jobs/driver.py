@@ -97,9 +97,10 @@ class Driver:
             self._remote_class = ray.remote(Worker)
         return self._remote_class
 
-    def _new_worker(self, num_cpus: float, num_gpus: float) -> WorkerSlot:
-        actor = self._worker_class().options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0,
-                                             max_task_retries=0).remote(num_cpus, num_gpus)
+    def _new_worker(self, num_cpus: float, num_gpus: float, resources: dict | None = None) -> WorkerSlot:
+        # resources: the training marker of the cluster's training node types (never the head)
+        actor = self._worker_class().options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                                             max_restarts=0, max_task_retries=0).remote(num_cpus, num_gpus)
         worker = WorkerSlot(actor, num_cpus, num_gpus)
         self.workers.append(worker)
         self.workers_started += 1
@@ -128,7 +129,7 @@ class Driver:
                     self._release(idle_other)
                 if len(self.workers) >= self.slots:
                     break
-                worker = self._new_worker(p.num_cpus, p.num_gpus)
+                worker = self._new_worker(p.num_cpus, p.num_gpus, p.resources)
             self.queue.pop(0)
             self._launch(state, worker)
         if not self.queue:  # nothing left to hand out: idle workers give their resources back

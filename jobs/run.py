@@ -1,18 +1,45 @@
 """Entry point for `ray submit cluster.yaml jobs/run.py -- SUITE [options]`.
 
-Runs on the head node inside the cluster, so it connects to that cluster (--address auto)
-unless an address is given.
+`ray submit` uploads this one file to the head (as ~/run.py) and runs it there; the project
+itself is the copy `ray up` synced to ~/bplab (cluster.yaml's file_mounts). So this script runs
+that copy (or $BPLAB_HOME, or the checkout it sits in when run from one), connects to the
+cluster it runs in (--address auto unless given) and writes the run under ~/bplab-runs on the
+head ($BPLAB_RUNS, or --out), which it prints. The manifest records the digest of the source
+files that ran.
 """
 
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when not installed
 
-from jobs.cli import main  # noqa: E402
+def project_root() -> Path:
+    """The bplab copy to run: $BPLAB_HOME, the checkout this file is in, or ~/bplab."""
+    if os.environ.get("BPLAB_HOME"):
+        return Path(os.environ["BPLAB_HOME"]).expanduser().resolve()
+    here = Path(__file__).resolve().parents[1]
+    if (here / "jobs" / "cli.py").is_file() and (here / "workers").is_dir():
+        return here
+    return (Path.home() / "bplab").resolve()
 
-if __name__ == "__main__":
-    argv = ["run", *sys.argv[1:]]
+
+def main(argv: list[str]) -> int:
+    root = project_root()
+    if not (root / "jobs" / "cli.py").is_file():
+        print(f"bplab: error: no bplab project at {root} (run `ray up cluster.yaml` to sync it, or set BPLAB_HOME)",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))  # before any installed copy
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ.setdefault("BPLAB_RUNS", str(Path.home() / "bplab-runs"))
+    from jobs.cli import main as cli_main
+
+    argv = ["run", *argv]
     if not any(arg == "--address" or arg.startswith("--address=") for arg in argv):
         argv += ["--address", "auto"]
-    sys.exit(main(argv))
+    print(f"[bplab] project {root}; runs go to {os.environ['BPLAB_RUNS']} unless --out is given", file=sys.stderr)
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -118,7 +118,7 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     `fresh_worker_per_case` starts a new process for every case instead.
     """
     from jobs import plan as plan_module
-    from jobs.storage import RunDir, StorageError
+    from jobs.storage import RunDir
 
     stream = stream or sys.stderr
     check_arguments(max_retries=max_retries, checkpoint_every=checkpoint_every, cpus_per_case=cpus_per_case,
@@ -139,7 +139,7 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     datasets = plan_module.load_data(study.cases)
     # impossible requests fail before Ray starts; the GPU default is set once the cluster is known
     planned = plan_module.make_plan(study, datasets, cpus_per_case=cpus_per_case, gpus_per_case=gpus_per_case or 0.0)
-    location = str(out) if out else str(Path("runs") / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    location = str(out) if out else str(runs_root() / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run is None:
         check_out(location)
         RunDir(location).check_new()
@@ -162,6 +162,7 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         _remove_empty(made)
         raise
     states: dict = {}
+    view = None
     try:
         if run is not None:  # the lease is held: recover() never repairs a run another driver is writing
             for note in run.recover():
@@ -172,12 +173,11 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         _remove_empty(made)
         raise
     try:
-        nodes = plan_module.ray_nodes()
-        where = f"the Ray cluster ({address or 'local'})"
-        gpus = gpus_per_case if gpus_per_case is not None else (1.0 if any(n["GPU"] for n in nodes) else 0.0)
-        for case in planned:
-            case.num_gpus = gpus
-        plan_module.check_fits(planned, nodes, where)
+        # what the cluster can launch, not only what is alive: a cold autoscaling cluster has its head only
+        view = plan_module.ray_view(address)
+        gpus = plan_module.apply_resources(planned, view, gpus_per_case)
+        full, _ = plan_module.concurrency(planned, view)
+        slots = max(1, full)  # workers the driver keeps: as many as run at once on the fully scaled cluster
         fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
         if run is None:
             run = RunDir.create(location, manifest(study, fingerprints, address=address, overrides=overrides,
@@ -189,9 +189,13 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
                 print(f"[bplab] {len(added)} new case(s) added to {run.location}", file=stream)
         ledger = run.ledger()
         todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
-        slots = plan_module.parallel_slots(planned, nodes)
-        print(f"[bplab] run {run.location}: {len(planned)} cases, {len(todo)} to run, "
-              f"{slots} at once ({gpus:g} GPU, {cpus_per_case:g} CPU each)", file=stream, flush=True)
+        print(f"[bplab] run {run.location}{_on_host(run.location, view)}: {len(planned)} cases, {len(todo)} to run, "
+              f"{plan_module.describe_concurrency(planned, view)} ({gpus:g} GPU, {cpus_per_case:g} CPU each)",
+              file=stream, flush=True)
+        if view.autoscaling and todo:  # GPU workers start now, not when the scheduler finds no room
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=plan_module.resource_bundles(todo, min(len(todo), full)))
         states = {cid: entry.state for cid, entry in ledger.items() if cid in {p.case_id for p in planned}}
         if todo:
             refs = {spec: ray.put(datasets[spec]) for spec in {p.data_key for p in todo}}  # once per data set
@@ -207,6 +211,13 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
             print(f"[bplab] could not release driver.lock: {_one_line(error)}", file=stream)
         if run is None:  # nothing was created (e.g. the plan does not fit the cluster): leave nothing behind
             _remove_empty(made)
+        if view is not None and view.autoscaling:
+            try:
+                from ray.autoscaler.sdk import request_resources
+
+                request_resources(bundles=[])  # idle workers may go again
+            except Exception as error:
+                print(f"[bplab] could not release the resource request: {_one_line(error)}", file=stream)
         ray.shutdown()
     result = StudyResult(str(run.location), states)
     if report:
@@ -346,7 +357,35 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def connect(address: str | None) -> None:
+RUNS_ENV = "BPLAB_RUNS"  # where runs go when --out is not given
+
+
+def in_ray_job() -> bool:
+    """True inside a Ray job (`ray job submit`), whose working directory is a temporary copy."""
+    return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")) or \
+        "runtime_resources" in Path.cwd().parts
+
+
+def runs_root() -> Path:
+    """Where a run goes without --out: $BPLAB_RUNS; ~/bplab-runs inside a Ray job (its working
+    directory is Ray's temporary copy, deleted with the job); ./runs otherwise."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV]).expanduser()
+    return Path.home() / "bplab-runs" if in_ray_job() else Path("runs")
+
+
+def _on_host(location: str, view) -> str:
+    if "://" in location or view is None or view.host is None or not (view.types or in_ray_job()):
+        return ""
+    return f" (on {view.host}; bring it home with `bplab fetch ADDRESS {location}`)"
+
+
+def project_runtime_env() -> dict:
+    """Ships this copy of jobs/ and workers/ with tasks bplab runs on a cluster's head."""
+    return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers")]}
+
+
+def connect(address: str | None, runtime_env: dict | None = None) -> None:
     """Connect to Ray at `address`, or start a private local Ray (never a cluster some other
     process started on this machine)."""
     import ray
@@ -354,7 +393,8 @@ def connect(address: str | None) -> None:
     check_address(address)
     try:
         if address:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)  # cases' output: RUN/logs
+            ray.init(address=address, logging_level="ERROR", runtime_env=runtime_env,
+                     log_to_driver=False)  # the cases' own output goes to RUN/logs
         else:
             ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -384,6 +424,22 @@ def _git() -> dict:
     return {"git_commit": None, "git_dirty": None}
 
 
+SOURCE_DIRS = ("jobs", "workers", "analysis")
+
+
+def source_digest(root: Path = ROOT) -> dict:
+    """sha256 over the source files that run (jobs/, workers/, analysis/ *.py and the suite
+    YAML files): each file's path and content hash, in sorted order. Unlike the git commit it
+    survives copies without .git (`ray job submit --working-dir`, `ray up`'s sync)."""
+    files = sorted(path for folder in SOURCE_DIRS for pattern in ("*.py", "*.yaml")
+                   for path in (root / folder).rglob(pattern) if "__pycache__" not in path.parts)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")
+    return {"source_sha256": digest.hexdigest(), "source_files": len(files)}
+
+
 def manifest(suite, fingerprints: dict, *, address=None, overrides=(), command=None) -> dict:
     """The run's manifest: suite, versions, code version, data fingerprints, cluster.yaml hash."""
     import numpy
@@ -399,6 +455,7 @@ def manifest(suite, fingerprints: dict, *, address=None, overrides=(), command=N
         "overrides": list(overrides),
         "bplab_version": _version("bplab") or "0.1.0",
         **_git(),
+        **source_digest(),
         "versions": {"python": platform.python_version(), "ray": ray.__version__, "numpy": numpy.__version__,
                      "tensorflow": _version("tensorflow") or _version("tensorflow-cpu"),
                      "pandas": _version("pandas"), "pyarrow": _version("pyarrow"), "imgaug": _version("imgaug")},

@@ -185,8 +185,19 @@ def resolve(name_or_path: str) -> Path:
     return builtin
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """'epochs=3' -> ('epochs', 3); values are YAML ('1e-3', '[1, 2]', 'true')."""
+def _setting_names() -> set[str]:
+    import dataclasses
+
+    fields = getattr(CaseSettings, "model_fields", None)
+    return set(fields) if fields is not None else {f.name for f in dataclasses.fields(CaseSettings)}
+
+
+def parse_override(text: str, cases=()) -> tuple[str, object]:
+    """'epochs=3' -> ('epochs', 3); values are YAML ('1e-3', '[1, 2]', 'true').
+
+    A key may start with a case name of the suite (`cases`) to set one case only:
+    'adv-a.data.path=~/data/mnist' sets data.path of case adv-a (and every case its grid
+    expands it into)."""
     if "=" not in text:
         raise SuiteError(f"--set {text}: expected KEY=VALUE")
     key, value = text.split("=", 1)
@@ -195,6 +206,11 @@ def parse_override(text: str) -> tuple[str, object]:
         raise SuiteError(f"--set {text}: empty key")
     if len(text) > 10_000:
         raise SuiteError(f"--set {_short(text, 60)}: longer than 10000 characters")
+    case = _case_of(key, cases) if cases and key.split(".", 1)[0] not in _setting_names() else None
+    if case is not None:  # else a setting, or a wrong name the settings check names
+        if key == case:
+            raise SuiteError(f"--set {text}: name a setting after the case, e.g. --set {key}.epochs=3")
+        key = CaseKey(key, case)
     try:
         return key, safe_load(value) if value.strip() else ""
     except RecursionError:
@@ -206,7 +222,28 @@ def parse_override(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _apply_override(values: dict, key: str, value) -> dict:
+def _case_of(key: str, cases) -> str | None:
+    """The case name a per-case key starts with (the longest, as names may hold dots)."""
+    matches = [str(c) for c in cases if key == str(c) or key.startswith(f"{c}.")]
+    return max(matches, key=len) if matches else None
+
+
+class CaseKey(str):
+    """An override key that starts with a case name: 'adv.data.path' for case 'adv'."""
+
+    def __new__(cls, key: str, case: str):
+        self = super().__new__(cls, key)
+        self.case, self.setting = case, key[len(case) + 1:]
+        return self
+
+
+def _apply_override(values: dict, key: str, value, case: str | None = None) -> dict:
+    """`values` (the settings of case `case`) with setting `key` (dotted for data.*) set; a
+    CaseKey applies to its own case only."""
+    if isinstance(key, CaseKey):
+        if key.case != case:
+            return values  # another case's override
+        key = key.setting
     values = dict(values)
     if "." in key:
         head, tail = key.split(".", 1)
@@ -364,7 +401,7 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
     defaults = document.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise SuiteError(f"{where_file}: 'defaults' must be a mapping")
-    parsed_overrides = [parse_override(o) for o in overrides]
+    parsed_overrides = [parse_override(o, list(cases_spec)) for o in overrides]
     # count the cases before expanding anything: the product of the grids' list lengths
     limit = max_cases() if limit is None else limit
     total = 0
@@ -394,7 +431,7 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
             point = {**suite_point, **case_point}
             values = _merge(_merge(defaults, spec), point)
             for key, value in parsed_overrides:
-                values = _apply_override(values, key, value)
+                values = _apply_override(values, key, value, case=base_name)
             try:
                 settings = settings_module.from_dict(values, where=where)
             except SettingsError as error:

@@ -29,7 +29,7 @@ def test_plan_checks_against_cluster_yaml():
     assert lines[0].split()[:3] == ["case", "id", "schedule"]
     # 1438 digits // 16 = 89 steps per epoch, 2 epochs; one GPU per case on cluster.yaml's GPU workers
     assert all(line.split()[-1] == "178" and line.split()[-2] == "1" for line in lines[1:7])
-    assert "6 cases, 1068 training steps in all; 16 can run at once on cluster.yaml" in plan.stdout
+    assert "6 cases, 1068 training steps in all; 6 at once when cluster.yaml is fully scaled (gpu_worker x4: 16 slots)" in plan.stdout
 
 
 def test_gradcheck_prints_every_layer_and_passes():

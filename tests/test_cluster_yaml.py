@@ -409,3 +409,149 @@ def test_comment_check_catches_each_removed_comment(raw_text):
         assert any(m.endswith(f": {key}") for m in _uncommented_keys(text)), (
             f"removing the comment of {key!r} (line {idx + 1}) went unnoticed"
         )
+
+
+# ----------------------------------------------------------------- what a cluster can run
+
+
+def _cold_view():
+    """A cold autoscaling cluster: its configured node types, and the head alone alive (0 GPU)."""
+    from jobs.cluster import HEAD_RESOURCE, node_types_from_config
+    from jobs.plan import ClusterView
+
+    config = {"max_workers": 3, "head_node_type": "head",
+              "available_node_types": {"head": {"resources": {"CPU": 8, "GPU": 0}},
+                                       "gpu_worker": {"resources": {"CPU": 48, "GPU": 4, "bplab_trainer": 1000},
+                                                      "min_workers": 0, "max_workers": 5},
+                                       "cpu_spare": {"resources": {"CPU": 16}, "max_workers": 2}}}
+    head = {"name": "head", "CPU": 8.0, "GPU": 0.0, "resources": {"CPU": 8.0, HEAD_RESOURCE: 1.0}, "max": 1,
+            "head": True, "source": "alive"}
+    return ClusterView("the test cluster", node_types_from_config(config, "test"), [head], autoscaling=True)
+
+
+def _planned(n: int, cpus: float = 1.0):
+    from types import SimpleNamespace
+
+    from jobs.plan import PlannedCase
+
+    return [PlannedCase(SimpleNamespace(name=f"c{i}"), f"c{i}", cpus, 0.0, 1, 1, None) for i in range(n)]
+
+
+@pytest.mark.timeout(30)
+def test_node_types_of_cluster_yaml_train_on_gpu_workers_only():
+    from jobs.plan import cluster_yaml_view
+
+    view = cluster_yaml_view(CLUSTER_YAML)
+    by_name = {t["name"]: t for t in view.types}
+    assert set(by_name) == {"head", "gpu_worker"}
+    assert by_name["head"]["max"] == 1 and by_name["gpu_worker"]["max"] == 4
+    assert view.marked and not view.trains(by_name["head"]) and view.trains(by_name["gpu_worker"])
+    assert view.default_gpus() == 1.0
+    assert _concurrency(view, 20) == (16, None)  # 4 workers x 4 GPUs, not connected
+
+
+def _concurrency(view, n):
+    from jobs.plan import apply_resources, concurrency
+
+    planned = _planned(n)
+    apply_resources(planned, view, None)
+    return concurrency(planned, view)
+
+
+@pytest.mark.timeout(30)
+def test_a_cold_cluster_plans_from_its_node_types():
+    from jobs.plan import PlanError, apply_resources, check_fits, resource_bundles
+
+    view = _cold_view()
+    planned = _planned(20)
+    assert apply_resources(planned, view, None) == 1.0  # a GPU per case though no GPU is alive
+    assert all(p.resources == {"bplab_trainer": 0.001} for p in planned)
+    # 3 workers at most (the cluster's max_workers), 4 GPUs each; nothing alive trains yet
+    assert _concurrency(view, 20) == (12, 0)
+    assert _concurrency(view, 5) == (5, 0)
+    assert resource_bundles(planned, 3) == [{"CPU": 1.0, "GPU": 1.0, "bplab_trainer": 0.001}] * 3
+    with pytest.raises(PlanError, match="5 GPU"):
+        apply_resources(_planned(2), view, 5)
+    # the head and the CPU type never train: a CPU-only study has no place there either
+    cpu_only = _planned(2, cpus=1)
+    for case in cpu_only:
+        case.resources = view.case_resources()
+    check_fits(cpu_only, view.trainable(), view.where)  # fits the GPU worker's CPUs
+    assert [t["name"] for t in view.trainable()] == ["gpu_worker"]
+
+
+@pytest.mark.timeout(30)
+def test_local_ray_trains_on_the_local_node():
+    from jobs.plan import ClusterView
+
+    local = {"name": "local", "CPU": 2.0, "GPU": 0.0, "resources": {"CPU": 2.0}, "max": 1, "head": True,
+             "source": "alive"}
+    view = ClusterView("local Ray", None, [local])
+    assert not view.marked and view.case_resources() == {} and view.default_gpus() == 0.0
+    assert _concurrency(view, 6) == (2, 2)
+
+
+@pytest.mark.timeout(30)
+def test_per_case_data_path_override():
+    from jobs.suites import SuiteError, load_suite
+
+    suite = load_suite("adversarial-quick", ["adv.data.path=/data/mnist", "nokland.epochs=7", "lr=0.5"])
+    by_name = {c.name: c.settings for c in suite.cases}
+    assert by_name["adv"].data.path == "/data/mnist" and by_name["standard"].data.path is None
+    assert by_name["nokland"].epochs == 7 and by_name["adv"].epochs == 3
+    assert {s.lr for s in by_name.values()} == {0.5}
+    with pytest.raises(SuiteError, match="zz"):
+        load_suite("adversarial-quick", ["zz.epochs=3"])
+    with pytest.raises(SuiteError, match="name a setting after the case"):
+        load_suite("adversarial-quick", ["adv=3"])
+
+
+@pytest.mark.timeout(60)
+def test_missing_data_names_the_places_and_the_node(tmp_path, monkeypatch):
+    import platform
+
+    from workers.data import DataError, DataSpec, load_dataset
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as error:
+        load_dataset(DataSpec(name="mnist"))
+    message = str(error.value)
+    assert str(tmp_path / "data" / "mnist") in message and f"looked on node {platform.node()}" in message
+    assert message.count(str(tmp_path)) == 3  # ./data/mnist, ~/data/mnist, ~/.keras/datasets
+
+
+@pytest.mark.timeout(30)
+def test_source_digest_follows_the_code(tmp_path):
+    from jobs.study import source_digest
+
+    for folder in ("jobs", "workers", "analysis"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "m.py").write_text(f"# {folder}\n")
+    (tmp_path / "jobs" / "suites").mkdir()
+    (tmp_path / "jobs" / "suites" / "s.yaml").write_text("name: s\n")
+    (tmp_path / "notes.py").write_text("not run\n")
+    first = source_digest(tmp_path)
+    assert first["source_files"] == 4
+    (tmp_path / "notes.py").write_text("changed, still not run\n")
+    assert source_digest(tmp_path) == first
+    (tmp_path / "workers" / "m.py").write_text("# changed\n")
+    assert source_digest(tmp_path)["source_sha256"] != first["source_sha256"]
+
+
+@pytest.mark.timeout(30)
+def test_runs_go_to_bplab_runs_inside_a_ray_job(monkeypatch, tmp_path):
+    from jobs.study import runs_root
+
+    monkeypatch.delenv("BPLAB_RUNS", raising=False)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert runs_root() == Path("runs")
+    job_copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_x"
+    job_copy.mkdir(parents=True)
+    monkeypatch.chdir(job_copy)
+    assert runs_root() == tmp_path / "bplab-runs"
+    monkeypatch.setenv("BPLAB_RUNS", "~/elsewhere")
+    assert runs_root() == tmp_path / "elsewhere"

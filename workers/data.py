@@ -192,14 +192,22 @@ def _load_moons(spec: DataSpec):
 
 
 def _search_dirs(spec: DataSpec, folder: str) -> list[Path]:
-    """spec.path, or the usual places: ./data/NAME and ~/.keras/datasets."""
+    """spec.path, or the usual places: ./data/NAME, ~/data/NAME (what cluster.yaml prepares on
+    every node) and ~/.keras/datasets."""
     if spec.path is not None:
         return [Path(spec.path).expanduser()]
-    return [Path("data", folder).absolute(), Path.home() / ".keras" / "datasets"]
+    return [Path("data", folder).absolute(), Path.home() / "data" / folder, Path.home() / ".keras" / "datasets"]
 
 
 def _where(paths: list[Path]) -> str:
     return " or ".join(str(p) for p in paths)
+
+
+def _node() -> str:
+    """The machine that looked (the data may live on a cluster's head, not on the laptop)."""
+    import platform
+
+    return f"looked on node {platform.node()}"
 
 
 def _pixels(data: np.ndarray) -> np.ndarray:
@@ -245,7 +253,7 @@ def _load_mnist(spec: DataSpec):
             return _mnist_idx(found)
         if (place / "mnist.npz").is_file():
             return _mnist_npz(place / "mnist.npz")
-    raise DataError(f"mnist: no data found at {_where(places)} ({_MNIST_EXPECTED})")
+    raise DataError(f"mnist: no data found at {_where(places)} ({_MNIST_EXPECTED}); {_node()}")
 
 
 def _idx_file(folder: Path, base: str) -> Path | None:
@@ -361,7 +369,7 @@ def _load_cifar10(spec: DataSpec):
         for name in ("cifar-10-python.tar.gz", "cifar-10-batches-py.tar.gz"):
             if (place / name).is_file():
                 return _cifar_archive(place / name)
-    raise DataError(f"cifar10: no data found at {_where(places)} ({_CIFAR_EXPECTED})")
+    raise DataError(f"cifar10: no data found at {_where(places)} ({_CIFAR_EXPECTED}); {_node()}")
 
 
 class _FolderReader:

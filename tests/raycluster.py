@@ -1,0 +1,146 @@
+"""Helpers for tests that start their own Ray head with `ray start`: free ports, bounded
+commands, and ending only the processes of that head.
+
+`ray stop` cannot be scoped: it matches Ray's process names machine-wide and would end other
+people's clusters. So a test ends the processes whose command line names its private temp
+dir or GCS address, or whose environment holds its private HOME (Ray workers rename
+themselves to ``ray::...``; the fake autoscaler's worker nodes are started by the head's
+autoscaler and inherit that HOME), and all their descendants, by pid.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent  # `ray` and `bplab` of this environment (no pyenv shim lookup through HOME)
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):  # all open at once, so the ports are distinct
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run(cmd, env, timeout, cwd=None) -> subprocess.CompletedProcess:
+    """Run a command bounded by `timeout`; stdout and stderr together in .stdout."""
+    try:
+        return subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, timeout=timeout, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as error:
+        out = error.stdout.decode(errors="replace") if isinstance(error.stdout, bytes) else (error.stdout or "")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-4000:]}")
+
+
+def tail(text: str, n: int = 4000) -> str:
+    return text[-n:]
+
+
+def private_env(home: Path, **extra) -> dict:
+    """This environment without the caller's Ray address and auth settings, HOME private, token auth on."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in AUTH_VARS and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update({
+        "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **extra,
+    })
+    return env
+
+
+def _procs() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, command line, environment), from /proc (zombies left out)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] == "Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    environ = f.read().replace(b"\0", b"\n").decode(errors="replace")
+            except OSError:
+                environ = ""
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(entry)] = (int(fields[1]), cmdline, "\n" + environ)
+    return table
+
+
+def head_pids(tags: list[str], home: Path) -> set[int]:
+    """The head's processes: a command line containing one of `tags`, or the private HOME in the
+    environment, and all their descendants (never this test process or its ancestors)."""
+    table = _procs()
+    mine = {os.getpid()}
+    pid = os.getpid()
+    while pid in table and table[pid][0] not in (0, pid):
+        pid = table[pid][0]
+        mine.add(pid)
+    home_var = f"\nHOME={home}\n"
+    found = {p for p, (_, cmd, environ) in table.items()
+             if any(tag in cmd for tag in tags) or home_var in environ + "\n"}
+    grew = True
+    while grew:
+        children = {p for p, (ppid, _, _) in table.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    return found - mine
+
+
+def end_processes(pids: set[int], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL what is left after `grace` s (gcs_server and raylet take ~10 s to exit on SIGTERM)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            pids = {p for p in pids if Path(f"/proc/{p}").exists() and not _is_zombie(p)}
+            if not pids:
+                return
+            time.sleep(0.2)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2] == "Z"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def make_token(env: dict, home: Path) -> str:
+    """The README's token step, as written: owner-only token file in the private HOME."""
+    gen = run(["bash", "-c", "(umask 077; ray get-auth-token --generate) && chmod 600 ~/.ray/auth_token"], env, 60)
+    assert gen.returncode == 0, tail(gen.stdout)
+    token_file = home / ".ray" / "auth_token"
+    assert token_file.is_file() and token_file.read_text().strip(), "no token written to the private HOME"
+    assert token_file.stat().st_mode & 0o777 == 0o600, oct(token_file.stat().st_mode)
+    return token_file.read_text().strip()
