@@ -361,7 +361,7 @@ BAD_INPUTS.update({
                           ["bad.yaml", "duplicate key 'lr'"]),
     "two million cases": (_million_grid, ["bad.yaml", "2000000 cases", "10000"]),
     "300-character case name": (_suite_case(cases={"a" * 300: {}}), ["bad.yaml", "at most 100 characters"]),
-    "seed 2**64": (_suite_case(defaults={"seed": 2**64}), ["seed", "2**31"]),
+    "seed 2**64": (_suite_case(defaults={"seed": 2**64}), ["seed", "2147483648"]),
     "data.resize 100000": (_suite_case(defaults={"data": {"name": "digits", "resize": 100000}}), ["data.resize", "1024"]),
     "epochs x steps_per_epoch beyond the maximum": (_suite_case(defaults={"epochs": 10**6, "steps_per_epoch": 10**6}),
                                                     ["epochs", "BPLAB_FORCE_LONG"]),
