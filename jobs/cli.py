@@ -214,7 +214,8 @@ def cmd_run(args) -> int:
         plan_module.check_fits(planned, nodes, where)
         fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
         if run is None:
-            run = RunDir.create(location, _manifest(suite, fingerprints, args), [p.row() for p in planned])
+            manifest = {**_manifest(suite, fingerprints, args), "data_sets": [d.summary() for d in datasets.values()]}
+            run = RunDir.create(location, manifest, [p.row() for p in planned])
             _take_lease(run)
         else:
             _take_lease(run)  # before recover(): never repair a run another driver is writing

@@ -55,6 +55,7 @@ class Stepper:
         self.units_forwarded = 0
         self.stages = 0
         self.extras: dict = {}  # extra scalar metrics a schedule logs (e.g. synthetic_error)
+        self.last_output = None  # unfair schedules: the output re-computed after the last stage
 
     def forward(self, x, start: int = 0, acts=None, caches=None):
         self.forward_passes += 1
@@ -99,6 +100,7 @@ def unfair_back(step: Stepper, x, y_onehot):
         step.update(grads)
         # Units below `lowest` did not change: reuse their activations and caches.
         acts, caches = step.forward(x, start=lowest, acts=acts, caches=caches)
+    step.last_output = acts[-1]
     return loss, output
 
 
@@ -117,6 +119,7 @@ def unfair_front(step: Stepper, x, y_onehot):
         grads, _ = step.net.backward(d_out, caches, down_to=0, want_grads=set(range(stage)))
         step.update(grads)
         acts, caches = step.forward(x, acts=acts, caches=caches)
+    step.last_output = acts[-1]
     return loss, output
 
 
@@ -188,7 +191,21 @@ SCHEDULES = {
 assert tuple(SCHEDULES) == SCHEDULE_NAMES
 
 
+def tf1_unordered_reads(step: Stepper, x, y_onehot):
+    """What TF1 executed for the unfair scripts (quirk adam_tf1_unordered_reads, with the
+    optimiser's half in workers.optimizers.Adam): every read of w, m and v ran before any
+    assign, so every stage saw the batch's starting weights. Each stage's gradient for a
+    unit is then that unit's full-backward gradient, all of a unit's assigns write the same
+    value, and the step reduces to one forward, one full backward and one update per unit.
+    The output after the last stage equals the first pass's."""
+    loss, output = standard(step, x, y_onehot)
+    step.last_output = output
+    return loss, output
+
+
 def get_schedule(settings):
     if settings.engine == "autodiff":
         return autodiff_standard
+    if "adam_tf1_unordered_reads" in settings.quirks:
+        return tf1_unordered_reads
     return SCHEDULES[settings.schedule]

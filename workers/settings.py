@@ -38,6 +38,11 @@ QUIRKS = (
     "softmax_twice_in_train_cost",
     "softmax_twice_in_test_cost",
     "float_images_to_imgaug",
+    # Added with docs/experiments.md (source reproduction):
+    "train_cost_after_last_stage",
+    "adam_tf1_unordered_reads",
+    "pixels_0_255",
+    "test_set_own_statistics",
 )
 # Quirks that change a hand-written backward pass (meaningless with engine: autodiff).
 GRADIENT_QUIRKS = ("elu_derivative_two", "celu_derivative_two", "pool_gradient_unscaled", "output_error_unscaled")
@@ -53,10 +58,23 @@ QUIRK_DOCS = {
     "and has no bias correction.",
     "softmax_twice_in_train_cost": "the logged train cost applies softmax twice (unfair study source; "
     "logged number only, gradients unchanged).",
-    "softmax_twice_in_test_cost": "the logged test cost applies softmax twice (adversarial study source; "
-    "logged number only).",
+    "softmax_twice_in_test_cost": "the logged test cost applies softmax twice (the unfair scripts c-f and "
+    "the adversarial scripts; logged number only).",
     "float_images_to_imgaug": "augmentation feeds float images in [0, 1] to imgaug instead "
     "of uint8 (the suspected cause of the source's ~.49 train accuracy).",
+    # Added with docs/experiments.md (source reproduction):
+    "train_cost_after_last_stage": "the logged train cost is that of the output re-computed after the "
+    "last stage of an unfair schedule (the unfair scripts' cost_u9), while the train accuracy stays the "
+    "first pass's; logged number only.",
+    "adam_tf1_unordered_reads": "what TF1 ran for the unfair scripts' hand-written Adam (reads of m, v and w "
+    "not ordered after their assigns): each unit the schedule updates gets ONE step per batch, "
+    "w -= lr * m_hat / (sqrt(v_hat) + eps) from the moments stored before the batch, then its moments take "
+    "one update with the gradient at the batch's starting weights (adam, manual engine, standard or "
+    "unfair schedules).",
+    "pixels_0_255": "inputs are pixels 0-255 (rounded, never rescaled to [0, 1]): AdversarialGrad/a.py "
+    "resized MNIST with imresize to uint8 and fed it as is (data.standardize none only).",
+    "test_set_own_statistics": "the test set is standardised with its own mean and std (per pixel or global, "
+    "as data.standardize), not the training set's (AdversarialGrad/b.py, c.py).",
 }
 
 
@@ -134,8 +152,9 @@ class CaseSettings:
     data: DataSpec = field(default_factory=DataSpec)
     """The data set and its preparation (see DataSpec)."""
     augment: bool = False
-    """Train on half original, half augmented copies (EXPERIMENTS.md section 1); the
-    effective batch is twice batch_size."""
+    """Train on half original, half augmented copies (docs/experiments.md s1): a step has
+    batch_size images, batch_size//2 originals and their copies; an epoch passes over every
+    original once, so it has twice as many steps."""
     schedule: str = "standard"
     """Which layers are updated in each stage of a step: standard, unfair-back,
     unfair-front, adversarial, dilated, adversarial+dilated, synthetic."""
@@ -241,6 +260,7 @@ class CaseSettings:
         if self.seed < 0:
             raise SettingsError(f"{where}.seed: must be >= 0, got {self.seed}")
         self.data.validate(f"{where}.data")
+        _validate_source_options(self, where)
         return self
 
     def has(self, quirk: str) -> bool:
@@ -265,6 +285,20 @@ class CaseSettings:
         """Content address: hash of the normalised settings and the data fingerprint."""
         text = json.dumps({"settings": self.to_dict(), "data": data_fingerprint}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _validate_source_options(s: "CaseSettings", where: str) -> None:
+    """Combinations the augmentation rule and the source-reproduction quirks need."""
+    if s.augment and s.batch_size == 1:
+        raise SettingsError(f"{where}.batch_size: augment needs batch_size >= 2 (batch_size//2 originals + their copies)")
+    if s.has("adam_tf1_unordered_reads"):
+        if s.optimizer != "adam" or s.engine != "manual" or s.schedule not in ("standard", "unfair-back", "unfair-front"):
+            raise SettingsError(f"{where}.quirks: adam_tf1_unordered_reads needs optimizer adam, engine manual and "
+                                f"schedule standard, unfair-back or unfair-front")
+    if s.has("pixels_0_255") and s.data.standardize != "none":
+        raise SettingsError(f"{where}.quirks: pixels_0_255 needs data.standardize none, not {s.data.standardize!r}")
+    if s.has("test_set_own_statistics") and s.data.standardize == "none":
+        raise SettingsError(f"{where}.quirks: test_set_own_statistics needs data.standardize per_pixel or global")
 
 
 def _scalar(value):

@@ -40,12 +40,20 @@ class Diverged(RuntimeError):
 
 
 def batch_plan(settings, num_train: int) -> tuple[int, int]:
-    """(batch size, steps per epoch): full batches only, so every step has one shape."""
+    """(batch size, steps per epoch): full batches only, so every step has one shape.
+
+    With augment a step trains on batch//2 originals plus their augmented copies (as the
+    source did), and an epoch passes over every original once."""
     batch = num_train if settings.batch_size in (0, None) else min(settings.batch_size, num_train)
-    steps = num_train // batch
+    steps = num_train // originals_per_step(settings, batch)
     if settings.steps_per_epoch:
         steps = min(steps, settings.steps_per_epoch)
     return batch, steps
+
+
+def originals_per_step(settings, batch: int) -> int:
+    """Training examples drawn per step: batch, or batch//2 with augment (the other half are their copies)."""
+    return max(batch // 2, 1) if settings.augment else batch
 
 
 def epoch_order(seed: int, epoch: int, num_train: int) -> np.ndarray:
@@ -149,8 +157,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     tf.config.experimental.enable_op_determinism()
     tf_dtype = tf.as_dtype(dtype)
-    x_train, y_train = data.x_train.astype(dtype, copy=False), data.y_train.astype(np.int64, copy=False)
-    x_test, y_test = data.x_test.astype(dtype, copy=False), data.y_test.astype(np.int64, copy=False)
+    from workers.data import apply_input_quirks
+
+    x_train, x_test = apply_input_quirks(settings, data.x_train, data.x_test)  # no copy without quirks
+    x_train, y_train = x_train.astype(dtype, copy=False), data.y_train.astype(np.int64, copy=False)
+    x_test, y_test = x_test.astype(dtype, copy=False), data.y_test.astype(np.int64, copy=False)
     model = models.build_model(settings, x_train.shape[1:], data.num_classes)
     batch, steps_per_epoch = batch_plan(settings, len(x_train))
     assert steps_per_epoch > 0, "no training step: empty training set"
@@ -176,7 +187,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         stepper = schedules.Stepper(net, optimizer, Context(training=True, seed=seed), lr, settings, skip_rate)
         loss, output = schedule(stepper, x, y_onehot)
         traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes, stages=stepper.stages)
-        cost = model.loss.logged_cost(output, y_onehot, "train")
+        if settings.has("train_cost_after_last_stage") and stepper.last_output is not None:
+            output_for_cost = stepper.last_output  # the source's cost_u9; accuracy stays the first pass's
+        else:
+            output_for_cost = output
+        cost = model.loss.logged_cost(output_for_cost, y_onehot, "train")
         return loss, cost, model.loss.correct(output, labels), dict(stepper.extras)
 
     @tf.function(reduce_retracing=True)
@@ -211,7 +226,8 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         lr = optimizers.learning_rate(settings, epoch)
         skip_rate = schedules.dilation_rate(settings, epoch)
         for step_in_epoch in range(position["step_in_epoch"] if epoch == position["epoch"] else 0, steps_per_epoch):
-            index = order[step_in_epoch * batch:(step_in_epoch + 1) * batch]
+            drawn = originals_per_step(settings, batch)
+            index = order[step_in_epoch * drawn:(step_in_epoch + 1) * drawn]
             x, labels = x_train[index], y_train[index]
             if settings.augment:
                 from workers.augment import augment_batch
