@@ -1,4 +1,4 @@
-"""Online augmentation of one training batch (EXPERIMENTS.md section 1), reproducible.
+"""Online augmentation of one training batch (docs/experiments.md section 1), reproducible.
 
 The augmented batch is the N originals plus N augmented copies (labels duplicated),
 shuffled. Every random choice is derived from (seed, epoch, step) via numpy's

@@ -14,13 +14,13 @@ SCHEDULE_NAMES = ("standard", "unfair-back", "unfair-front", "adversarial", "dil
 
 
 def dilation_rate(settings, epoch: int) -> float:
-    """r = r0 / (1 + decay * epoch) of EXPERIMENTS.md s2 (epoch counted from 0)."""
+    """r = r0 / (1 + decay * epoch) of docs/experiments.md s2 (epoch counted from 0)."""
     return settings.dilation_rate / (1.0 + settings.dilation_decay * epoch)
 
 
 def dilated_units(depth: int) -> tuple:
     """Units whose incoming gradient gets the skip from two units above: all but the
-    first and the top two (celu7: layers 2, 3, 4, 5 of EXPERIMENTS.md s2)."""
+    first and the top two (celu7: layers 2, 3, 4, 5 of docs/experiments.md s2)."""
     return tuple(range(1, depth - 2))
 
 
@@ -86,7 +86,7 @@ def unfair_back(step: Stepper, x, y_onehot):
     """Stage k = 1..n updates units n-k..n-1 (top k), back-propagating only that far, then
     re-forwards from the lowest updated unit; stage k+1 starts from the new output.
     Per batch unit i (0-based) is updated i+1 times; n+1 forward passes. The last
-    re-forward is part of the schedule as EXPERIMENTS.md defines it, but nothing reads its
+    re-forward is part of the schedule as docs/experiments.md defines it, but nothing reads its
     output, so inside tf.function TensorFlow prunes it (benchmarks/README.md)."""
     depth = step.net.depth
     acts, caches = step.forward(x)
