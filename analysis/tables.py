@@ -385,6 +385,7 @@ def per_case(
     order += ["epochs_to_target"] if target_accuracy is not None else []
     order += ["final_test_cost", "final_train_cost", "last_epoch", "steps", "steps_per_sec", "examples_per_sec",
               "wall_seconds", "reason_class", "reason"]
+    order += [c for c in ("data.name", "data_official", "data_digest") if c in table]  # which data it trained on
     return table[order].sort_values(keys, kind="stable").reset_index(drop=True)
 
 

@@ -281,6 +281,7 @@ QUICK_SUITES = {  # suite -> overrides that keep the smoke run short
     "moons-quick": ["epochs=200"],
     "dcn-quick": ["epochs=1", "data.train_size=400"],
     "unfair-source-quick": ["epochs=1", "data.train_size=160", "data.test_size=80", "steps_per_epoch=5"],
+    "adversarial-source-quick": ["epochs=1", "data.train_size=160", "data.test_size=80", "steps_per_epoch=3"],
 }
 
 
