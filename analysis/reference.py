@@ -1,10 +1,17 @@
-"""The source studies' logged figures (EXPERIMENTS.md), the reference a run is compared to.
+"""The source studies' logged figures (docs/experiments.md), the reference a run is compared to.
 
 Keyed by reference table name, then by case name. A value of None means the source did not
-log that figure. `source_*` are fractions (accuracy), as in EXPERIMENTS.md.
+log that figure. `source_*` are fractions (accuracy), as in docs/experiments.md.
+
+SOURCE_SETTINGS holds, per source case, the settings the source fixed (flat names, as in the
+cases table). A run's case is compared with the source only when it trained on the official
+data and every one of these settings is unchanged (`comparability`).
 """
 
 from __future__ import annotations
+
+import json
+import math
 
 _FIELDS = ("source_final_test", "source_best_test", "source_train", "note")
 
@@ -14,7 +21,7 @@ def _table(rows: list[tuple]) -> dict[str, dict]:
     return {case: dict(zip(_FIELDS, fields)) for case, *fields in rows}
 
 
-# EXPERIMENTS.md section 1: unfair back propagation, allconv9 on CIFAR-10 (10 epochs; a: 50).
+# docs/experiments.md section 1: unfair back propagation, allconv9 on CIFAR-10 (10 epochs; a: 50).
 UNFAIR = _table([
     # case, final test, best test, final train, note
     ("a", 0.8333, 0.8388, 0.9831, "standard, no aug, 50 epochs"),
@@ -25,19 +32,55 @@ UNFAIR = _table([
     ("f", 0.7877, 0.8009, 0.4882, "unfair-front, aug"),
 ])
 
-# EXPERIMENTS.md section 2: adversarial gradient and dilated back propagation, celu7.
+# docs/experiments.md section 2: adversarial gradient and dilated back propagation, celu7.
 ADVERSARIAL = _table([
     ("adv-a", 0.9933, 0.9941, None, "MNIST, 51 epochs"),
     ("adv-b", 0.7234, 0.7351, None, "CIFAR-10, 101 epochs"),
     ("adv-c", 0.7180, 0.7419, None, "CIFAR-10, dilated, 101 epochs"),
 ])
 
-# EXPERIMENTS.md section 4: the MNIST "DCN" (5,500 steps of batch 50).
+# docs/experiments.md section 4: the MNIST "DCN" (5,500 steps of batch 50).
 DCN = _table([
     ("dcn", 0.9869, None, None, "MNIST DCN, 5,500 steps"),
 ])
 
 REFERENCES: dict[str, dict[str, dict]] = {"unfair": UNFAIR, "adversarial": ADVERSARIAL, "dcn": DCN}
+
+# The settings each source case fixed (jobs/suites/unfair.yaml, adversarial.yaml, dcn.yaml
+# hold the same values). Seeds, engines and quirks are not part of it: a case computed
+# correctly is compared with the source on purpose.
+_WHOLE_SET = {"data.classes": None, "data.train_size": None, "data.test_size": None, "steps_per_epoch": None,
+              "weight_decay": 0.0, "lr_schedule": "constant", "init": "default"}
+_UNFAIR_FIXED = {**_WHOLE_SET, "model": "allconv9", "width": 1.0, "data.name": "cifar10", "data.resize": None,
+                 "data.standardize": "none", "optimizer": "adam", "lr": 1e-4, "beta1": 0.9, "beta2": 0.9,
+                 "epsilon": 1e-8, "batch_size": 10, "epochs": 10}
+_ADVERSARIAL_FIXED = {**_WHOLE_SET, "model": "celu7", "optimizer": "amsgrad", "beta1": 0.9, "beta2": 0.9,
+                      "epsilon": 1e-8, "dilation_rate": 0.5, "dilation_decay": 0.05}
+_CIFAR_ADV = {"width": 2.0, "data.name": "cifar10", "data.resize": None, "data.standardize": "per_pixel",
+              "batch_size": 100, "lr": 7e-4, "adversarial_epsilon": 0.09, "epochs": 101}
+SOURCE_SETTINGS: dict[str, dict[str, dict]] = {
+    "unfair": {
+        "a": {**_UNFAIR_FIXED, "schedule": "standard", "augment": False, "epochs": 50},
+        "b": {**_UNFAIR_FIXED, "schedule": "standard", "augment": True},
+        "c": {**_UNFAIR_FIXED, "schedule": "unfair-back", "augment": False},
+        "d": {**_UNFAIR_FIXED, "schedule": "unfair-back", "augment": True},
+        "e": {**_UNFAIR_FIXED, "schedule": "unfair-front", "augment": False},
+        "f": {**_UNFAIR_FIXED, "schedule": "unfair-front", "augment": True},
+    },
+    "adversarial": {
+        "adv-a": {**_ADVERSARIAL_FIXED, "schedule": "adversarial", "width": 1.0, "data.name": "mnist",
+                  "data.resize": 32, "data.standardize": "none", "batch_size": 50, "lr": 7e-5,
+                  "adversarial_epsilon": 0.5, "epochs": 51},
+        "adv-b": {**_ADVERSARIAL_FIXED, **_CIFAR_ADV, "schedule": "adversarial"},
+        "adv-c": {**_ADVERSARIAL_FIXED, **_CIFAR_ADV, "schedule": "adversarial+dilated"},
+    },
+    "dcn": {
+        "dcn": {**_WHOLE_SET, "model": "dcn", "width": 1.0, "activation": "default", "dropout": 0.5,
+                "data.name": "mnist", "data.resize": None, "data.standardize": "none", "optimizer": "adam",
+                "lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "batch_size": 50, "epochs": 5,
+                "steps_per_epoch": 1100},
+    },
+}
 
 # Other names a suite's manifest may use for the same table.
 ALIASES = {
@@ -57,3 +100,62 @@ def reference_table(name: str) -> dict[str, dict]:
     if key not in REFERENCES:
         raise KeyError(f"unknown reference table {name!r}; known: {', '.join(sorted(REFERENCES))}")
     return REFERENCES[key]
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _same(value, expected) -> bool:
+    if _missing(expected) or _missing(value):
+        return _missing(expected) and _missing(value)
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return value in (True, False) and bool(value) == expected
+    if isinstance(expected, (int, float)):
+        try:
+            return math.isclose(float(value), float(expected), rel_tol=1e-9, abs_tol=0.0)
+        except (TypeError, ValueError):
+            return False
+    return str(value) == str(expected)
+
+
+def case_settings(row: dict) -> dict:
+    """Flat settings of a cases-table row: from settings_json when stored, else the row itself."""
+    stored = row.get("settings_json")
+    if isinstance(stored, str) and stored:
+        flat = {}
+        for key, value in json.loads(stored).items():
+            if isinstance(value, dict):
+                flat.update({f"data.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return flat
+    return dict(row)
+
+
+def comparability(row: dict, reference: str, case: str, overrides=()) -> list[str]:
+    """Why a run's case (a cases-table row) cannot be compared with source case `case`; [] if it can.
+
+    Comparable means: the data is the official set (data_official recorded True) and every
+    setting the source fixed has its source value. overrides (the run's --set list) are named
+    in the reason when they changed a setting."""
+    reasons = []
+    official = row.get("data_official")
+    if _missing(official):
+        reasons.append("data differs: which data the case trained on is not recorded")
+    elif not bool(official):
+        why = row.get("data_reason") or "not the official files"
+        reasons.append(f"data differs: {row.get('data.name', '?')} digest {row.get('data_digest', '?')} ({why})")
+    fixed = SOURCE_SETTINGS.get(ALIASES.get(reference, reference), {}).get(case, {})
+    settings = case_settings(row)
+    changed = []
+    for key, expected in fixed.items():
+        if key not in settings:
+            changed.append(f"{key} not recorded")
+        elif not _same(settings[key], expected):
+            set_by = [o for o in overrides or () if str(o).split("=", 1)[0].strip() == key]
+            how = f" by --set {set_by[-1]}" if set_by else ""
+            changed.append(f"{key}={settings[key]!s} (source {expected!s}){how}")
+    if changed:
+        reasons.append("settings differ: " + ", ".join(changed))
+    return reasons

@@ -35,6 +35,7 @@ REPORT_COLUMNS = (*TABLE_COLUMNS, "updates", "layers")
 _PER_CASE_SHOWN = [
     "run", "case_id", "name", "group", "seed", "state", "epochs", "final_test_acc", "best_test_acc", "best_epoch",
     "final_train_acc", "gap", "epochs_to_target", "steps_per_sec", "wall_seconds",
+    "data.name", "data_official", "data_digest",  # which data each case trained on
 ]
 
 
@@ -371,14 +372,19 @@ def write_report(
     if reference:
         md += [f"## Against the source study (`{reference}`)", ""]
         try:
-            comparison = reference_comparison(table, reference)
+            comparison = reference_comparison(table, reference, cases, overrides=data.manifest.get("overrides") or ())
         except KeyError as error:
             md += [f"No reference table: {error}", ""]
         else:
             csvs["reference_comparison"] = comparison
-            md.append("Source figures from EXPERIMENTS.md; run values are means over seeds; diff = run - source.")
+            md.append("Source figures from docs/experiments.md; run values are means over seeds; diff = run - source, "
+                      "given only where like is compared with like: the official data set and every setting the "
+                      "source fixed unchanged. Otherwise the row is marked not comparable, with the reasons.")
             md.append("")
-            md.append(markdown_table(comparison))
+            shown = comparison.copy()
+            if "comparable" in shown:
+                shown["comparable"] = shown["comparable"].map(lambda ok: "yes" if ok else "not comparable")
+            md.append(markdown_table(shown))
             md.append("")
 
     drawn: list[tuple[str, str]] = []  # (caption, file name)

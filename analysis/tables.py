@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import case_keys
-from analysis.reference import reference_table
+from analysis.reference import comparability, reference_table
 
 SUMMARY_COLUMNS = ("final_test_acc", "best_test_acc", "final_train_acc")
 
@@ -363,7 +363,8 @@ def per_case(
         table = table.merge(ledger_str[join].drop_duplicates(), on=join, how="outer")
         state = ledger_str[join + [c for c in ("name", "state", "reason_class", "reason") if c in ledger_str]]
         table = table.merge(state.drop_duplicates(join).rename(columns={"name": "_ledger_name"}), on=join, how="left")
-    table = _with_cases(table, cases, keys, columns=["name", "group", "seed", "state", "reason_class", "reason"])
+    table = _with_cases(table, cases, keys, columns=["name", "group", "seed", "state", "reason_class", "reason",
+                                                     "data.name", "data_official", "data_digest"])
     if "_ledger_name" in table:
         if "name" in table:
             table["name"] = table["name"].where(table["name"].notna(), table["_ledger_name"])
@@ -384,6 +385,7 @@ def per_case(
     order += ["epochs_to_target"] if target_accuracy is not None else []
     order += ["final_test_cost", "final_train_cost", "last_epoch", "steps", "steps_per_sec", "examples_per_sec",
               "wall_seconds", "reason_class", "reason"]
+    order += [c for c in ("data.name", "data_official", "data_digest") if c in table]  # which data it trained on
     return table[order].sort_values(keys, kind="stable").reset_index(drop=True)
 
 
@@ -538,17 +540,23 @@ def against_baseline(
 
 
 def reference_comparison(
-    per_case_table: pd.DataFrame, reference: str, cases: pd.DataFrame | None = None
+    per_case_table: pd.DataFrame, reference: str, cases: pd.DataFrame | None = None, overrides=()
 ) -> pd.DataFrame:
     """This run next to the source study's figures (analysis.reference), one row per source case.
 
     A source case matches the run's cases of that group (else that name); several seeds are
     averaged. Source cases the run lacks are kept with NaN. Columns: case, source_final_test,
     run_final_test, diff (run - source), source_best_test, run_best_test, source_train,
-    run_train, n (matched cases), state (their states), note.
+    run_train, n (matched cases), state (their states), note; with `cases` also comparable
+    and why_not. With `cases`, like is compared with like only: a case is comparable when it
+    trained on the official data and kept every setting the source fixed
+    (analysis.reference.comparability); otherwise its diff is left empty and why_not gives the
+    reasons (overrides, the run's --set list, are named there).
     """
     source = reference_table(reference)
     table = _attach(per_case_table, cases, ["name", "group"])
+    checked = cases is not None and "case_id" in cases
+    by_id = _as_str_keys(cases).drop_duplicates("case_id").set_index("case_id") if checked else None
     runs = list(dict.fromkeys(table["run"])) if "run" in table else [None]
     rows = []
     for run in runs:
@@ -570,11 +578,23 @@ def reference_comparison(
                 "state": ",".join(sorted(set(matched["state"].astype(str)))) if "state" in matched else "",
                 "note": figures.get("note", ""),
             })
+            if checked:
+                reasons = []
+                for case_id in matched["case_id"].astype(str) if "case_id" in matched else []:
+                    if case_id in by_id.index:
+                        for reason in comparability(by_id.loc[case_id].to_dict(), reference, case, overrides):
+                            if reason not in reasons:
+                                reasons.append(reason)
+                row["comparable"] = bool(len(matched)) and not reasons
+                row["why_not"] = "; ".join(reasons) if reasons else ("" if len(matched) else "not in this run")
             rows.append(row)
     out = pd.DataFrame(rows)
     for column in ("source_final_test", "source_best_test", "source_train"):
         out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
-    out.insert(out.columns.get_loc("run_final_test") + 1, "diff", out["run_final_test"] - out["source_final_test"])
+    diff = out["run_final_test"] - out["source_final_test"]
+    if checked:
+        diff = diff.where(out["comparable"].astype(bool))  # never a diff between two different experiments
+    out.insert(out.columns.get_loc("run_final_test") + 1, "diff", diff)
     return out
 
 

@@ -30,6 +30,7 @@ class PlannedCase:
     steps_total: int
     data_key: object  # the DataSpec: cases with equal specs share one copy in the object store
     resources: dict = field(default_factory=dict)  # custom Ray resources per case (the training marker)
+    data_identity: dict | None = None  # workers.data.identify(): official or not, file digests
 
     @property
     def name(self) -> str:
@@ -41,7 +42,15 @@ class PlannedCase:
 
         return {"case_id": self.case_id, "name": self.case.name, "group": self.case.group,
                 "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "steps_total": self.steps_total,
-                "settings_json": json.dumps(self.case.settings.to_dict(), default=list), **self.case.settings.flat()}
+                "settings_json": json.dumps(self.case.settings.to_dict(), default=list), **self.case.settings.flat(),
+                **_data_columns(self.data_identity)}
+
+
+def _data_columns(identity: dict | None) -> dict:
+    """Which data a case trained on, for the cases table: official or not, and the files' digest."""
+    identity = identity or {}
+    return {"data_official": identity.get("official"), "data_digest": identity.get("digest"),
+            "data_reason": identity.get("reason")}
 
 
 def load_data(cases) -> dict:
@@ -114,7 +123,7 @@ def make_plan(suite: Suite, datasets: dict, *, cpus_per_case: float, gpus_per_ca
             raise PlanError(f"case {case.name}: {error}") from None
         _, steps = batch_plan(case.settings, len(data.x_train))
         planned.append(PlannedCase(case, case.case_id(data.fingerprint), cpus_per_case, gpus_per_case, steps,
-                                   steps * case.settings.epochs, case.settings.data))
+                                   steps * case.settings.epochs, case.settings.data, data_identity=getattr(data, "identity", None)))
     ids = [p.case_id for p in planned]
     assert len(set(ids)) == len(ids), "case ids collide"
     return planned

@@ -180,8 +180,10 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         slots = max(1, full)  # workers the driver keeps: as many as run at once on the fully scaled cluster
         fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
         if run is None:
-            run = RunDir.create(location, manifest(study, fingerprints, address=address, overrides=overrides,
-                                                   command=command), [p.row() for p in planned])
+            run = RunDir.create(location, {**manifest(study, fingerprints, address=address, overrides=overrides,
+                                                      command=command),
+                                           "data_sets": [d.summary() for d in datasets.values()]},
+                                [p.row() for p in planned])
         else:
             known = set(run.case_ids())
             added = run.add_cases([p.row() for p in planned if p.case_id not in known])

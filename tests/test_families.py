@@ -1,4 +1,4 @@
-"""The other experiment families (EXPERIMENTS.md s2-s4): dilated back propagation against a
+"""The other experiment families (docs/experiments.md s2-s4): dilated back propagation against a
 gradient assembled by hand, synthetic gradients, and every source quirk changing exactly
 what it names."""
 
@@ -38,7 +38,7 @@ def test_dilated_backward_matches_a_gradient_assembled_by_hand():
     y = tf.one_hot([1, 2, 3], 10, dtype=tf.float64)
     acts, caches = net.forward(x, Context())
     _, d_out = net.loss_and_gradient(acts[-1], y)
-    skip_units = (1, 2, 3, 4)  # layers 2, 3, 4, 5 of EXPERIMENTS.md s2; 1, 6, 7 get no skip
+    skip_units = (1, 2, 3, 4)  # layers 2, 3, 4, 5 of docs/experiments.md s2; 1, 6, 7 get no skip
     grads, _ = net.backward(d_out, caches, skip_units=skip_units, skip_rate=rate)
 
     # By hand: walk down; unit i's incoming gradient is what unit i+1 sent down, plus, for
@@ -293,6 +293,7 @@ QUICK_SUITES = {  # suite -> overrides that keep the smoke run short
     "moons-quick": ["epochs=200"],
     "dcn-quick": ["epochs=1", "data.train_size=400"],
     "unfair-source-quick": ["epochs=1", "data.train_size=160", "data.test_size=80", "steps_per_epoch=5"],
+    "adversarial-source-quick": ["epochs=1", "data.train_size=160", "data.test_size=80", "steps_per_epoch=3"],
 }
 
 

@@ -1,6 +1,7 @@
-"""Online augmentation of one training batch (EXPERIMENTS.md section 1), reproducible.
+"""Online augmentation of one training batch (docs/experiments.md section 1), reproducible.
 
-The augmented batch is the N originals plus N augmented copies (labels duplicated),
+The augmented batch is the N originals plus N augmented copies (labels duplicated; the
+trainer draws batch_size//2 originals per step, so a step has batch_size images),
 shuffled. Every random choice is derived from (seed, epoch, step) via numpy's
 SeedSequence, so a step can be replayed bit for bit (e.g. after resuming a checkpoint)
 regardless of which worker runs it. No TensorFlow here.

@@ -100,9 +100,22 @@ class Adam(Optimizer):
         return m, v
 
     def update(self, var, d_param, slots, lr, t):
+        if "adam_tf1_unordered_reads" in self.quirks:
+            return self.update_from_previous_moments(var, d_param, slots, lr, t)
         m, v = self.moments(d_param, slots)
         c1, c2 = self.corrections(t)
         var.assign_sub(lr * (m / c1) / (tf.sqrt(v / c2) + self.settings.epsilon))
+
+    def update_from_previous_moments(self, var, d_param, slots, lr, t):
+        """Quirk adam_tf1_unordered_reads (docs/experiments.md, "What TF1 executed"):
+        w <- w - lr m_prev/c1 / (sqrt(v_prev/c2) + eps) with the moments stored before this
+        update (bias correction at their own step count t-1; zero moments give a zero step),
+        then m, v take this update's gradient as usual."""
+        step = lr * (slots["m"] / self.corrections(tf.maximum(t - 1.0, 1.0))[0])
+        step = step / (tf.sqrt(slots["v"] / self.corrections(tf.maximum(t - 1.0, 1.0))[1]) + self.settings.epsilon)
+        step = tf.identity(step)  # read the old moments before they are assigned
+        self.moments(d_param, slots)
+        var.assign_sub(step)
 
 
 class AMSGrad(Adam):

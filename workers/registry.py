@@ -45,6 +45,11 @@ QUIRKS = (
     "softmax_twice_in_train_cost",
     "softmax_twice_in_test_cost",
     "float_images_to_imgaug",
+    # Added with docs/experiments.md (source reproduction):
+    "train_cost_after_last_stage",
+    "adam_tf1_unordered_reads",
+    "pixels_0_255",
+    "test_set_own_statistics",
 )
 QUIRK_DOCS = {
     "elu_derivative_two": "ELU backward returns 2 (not 1) where x > 0 (unfair study source).",
@@ -58,10 +63,23 @@ QUIRK_DOCS = {
     "and has no bias correction.",
     "softmax_twice_in_train_cost": "the logged train cost applies softmax twice (unfair study source; "
     "logged number only, gradients unchanged).",
-    "softmax_twice_in_test_cost": "the logged test cost applies softmax twice (adversarial study source; "
-    "logged number only).",
+    "softmax_twice_in_test_cost": "the logged test cost applies softmax twice (the unfair scripts c-f and "
+    "the adversarial scripts; logged number only).",
     "float_images_to_imgaug": "augmentation feeds float images in [0, 1] to imgaug instead "
     "of uint8 (the suspected cause of the source's ~.49 train accuracy).",
+    # Added with docs/experiments.md (source reproduction):
+    "train_cost_after_last_stage": "the logged train cost is that of the output re-computed after the "
+    "last stage of an unfair schedule (the unfair scripts' cost_u9), while the train accuracy stays the "
+    "first pass's; logged number only.",
+    "adam_tf1_unordered_reads": "what TF1 ran for the unfair scripts' hand-written Adam (reads of m, v and w "
+    "not ordered after their assigns): each unit the schedule updates gets ONE step per batch, "
+    "w -= lr * m_hat / (sqrt(v_hat) + eps) from the moments stored before the batch, then its moments take "
+    "one update with the gradient at the batch's starting weights (adam, manual engine, standard or "
+    "unfair schedules).",
+    "pixels_0_255": "inputs are pixels 0-255 (rounded, never rescaled to [0, 1]): AdversarialGrad/a.py "
+    "resized MNIST with imresize to uint8 and fed it as is (data.standardize none only).",
+    "test_set_own_statistics": "the test set is standardised with its own mean and std (per pixel or global, "
+    "as data.standardize), not the training set's (AdversarialGrad/b.py, c.py).",
 }
 # Quirks that change a hand-written backward pass (meaningless with engine: autodiff).
 GRADIENT_QUIRKS = ("elu_derivative_two", "celu_derivative_two", "pool_gradient_unscaled", "output_error_unscaled")

@@ -15,13 +15,13 @@ from workers import dni, registry
 
 
 def dilation_rate(settings, epoch: int) -> float:
-    """r = r0 / (1 + decay * epoch) of EXPERIMENTS.md s2 (epoch counted from 0)."""
+    """r = r0 / (1 + decay * epoch) of docs/experiments.md s2 (epoch counted from 0)."""
     return settings.dilation_rate / (1.0 + settings.dilation_decay * epoch)
 
 
 def dilated_units(depth: int) -> tuple:
     """Units whose incoming gradient gets the skip from two units above: all but the
-    first and the top two (celu7: layers 2, 3, 4, 5 of EXPERIMENTS.md s2)."""
+    first and the top two (celu7: layers 2, 3, 4, 5 of docs/experiments.md s2)."""
     return tuple(range(1, depth - 2))
 
 
@@ -36,6 +36,7 @@ class Stepper:
         self.units_forwarded = 0
         self.stages = 0
         self.extras: dict = {}  # extra scalar metrics a schedule logs (e.g. synthetic_error)
+        self.last_output = None  # unfair schedules: the output re-computed after the last stage
 
     def forward(self, x, start: int = 0, acts=None, caches=None):
         self.forward_passes += 1
@@ -66,7 +67,7 @@ def unfair_back(step: Stepper, x, y_onehot):
     """Stage k = 1..n updates units n-k..n-1 (top k), back-propagating only that far, then
     re-forwards from the lowest updated unit; stage k+1 starts from the new output.
     Per batch unit i (0-based) is updated i+1 times; n+1 forward passes. The last
-    re-forward is part of the schedule as EXPERIMENTS.md defines it, but nothing reads its
+    re-forward is part of the schedule as docs/experiments.md defines it, but nothing reads its
     output, so inside tf.function TensorFlow prunes it (benchmarks/README.md)."""
     depth = step.net.depth
     acts, caches = step.forward(x)
@@ -80,6 +81,7 @@ def unfair_back(step: Stepper, x, y_onehot):
         step.update(grads)
         # Units below `lowest` did not change: reuse their activations and caches.
         acts, caches = step.forward(x, start=lowest, acts=acts, caches=caches)
+    step.last_output = acts[-1]
     return loss, output
 
 
@@ -98,6 +100,7 @@ def unfair_front(step: Stepper, x, y_onehot):
         grads, _ = step.net.backward(d_out, caches, down_to=0, want_grads=set(range(stage)))
         step.update(grads)
         acts, caches = step.forward(x, acts=acts, caches=caches)
+    step.last_output = acts[-1]
     return loss, output
 
 
@@ -167,7 +170,21 @@ SCHEDULES = {
 assert tuple(SCHEDULES) == registry.SCHEDULES, "a schedule registered here but not in workers.registry (or the reverse)"
 
 
+def tf1_unordered_reads(step: Stepper, x, y_onehot):
+    """What TF1 executed for the unfair scripts (quirk adam_tf1_unordered_reads, with the
+    optimiser's half in workers.optimizers.Adam): every read of w, m and v ran before any
+    assign, so every stage saw the batch's starting weights. Each stage's gradient for a
+    unit is then that unit's full-backward gradient, all of a unit's assigns write the same
+    value, and the step reduces to one forward, one full backward and one update per unit.
+    The output after the last stage equals the first pass's."""
+    loss, output = standard(step, x, y_onehot)
+    step.last_output = output
+    return loss, output
+
+
 def get_schedule(settings):
     if settings.engine == "autodiff":
         return autodiff_standard
+    if "adam_tf1_unordered_reads" in settings.quirks:
+        return tf1_unordered_reads
     return SCHEDULES[settings.schedule]

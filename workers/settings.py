@@ -169,8 +169,9 @@ class CaseFields(_Settings):
     data: Annotated[DataSpec, BeforeValidator(_data, json_schema_input_type=Union[DataSpec, DataSetName])] = DataSpec()
     """The data set and its preparation (see DataSpec)."""
     augment: Bool = False
-    """Train on half original, half augmented copies (EXPERIMENTS.md section 1); the
-    effective batch is twice batch_size."""
+    """Train on half original, half augmented copies (docs/experiments.md s1): a step has
+    batch_size images, batch_size//2 originals and their copies; an epoch passes over every
+    original once, so it has twice as many steps."""
     schedule: ScheduleName = "standard"
     """Which layers are updated in each stage of a step: standard, unfair-back,
     unfair-front, adversarial, dilated, adversarial+dilated, synthetic."""
@@ -239,6 +240,17 @@ class CaseSettings(CaseFields):
                         "engine autodiff differentiates the forward pass and would ignore it")
         if self.schedule == "synthetic" and self.model != "dni_rnn":
             raise _rule("schedule", f"synthetic gradients need model dni_rnn, not {self.model!r}")
+        if self.augment and self.batch_size == 1:
+            raise _rule("batch_size", "augment needs batch_size >= 2 (batch_size//2 originals + their copies)")
+        if "adam_tf1_unordered_reads" in self.quirks and (
+                self.optimizer != "adam" or self.engine != "manual"
+                or self.schedule not in ("standard", "unfair-back", "unfair-front")):
+            raise _rule("quirks", "adam_tf1_unordered_reads needs optimizer adam, engine manual and "
+                        "schedule standard, unfair-back or unfair-front")
+        if "pixels_0_255" in self.quirks and self.data.standardize != "none":
+            raise _rule("quirks", f"pixels_0_255 needs data.standardize none, not {self.data.standardize!r}")
+        if "test_set_own_statistics" in self.quirks and self.data.standardize == "none":
+            raise _rule("quirks", "test_set_own_statistics needs data.standardize per_pixel or global")
         steps = self.epochs * (self.steps_per_epoch or 1)
         if steps > MAX_STEPS and os.environ.get("BPLAB_FORCE_LONG") != "1":
             raise _rule("epochs", f"{self.epochs} epochs x {self.steps_per_epoch or 1} steps is more than {MAX_STEPS:.0e} "

@@ -46,12 +46,20 @@ class Diverged(RuntimeError):
 
 
 def batch_plan(settings, num_train: int) -> tuple[int, int]:
-    """(batch size, steps per epoch): full batches only, so every step has one shape."""
+    """(batch size, steps per epoch): full batches only, so every step has one shape.
+
+    With augment a step trains on batch//2 originals plus their augmented copies (as the
+    source did), and an epoch passes over every original once."""
     batch = num_train if settings.batch_size in (0, None) else min(settings.batch_size, num_train)
-    steps = num_train // batch
+    steps = num_train // originals_per_step(settings, batch)
     if settings.steps_per_epoch:
         steps = min(steps, settings.steps_per_epoch)
     return batch, steps
+
+
+def originals_per_step(settings, batch: int) -> int:
+    """Training examples drawn per step: batch, or batch//2 with augment (the other half are their copies)."""
+    return max(batch // 2, 1) if settings.augment else batch
 
 
 def epoch_order(seed: int, epoch: int, num_train: int) -> np.ndarray:
@@ -204,6 +212,8 @@ class Steps:
         self.traced = traced = {}
         self.in_loop_eval = in_loop_eval
         loss_fn = model.loss
+        # read here, not inside the trace (autograph cannot call methods of the settings model)
+        cost_after_last_stage = settings.has("train_cost_after_last_stage")
 
         def evaluate_on(x, labels):
             y_onehot = tf.one_hot(labels, num_classes, dtype=tf_dtype)
@@ -237,7 +247,11 @@ class Steps:
                 names = sorted(stepper.extras)
                 traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes,
                               stages=stepper.stages, extra_names=names)
-                cost = loss_fn.logged_cost(output, y_onehot, "train")
+                if cost_after_last_stage and stepper.last_output is not None:
+                    output_for_cost = stepper.last_output  # the source's cost_u9; accuracy stays the first pass's
+                else:
+                    output_for_cost = output
+                cost = loss_fn.logged_cost(output_for_cost, y_onehot, "train")
                 extra = (tf.stack([tf.cast(stepper.extras[n], tf_dtype) for n in names]) if names
                          else tf.zeros([0], tf_dtype))
                 if in_loop_eval:
@@ -290,8 +304,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     tf.config.experimental.enable_op_determinism()
     tf_dtype = tf.as_dtype(dtype)
-    x_train, y_train = data.x_train.astype(dtype, copy=False), data.y_train.astype(np.int64, copy=False)
-    x_test, y_test = data.x_test.astype(dtype, copy=False), data.y_test.astype(np.int64, copy=False)
+    from workers.data import apply_input_quirks
+
+    x_train, x_test = apply_input_quirks(settings, data.x_train, data.x_test)  # no copy without quirks
+    x_train, y_train = x_train.astype(dtype, copy=False), data.y_train.astype(np.int64, copy=False)
+    x_test, y_test = x_test.astype(dtype, copy=False), data.y_test.astype(np.int64, copy=False)
     model = models.build_model(settings, x_train.shape[1:], data.num_classes)
     batch, steps_per_epoch = batch_plan(settings, len(x_train))
     assert steps_per_epoch > 0, "no training step: empty training set"
@@ -299,7 +316,8 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     eval_every = getattr(settings, "eval_every", 1)
     test_chunk = max(batch, 256)
     in_loop_eval = len(x_test) <= test_chunk
-    step_shape = ((2 * batch) if settings.augment else batch, *x_train.shape[1:])
+    drawn = originals_per_step(settings, batch)  # examples drawn per step (their copies make the rest)
+    step_shape = ((2 * drawn) if settings.augment else batch, *x_train.shape[1:])
 
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if resume is not None:
@@ -352,7 +370,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         if epoch not in orders:
             orders.clear()
             orders[epoch] = epoch_order(settings.seed, epoch, len(x_train))
-        index = orders[epoch][step_in_epoch * batch:(step_in_epoch + 1) * batch]
+        index = orders[epoch][step_in_epoch * drawn:(step_in_epoch + 1) * drawn]
         x, labels = x_train[index], y_train[index]
         if settings.augment:
             from workers.augment import augment_batch
