@@ -27,9 +27,12 @@ def test_plan_checks_against_cluster_yaml():
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.splitlines()
     assert lines[0].split()[:3] == ["case", "id", "schedule"]
-    # 1438 digits // 16 = 89 steps per epoch, 2 epochs; one GPU per case on cluster.yaml's GPU workers
-    assert all(line.split()[-1] == "178" and line.split()[-2] == "1" for line in lines[1:7])
-    assert "6 cases, 1068 training steps in all; 6 at once when cluster.yaml is fully scaled (gpu_worker x4: 16 slots)" in plan.stdout
+    # 1438 digits // 16 = 89 steps per epoch, 2 epochs; augmented cases (b, d, f) draw 8 originals
+    # a step (plus their 8 copies): 1438 // 8 = 179 steps per epoch; one GPU per case on the GPU workers
+    steps = {line.split()[0]: line.split()[-1] for line in lines[1:7]}
+    assert steps == {"a": "178", "b": "358", "c": "178", "d": "358", "e": "178", "f": "358"}
+    assert all(line.split()[-2] == "1" for line in lines[1:7])
+    assert "6 cases, 1608 training steps in all; 6 at once when cluster.yaml is fully scaled (gpu_worker x4: 16 slots)" in plan.stdout
 
 
 def test_gradcheck_prints_every_layer_and_passes():
