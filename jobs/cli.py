@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from importlib import metadata
@@ -35,7 +36,20 @@ def _user_errors() -> tuple:
     return (UsageError, SuiteError, SettingsError, PlanError, StorageError, DataError)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default; None and [] are left to the help text to explain."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse's own errors: one line, exit 2
         raise UsageError(f"{self.prog}: {message}")
 
@@ -70,14 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the state of every case of a run (reads the ledger; no driver needed)")
     status.add_argument("run")
 
-    report = sub.add_parser("report", help="write report.md, tables (CSV) and figures (PNG) of a run")
-    report.add_argument("run")
-    report.add_argument("--baseline", default=None, help="case or group to compare every other one with")
-    report.add_argument("--out", default=None, help="output folder (default RUN/report)")
+    report = sub.add_parser("report", help="write report.md, tables (CSV) and figures (PNG) of a run, or of several side by side")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories (several: one report across them, with a run column)")
+    report.add_argument("--baseline", default=None, metavar="[RUN:]CASE",
+                        help="case or group to compare every other one with; RUN:CASE names one in another run")
+    report.add_argument("--out", default=None, help="output folder (default: RUN/report, RUN/report-vs-BASELINE with "
+                        "--baseline, reports/RUN1+RUN2... for several runs)")
+
+    runs = sub.add_parser("runs", help="list the runs in a folder: suite, created, case states, wall time")
+    runs.add_argument("folder", nargs="?", default="runs", help="folder holding run directories")
 
     grad = sub.add_parser("gradcheck", help="hand-written gradients vs tf.GradientTape, per layer")
-    grad.add_argument("model", nargs="?", default="all")
-    grad.add_argument("--tolerance", type=float, default=1e-6)
+    grad.add_argument("model", nargs="?", default="all", help="a model name, or all")
+    grad.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error accepted")
 
     cases = sub.add_parser("cases", help="list built-in suites, or the cases of one")
     cases.add_argument("suite", nargs="?")
@@ -111,7 +130,7 @@ def cmd_cases(args) -> int:
     if not args.suite:
         for name in suites.builtin_names():
             suite = suites.load_suite(name)
-            print(f"{name:<20} {len(suite.cases):>3} cases  {suite.description[:90]}")
+            print(f"{name:<20} {len(suite.cases):>3} cases  {textwrap.shorten(suite.description, 90, placeholder=' ...')}")
         return 0
     suite = suites.load_suite(args.suite)
     default = suite.cases[0].settings.flat()
@@ -385,12 +404,29 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import write_report
+    from analysis.report import ReportError, default_report_dir, write_report
     from jobs.storage import RunDir
 
-    RunDir.open(args.run)  # a one-line error if it is not a run
-    path = write_report(args.run, out_dir=args.out, baseline=args.baseline)
+    for run in args.runs:
+        RunDir.open(run)  # a one-line error if it is not a run
+    out = Path(args.out) if args.out else default_report_dir(args.runs, args.baseline)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"--out {out}: {blocked} is a file, not a folder")
+    try:
+        path = write_report(args.runs if len(args.runs) > 1 else args.runs[0], out_dir=out, baseline=args.baseline)
+    except ReportError as error:
+        raise UsageError(f"report: {error}") from None
     print(path)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from analysis.runs import format_runs, list_runs
+
+    if not Path(args.folder).is_dir():
+        raise UsageError(f"runs: {args.folder} is not a folder")
+    print(format_runs(list_runs(args.folder)))
     return 0
 
 
@@ -405,4 +441,4 @@ def cmd_gradcheck(args) -> int:
     return gradcheck.main(names, tolerance=args.tolerance)
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "runs": cmd_runs, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
