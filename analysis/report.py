@@ -216,7 +216,7 @@ def _weight_figures(weights: pd.DataFrame, cases: Sequence[tuple], keys: list[st
                      "rows: cases (counts), columns: layers", fontsize="small")
         width, height = fig.get_size_inches()
         fig.subplots_adjust(left=0.75 / width, right=1 - 0.1 / width, bottom=0.35 / height,
-                            top=1 - 0.6 / height, wspace=0.3, hspace=0.45)
+                            top=1 - 0.8 / height, wspace=0.3, hspace=0.45)
         fig.savefig(out_dir / name, dpi=70)
         figures.append((caption, name))
     return figures
@@ -580,7 +580,8 @@ def write_report(
         md += ["## Figures", ""]
         md += [f"- {note}" for note in notes]
         md += [f"- not drawn, no information: {reason}." for reason in skipped]
-        md.append("")
+        if notes or skipped:
+            md.append("")
         for caption, name in drawn:
             md += [f"### {caption}", "", f"![]({name})", ""]
 

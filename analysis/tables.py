@@ -516,8 +516,8 @@ def step_curves(metrics: pd.DataFrame, cases: pd.DataFrame | None = None, metric
     fractions: step k of n in epoch e is at e - 1 + (k + 1) / n, so the end of epoch e is at
     e, where the per-epoch curves put it), value (the mean) and smoothed.
 
-    smoothed: exponential moving average over steps with span `smoothing` (default: a 40th
-    of the steps, at least 1; debiased at the start, as TensorBoard does). At most
+    smoothed: exponential moving average over steps with span `smoothing` (default: a 30th
+    of the steps, at least 5; debiased at the start, as TensorBoard does). At most
     max_points evenly spaced points per curve are kept (after smoothing).
     """
     column = {"train_cost": "cost", "train_accuracy": "accuracy"}[metric]
@@ -542,7 +542,7 @@ def step_curves(metrics: pd.DataFrame, cases: pd.DataFrame | None = None, metric
         epoch=("x", "mean"), value=(column, "mean")).reset_index()
     parts = []
     for _, curve in curves.groupby(group_columns, sort=True, observed=True):
-        span = smoothing or max(1, len(curve) // 40)
+        span = smoothing or max(5, len(curve) // 30)
         curve = curve.assign(smoothed=curve["value"].ewm(span=span, adjust=True).mean())
         if len(curve) > max_points:
             curve = curve.iloc[np.unique(np.linspace(0, len(curve) - 1, max_points).round().astype(int))]
