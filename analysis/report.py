@@ -223,7 +223,7 @@ def _weight_figures(weights: pd.DataFrame, cases: Sequence[tuple], keys: list[st
 
 
 def _layer_stats_figures(layer_stats: pd.DataFrame, cases: Sequence[tuple], keys: list[str],
-                         out_dir: Path) -> list[tuple[str, str]]:
+                         out_dir: Path, skipped: list[str] | None = None) -> list[tuple[str, str]]:
     figures = []
     for key, label in cases:
         mask = np.ones(len(layer_stats), dtype=bool)
@@ -231,6 +231,9 @@ def _layer_stats_figures(layer_stats: pd.DataFrame, cases: Sequence[tuple], keys
             mask &= (layer_stats[column].astype(str) == str(value)).to_numpy()
         rows = layer_stats[mask]
         if rows.empty:
+            continue
+        if skipped is not None and all(rows[c].nunique() <= 1 for c in ("mean", "std", "min", "max")):
+            skipped.append(f"layer statistics of {label.split(': ')[0]}: constant over every step and layer")
             continue
         layers = sorted(set(rows["layer"].astype(str)), key=_natural_key)[:12]
         quantities = [q for q in ("weights", "biases", "preact", "act") if q in set(rows["quantity"].astype(str))]
@@ -344,11 +347,13 @@ def _figure_cases(table: pd.DataFrame, labels: pd.Series, limit: int | None) -> 
     cases first; each with its label (name and the settings that tell it apart)."""
     keys = case_keys(table)
     table = table.assign(_label=labels.to_numpy())
-    ordered = table.sort_values(["complete", "group", "seed"], ascending=[False, True, True], kind="stable")
-    firsts = ordered.drop_duplicates("group" if "run" not in table else ["run", "group"])
-    rest = ordered.drop(firsts.index)
-    chosen = pd.concat([firsts, rest])
-    chosen = chosen if limit is None else chosen.head(limit)
+    if limit is None:  # every case, in table order (run, group, seed)
+        chosen = table.sort_values([c for c in ("run", "group", "seed") if c in table], kind="stable")
+    else:
+        ordered = table.sort_values(["complete", "group", "seed"], ascending=[False, True, True], kind="stable")
+        firsts = ordered.drop_duplicates("group" if "run" not in table else ["run", "group"])
+        rest = ordered.drop(firsts.index)
+        chosen = pd.concat([firsts, rest]).head(limit)
     return [(tuple(row[k] for k in keys), str(row["_label"])) for _, row in chosen.iterrows()]
 
 
@@ -570,7 +575,7 @@ def write_report(
         mask = np.array([key in logged for key in table[keys].astype(str).itertuples(index=False, name=None)],
                         dtype=bool)
         chosen = _figure_cases(table[mask], pd.Series(labels.to_numpy()[mask]), max_figure_cases)
-        drawn += _layer_stats_figures(data.layer_stats, chosen, keys, out_dir)
+        drawn += _layer_stats_figures(data.layer_stats, chosen, keys, out_dir, skipped)
         if len(chosen) < mask.sum():
             notes.append(f"Layer statistics are drawn for {len(chosen)} of the {mask.sum()} cases that logged "
                          f"them (one per group first); every value is in RUN/layer_stats.")
