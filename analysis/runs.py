@@ -45,6 +45,14 @@ def describe_run(folder: str | os.PathLike) -> dict:
         return info
     info["suite"] = str(manifest.get("suite", "?"))
     created = manifest.get("created_at")
+    if isinstance(created, str):  # an ISO date (older manifests, hand-made runs)
+        try:
+            from datetime import datetime, timezone
+
+            moment = datetime.fromisoformat(created.replace("Z", "+00:00"))
+            created = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+        except ValueError:
+            created = None
     info["created"] = float(created) if isinstance(created, (int, float)) else None
     bad, last_update = 0, None
     known = set()
