@@ -443,10 +443,12 @@ def write_report(
     flags = flag_cases(table, cases) if len(table) else pd.DataFrame(columns=[*keys, "flag"])
     shown_table = table.merge(flags[[*keys, "flag"]], on=keys, how="left") if len(flags) else table.assign(flag="")
     shown_table["flag"] = shown_table["flag"].fillna("")
+    # a setting named like a result column (epochs: planned vs logged) is shown as "epochs (setting)"
+    setting_columns = {c: f"{c} (setting)" if c in shown_table else c for c in settings}
     if settings:
         shown_table = shown_table.merge(
-            cases.assign(**{k: cases[k].astype(str) for k in keys})[[*keys, *settings]].drop_duplicates(keys),
-            on=keys, how="left")
+            cases.assign(**{k: cases[k].astype(str) for k in keys})[[*keys, *settings]].drop_duplicates(keys)
+            .rename(columns=setting_columns), on=keys, how="left")
     csvs = {"per_case": shown_table, "epoch_summary": epochs}
 
     title = ", ".join(str(m.get("suite", "?")) for m in data.manifests.values()) or "run"
@@ -478,7 +480,7 @@ def write_report(
     md.append("")
     columns = [c for c in _PER_CASE_SHOWN if c in shown_table]
     at = columns.index("seed") + 1 if "seed" in columns else len(columns)
-    columns[at:at] = [c for c in settings if c not in columns]
+    columns[at:at] = [setting_columns[c] for c in settings]
     md.append(markdown_table(shown_table[columns], max_rows=200))
     md.append("")
 

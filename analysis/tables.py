@@ -437,10 +437,11 @@ def setting_labels(table: pd.DataFrame, cases: pd.DataFrame | None = None, by: s
     """Per row of `table`: its `by` value followed by the settings that differ between cases,
     e.g. "mid: lr=0.002" or "b: schedule=unfair-back augment=True"; with a run column
     (several runs), "RUN/b: ...". settings: default varying_settings(cases)."""
-    cases = table if cases is None else cases
-    settings = list(varying_settings(cases) if settings is None else settings)
-    if settings and any(c not in table for c in settings):
-        table = _attach(table, cases, settings)
+    settings = list(varying_settings(table if cases is None else cases) if settings is None else settings)
+    if settings and cases is not None:  # the values from cases (a table may hold a same-named result)
+        keys = case_keys(table)
+        values = _as_str_keys(cases)[[*keys, *settings]].drop_duplicates(keys)
+        table = _as_str_keys(table[[*keys, by]]).merge(values, on=keys, how="left")
     label = table[by].astype(str)
     if "run" in table:
         label = table["run"].astype(str) + "/" + label

@@ -266,7 +266,7 @@ def test_two_runs_in_one_report_with_a_baseline_in_one_of_them(tmp_path, monkeyp
     first = write_run(tmp_path / "runs" / "one", TWO_LR)
     second = write_run(tmp_path / "runs" / "two", {
         "slow": {"settings": {"lr": 0.001}, "test": [.35, .45], "train": [[.2, .3], [.4, .5]]},
-        "faster": {"settings": {"lr": 0.004}, "test": [.7, .9], "train": [[.4, .6], [.7, .9]]}})
+        "faster": {"settings": {"lr": 0.004, "epochs": 5}, "test": [.7, .9], "train": [[.4, .6], [.7, .9]]}})
     monkeypatch.chdir(tmp_path)
     assert main(["report", str(first), str(second), "--baseline", "one:slow"]) == 0
     out = tmp_path / "reports" / "one+two-vs-one_slow"
@@ -274,6 +274,10 @@ def test_two_runs_in_one_report_with_a_baseline_in_one_of_them(tmp_path, monkeyp
     assert table["run"].tolist() == ["one", "one", "two", "two"]
     assert dict(zip(table["run"] + "/" + table["name"], table["lr"])) == {
         "one/fast": .002, "one/slow": .001, "two/faster": .004, "two/slow": .001}
+    # the epochs setting (5 planned, stopped after 2) next to the epochs logged
+    assert table["epochs (setting)"].tolist() == [2, 2, 2, 5] and table["epochs"].tolist() == [2, 2, 2, 2]
+    text = (out / "report.md").read_text()
+    assert "Settings that differ between cases: `lr`, `epochs`" in text
     diff = pd.read_csv(out / "against_baseline.csv").set_index(["run", "group"])["diff_mean"]
     # every case of both runs against one/slow (final .5), paired by seed
     assert diff.to_dict() == pytest.approx({("one", "fast"): .8 - .5, ("two", "faster"): .9 - .5,
