@@ -161,7 +161,9 @@ def _curve_figures(epochs: pd.DataFrame, steps: dict[str, pd.DataFrame], out_dir
         if values.nunique() <= 1 and (per_step is None or per_step["value"].nunique() <= 1):
             skipped.append(f"{metric.replace('_', ' ')}: {values.iloc[0]:.4g} in every epoch of every case")
             continue
-        panels = 2 if per_step is not None and len(per_step) else 1
+        # one step per epoch (full batch): the per-step curve would repeat the per-epoch one
+        several_steps = "steps" in epochs and bool((epochs["steps"] > 1).any())
+        panels = 2 if per_step is not None and len(per_step) and several_steps else 1
         fig = _figure(figsize=(6.5 * panels, 4.5))
         axes = np.atleast_1d(fig.subplots(1, panels, sharey=True, squeeze=False)).ravel()
         plot_curves(axes[0], epochs, metric=metric, by="label", band="minmax" if seeds else None)
