@@ -31,6 +31,17 @@ def _labels_of(table: pd.DataFrame, by: str | Sequence[str]) -> pd.Series:
     return label
 
 
+_RUN_STYLES = ("-", "--", ":", "-.")
+
+
+def _run_style(table: pd.DataFrame, rows: pd.DataFrame) -> str:
+    """Line style of a curve: one per run when several runs are drawn together."""
+    if "run" not in table or rows.empty:
+        return "-"
+    runs = list(dict.fromkeys(table["run"].astype(str)))
+    return _RUN_STYLES[runs.index(str(rows["run"].iloc[0])) % len(_RUN_STYLES)]
+
+
 def _finish_legend(ax, n_lines: int) -> None:
     if 0 < n_lines <= _LEGEND_LIMIT:
         ax.legend(fontsize="small")
@@ -57,8 +68,8 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
         per_epoch = rows.groupby("epoch")[metric]
         mean = per_epoch.mean()
         x = mean.index.to_numpy()
-        (line,) = ax.plot(x, mean.to_numpy(), label=str(label), linewidth=1.5, marker="o" if few_epochs else None,
-                          markersize=3)
+        (line,) = ax.plot(x, mean.to_numpy(), _run_style(table, rows), label=str(label), linewidth=1.5,
+                          marker="o" if few_epochs else None, markersize=3)
         n_lines += 1
         if band == "minmax":
             low, high = per_epoch.min().to_numpy(), per_epoch.max().to_numpy()
@@ -146,7 +157,8 @@ def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "gr
     raw = len(groups) <= 6 if raw is None else raw
     for label, rows in groups:
         x = rows["epoch"].to_numpy(dtype=float)
-        (line,) = ax.plot(x, rows["smoothed"].to_numpy(dtype=float), label=str(label), linewidth=1.5)
+        (line,) = ax.plot(x, rows["smoothed"].to_numpy(dtype=float), _run_style(step_table, rows), label=str(label),
+                          linewidth=1.5)
         if raw:
             ax.plot(x, rows["value"].to_numpy(dtype=float), color=line.get_color(), alpha=0.25, linewidth=0.8)
     ax.set_xlabel("epoch (from 1; per step)")

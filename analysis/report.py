@@ -519,6 +519,7 @@ def write_report(
 
     if baseline is not None:
         differences = against_baseline(table, cases, baseline_name, baseline_run=baseline_run)
+        differences["baseline"] = baseline  # as given: RUN:CASE keeps its run
         csvs["against_baseline"] = differences
         md += [f"## Against the baseline `{baseline}`", "",
                "Final test accuracy minus the baseline's at the same seed; mean and 95 % t half-width over seeds."
