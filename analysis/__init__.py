@@ -15,26 +15,35 @@ from analysis.plots import (
     plot_curves,
     plot_decision_boundary,
     plot_layer_stats,
+    plot_step_curves,
     plot_update_counts,
     plot_weight_histograms,
+    shared_bins,
 )
 from analysis.reference import REFERENCES, reference_table
 from analysis.report import markdown_table, write_report
 from analysis.tables import (
     against_baseline,
     ci_half_width,
+    display_epoch,
     epoch_summary,
     factor_table,
+    flag_cases,
     per_case,
     reference_comparison,
     seed_summary,
+    setting_labels,
+    step_curves,
     update_counts,
+    varying_settings,
 )
 
 __all__ = [
     "load", "RunData", "case_keys", "PER_CASE_COLUMNS", "TABLE_COLUMNS",
     "epoch_summary", "per_case", "seed_summary", "factor_table", "against_baseline", "reference_comparison",
-    "update_counts", "ci_half_width",
+    "update_counts", "ci_half_width", "display_epoch", "flag_cases", "step_curves", "varying_settings",
+    "setting_labels",
     "plot_curves", "plot_weight_histograms", "plot_update_counts", "plot_layer_stats", "plot_decision_boundary",
+    "plot_step_curves", "shared_bins",
     "write_report", "markdown_table", "REFERENCES", "reference_table",
 ]

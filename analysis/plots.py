@@ -22,13 +22,24 @@ def _labels_of(table: pd.DataFrame, by: str | Sequence[str]) -> pd.Series:
     missing = [c for c in by if c not in table]
     if missing:
         raise ValueError(f"column(s) {missing} not in the table; pass cases to the table function to add settings")
-    if "run" in table and "run" not in by:
+    if "run" in table and "run" not in by and "label" not in by:  # (tables.setting_labels names the run)
         by = ["run", *by]
     parts = [table[c].astype(str) for c in by]
     label = parts[0]
     for part in parts[1:]:
         label = label + " / " + part
     return label
+
+
+_RUN_STYLES = ("-", "--", ":", "-.")
+
+
+def _run_style(table: pd.DataFrame, rows: pd.DataFrame) -> str:
+    """Line style of a curve: one per run when several runs are drawn together."""
+    if "run" not in table or rows.empty:
+        return "-"
+    runs = list(dict.fromkeys(table["run"].astype(str)))
+    return _RUN_STYLES[runs.index(str(rows["run"].iloc[0])) % len(_RUN_STYLES)]
 
 
 def _finish_legend(ax, n_lines: int) -> None:
@@ -41,8 +52,9 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
     """Mean of `metric` per epoch for each `by` value (seeds averaged), with a band over
     the cases of the group: band="minmax" (range), "ci" (95 % t interval) or None.
 
-    x is epochs completed (epoch index + 1). epoch_table comes from
-    tables.epoch_summary(metrics, cases) (which adds group and the settings).
+    x is the epoch, numbered from 1 (epochs completed). epoch_table comes from
+    tables.epoch_summary(metrics, cases) (which adds group and the settings); by="label"
+    with a column from tables.setting_labels names the settings in the legend.
     """
     table = epoch_table[epoch_table[metric].notna()] if metric in epoch_table else None
     if table is None:
@@ -55,9 +67,9 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
     for label, rows in table.groupby(labels, sort=True):
         per_epoch = rows.groupby("epoch")[metric]
         mean = per_epoch.mean()
-        x = mean.index.to_numpy() + 1
-        (line,) = ax.plot(x, mean.to_numpy(), label=str(label), linewidth=1.5, marker="o" if few_epochs else None,
-                          markersize=3)
+        x = mean.index.to_numpy()
+        (line,) = ax.plot(x, mean.to_numpy(), _run_style(table, rows), label=str(label), linewidth=1.5,
+                          marker="o" if few_epochs else None, markersize=3)
         n_lines += 1
         if band == "minmax":
             low, high = per_epoch.min().to_numpy(), per_epoch.max().to_numpy()
@@ -70,7 +82,7 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
             raise ValueError(f"band must be 'minmax', 'ci' or None, not {band!r}")
         if np.any(np.nan_to_num(high - low) > 0):
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("epochs completed")
+    ax.set_xlabel("epoch (from 1)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(True, alpha=0.3)
@@ -78,26 +90,80 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
     return ax
 
 
+def rebin(counts: np.ndarray, edges: np.ndarray, new_edges: np.ndarray) -> np.ndarray:
+    """A histogram's counts moved onto other bin edges, each old bin's count spread evenly
+    over its width (the values inside a bin are not stored). The total is kept for the part
+    of the range the new edges cover."""
+    counts = np.asarray(counts, dtype=float)
+    edges = np.asarray(edges, dtype=float)
+    assert len(edges) == len(counts) + 1, f"{len(counts)} counts need {len(counts) + 1} edges, got {len(edges)}"
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])  # count below each edge
+    return np.diff(np.interp(np.asarray(new_edges, dtype=float), edges, cumulative))
+
+
+def shared_bins(histograms: dict[str, pd.DataFrame], bins: int | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(edges, {name: counts}): the stored histograms (rows bin/left/right/count, each with its
+    own edges) re-binned onto one grid of equal-width bins over their joint range, so that
+    bars of the same height mean the same count per unit of value. bins: default the most
+    bins any of them has."""
+    spans = {}
+    for name, hist in histograms.items():
+        hist = hist.sort_values("bin")
+        if len(hist):
+            edges = np.append(hist["left"].to_numpy(dtype=float), hist["right"].to_numpy(dtype=float)[-1])
+            spans[name] = (hist["count"].to_numpy(dtype=float), edges)
+    if not spans:
+        return np.array([]), {}
+    low = min(edges[0] for _, edges in spans.values())
+    high = max(edges[-1] for _, edges in spans.values())
+    bins = bins or max(len(counts) for counts, _ in spans.values())
+    if high <= low:
+        high = low + 1.0
+    grid = np.linspace(low, high, bins + 1)
+    return grid, {name: rebin(counts, edges, grid) for name, (counts, edges) in spans.items()}
+
+
 def plot_weight_histograms(ax, weights: pd.DataFrame, case_id: str, layer: str, param: str = "w",
-                           run: str | None = None):
-    """Histogram of one layer's weights (param "w") or biases ("b") before vs after training."""
+                           run: str | None = None, legend: bool = True, title: bool = True):
+    """Histogram of one layer's weights (param "w") or biases ("b") before vs after training,
+    both on the same bins (shared_bins)."""
     rows = weights[(weights["case_id"].astype(str) == str(case_id)) & (weights["layer"].astype(str) == str(layer))
                    & (weights["param"].astype(str) == param)]
     if run is not None and "run" in rows:
         rows = rows[rows["run"].astype(str) == str(run)]
+    phases = {phase: rows[rows["phase"].astype(str) == phase] for phase in ("before", "after")}
+    edges, counts = shared_bins(phases)
     for phase, color in (("before", "tab:blue"), ("after", "tab:orange")):
-        hist = rows[rows["phase"].astype(str) == phase].sort_values("bin")
-        if hist.empty:
+        if phase not in counts:
             continue
-        edges = np.append(hist["left"].to_numpy(dtype=float), hist["right"].to_numpy(dtype=float)[-1])
-        ax.stairs(hist["count"].to_numpy(dtype=float), edges, fill=True, alpha=0.4, color=color, label=phase)
-        ax.stairs(hist["count"].to_numpy(dtype=float), edges, color=color, linewidth=1)
-    ax.set_title(f"{layer} {param}", fontsize="small")
+        ax.stairs(counts[phase], edges, fill=True, alpha=0.4, color=color, label=phase)
+        ax.stairs(counts[phase], edges, color=color, linewidth=1)
+    if title:
+        ax.set_title(f"{layer} {param}", fontsize="small")
     ax.set_xlabel("value", fontsize="small")
     ax.set_ylabel("count", fontsize="small")
     ax.tick_params(labelsize="x-small")
-    if not rows.empty:
+    if legend and counts:
         ax.legend(fontsize="x-small")
+    return ax
+
+
+def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "group", raw: bool | None = None):
+    """Per-step training curves from tables.step_curves: the smoothed mean per `by` value,
+    over the faint unsmoothed one (raw: default when there are at most 6 curves). x is in
+    epochs (from 1), so the curves line up with plot_curves'."""
+    labels = _labels_of(step_table, by)
+    groups = list(step_table.groupby(labels, sort=True))
+    raw = len(groups) <= 6 if raw is None else raw
+    for label, rows in groups:
+        x = rows["epoch"].to_numpy(dtype=float)
+        (line,) = ax.plot(x, rows["smoothed"].to_numpy(dtype=float), _run_style(step_table, rows), label=str(label),
+                          linewidth=1.5)
+        if raw:
+            ax.plot(x, rows["value"].to_numpy(dtype=float), color=line.get_color(), alpha=0.25, linewidth=0.8)
+    ax.set_xlabel("epoch (from 1; per step)")
+    ax.grid(True, alpha=0.3)
+    _finish_legend(ax, len(groups))
     return ax
 
 

@@ -17,26 +17,43 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.load import TABLE_COLUMNS, RunData, case_keys, load, local_path
-from analysis.plots import plot_boundary_grid, plot_curves, plot_layer_stats, plot_update_counts, plot_weight_histograms
+from analysis.load import TABLE_COLUMNS, RunData, _run_labels, case_keys, load, local_path
+from analysis.plots import (
+    plot_boundary_grid,
+    plot_curves,
+    plot_layer_stats,
+    plot_step_curves,
+    plot_update_counts,
+    plot_weight_histograms,
+)
 from analysis.tables import (
+    COLLAPSE_MARGIN,
     against_baseline,
     epoch_summary,
     factor_table,
+    flag_cases,
     per_case,
     reference_comparison,
     seed_summary,
+    setting_labels,
+    step_curves,
     update_counts,
+    varying_settings,
 )
+
+
+class ReportError(ValueError):
+    """A report that cannot be written as asked (e.g. a baseline no run has); one line."""
 
 # The metrics columns the report reads (skips forward_passes, stages, ...).
 REPORT_COLUMNS = (*TABLE_COLUMNS, "updates", "layers")
 
 _PER_CASE_SHOWN = [
-    "run", "case_id", "name", "group", "seed", "state", "epochs", "final_test_acc", "best_test_acc", "best_epoch",
-    "final_train_acc", "gap", "epochs_to_target", "steps_per_sec", "wall_seconds",
+    "run", "case_id", "name", "group", "seed", "state", "flag", "epochs", "final_test_acc", "best_test_acc",
+    "best_epoch", "final_train_acc", "gap", "epochs_to_target", "steps_per_sec", "wall_seconds",
     "data.name", "data_official", "data_digest",  # which data each case trained on
 ]
+WEIGHT_CASES_PER_FIGURE = 8  # rows (cases) of one weights figure; more cases: more figures
 
 
 # ---- markdown -----------------------------------------------------------------------------
@@ -103,56 +120,113 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def _save(fig, out_dir: Path, name: str, title_inches: float = 0.35) -> str:
+def _save(fig, out_dir: Path, name: str, title_inches: float = 0.35, bottom_inches: float = 0.55) -> str:
     # Fixed margins, in inches: tight_layout measures every tick label and doubled the
     # report's time.
     width, height = fig.get_size_inches()
-    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.55 / height,
+    if bottom_inches > 0.55:  # room for a legend below: the figure grows, the axes keep their size
+        height += bottom_inches - 0.55
+        fig.set_size_inches(width, height)
+    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=bottom_inches / height,
                         top=1 - title_inches / height, wspace=0.35, hspace=0.6)
     fig.savefig(out_dir / name, dpi=80)
     return name
 
 
-def _curve_figures(epochs: pd.DataFrame, out_dir: Path, by: str) -> list[tuple[str, str]]:
+def _legend_below(fig, ax, n_lines: int) -> float:
+    """A figure legend under the axes; returns the inches it needs at the bottom."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles or len(handles) > _LEGEND_ROWS_LIMIT:
+        return 0.0
+    width = fig.get_size_inches()[0]
+    longest = max(len(label) for label in labels)
+    columns = max(1, min(len(labels), int(width / (0.9 + 0.075 * longest))))
+    rows = math.ceil(len(labels) / columns)
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
+    return 0.22 * rows + 0.1
+
+
+_LEGEND_ROWS_LIMIT = 20
+
+
+def _curve_figures(epochs: pd.DataFrame, steps: dict[str, pd.DataFrame], out_dir: Path, seeds: bool,
+                   skipped: list[str]) -> list[tuple[str, str]]:
+    """Per-epoch curves of each metric (mean over seeds, min-max band when there are several
+    seeds); the train metrics also per step, smoothed, in a panel next to it."""
     figures = []
     for metric in ("test_accuracy", "train_accuracy", "test_cost", "train_cost"):
         if metric not in epochs or epochs[metric].notna().sum() == 0:
             continue
-        fig = _figure(figsize=(7, 4.5))
-        ax = fig.subplots()
-        plot_curves(ax, epochs, metric=metric, by=by, band="minmax")
-        ax.set_title(f"{metric.replace('_', ' ')} by {by} (band: min-max over seeds)")
-        figures.append((metric.replace("_", " "), _save(fig, out_dir, f"curves_{metric}.png")))
+        values = epochs[metric].dropna()
+        per_step = steps.get(metric)
+        if values.nunique() <= 1 and (per_step is None or per_step["value"].nunique() <= 1):
+            skipped.append(f"{metric.replace('_', ' ')}: {values.iloc[0]:.4g} in every epoch of every case")
+            continue
+        # one step per epoch (full batch): the per-step curve would repeat the per-epoch one
+        several_steps = "steps" in epochs and bool((epochs["steps"] > 1).any())
+        panels = 2 if per_step is not None and len(per_step) and several_steps else 1
+        fig = _figure(figsize=(6.5 * panels, 4.5))
+        axes = np.atleast_1d(fig.subplots(1, panels, sharey=True, squeeze=False)).ravel()
+        plot_curves(axes[0], epochs, metric=metric, by="label", band="minmax" if seeds else None)
+        axes[0].set_title("per epoch" + (" (band: min-max over seeds)" if seeds else ""), fontsize="medium")
+        if panels == 2:
+            plot_step_curves(axes[1], per_step, by="label")
+            axes[1].set_title("per step (smoothed: EMA; faint: raw mean over seeds)", fontsize="medium")
+        n_lines = len(axes[0].get_lines())
+        for ax in axes:
+            if ax.get_legend():
+                ax.get_legend().remove()
+        bottom = _legend_below(fig, axes[0], n_lines)
+        fig.suptitle(metric.replace("_", " "), fontsize="medium")
+        figures.append((metric.replace("_", " "), _save(fig, out_dir, f"curves_{metric}.png", title_inches=0.6,
+                                                         bottom_inches=0.55 + bottom)))
     return figures
 
 
-def _weight_figures(
-    weights: pd.DataFrame, cases: Sequence[tuple], keys: list[str], out_dir: Path
-) -> list[tuple[str, str]]:
+def _weight_figures(weights: pd.DataFrame, cases: Sequence[tuple], keys: list[str],
+                    out_dir: Path) -> list[tuple[str, str]]:
+    """Weights before vs after training on shared bins: one row per case, one column per
+    layer, WEIGHT_CASES_PER_FIGURE cases per figure (so every case gets one)."""
+    w = weights[weights["param"].astype(str) == "w"]
+    if w.empty:
+        return []
+    key_text = w[keys[0]].astype(str)
+    for column in keys[1:]:
+        key_text = key_text + "\x1f" + w[column].astype(str)
+    by_case = {k: rows for k, rows in w.groupby(key_text.to_numpy(), sort=False)}
+    drawn = [(key, label, by_case["\x1f".join(map(str, key))]) for key, label in cases
+             if "\x1f".join(map(str, key)) in by_case]
+    layers = sorted(set(w["layer"].astype(str)), key=_natural_key)
     figures = []
-    for key, label in cases:
-        mask = np.ones(len(weights), dtype=bool)
-        for column, value in zip(keys, key):
-            mask &= (weights[column].astype(str) == str(value)).to_numpy()
-        rows = weights[mask & (weights["param"].astype(str) == "w").to_numpy()]
-        layers = sorted(set(rows["layer"].astype(str)), key=_natural_key)
-        if not layers:
-            continue
-        columns = min(len(layers), 5)
-        grid_rows = math.ceil(len(layers) / columns)
-        fig = _figure(figsize=(3 * columns, 2.4 * grid_rows))
-        axes = np.atleast_1d(fig.subplots(grid_rows, columns, squeeze=False)).ravel()
-        for ax, layer in zip(axes, layers):
-            plot_weight_histograms(ax, rows, key[-1], layer, "w", run=key[0] if len(key) == 2 else None)
-        for ax in axes[len(layers):]:
-            ax.set_axis_off()
-        fig.suptitle(f"weights before vs after: {label}", fontsize="medium")
-        figures.append((f"weights {label}", _save(fig, out_dir, f"weights_{_safe_name(label)}.png", title_inches=0.6)))
+    pages = [drawn[i:i + WEIGHT_CASES_PER_FIGURE] for i in range(0, len(drawn), WEIGHT_CASES_PER_FIGURE)]
+    for number, page in enumerate(pages, start=1):
+        fig = _figure(figsize=(max(2.2 * len(layers) + 0.8, 5.5), 1.7 * len(page) + 0.5))
+        axes = fig.subplots(len(page), len(layers), squeeze=False)
+        for i, (key, label, rows) in enumerate(page):
+            present = set(rows["layer"].astype(str))
+            for j, layer in enumerate(layers):
+                ax = axes[i, j]
+                if layer not in present:
+                    ax.set_axis_off()
+                    continue
+                plot_weight_histograms(ax, rows, key[-1], layer, "w", run=key[0] if len(key) == 2 else None,
+                                       legend=(i == 0 and j == 0), title=(i == 0))
+                ax.set_xlabel("")
+                ax.set_ylabel(label.split(": ")[0] if j == 0 else "", fontsize="small")  # settings: per-case table
+        name = "weights.png" if len(pages) == 1 else f"weights_{number}.png"
+        caption = "weights before vs after" + ("" if len(pages) == 1 else f" ({number} of {len(pages)})")
+        fig.suptitle("weights before (blue) vs after (orange) training, same bins in each panel\n"
+                     "rows: cases (counts), columns: layers", fontsize="small")
+        width, height = fig.get_size_inches()
+        fig.subplots_adjust(left=0.75 / width, right=1 - 0.1 / width, bottom=0.35 / height,
+                            top=1 - 0.8 / height, wspace=0.3, hspace=0.45)
+        fig.savefig(out_dir / name, dpi=70)
+        figures.append((caption, name))
     return figures
 
 
 def _layer_stats_figures(layer_stats: pd.DataFrame, cases: Sequence[tuple], keys: list[str],
-                         out_dir: Path) -> list[tuple[str, str]]:
+                         out_dir: Path, skipped: list[str] | None = None) -> list[tuple[str, str]]:
     figures = []
     for key, label in cases:
         mask = np.ones(len(layer_stats), dtype=bool)
@@ -160,6 +234,9 @@ def _layer_stats_figures(layer_stats: pd.DataFrame, cases: Sequence[tuple], keys
             mask &= (layer_stats[column].astype(str) == str(value)).to_numpy()
         rows = layer_stats[mask]
         if rows.empty:
+            continue
+        if skipped is not None and all(rows[c].nunique() <= 1 for c in ("mean", "std", "min", "max")):
+            skipped.append(f"layer statistics of {label.split(': ')[0]}: constant over every step and layer")
             continue
         layers = sorted(set(rows["layer"].astype(str)), key=_natural_key)[:12]
         quantities = [q for q in ("weights", "biases", "preact", "act") if q in set(rows["quantity"].astype(str))]
@@ -169,12 +246,13 @@ def _layer_stats_figures(layer_stats: pd.DataFrame, cases: Sequence[tuple], keys
             for j, quantity in enumerate(quantities):
                 plot_layer_stats(axes[i, j], rows, key[-1], layer, quantity, run=key[0] if len(key) == 2 else None)
         fig.suptitle(f"layer statistics (mean ± std, min/max dotted): {label}", fontsize="medium")
-        name = f"layer_stats_{_safe_name(label)}.png"
+        name = f"layer_stats_{_safe_name(label.split(': ')[0])}.png"  # the case, without its settings
         figures.append((f"layer statistics {label}", _save(fig, out_dir, name, title_inches=0.6)))
     return figures
 
 
-def _boundary_figures(data: RunData, table: pd.DataFrame, out_dir: Path, limit: int = 15) -> list[tuple[str, str]]:
+def _boundary_figures(data: RunData, table: pd.DataFrame, out_dir: Path, limit: int = 15,
+                      notes: list[str] | None = None) -> list[tuple[str, str]]:
     """Decision boundaries of the 2-D classifiers (stored by the trainer at the end of a case)."""
     import json as json_module
 
@@ -195,6 +273,8 @@ def _boundary_figures(data: RunData, table: pd.DataFrame, out_dir: Path, limit: 
                 panels.append((row, cells))
     if not panels:
         return []
+    if len(panels) > limit and notes is not None:
+        notes.append(f"Decision boundaries are drawn for the first {limit} of the {len(panels)} cases that stored one.")
     panels = panels[:limit]
     columns = min(5, len(panels))
     lines = -(-len(panels) // columns)
@@ -268,20 +348,57 @@ def _flatten_pivot(pivot: pd.DataFrame) -> pd.DataFrame:
     return flat.reset_index()
 
 
-def _figure_cases(data: RunData, table: pd.DataFrame, limit: int) -> list[tuple[tuple, str]]:
-    """Up to `limit` cases to draw: one per group first (first seed), done cases first."""
+def _figure_cases(table: pd.DataFrame, labels: pd.Series, limit: int | None) -> list[tuple[tuple, str]]:
+    """The cases to draw (all, or the first `limit`): one per group first (first seed), done
+    cases first; each with its label (name and the settings that tell it apart)."""
     keys = case_keys(table)
-    ordered = table.sort_values(["complete", "group", "seed"], ascending=[False, True, True], kind="stable")
-    firsts = ordered.drop_duplicates("group" if "run" not in table else ["run", "group"])
-    rest = ordered.drop(firsts.index)
-    chosen = pd.concat([firsts, rest]).head(limit)
-    out = []
-    for _, row in chosen.iterrows():
-        label = str(row["name"]) if pd.notna(row["name"]) else str(row["case_id"])
-        if "run" in keys:
-            label = f"{row['run']}-{label}"
-        out.append((tuple(row[k] for k in keys), label))
-    return out
+    table = table.assign(_label=labels.to_numpy())
+    if limit is None:  # every case, in table order (run, group, seed)
+        chosen = table.sort_values([c for c in ("run", "group", "seed") if c in table], kind="stable")
+    else:
+        ordered = table.sort_values(["complete", "group", "seed"], ascending=[False, True, True], kind="stable")
+        firsts = ordered.drop_duplicates("group" if "run" not in table else ["run", "group"])
+        rest = ordered.drop(firsts.index)
+        chosen = pd.concat([firsts, rest]).head(limit)
+    return [(tuple(row[k] for k in keys), str(row["_label"])) for _, row in chosen.iterrows()]
+
+
+def _parse_baseline(table: pd.DataFrame, baseline: str) -> tuple[str, str | None]:
+    """(group or case name, run label or None) for --baseline CASE or RUN:CASE; ReportError
+    (one line) when no run has it."""
+    runs = [str(r) for r in dict.fromkeys(table["run"])] if "run" in table else []
+    name, run = baseline, None
+    if ":" in baseline:
+        prefix, rest = baseline.rsplit(":", 1)
+        if runs and prefix in runs:
+            name, run = rest, prefix
+        elif not runs:
+            name = rest  # one run: RUN:CASE names it; the case must still be there
+    rows = table if run is None else table[table["run"].astype(str) == run]
+    if not (rows["group"].astype(str).eq(name).any() or rows["name"].astype(str).eq(name).any()):
+        groups = sorted(set(rows["group"].dropna().astype(str)))
+        where = f" in run {run}" if run else ""
+        hint = f"; runs: {', '.join(runs)}" if runs and run is None and ":" in baseline else ""
+        raise ReportError(f"--baseline {baseline}: no case or group {name!r}{where}; groups: "
+                          f"{', '.join(groups) or 'none'}{hint}")
+    return name, run
+
+
+def default_report_dir(runs: Sequence[str | os.PathLike], baseline: str | None = None) -> Path:
+    """Where `bplab report` writes when --out is not given: RUN/report for one local run
+    (RUN/report-vs-BASELINE with a baseline, so the plain report is never replaced), else
+    reports/RUN1+RUN2... (with -vs-BASELINE) under the current folder."""
+    suffix = f"-vs-{_safe_name(baseline)}" if baseline else ""
+    runs = list(runs)
+    folder = local_path(runs[0]) if len(runs) == 1 else None
+    if folder is not None:
+        return folder / f"report{suffix}"
+    name = "+".join(_safe_name(label) for label in _run_labels(runs))
+    if len(name) > 100:  # long lists of runs: a short, stable name
+        import hashlib
+
+        name = name[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return Path("reports") / f"{name}{suffix}"
 
 
 def write_report(
@@ -290,33 +407,55 @@ def write_report(
     baseline: str | None = None,
     target_accuracy: float | None = None,
     reference: str | None = None,
-    max_figure_cases: int = 4,
+    max_figure_cases: int | None = 4,
     figures: bool = True,
 ) -> Path:
     """Write report.md, its PNG figures and every table as CSV; return the report's path.
 
     run: a run directory (path or pyarrow.fs URI), several, or an already loaded RunData.
-    out_dir: default RUN/report for one run on the local filesystem; required otherwise.
-    baseline: a group (or case) name: adds each group's seed-paired difference to it.
+    out_dir: default RUN/report (RUN/report-vs-BASELINE with a baseline) for one run on the
+        local filesystem; required otherwise.
+    baseline: a group (or case) name, or RUN:NAME for one in a given run of several: adds
+        each group's seed-paired difference to it. ReportError, before anything is written,
+        when no run has it.
     target_accuracy: adds epochs_to_target to the per-case table.
     reference: a reference table name (analysis.reference); default manifest["reference"].
-    max_figure_cases: weight and layer-statistics figures for at most this many cases.
+    max_figure_cases: layer-statistics figures for at most this many cases (None: all);
+        weight histograms are drawn for every case.
     figures: False writes the tables only (no PNGs; much faster).
     """
     data = run if isinstance(run, RunData) else load(run, metrics_columns=REPORT_COLUMNS)
-    if out_dir is None:
-        folder = local_path(next(iter(data.paths.values()))) if len(data.paths) == 1 else None
-        if folder is None:
-            raise ValueError("write_report: give out_dir (the run is remote, or there are several runs)")
-        out_dir = folder / "report"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     cases = data.cases
     keys = case_keys(cases) if len(cases.columns) else case_keys(data.metrics)
     epochs = epoch_summary(data.metrics, cases)
     table = per_case(data.metrics, cases, target_accuracy=target_accuracy)
-    csvs = {"per_case": table, "epoch_summary": epochs}
+    baseline_name = baseline_run = None
+    if baseline is not None:
+        baseline_name, baseline_run = _parse_baseline(table, baseline)
+    if out_dir is None:
+        folder = local_path(next(iter(data.paths.values()))) if len(data.paths) == 1 else None
+        if folder is None:
+            raise ValueError("write_report: give out_dir (the run is remote, or there are several runs)")
+        out_dir = default_report_dir([folder], baseline)
+    out_dir = Path(out_dir)
+    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ReportError(f"cannot write the report to {out_dir}: {blocked} is a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # What tells the cases apart: named in the per-case table and in every legend.
+    settings = varying_settings(cases) if len(cases) else []
+    labels = setting_labels(table, cases, by="name", settings=settings) if len(table) else pd.Series([], dtype=str)
+    flags = flag_cases(table, cases) if len(table) else pd.DataFrame(columns=[*keys, "flag"])
+    shown_table = table.merge(flags[[*keys, "flag"]], on=keys, how="left") if len(flags) else table.assign(flag="")
+    shown_table["flag"] = shown_table["flag"].fillna("")
+    # a setting named like a result column (epochs: planned vs logged) is shown as "epochs (setting)"
+    setting_columns = {c: f"{c} (setting)" if c in shown_table else c for c in settings}
+    if settings:
+        shown_table = shown_table.merge(
+            cases.assign(**{k: cases[k].astype(str) for k in keys})[[*keys, *settings]].drop_duplicates(keys)
+            .rename(columns=setting_columns), on=keys, how="left")
+    csvs = {"per_case": shown_table, "epoch_summary": epochs}
 
     title = ", ".join(str(m.get("suite", "?")) for m in data.manifests.values()) or "run"
     md = [f"# bplab report: {title}", ""]
@@ -325,6 +464,9 @@ def write_report(
 
     counts = table["state"].value_counts()
     md.append(f"{len(table)} cases: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + ".")
+    if settings:
+        md.append("Settings that differ between cases: " + ", ".join(f"`{c}`" for c in settings)
+                  + " (in the tables and in every legend).")
     md.append("")
     not_done = table[~table["complete"]]
     if len(not_done):
@@ -337,14 +479,33 @@ def write_report(
         csvs["not_done"] = not_done[shown]
 
     md += ["## Per case", ""]
-    md.append("final = last epoch logged; train accuracy = mean over the last epoch's batches; gap = train - test; "
-              "steps/s = (train steps - 1) / wall-time span of the train steps.")
+    md.append("Epochs are numbered from 1 (epoch 1 = the first pass over the training set), here, in the CSVs "
+              "and in the figures. final = last epoch logged; train accuracy = mean over the last epoch's batches; "
+              "gap = train - test; steps/s = (train steps - 1) / wall-time span of the train steps; "
+              "flag: see below.")
     md.append("")
-    md.append(markdown_table(table[[c for c in _PER_CASE_SHOWN if c in table]], max_rows=200))
+    columns = [c for c in _PER_CASE_SHOWN if c in shown_table]
+    at = columns.index("seed") + 1 if "seed" in columns else len(columns)
+    columns[at:at] = [setting_columns[c] for c in settings]
+    md.append(markdown_table(shown_table[columns], max_rows=200))
     md.append("")
 
-    group_sizes = table.groupby([*(["run"] if "run" in table else []), "group"]).size()
-    if len(group_sizes) and group_sizes.max() >= 2:
+    md += ["## Diverged or collapsed", ""]
+    md.append(f"diverged: the loss became non-finite (the case stopped there). collapsed: the best test accuracy "
+              f"was at least chance + (1 - chance) / 2 and the final one is at most chance + {COLLAPSE_MARGIN:g} "
+              f"(chance = 1 / number of classes).")
+    md.append("")
+    if len(flags):
+        csvs["flagged"] = flags
+        md.append(markdown_table(flags))
+    else:
+        md.append("None.")
+    md.append("")
+
+    group_keys = [*(["run"] if "run" in table else []), "group"]
+    group_sizes = table.groupby(group_keys).size()
+    several_seeds = bool(len(group_sizes) and group_sizes.max() >= 2)
+    if several_seeds:
         seeds = seed_summary(table)
         csvs["seed_summary"] = seeds
         md += ["## Across seeds", "",
@@ -361,10 +522,14 @@ def write_report(
         md.append("")
 
     if baseline is not None:
-        differences = against_baseline(table, cases, baseline)
+        differences = against_baseline(table, cases, baseline_name, baseline_run=baseline_run)
+        differences["baseline"] = baseline  # as given: RUN:CASE keeps its run
         csvs["against_baseline"] = differences
         md += [f"## Against the baseline `{baseline}`", "",
-               "Final test accuracy minus the baseline's at the same seed; mean and 95 % t half-width over seeds.", ""]
+               "Final test accuracy minus the baseline's at the same seed; mean and 95 % t half-width over seeds."
+               + (" Each run is compared with its own baseline." if "run" in table and baseline_run is None
+                  and table.loc[(table["group"] == baseline_name) | (table["name"] == baseline_name), "run"].nunique() > 1
+                  else ""), ""]
         md.append(markdown_table(differences))
         md.append("")
 
@@ -388,27 +553,54 @@ def write_report(
             md.append("")
 
     drawn: list[tuple[str, str]] = []  # (caption, file name)
-    by = "group" if "group" in epochs else "case_id"
+    skipped: list[str] = []  # figures that would carry no information, and why
+    notes: list[str] = []
     updates = update_counts(data.metrics, cases)
     if len(updates):
         csvs["update_counts"] = updates
     if figures and len(epochs):
-        drawn += _curve_figures(epochs, out_dir, by)
+        group_rows = epochs.drop_duplicates([*keys, "group"]) if "group" in epochs else epochs.drop_duplicates(keys)
+        group_labels = setting_labels(group_rows, cases, by="group" if "group" in epochs else "case_id",
+                                      settings=[c for c in settings if c != "seed"])
+        label_of = dict(zip(group_rows[keys].astype(str).agg("\x1f".join, axis=1), group_labels))
+        epochs_drawn = epochs.assign(label=epochs[keys].astype(str).agg("\x1f".join, axis=1).map(label_of))
+        steps = {}
+        for metric in ("train_accuracy", "train_cost"):
+            curve = step_curves(data.metrics, cases, metric=metric, by="group")
+            if len(curve):
+                key_columns = [*(["run"] if "run" in curve else []), "group"]
+                group_label = dict(zip(group_rows[key_columns].astype(str).agg("\x1f".join, axis=1), group_labels))
+                steps[metric] = curve.assign(label=curve[key_columns].astype(str).agg("\x1f".join, axis=1)
+                                             .map(group_label))
+        drawn += _curve_figures(epochs_drawn, steps, out_dir, several_seeds, skipped)
     if figures and len(updates):
-        fig = _figure(figsize=(8, 4))
-        ax = fig.subplots()
-        plot_update_counts(ax, updates, by="schedule" if "schedule" in updates else by)
-        ax.set_title("layer updates per step")
-        drawn.append(("updates per layer", _save(fig, out_dir, "update_counts.png")))
-    chosen = _figure_cases(data, table, max_figure_cases) if figures else []
-    if chosen and len(data.weights):
-        drawn += _weight_figures(data.weights, chosen, keys, out_dir)
-    if chosen and len(data.layer_stats):
-        drawn += _layer_stats_figures(data.layer_stats, chosen, keys, out_dir)
+        if updates["mean_updates"].round(9).nunique() <= 1:
+            skipped.append(f"layer updates per step: {updates['mean_updates'].iloc[0]:g} for every layer of every case")
+        else:
+            fig = _figure(figsize=(8, 4))
+            ax = fig.subplots()
+            plot_update_counts(ax, updates, by="schedule" if "schedule" in updates else "group")
+            ax.set_title("layer updates per step")
+            drawn.append(("updates per layer", _save(fig, out_dir, "update_counts.png")))
+    if figures and len(data.weights):
+        drawn += _weight_figures(data.weights, _figure_cases(table, labels, None), keys, out_dir)
+    if figures and len(data.layer_stats):
+        logged = set(_as_keys(data.layer_stats, keys).itertuples(index=False, name=None))
+        mask = np.array([key in logged for key in table[keys].astype(str).itertuples(index=False, name=None)],
+                        dtype=bool)
+        chosen = _figure_cases(table[mask], pd.Series(labels.to_numpy()[mask]), max_figure_cases)
+        drawn += _layer_stats_figures(data.layer_stats, chosen, keys, out_dir, skipped)
+        if len(chosen) < mask.sum():
+            notes.append(f"Layer statistics are drawn for {len(chosen)} of the {mask.sum()} cases that logged "
+                         f"them (one per group first); every value is in RUN/layer_stats.")
     if figures:
-        drawn += _boundary_figures(data, table, out_dir)
-    if drawn:
+        drawn += _boundary_figures(data, table, out_dir, notes=notes)
+    if drawn or skipped or notes:
         md += ["## Figures", ""]
+        md += [f"- {note}" for note in notes]
+        md += [f"- not drawn, no information: {reason}." for reason in skipped]
+        if notes or skipped:
+            md.append("")
         for caption, name in drawn:
             md += [f"### {caption}", "", f"![]({name})", ""]
 
@@ -418,3 +610,8 @@ def write_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
     return path
+
+
+def _as_keys(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The distinct case keys of a per-row frame, as str."""
+    return frame[keys].astype(str).drop_duplicates()

@@ -5,19 +5,26 @@ runs were loaded together. Output tables carry case_id (and run) as plain str.
 
 Definitions (per case):
 - final test accuracy: the test accuracy logged at the case's last epoch that has a test row.
-- best test accuracy / best_epoch: the highest test accuracy and its (0-based) epoch; the
-  first such epoch on ties.
+- epoch numbering: every table here numbers epochs from 1 (epoch 1 is the first pass over
+  the training set), as the live view and the figures do. The metrics rows keep the
+  trainer's 0-based index (`epoch` 0 is the first pass); `display_epoch` is the one
+  conversion.
+- best test accuracy / best_epoch: the highest test accuracy and its epoch; the first such
+  epoch on ties.
 - final train accuracy: the mean train-batch accuracy over the steps of the last epoch that
   has train rows (as the source studies logged it).
 - gap: final train accuracy - final test accuracy.
-- epochs_to_target: epochs completed (epoch index + 1) when test accuracy first reached
-  target_accuracy; NaN if it never did.
+- epochs_to_target: the epoch at which test accuracy first reached target_accuracy; NaN if
+  it never did.
 - steps_per_sec: (train steps - 1) / (wall_time of the last train step - wall_time of the
   first). wall_time is when a step ended, so n steps span n-1 step intervals. Test
   evaluation in between is included: it is the case's training throughput, not the speed
   of one step. examples_per_sec is the same with examples (sum of `examples` over steps).
 - wall_seconds: last minus first wall_time over all the case's rows.
 - epochs: epochs with a test row; last_epoch: the highest epoch with any row; steps: train rows.
+- flag (flag_cases): "diverged" when the ledger says so (a non-finite loss); "collapsed"
+  when the best test accuracy was at least chance + (1 - chance) / 2 and the final one is at
+  most chance + 0.05 (chance = 1 / number of classes).
 - state / complete: the ledger state; complete = state is "done". Cases that are not done
   keep their (partial) numbers here, and the summaries (seed_summary, factor_table,
   against_baseline) leave them out by default.
@@ -38,6 +45,14 @@ from analysis.load import case_keys
 from analysis.reference import comparability, reference_table
 
 SUMMARY_COLUMNS = ("final_test_acc", "best_test_acc", "final_train_acc")
+
+# 1 + the stored epoch index: what every table, figure and the live view show.
+EPOCH_BASE = 1
+
+
+def display_epoch(epoch):
+    """The epoch number people see (1 = the first pass) for the 0-based index the metrics store."""
+    return epoch + EPOCH_BASE
 
 
 # ---- a grouped pass over many rows --------------------------------------------------------
@@ -270,6 +285,7 @@ def _epoch_table(metrics: pd.DataFrame, lean: bool = False) -> pd.DataFrame:
     for name in ("lr", "examples"):
         if name not in table:
             table[name] = np.nan
+    table["epoch"] = display_epoch(table["epoch"])
     return table[columns]
 
 
@@ -290,7 +306,7 @@ def _with_cases(table: pd.DataFrame, cases: pd.DataFrame | None, keys: list[str]
 
 
 def epoch_summary(metrics: pd.DataFrame, cases: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per case x epoch: train_cost/train_accuracy (mean over the epoch's train steps),
+    """Per case x epoch (numbered from 1): train_cost/train_accuracy (mean over the epoch's train steps),
     test_cost/test_accuracy, lr (last train step), steps, step (global step count at the
     epoch's end), examples, wall_seconds (end of this epoch - end of the previous one; for
     the first epoch, from the end of its first step) and elapsed (seconds since the end of
@@ -337,7 +353,7 @@ def per_case(
     table["gap"] = table["final_train_acc"] - table["final_test_acc"]
     if target_accuracy is not None:
         reached = has_test[has_test["test_accuracy"] >= target_accuracy]
-        table["epochs_to_target"] = (reached.groupby(keys, sort=False)["epoch"].min() + 1).astype(float)
+        table["epochs_to_target"] = reached.groupby(keys, sort=False)["epoch"].min().astype(float)
     table["final_test_cost"] = final_test["test_cost"]
     table["final_train_cost"] = final_train["train_cost"]
     table["last_epoch"] = by_case["epoch"].max()
@@ -387,6 +403,154 @@ def per_case(
               "wall_seconds", "reason_class", "reason"]
     order += [c for c in ("data.name", "data_official", "data_digest") if c in table]  # which data it trained on
     return table[order].sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+# ---- what tells cases apart ----------------------------------------------------------------
+
+# Columns of the cases table that are not settings (ids, resources, ledger state).
+NOT_SETTINGS = frozenset({
+    "run", "case_id", "name", "group", "seed", "num_cpus", "num_gpus", "steps_total", "settings_json",
+    "state", "reason_class", "reason", "complete",
+})
+
+
+def _setting_text(value) -> str:
+    """A setting as people write it: 0.002, True, [50, 50], None."""
+    if isinstance(value, (float, np.floating)):
+        return "None" if np.isnan(value) else f"{value:g}"
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if value is None or value is pd.NA:
+        return "None"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_setting_text(v) for v in value) + "]"
+    return str(value)
+
+
+def varying_settings(cases: pd.DataFrame, include_seed: bool = False) -> list[str]:
+    """The settings (columns of the cases table) whose value differs between cases, in table
+    order; seed only with include_seed. Several runs: differences across runs count too."""
+    columns = [c for c in cases.columns if c not in NOT_SETTINGS or (include_seed and c == "seed")]
+    return [c for c in columns if cases[c].map(_setting_text).nunique() > 1]
+
+
+def setting_labels(table: pd.DataFrame, cases: pd.DataFrame | None = None, by: str = "group",
+                   settings: Sequence[str] | None = None) -> pd.Series:
+    """Per row of `table`: its `by` value followed by the settings that differ between cases,
+    e.g. "mid: lr=0.002" or "b: schedule=unfair-back augment=True"; with a run column
+    (several runs), "RUN/b: ...". settings: default varying_settings(cases)."""
+    settings = list(varying_settings(table if cases is None else cases) if settings is None else settings)
+    if settings and cases is not None:  # the values from cases (a table may hold a same-named result)
+        keys = case_keys(table)
+        values = _as_str_keys(cases)[[*keys, *settings]].drop_duplicates(keys)
+        table = _as_str_keys(table[[*keys, by]]).merge(values, on=keys, how="left")
+    label = table[by].astype(str)
+    if "run" in table:
+        label = table["run"].astype(str) + "/" + label
+    if settings:
+        parts = [c + "=" + table[c].map(_setting_text) for c in settings]
+        text = parts[0]
+        for part in parts[1:]:
+            text = text + " " + part
+        label = label + ": " + text
+    return label.rename("label")
+
+
+# ---- cases that went wrong ----------------------------------------------------------------
+
+# Classes of the built-in data sets (when the case keeps all of them).
+DATA_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "moons": 2}
+COLLAPSE_MARGIN = 0.05  # final accuracy within this of chance counts as back at chance
+
+
+def chance_accuracy(cases: pd.DataFrame) -> pd.Series:
+    """1 / number of classes per row of the cases table (NaN when unknown): data.classes if
+    set, else the data set's own classes."""
+    def classes(row) -> float:
+        kept = row.get("data.classes")
+        if isinstance(kept, str) and kept.strip() not in ("", "None", "null"):
+            kept = json.loads(kept)
+        if isinstance(kept, np.ndarray):
+            kept = kept.tolist()
+        if isinstance(kept, (list, tuple)) and len(kept):
+            return float(len(kept))
+        return float(DATA_CLASSES.get(str(row.get("data.name")), np.nan))
+
+    if len(cases) == 0:
+        return pd.Series([], dtype=float, name="chance")
+    return (1.0 / cases.apply(classes, axis=1).astype(float)).rename("chance")
+
+
+def flag_cases(per_case_table: pd.DataFrame, cases: pd.DataFrame | None = None,
+               chance: float | pd.Series | None = None) -> pd.DataFrame:
+    """The cases that diverged or collapsed (definitions in the module docstring), one row
+    each: keys, name, state, flag, chance, best_test_acc, best_epoch, final_test_acc, reason.
+
+    chance: one number for every case, or per row of per_case_table; default from
+    cases' data settings (chance_accuracy)."""
+    table = _attach(per_case_table, cases, ["name", "state"]) if cases is not None else per_case_table
+    if chance is None:
+        if cases is None:
+            raise ValueError("flag_cases: pass cases (for the number of classes) or chance")
+        known = _as_str_keys(cases)
+        known = known.assign(chance=chance_accuracy(known).to_numpy())
+        join = case_keys(table)
+        table = _as_str_keys(table).drop(columns=["chance"], errors="ignore").merge(
+            known[join + ["chance"]].drop_duplicates(join), on=join, how="left")
+    else:
+        table = table.assign(chance=chance.to_numpy() if isinstance(chance, pd.Series) else float(chance))
+    best, final, chance_values = table["best_test_acc"], table["final_test_acc"], table["chance"]
+    collapsed = (best >= chance_values + (1 - chance_values) / 2) & (final <= chance_values + COLLAPSE_MARGIN)
+    diverged = table["state"].astype(str).eq("diverged") if "state" in table else pd.Series(False, index=table.index)
+    table = table.assign(flag=np.where(diverged, "diverged", np.where(collapsed.fillna(False), "collapsed", "")))
+    columns = [*case_keys(table), "name", "state", "flag", "chance", "best_test_acc", "best_epoch",
+               "final_test_acc", "reason"]
+    out = table[table["flag"] != ""]
+    return out[[c for c in columns if c in out]].reset_index(drop=True)
+
+
+# ---- per-step curves ----------------------------------------------------------------------
+
+
+def step_curves(metrics: pd.DataFrame, cases: pd.DataFrame | None = None, metric: str = "train_cost",
+                by: str = "group", max_points: int = 400, smoothing: int | None = None) -> pd.DataFrame:
+    """Train `metric` (train_cost or train_accuracy) per step, averaged over the cases of each
+    `by` value (seeds) and smoothed: columns [run,] by, step, epoch (epochs completed, with
+    fractions: step k of n in epoch e is at e - 1 + (k + 1) / n, so the end of epoch e is at
+    e, where the per-epoch curves put it), value (the mean) and smoothed.
+
+    smoothed: exponential moving average over steps with span `smoothing` (default: a 30th
+    of the steps, at least 5; debiased at the start, as TensorBoard does). At most
+    max_points evenly spaced points per curve are kept (after smoothing).
+    """
+    column = {"train_cost": "cost", "train_accuracy": "accuracy"}[metric]
+    keys = case_keys(metrics)
+    group_columns = (["run"] if "run" in metrics else []) + [by]
+    empty = pd.DataFrame(columns=[*group_columns, "step", "epoch", "value", "smoothed"])
+    if metrics.empty:
+        return empty
+    rows = metrics.loc[_split_mask(metrics, "train"), [*keys, "epoch", "step", column]]
+    rows = _as_str_keys(rows.dropna(subset=[column]))
+    if rows.empty:
+        return empty
+    if by not in rows:
+        rows = _with_cases(rows, cases, keys, columns=[by])
+        if by not in rows:
+            raise ValueError(f"step_curves: no {by!r} column; pass cases")
+    rows = rows.sort_values([*keys, "step"], kind="stable")
+    within = rows.groupby([*keys, "epoch"], sort=False)["step"]
+    position = within.cumcount().to_numpy() + 1
+    rows["x"] = rows["epoch"].to_numpy(dtype=float) + position / within.transform("size").to_numpy()
+    curves = rows.groupby(group_columns + ["step"], sort=True, observed=True).agg(
+        epoch=("x", "mean"), value=(column, "mean")).reset_index()
+    parts = []
+    for _, curve in curves.groupby(group_columns, sort=True, observed=True):
+        span = smoothing or max(5, len(curve) // 30)
+        curve = curve.assign(smoothed=curve["value"].ewm(span=span, adjust=True).mean())
+        if len(curve) > max_points:
+            curve = curve.iloc[np.unique(np.linspace(0, len(curve) - 1, max_points).round().astype(int))]
+        parts.append(curve)
+    return pd.concat(parts, ignore_index=True)[[*group_columns, "step", "epoch", "value", "smoothed"]]
 
 
 # ---- across seeds and factors -------------------------------------------------------------
@@ -487,6 +651,7 @@ def against_baseline(
     complete_only: bool = True,
     detail: bool = False,
     level: float = 0.95,
+    baseline_run: str | None = None,
 ) -> pd.DataFrame:
     """Each group's difference to the baseline, paired by seed.
 
@@ -495,6 +660,9 @@ def against_baseline(
     gets NaN. Per group: n_pairs, mean value and baseline over the pairs, diff_mean, diff_sd
     and diff_ci95 (t half-width, NaN for fewer than 2 pairs). detail=True returns the
     per-case pairs instead.
+    Several runs: with baseline_run, or when only one run has the baseline, every case of
+    every run is paired (by seed) with that run's baseline; when several runs have it, each
+    run is compared with its own.
     """
     table = _attach(per_case_table, cases, ["name", "group", "seed"])
     every_group = table.groupby(_by_list(table, "group"), sort=True, dropna=False).size().index
@@ -505,7 +673,16 @@ def against_baseline(
     if not is_base.any():
         known = sorted(set(table["group"].dropna().astype(str)))
         raise ValueError(f"baseline {baseline!r} is neither a group nor a case name; groups: {', '.join(known)}")
-    pair_on = (["run"] if "run" in table else []) + ["seed"]
+    across_runs = False
+    if "run" in table:
+        if baseline_run is None and table.loc[is_base, "run"].nunique() == 1 and table["run"].nunique() > 1:
+            baseline_run = str(table.loc[is_base, "run"].iloc[0])
+        if baseline_run is not None:
+            is_base &= table["run"].astype(str) == str(baseline_run)
+            if not is_base.any():
+                raise ValueError(f"baseline {baseline!r} is not in run {baseline_run!r}")
+            across_runs = True
+    pair_on = (["run"] if "run" in table and not across_runs else []) + ["seed"]
     base = table[is_base].groupby(pair_on, dropna=False)[value].mean().rename("baseline_value").reset_index()
     others = table[~is_base].merge(base, on=pair_on, how="left")
     others["value"] = others[value]
@@ -528,9 +705,10 @@ def against_baseline(
         "diff_sd": grouped["diff"].std(ddof=1),
     })
     # Every group but the baseline's is a row, also with no complete case (n_pairs 0, NaN).
-    base_groups = set(table.loc[is_base, "group"])
-    keep = [g for g in every_group if (g[-1] if isinstance(g, tuple) else g) not in base_groups
-            or (g[-1] if isinstance(g, tuple) else g) in set(others["group"])]
+    base_keys = set(table.loc[is_base, _by_list(table, "group")].itertuples(index=False, name=None))
+    other_keys = set(others[by].itertuples(index=False, name=None))
+    keep = [g for g in every_group if (g if isinstance(g, tuple) else (g,)) not in base_keys
+            or (g if isinstance(g, tuple) else (g,)) in other_keys]
     out = out.reindex(pd.Index(keep, name=out.index.name) if out.index.nlevels == 1
                       else pd.MultiIndex.from_tuples(keep, names=out.index.names))
     out["n_pairs"] = out["n_pairs"].fillna(0).astype(np.int64)

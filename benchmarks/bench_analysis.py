@@ -327,7 +327,7 @@ def pandas_per_case(df, configs):
                         "final_test_cost": by_test["cost"].last(), "best_test_acc": by_test["accuracy"].max()})
     flat = test.reset_index(drop=True)
     best = flat.loc[flat.groupby("case_id", sort=True)["accuracy"].idxmax()]  # first on ties
-    out["best_epoch"] = best.set_index("case_id")["epoch"]
+    out["best_epoch"] = best.set_index("case_id")["epoch"] + 1  # analysis numbers epochs from 1
     per_epoch = train.groupby(["case_id", "epoch"], sort=True).agg(acc=("accuracy", "mean"), cost=("cost", "mean"))
     last = per_epoch.groupby(level="case_id").tail(1).droplevel("epoch")
     out["final_train_acc"] = last["acc"]
@@ -341,7 +341,7 @@ def pandas_per_case(df, configs):
     out["steps_per_sec"] = ((span["steps"] - 1) / seconds).where(seconds > 0)
     out["examples_per_sec"] = out["steps_per_sec"] * span["examples"] / span["steps"]
     by_case = df.groupby(level="case_id", sort=True)
-    out["last_epoch"] = by_case["epoch"].max()
+    out["last_epoch"] = by_case["epoch"].max() + 1
     out["wall_seconds"] = by_case["wall_time"].max() - span["t_first"]
     cases = pd.DataFrame([{k: c.get(k) for k in ("case_id", "name", "group", "seed")} for c in configs])
     out = cases.merge(out.reset_index(), on="case_id", how="left")

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from jobs.study import UsageError, user_errors as _user_errors  # light: no Ray, no TensorFlow at import
@@ -18,7 +19,20 @@ from workers.errors import one_line as _one_line
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default; None and [] are left to the help text to explain."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse's own errors: one line, exit 2
         raise UsageError(f"{self.prog}: {message}")
 
@@ -66,14 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the state of every case of a run (reads the ledger; no driver needed)")
     status.add_argument("run")
 
-    report = sub.add_parser("report", help="write report.md, tables (CSV) and figures (PNG) of a run")
-    report.add_argument("run")
-    report.add_argument("--baseline", default=None, help="case or group to compare every other one with")
-    report.add_argument("--out", default=None, help="output folder (default RUN/report)")
+    report = sub.add_parser("report", help="write report.md, tables (CSV) and figures (PNG) of a run, or of several side by side")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories (several: one report across them, with a run column)")
+    report.add_argument("--baseline", default=None, metavar="[RUN:]CASE",
+                        help="case or group to compare every other one with; RUN:CASE names one in another run")
+    report.add_argument("--out", default=None, help="output folder (default: RUN/report, RUN/report-vs-BASELINE with "
+                        "--baseline, reports/RUN1+RUN2... for several runs)")
+
+    runs = sub.add_parser("runs", help="list the runs in a folder: suite, created, case states, wall time")
+    runs.add_argument("folder", nargs="?", default="runs", help="folder holding run directories")
 
     grad = sub.add_parser("gradcheck", help="hand-written gradients vs tf.GradientTape, per layer")
-    grad.add_argument("model", nargs="?", default="all")
-    grad.add_argument("--tolerance", type=float, default=1e-6)
+    grad.add_argument("model", nargs="?", default="all", help="a model name, or all")
+    grad.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error accepted")
 
     cases = sub.add_parser("cases", help="list built-in suites, or the cases of one")
     cases.add_argument("suite", nargs="?")
@@ -107,7 +126,7 @@ def cmd_cases(args) -> int:
     if not args.suite:
         for name in suites.builtin_names():
             suite = suites.load_suite(name)
-            print(f"{name:<20} {len(suite.cases):>3} cases  {suite.description[:90]}")
+            print(f"{name:<20} {len(suite.cases):>3} cases  {textwrap.shorten(suite.description, 90, placeholder=' ...')}")
         return 0
     suite = suites.load_suite(args.suite)
     default = suite.cases[0].settings.flat()
@@ -232,7 +251,7 @@ def _verify_and_repair(run) -> bool:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import write_report
+    from analysis.report import ReportError, default_report_dir, write_report
     from jobs.storage import RunDir
 
     import pyarrow as pa
@@ -240,24 +259,33 @@ def cmd_report(args) -> int:
     from jobs.storage import StorageError
     from jobs.study import check_out
 
-    run = RunDir.open(args.run)  # a one-line error if it is not a run
-    if args.out is not None:
-        check_out(str(args.out))
-    if args.baseline is not None:
-        cases = run.cases()
-        known = set(cases["name"].astype(str)) | set(cases.get("group", cases["name"]).dropna().astype(str))
-        if args.baseline not in known:
-            shown = ", ".join(sorted(known)[:10]) + (", ..." if len(known) > 10 else "")
-            raise UsageError(f"--baseline {args.baseline[:80]}: no such case or group in the run ({shown})")
-    damage = run.verify(checkpoints=False, ledger=False)
-    if damage:
-        raise StorageError(f"{run.location}: {damage[0][2]}; `bplab status {run.location}` repairs it "
-                           "(the case goes back to its last intact commit)")
+    runs = [RunDir.open(run) for run in args.runs]  # a one-line error if one is not a run
+    out = Path(args.out) if args.out else default_report_dir(args.runs, args.baseline)
+    check_out(str(out))
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"--out {out}: {blocked} is a file, not a folder")
+    for run in runs:
+        damage = run.verify(checkpoints=False, ledger=False)
+        if damage:
+            raise StorageError(f"{run.location}: {damage[0][2]}; `bplab status {run.location}` repairs it "
+                               "(the case goes back to its last intact commit)")
     try:
-        path = write_report(args.run, out_dir=args.out, baseline=args.baseline)
+        path = write_report(args.runs if len(args.runs) > 1 else args.runs[0], out_dir=out, baseline=args.baseline)
+    except ReportError as error:
+        raise UsageError(f"report: {error}") from None
     except (OSError, ValueError, pa.ArrowException) as error:  # a damaged run: one line, never a traceback
-        raise StorageError(f"report {run.location}: {type(error).__name__}: {_one_line(error)[:300]}") from None
+        raise StorageError(f"report: {type(error).__name__}: {_one_line(error)[:300]}") from None
     print(path)
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from analysis.runs import format_runs, list_runs
+
+    if not Path(args.folder).is_dir():
+        raise UsageError(f"runs: {args.folder} is not a folder")
+    print(format_runs(list_runs(args.folder)))
     return 0
 
 
@@ -298,4 +326,4 @@ def cmd_logs(args) -> int:
     return 0
 
 
-COMMANDS = {"schema": cmd_schema, "logs": cmd_logs, "run": cmd_run, "plan": cmd_plan, "fetch": cmd_fetch, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+COMMANDS = {"schema": cmd_schema, "logs": cmd_logs, "run": cmd_run, "plan": cmd_plan, "fetch": cmd_fetch, "status": cmd_status, "report": cmd_report, "runs": cmd_runs, "gradcheck": cmd_gradcheck, "cases": cmd_cases}

@@ -287,13 +287,13 @@ def test_load_two_runs_together(tmp_path, run):
 
 def test_per_case_numbers(table):
     expected = {
-        # name: final test, best test, best epoch, final train, gap, epochs to .75
-        "a-s1": (.65, .70, 1, (.9 + .7) / 2, .80 - .65, math.nan),
-        "a-s2": (.80, .80, 2, (.8 + 1.0) / 2, .90 - .80, 3),
-        "b-s1": (.90, .90, 2, (.95 + .85) / 2, .90 - .90, 2),
-        "b-s2": (.70, .85, 1, (.75 + .85) / 2, .80 - .70, 2),
-        "c-s1": (.30, .30, 0, .5, .5 - .3, math.nan),
-        "e-s3": (.75, .75, 2, .7, .7 - .75, 3),
+        # name: final test, best test, best epoch (numbered from 1), final train, gap, epochs to .75
+        "a-s1": (.65, .70, 2, (.9 + .7) / 2, .80 - .65, math.nan),
+        "a-s2": (.80, .80, 3, (.8 + 1.0) / 2, .90 - .80, 3),
+        "b-s1": (.90, .90, 3, (.95 + .85) / 2, .90 - .90, 2),
+        "b-s2": (.70, .85, 2, (.75 + .85) / 2, .80 - .70, 2),
+        "c-s1": (.30, .30, 1, .5, .5 - .3, math.nan),
+        "e-s3": (.75, .75, 3, .7, .7 - .75, 3),
     }
     for name, (final, best, best_epoch, train, gap, to_target) in expected.items():
         got = row(table, name)
@@ -311,7 +311,7 @@ def test_per_case_numbers(table):
     assert done["epochs"] == 3 and done["final_test_cost"] == pytest.approx(1.05 - .65)
     failed = row(table, "c-s1")  # steps 0, 1, 2 at 1000, 1002, 1004
     assert failed["steps"] == 3 and failed["steps_per_sec"] == pytest.approx(2 / 4)
-    assert failed["epochs"] == 1 and failed["last_epoch"] == 1
+    assert failed["epochs"] == 1 and failed["last_epoch"] == 2  # train rows in its second epoch
 
 
 def test_per_case_with_a_ledger_overrides_state(data):
@@ -323,21 +323,21 @@ def test_per_case_with_a_ledger_overrides_state(data):
 
 
 def test_epoch_summary_numbers(data):
-    epochs = epoch_summary(data.metrics, data.cases)
-    one = epochs[(epochs["name"] == "a-s1") & (epochs["epoch"] == 1)].iloc[0]
+    epochs = epoch_summary(data.metrics, data.cases)  # epochs numbered from 1: stored epoch + 1
+    one = epochs[(epochs["name"] == "a-s1") & (epochs["epoch"] == 2)].iloc[0]
     assert one["train_accuracy"] == pytest.approx((.7 + .8) / 2)
     assert one["train_cost"] == pytest.approx(1 - (.7 + .8) / 2)
     assert one["test_accuracy"] == pytest.approx(.70) and one["test_cost"] == pytest.approx(1.05 - .70)
     assert one["lr"] == pytest.approx(.02 + .001)  # the epoch's last step (odd)
     assert one["steps"] == 2 and one["step"] == 4
-    assert one["wall_seconds"] == pytest.approx(1007 - 1003)  # end of epoch 1 - end of epoch 0
-    first = epochs[(epochs["name"] == "a-s1") & (epochs["epoch"] == 0)].iloc[0]
+    assert one["wall_seconds"] == pytest.approx(1007 - 1003)  # end of epoch 2 - end of epoch 1
+    first = epochs[(epochs["name"] == "a-s1") & (epochs["epoch"] == 1)].iloc[0]
     assert first["wall_seconds"] == pytest.approx(1003 - 1000)
-    last = epochs[(epochs["name"] == "a-s1") & (epochs["epoch"] == 2)].iloc[0]
+    last = epochs[(epochs["name"] == "a-s1") & (epochs["epoch"] == 3)].iloc[0]
     assert last["elapsed"] == pytest.approx(1011 - 1000)
     assert {"group", "seed", "schedule"} <= set(epochs.columns)
-    assert len(epochs[epochs["name"] == "c-s1"]) == 2  # epoch 1 has train rows but no test row
-    assert math.isnan(epochs[(epochs["name"] == "c-s1") & (epochs["epoch"] == 1)].iloc[0]["test_accuracy"])
+    assert len(epochs[epochs["name"] == "c-s1"]) == 2  # epoch 2 has train rows but no test row
+    assert math.isnan(epochs[(epochs["name"] == "c-s1") & (epochs["epoch"] == 2)].iloc[0]["test_accuracy"])
 
 
 def test_seed_summary_mean_and_ci(table):
@@ -501,7 +501,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def test_write_report(run, tmp_path):
     path = write_report(run, baseline="a", target_accuracy=0.75, max_figure_cases=2)
-    assert path == run / "report" / "report.md" and path.exists()
+    assert path == run / "report-vs-a" / "report.md" and path.exists()  # the plain report stays as it is
     text = path.read_text()
     assert "toy" in text and "abc1234" in text and "tensorflow 2.21" in text
     assert "PARTIAL RUN" in text
@@ -515,7 +515,7 @@ def test_write_report(run, tmp_path):
         assert section in text
     images = [line[4:-1] for line in text.splitlines() if line.startswith("![](")]
     for expected in ("curves_test_accuracy.png", "curves_train_accuracy.png", "curves_test_cost.png",
-                     "curves_train_cost.png", "update_counts.png", "weights_a-s1.png", "layer_stats_a-s1.png"):
+                     "curves_train_cost.png", "update_counts.png", "weights.png", "layer_stats_a-s1.png"):
         assert expected in images
     for image in images:
         png = path.parent / image
