@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("model", nargs="?", default="all")
     grad.add_argument("--tolerance", type=float, default=1e-6)
 
+    board = sub.add_parser("tensorboard", help="export runs as TensorBoard event files (RUN/tensorboard/) and serve them")
+    board.add_argument("runs", nargs="+", metavar="RUN", help="run directories; a live run's new commits are appended")
+    board.add_argument("--no-serve", action="store_true", help="export only, do not start TensorBoard")
+    board.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: the first free one from 6006)")
+
     cases = sub.add_parser("cases", help="list built-in suites, or the cases of one")
     cases.add_argument("suite", nargs="?")
     return parser
@@ -406,3 +411,12 @@ def cmd_gradcheck(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "report": cmd_report, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+
+
+def cmd_tensorboard(args) -> int:
+    from analysis.tensorboard import command
+
+    return command(args.runs, serve=not args.no_serve, port=args.port)
+
+
+COMMANDS["tensorboard"] = cmd_tensorboard

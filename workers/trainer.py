@@ -231,7 +231,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 "split": "train", "epoch": epoch, "step": global_step, "cost": cost, "accuracy": correct / len(x),
                 "lr": lr, "stages": traced["stages"], "layer_updates": int(sum(traced["updates"])),
                 "forward_passes": traced["forward_passes"], "examples": len(x), "examples_per_sec": len(x) / seconds,
-                "wall_time": time.time(), "updates": json.dumps(traced["updates"]), "layers": json.dumps(unit_names),
+                "wall_time": time.time(), "updates": [int(n) for n in traced["updates"]], "layers": list(unit_names),
                 **{name: float(value) for name, value in extras.items()},
             })
             global_step += 1
