@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 STATE_FILE = ".bplab-export.json"
 INSTALL_HINT = "pip install 'bplab[tensorboard]'"
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+_EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d+)\.bplab$")
 # Per-step columns that are bookkeeping, not curves.
 _NOT_SCALARS = {"split", "epoch", "step", "wall_time", "updates", "layers", "cost", "accuracy"}
 
@@ -252,30 +253,44 @@ def _wall(row):
 
 # ---------------------------------------------------------------------- event files
 def _writer_modules():
+    """TensorBoard's record writer and protobufs; its EventFileWriter is not used: it opens
+    files through tensorboard.compat.tf, which imports TensorFlow when it is installed."""
     try:
         from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:
         raise TensorBoardMissing(f"TensorBoard is not installed: {INSTALL_HINT}") from None
-    return EventFileWriter, event_pb2, summary_pb2
+    return RecordWriter, event_pb2, summary_pb2
 
 
 class _LazyWriter:
-    """One event file per export call and case, created only if something is written."""
+    """One event file per export call and case, created only if something is written.
+
+    Files are named events.out.tfevents.<n>.bplab with n counting up, so their name order
+    (the order TensorBoard reads them in) is the order they were written in."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._writer = None
+        self._writer = self._file = None
         self._modules = _writer_modules()
 
+    def _open(self):
+        RecordWriter, event_pb2, _ = self._modules
+        self.folder.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for p in self.folder.iterdir() if (m := _EVENTS_RE.match(p.name))]
+        path = self.folder / f"events.out.tfevents.{max(numbers, default=0) + 1:010d}.bplab"
+        self._file = open(path, "xb")
+        writer = RecordWriter(self._file)
+        writer.write(event_pb2.Event(wall_time=_now(), file_version="brain.Event:2").SerializeToString())
+        return writer
+
     def _add(self, step: int, wall_time: float | None, values: list) -> None:
-        EventFileWriter, event_pb2, summary_pb2 = self._modules
+        _, event_pb2, summary_pb2 = self._modules
         if self._writer is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._writer = EventFileWriter(str(self.folder), max_queue_size=1000, flush_secs=3600)
+            self._writer = self._open()
         event = event_pb2.Event(step=step, summary=summary_pb2.Summary(value=values))
         event.wall_time = wall_time if wall_time is not None else _now()
-        self._writer.add_event(event)
+        self._writer.write(event.SerializeToString())
 
     def scalars(self, step: int, wall_time: float | None, values: dict) -> None:
         summary_pb2 = self._modules[2]
@@ -299,6 +314,8 @@ class _LazyWriter:
 
     def close(self) -> None:
         if self._writer is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # before the export state says these steps are written
             self._writer.close()
             self._writer = None
 
