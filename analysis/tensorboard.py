@@ -21,7 +21,9 @@ remembered per case in ``tensorboard/.bplab-export.json`` (last train step, last
 layer-stats step, histogram phases); a later call appends only what is new, to a new event
 file in the same folder (TensorBoard reads them all, in order).
 
-Events are written with TensorBoard's own pure-Python writer and protobufs: no TensorFlow.
+The event files are written here (TFRecord framing and the few protobuf fields needed), so
+exporting needs neither TensorFlow nor the tensorboard package; serving them needs the
+latter (``pip install 'bplab[tensorboard]'``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import posixpath
 import re
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +49,6 @@ _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 _EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d+)\.bplab$")
 # Per-step columns that are bookkeeping, not curves.
 _NOT_SCALARS = {"split", "epoch", "step", "wall_time", "updates", "layers", "cost", "accuracy"}
-
-
-class TensorBoardMissing(ImportError):
-    """The tensorboard package is not installed."""
 
 
 def available() -> bool:
@@ -105,7 +104,6 @@ def export(run, out: str | os.PathLike | None = None) -> list[CaseExport]:
 
     `run` is a path, URI or jobs.storage.RunDir; `out` overrides the output folder.
     """
-    _writer_modules()  # TensorBoardMissing before anything is written
     from jobs.storage import RunDir
 
     run = run if isinstance(run, RunDir) else RunDir.open(run)
@@ -252,15 +250,80 @@ def _wall(row):
 
 
 # ---------------------------------------------------------------------- event files
-def _writer_modules():
-    """TensorBoard's record writer and protobufs; its EventFileWriter is not used: it opens
-    files through tensorboard.compat.tf, which imports TensorFlow when it is installed."""
-    try:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
-    except ImportError:
-        raise TensorBoardMissing(f"TensorBoard is not installed: {INSTALL_HINT}") from None
-    return RecordWriter, event_pb2, summary_pb2
+# TensorBoard's event files, written here without the tensorboard package (it is needed only
+# to serve them): a TFRecord file of serialised `Event` protobufs. Field numbers from
+# tensorboard/compat/proto/{event,summary}.proto; the tests parse the files with those protos.
+_CRC32C_TABLE = []
+for _n in range(256):
+    _c = _n
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1  # CRC-32C (Castagnoli), reflected
+    _CRC32C_TABLE.append(_c)
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF  # TFRecord's mask
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, masked CRC of the length, data, masked CRC of the data."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data))
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64 as protobuf encodes it
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, kind: str, value) -> bytes:
+    """One protobuf field: kind is varint, double, float, bytes or doubles (packed)."""
+    if kind == "varint":
+        return _varint(number << 3) + _varint(value)
+    if kind == "double":
+        return _varint(number << 3 | 1) + struct.pack("<d", value)
+    if kind == "float":
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if kind == "doubles":
+        value = struct.pack(f"<{len(value)}d", *value)
+    elif isinstance(value, str):
+        value = value.encode()
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _event(wall_time: float, step: int = 0, values: list[bytes] = (), file_version: str | None = None) -> bytes:
+    """Event{wall_time=1, step=2, file_version=3, summary=5 {value=1 ...}}."""
+    out = _field(1, "double", wall_time) + (_field(2, "varint", step) if step else b"")
+    if file_version is not None:
+        out += _field(3, "bytes", file_version)
+    if values:
+        out += _field(5, "bytes", b"".join(_field(1, "bytes", v) for v in values))
+    return out
+
+
+def _scalar_value(tag: str, value: float) -> bytes:
+    """Summary.Value{tag=1, simple_value=2}."""
+    return _field(1, "bytes", tag) + _field(2, "float", value)
+
+
+def _histogram_value(tag: str, edges: np.ndarray, counts: np.ndarray) -> bytes:
+    """Summary.Value{tag=1, histo=5 HistogramProto{min=1, max=2, num=3, sum=4, sum_squares=5,
+    bucket_limit=6, bucket=7}}; sum and sum of squares from the bin centres."""
+    centres = (edges[:-1] + edges[1:]) / 2
+    histo = (_field(1, "double", float(edges[0])) + _field(2, "double", float(edges[-1]))
+             + _field(3, "double", float(counts.sum())) + _field(4, "double", float((centres * counts).sum()))
+             + _field(5, "double", float((centres**2 * counts).sum()))
+             + _field(6, "doubles", [float(x) for x in edges[1:]]) + _field(7, "doubles", [float(c) for c in counts]))
+    return _field(1, "bytes", tag) + _field(5, "bytes", histo)
 
 
 class _LazyWriter:
@@ -271,53 +334,34 @@ class _LazyWriter:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._writer = self._file = None
-        self._modules = _writer_modules()
+        self._file = None
 
-    def _open(self):
-        RecordWriter, event_pb2, _ = self._modules
-        self.folder.mkdir(parents=True, exist_ok=True)
-        numbers = [int(m.group(1)) for p in self.folder.iterdir() if (m := _EVENTS_RE.match(p.name))]
-        path = self.folder / f"events.out.tfevents.{max(numbers, default=0) + 1:010d}.bplab"
-        self._file = open(path, "xb")
-        writer = RecordWriter(self._file)
-        writer.write(event_pb2.Event(wall_time=_now(), file_version="brain.Event:2").SerializeToString())
-        return writer
-
-    def _add(self, step: int, wall_time: float | None, values: list) -> None:
-        _, event_pb2, summary_pb2 = self._modules
-        if self._writer is None:
-            self._writer = self._open()
-        event = event_pb2.Event(step=step, summary=summary_pb2.Summary(value=values))
-        event.wall_time = wall_time if wall_time is not None else _now()
-        self._writer.write(event.SerializeToString())
+    def _add(self, step: int, wall_time: float | None, values: list[bytes]) -> None:
+        if self._file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            numbers = [int(m.group(1)) for p in self.folder.iterdir() if (m := _EVENTS_RE.match(p.name))]
+            path = self.folder / f"events.out.tfevents.{max(numbers, default=0) + 1:010d}.bplab"
+            self._file = open(path, "xb")
+            self._file.write(_record(_event(_now(), file_version="brain.Event:2")))
+        self._file.write(_record(_event(wall_time if wall_time is not None else _now(), step, values)))
 
     def scalars(self, step: int, wall_time: float | None, values: dict) -> None:
-        summary_pb2 = self._modules[2]
-        items = [summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
-                 for tag, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        items = [_scalar_value(tag, float(v)) for tag, v in values.items()
+                 if v is not None and not (isinstance(v, float) and math.isnan(v))]
         if items:
             self._add(step, wall_time, items)
 
     def histogram(self, tag: str, step: int, wall_time: float | None, edges, counts) -> None:
-        """A histogram from bin edges (n+1) and counts (n); sum and sum of squares from bin centres."""
-        summary_pb2 = self._modules[2]
-        edges = np.asarray(edges, dtype=np.float64)
-        counts = np.asarray(counts, dtype=np.float64)
-        centres = (edges[:-1] + edges[1:]) / 2
-        proto = summary_pb2.HistogramProto(
-            min=float(edges[0]), max=float(edges[-1]), num=float(counts.sum()),
-            sum=float((centres * counts).sum()), sum_squares=float((centres**2 * counts).sum()),
-            bucket_limit=[float(x) for x in edges[1:]], bucket=[float(c) for c in counts],
-        )
-        self._add(step, wall_time, [summary_pb2.Summary.Value(tag=tag, histo=proto)])
+        """A histogram from bin edges (n+1) and counts (n)."""
+        edges, counts = np.asarray(edges, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+        self._add(step, wall_time, [_histogram_value(tag, edges, counts)])
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())  # before the export state says these steps are written
-            self._writer.close()
-            self._writer = None
+            self._file.close()
+            self._file = None
 
 
 def _now() -> float:
@@ -376,14 +420,14 @@ def command(runs: list[str], serve: bool = True, port: int | None = None) -> int
     from analysis.load import _run_labels
 
     folders = dict(zip(_run_labels([run.root for run in opened]), (output_folder(run) for run in opened)))
-    if not available():
-        print(f"[bplab] TensorBoard is not installed, nothing exported: {INSTALL_HINT}", file=sys.stderr)
-        return 2
     for run, folder in zip(opened, folders.values()):
         results = export(run, folder)
         added = sum(r.added for r in results)
         print(f"[bplab] {folder}: {len(results)} case(s), {added} new point(s) and histogram(s)", file=sys.stderr)
-    if not serve:
+    if not serve or not available():
+        if not available():
+            print(f"[bplab] TensorBoard is not installed, so only the event files were written: {INSTALL_HINT}",
+                  file=sys.stderr)
         print("[bplab] view with: tensorboard " + " ".join(logdir_args(folders)), file=sys.stderr)
         return 0
     port = port if port is not None else free_port()
@@ -403,5 +447,5 @@ def command(runs: list[str], serve: bool = True, port: int | None = None) -> int
     return 0
 
 
-__all__ = ["export", "CaseExport", "available", "output_folder", "serve_command", "free_port", "TensorBoardMissing",
+__all__ = ["export", "CaseExport", "available", "output_folder", "serve_command", "free_port",
            "INSTALL_HINT"]
