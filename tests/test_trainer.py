@@ -1,7 +1,6 @@
 """The trainer in-process: it learns, it is deterministic, a resume is bit-identical,
 and a diverging case stops with its step."""
 
-
 import numpy as np
 import pytest
 
