@@ -33,6 +33,7 @@ import math
 import os
 import posixpath
 import re
+import signal
 import socket
 import struct
 from dataclasses import dataclass
@@ -398,12 +399,17 @@ def logdir_args(folders: dict[str, Path]) -> list[str]:
     return ["--logdir_spec", ",".join(f"{label}:{folder}" for label, folder in folders.items())]
 
 
+# TensorBoard imports TensorFlow at start-up when it is installed (tens of seconds on a busy
+# machine) though the event files are read without it; hidden, TensorBoard starts in seconds
+# on its own stub ("reduced feature set": the scalar and histogram dashboards are all there).
+_SERVE = "import sys; sys.modules['tensorflow'] = None; from tensorboard.main import run_main; sys.exit(run_main())"
+
+
 def serve_command(folders: dict[str, Path], port: int) -> list[str]:
     """The command that serves `folders` on 127.0.0.1:`port` (TensorBoard from this Python)."""
     import sys
 
-    return [sys.executable, "-m", "tensorboard.main", *logdir_args(folders), "--host", "127.0.0.1",
-            "--port", str(port)]
+    return [sys.executable, "-c", _SERVE, *logdir_args(folders), "--host", "127.0.0.1", "--port", str(port)]
 
 
 def command(runs: list[str], serve: bool = True, port: int | None = None) -> int:
@@ -433,18 +439,33 @@ def command(runs: list[str], serve: bool = True, port: int | None = None) -> int
     port = port if port is not None else free_port()
     print(f"[bplab] TensorBoard at http://127.0.0.1:{port}/ (Ctrl-C stops it; "
           f"run `bplab tensorboard` again to add a live run's new commits)", flush=True)
-    process = subprocess.Popen(serve_command(folders, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_path = next(iter(folders.values())) / ".tensorboard.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(serve_command(folders, port), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated bplab stops its TensorBoard too
     try:
-        _, err = process.communicate()
+        code = process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=10)
         return 0
-    if process.returncode:
-        last = [line for line in (err or "").splitlines() if line.strip()][-1:]
-        print(f"[bplab] TensorBoard stopped (exit {process.returncode}): {' '.join(last)}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    if code:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        print(f"[bplab] TensorBoard stopped (exit {code}): {lines[-1] if lines else ''} (log: {log_path})",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 __all__ = ["export", "CaseExport", "available", "output_folder", "serve_command", "free_port",
