@@ -14,8 +14,18 @@ case_id: pyarrow's and pandas' hive readers guess partition types, so an all-dig
 string. In the per-case frames (cases, ledger) it is a plain `str` column; in the big
 per-row frames (metrics, weights, layer_stats) it is a pandas categorical whose categories
 are those strings (ten million repeated strings cost memory and make groupby slow), unless
-`categorical=False`. The low-cardinality string columns split, updates and layers are read
-the same way (dictionary-encoded in Parquet -> categorical).
+`categorical=False`. The low-cardinality column split is read the same way
+(dictionary-encoded in Parquet -> categorical).
+
+List columns: metrics' updates (list<int64>) and layers (list<string>) become categoricals
+whose categories are tuples, e.g. (1, 1, 2): hashable, so they group and compare, and a few
+distinct lists over millions of rows cost one code per row. In `cases`, list settings
+(hidden, quirks, data.classes) are tuples too. Runs written before lists were stored as
+lists hold them as JSON strings, and settings that were None in every case as all-null
+float64; both are converted on read, so old and new runs load alike.
+
+metrics carries the case's `name` and `group` right after case_id (categoricals), so a
+table per case name needs no join.
 """
 
 from __future__ import annotations

@@ -32,9 +32,13 @@ that file had ``lr`` all None (a null column) or no ``lr`` at all, later files w
 schema (the union of every column seen, with one stable type each) in a zero-row file
 ``0-schema.parquet`` that sorts before every ``case_id=...`` folder, and every part is
 written with exactly that schema. Column types: integers -> int64, floats -> float64,
-strings -> string, bool -> bool, anything else as pyarrow infers it; a column that has only
+strings -> string, bool -> bool, lists -> list<those> (``updates`` is list<int64>),
+anything else as pyarrow infers it; a column that has only
 been None so far is float64 until a real value arrives; int64 widens to float64 when a
-float arrives (older int64 parts are cast on read); any other change of type is refused.
+float arrives (older int64 parts are cast on read); a run that stored a column as JSON
+strings (bplab before lists were lists) keeps getting JSON strings in it; any other change
+of type is refused. cases.parquet takes the types of the settings' annotations instead
+(``hidden`` list<int64>, ``data.path`` string even when None in every case).
 
 Temporary files are named ``.<name>.tmp-<random>`` (hidden, so pyarrow's dataset discovery
 skips them even while a reader lists the folder). On object stores (s3, gcs) a single object
