@@ -119,8 +119,11 @@ def export(run, out: str | os.PathLike | None = None) -> list[CaseExport]:
     for case_id, name in cases:
         entry = ledger.get(case_id)
         committed = entry.commit_seq if entry is not None else 0
-        done = dict(state.get(case_id, {}))
-        result = _export_case(run, case_id, out_dir / names[case_id], committed, done)
+        folder = out_dir / names[case_id]
+        # event files deleted by hand: export the case again from the start
+        done = dict(state.get(case_id, {})) if any(folder.glob("events.out.tfevents.*")) else {}
+        finished = entry is not None and entry.state in ("done", "diverged")
+        result = _export_case(run, case_id, folder, committed, done, finished)
         result.name = name
         state[case_id] = done
         results.append(result)
@@ -130,7 +133,7 @@ def export(run, out: str | os.PathLike | None = None) -> list[CaseExport]:
 
 
 # ---------------------------------------------------------------------- one case
-def _export_case(run, case_id: str, folder: Path, committed: int, done: dict) -> CaseExport:
+def _export_case(run, case_id: str, folder: Path, committed: int, done: dict, finished: bool) -> CaseExport:
     result = CaseExport(name=case_id, folder=str(folder))
     writer = _LazyWriter(folder)
     try:
@@ -153,8 +156,8 @@ def _export_case(run, case_id: str, folder: Path, committed: int, done: dict) ->
             done["layer_step"] = max(last, int(stats["step"].max()))
         phases = set(done.get("phases", []))
         for phase, step in (("before", 0), ("after", done.get("step", -1) + 1)):
-            if phase in phases:
-                continue
+            if phase in phases or phase == "after" and not finished:
+                continue  # (the driver writes the after-histograms just before the last commit)
             table = _read_file(run, run.path("weights", f"case_id={case_id}", f"part-{phase}.parquet"))
             if table is None:
                 continue
