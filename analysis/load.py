@@ -14,8 +14,18 @@ case_id: pyarrow's and pandas' hive readers guess partition types, so an all-dig
 string. In the per-case frames (cases, ledger) it is a plain `str` column; in the big
 per-row frames (metrics, weights, layer_stats) it is a pandas categorical whose categories
 are those strings (ten million repeated strings cost memory and make groupby slow), unless
-`categorical=False`. The low-cardinality string columns split, updates and layers are read
-the same way (dictionary-encoded in Parquet -> categorical).
+`categorical=False`. The low-cardinality column split is read the same way
+(dictionary-encoded in Parquet -> categorical).
+
+List columns: metrics' updates (list<int64>) and layers (list<string>) become categoricals
+whose categories are tuples, e.g. (1, 1, 2): hashable, so they group and compare, and a few
+distinct lists over millions of rows cost one code per row. In `cases`, list settings
+(hidden, quirks, data.classes) are tuples too. Runs written before lists were stored as
+lists hold them as JSON strings, and settings that were None in every case as all-null
+float64; both are converted on read, so old and new runs load alike.
+
+metrics carries the case's `name` and `group` right after case_id (categoricals), so a
+table per case name needs no join.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -50,8 +61,8 @@ METRICS_SCHEMA = pa.schema(
         ("examples", pa.int64()),
         ("examples_per_sec", pa.float64()),
         ("wall_time", pa.float64()),
-        ("updates", pa.string()),
-        ("layers", pa.string()),
+        ("updates", pa.list_(pa.int64())),
+        ("layers", pa.list_(pa.string())),
     ]
 )
 WEIGHTS_SCHEMA = pa.schema(
@@ -81,10 +92,13 @@ LAYER_STATS_SCHEMA = pa.schema(
 )
 # String columns with few distinct values: read dictionary-encoded (-> pandas categorical).
 _DICTIONARY_COLUMNS = {
-    "metrics": ["split", "updates", "layers"],
+    "metrics": ["split", "updates", "layers"],  # the last two: runs that stored them as JSON strings
     "weights": ["phase", "layer", "param"],
     "layer_stats": ["layer", "quantity"],
 }
+# List columns with few distinct values: categoricals whose categories are tuples (hashable,
+# so they group and compare). Runs written before lists were stored as lists hold JSON strings.
+_LIST_COLUMNS = {"metrics": ["updates", "layers"], "weights": [], "layer_stats": []}
 _SCHEMAS = {"metrics": METRICS_SCHEMA, "weights": WEIGHTS_SCHEMA, "layer_stats": LAYER_STATS_SCHEMA}
 
 # The metrics columns per_case needs: load(run, metrics_columns=PER_CASE_COLUMNS) reads about
@@ -178,7 +192,7 @@ def _empty_frame(kind: str, columns: Iterable[str] | None, categorical: bool) ->
     frame = pa.Table.from_batches([], pa.schema([("case_id", pa.string()), *fields])).to_pandas()
     for name in ["case_id", *_DICTIONARY_COLUMNS[kind]] if categorical else []:
         if name in frame:
-            frame[name] = frame[name].astype("category")
+            frame[name] = frame[name].astype(object).astype("category")
     return frame
 
 
@@ -236,14 +250,65 @@ def _read_partitioned(
     for name in columns or []:
         if name not in table.column_names and name in schema_hint.names:
             table = table.append_column(name, pa.nulls(table.num_rows, schema_hint.field(name).type))
+    table, list_kinds = _encode_lists(table, _LIST_COLUMNS[kind])
     # Single-threaded conversion: measured 3-4x faster than threaded on 2 cores (10 M rows).
     frame = table.to_pandas(split_blocks=True, self_destruct=True, use_threads=False)
     del table
+    for name, element in list_kinds.items():
+        frame[name] = _tuples_categorical(frame[name], element)
+        if not categorical:
+            frame[name] = frame[name].astype(object)
     if not categorical:
         frame["case_id"] = frame["case_id"].astype(str)
     elif not pd.api.types.is_string_dtype(frame["case_id"].cat.categories.dtype):
         frame["case_id"] = frame["case_id"].cat.rename_categories(str)  # categories as plain str
     return frame
+
+
+_JOIN = "\x1f"  # joins a list's elements for dictionary encoding (unit separator: not in names)
+
+
+def _encode_lists(table: pa.Table, names: list[str]) -> tuple[pa.Table, dict[str, str]]:
+    """Dictionary-encode list columns as joined strings (ten million small lists as Python
+    objects would cost gigabytes): name -> how to parse the categories back ("json" for the
+    JSON strings of older runs, else the element type)."""
+    import pyarrow.compute as pc
+
+    kinds = {}
+    for name in names:
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        t = column.type
+        if pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+            kinds[name] = "json"
+            continue
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+            continue
+        element = "int" if pa.types.is_integer(t.value_type) else "float" if pa.types.is_floating(t.value_type) else "str"
+        joined = pc.binary_join(column.cast(pa.list_(pa.string())), _JOIN)
+        table = table.set_column(table.schema.get_field_index(name), name, pc.dictionary_encode(joined))
+        kinds[name] = element
+    return table, kinds
+
+
+def _tuples_categorical(series: pd.Series, kind: str) -> pd.Series:
+    """A categorical of joined strings (or JSON strings) -> the same categorical of tuples."""
+    series = series if isinstance(series.dtype, pd.CategoricalDtype) else series.astype("category")
+    convert = {"int": int, "float": float, "str": str}.get(kind)
+
+    def parse(text):
+        if kind == "json":
+            return tuple(json.loads(text))
+        return tuple(convert(x) for x in text.split(_JOIN)) if text else ()
+
+    values = [parse(c) for c in series.cat.categories]
+    unique = list(dict.fromkeys(values))  # two spellings of one list ("[1,2]", "[1, 2]") merge
+    where = {value: i for i, value in enumerate(unique)}
+    remap = np.array([where[v] for v in values] + [-1], dtype=np.int64)  # code -1 (null) stays -1
+    codes = remap[series.cat.codes.to_numpy()]
+    categories = pd.Index(unique, tupleize_cols=False, dtype=object)
+    return pd.Series(pd.Categorical.from_codes(codes, categories=categories), index=series.index, name=series.name)
 
 
 def _unified_schema(
@@ -262,13 +327,21 @@ def _unified_schema(
         unified = schemas[0]
     else:
         typed = []
+        known = {}
+        for schema in schemas:
+            for f in schema:
+                if not pa.types.is_null(f.type):
+                    known.setdefault(f.name, f.type)
         for schema in schemas:
             fields = []
             for f in schema:
-                if pa.types.is_null(f.type) and f.name in dictionary_columns:
-                    f = f.with_type(pa.dictionary(pa.int32(), pa.string()))  # as the reader gives them
-                elif pa.types.is_null(f.type) and f.name in schema_hint.names:
-                    f = f.with_type(schema_hint.field(f.name).type)
+                if pa.types.is_null(f.type):
+                    # the type other parts give it, else the documented one
+                    kind = known.get(f.name, schema_hint.field(f.name).type if f.name in schema_hint.names else None)
+                    if f.name in dictionary_columns and (kind is None or pa.types.is_string(kind)):
+                        kind = pa.dictionary(pa.int32(), pa.string())  # as the reader gives them
+                    if kind is not None:
+                        f = f.with_type(kind)
                 fields.append(f)
             typed.append(pa.schema(fields))
         unified = pa.unify_schemas(typed, promote_options="permissive")
@@ -284,9 +357,64 @@ def _read_cases(filesystem: pafs.FileSystem, root: str) -> pd.DataFrame:
     path = posixpath.join(root, "cases.parquet")
     if _exists(filesystem, path) != pafs.FileType.File:
         return pd.DataFrame({"case_id": pd.Series([], dtype=str)})
-    cases = pq.read_table(path, filesystem=filesystem).to_pandas()
+    cases = _typed_cases(pq.read_table(path, filesystem=filesystem)).to_pandas()
     cases["case_id"] = cases["case_id"].astype(str)
+    for name in cases.columns:  # lists as tuples: hashable, so cases group and compare by them
+        if cases[name].dtype == object and cases[name].map(lambda v: isinstance(v, (list, np.ndarray))).any():
+            cases[name] = cases[name].map(lambda v: tuple(v.tolist() if isinstance(v, np.ndarray) else v)
+                                          if isinstance(v, (list, np.ndarray)) else v)
     return cases
+
+
+def _typed_cases(table: pa.Table) -> pa.Table:
+    """Setting columns in the types of the settings' annotations. Runs written before the
+    cases table was typed hold lists as JSON strings and settings that were None in every
+    case as all-null float64: both are converted here."""
+    try:
+        from jobs.storage import settings_column_types
+
+        types = settings_column_types()
+    except ImportError:
+        return table
+    for index, name in enumerate(table.column_names):
+        kind, column = types.get(name), table.column(name)
+        if kind is None or column.type == kind:
+            continue
+        try:
+            if column.null_count == len(column):
+                array = pa.nulls(len(column), kind)
+            elif pa.types.is_list(kind) and pa.types.is_string(column.type):
+                array = pa.array([None if v is None else json.loads(v) for v in column.to_pylist()], kind)
+            else:
+                array = column.cast(kind)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError, TypeError):
+            continue  # not what the settings say (an older bplab?): leave the column as stored
+        table = table.set_column(index, name, array)
+    return table
+
+
+def _attach_case_columns(frame: pd.DataFrame, cases: pd.DataFrame, names=("name", "group")) -> pd.DataFrame:
+    """Add the cases' `names` columns to a per-row frame right after case_id, by case_id, as
+    categoricals built from case_id's codes (no per-row string work)."""
+    present = [n for n in names if n in cases and n not in frame]
+    if not present or "case_id" not in frame:
+        return frame
+    ids = frame["case_id"]
+    categorical = isinstance(ids.dtype, pd.CategoricalDtype)
+    codes = ids.cat.codes.to_numpy() if categorical else None
+    position = frame.columns.get_loc("case_id") + 1
+    for offset, name in enumerate(present):
+        lookup = dict(zip(cases["case_id"].astype(str), cases[name]))
+        if categorical:
+            values = [lookup.get(str(c)) for c in ids.cat.categories]
+            labels = pd.Index(pd.unique(pd.Series([v for v in values if v is not None and v == v], dtype=object)))
+            where = {v: i for i, v in enumerate(labels)}
+            remap = np.array([where.get(v, -1) if v is not None and v == v else -1 for v in values] + [-1], dtype=np.int64)
+            column = pd.Categorical.from_codes(remap[codes], categories=labels)
+        else:
+            column = ids.astype(str).map(lookup)
+        frame.insert(position + offset, name, column)
+    return frame
 
 
 def _read_ledger(filesystem: pafs.FileSystem, root: str) -> pd.DataFrame:
@@ -371,6 +499,7 @@ def _read_one(
     ledger = _read_ledger(filesystem, root)
     split_filter = None if splits is None else ds.field("split").isin(list(splits))
     frames = {"manifest": manifest, "cases": _merge_state(cases, ledger), "ledger": ledger}
+    names = frames["cases"]
     for kind in ("metrics", "weights", "layer_stats"):
         columns = metrics_columns if kind == "metrics" else None
         if kind in what:
@@ -381,6 +510,7 @@ def _read_one(
             )
         else:
             frames[kind] = _empty_frame(kind, columns, categorical)
+    frames["metrics"] = _attach_case_columns(frames["metrics"], names)
     return frames
 
 
@@ -446,7 +576,7 @@ def _concat_with_run(frames: list[pd.DataFrame], labels: list[str]) -> pd.DataFr
                 series = frame[column]
                 values |= set(series.cat.categories if isinstance(series.dtype, pd.CategoricalDtype)
                               else series.dropna().unique())
-        categories = pd.Index(sorted(values, key=str))
+        categories = pd.Index(sorted(values, key=str), tupleize_cols=False)  # tuples stay values
         for frame in parts:
             if column not in frame:
                 continue

@@ -779,6 +779,12 @@ def reference_comparison(
 # ---- schedules --------------------------------------------------------------------------
 
 
+def _as_list(value) -> list:
+    """A list column's value: a tuple as analysis.load gives it, or a JSON string (a frame
+    read directly from an older run's Parquet)."""
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+
 def update_counts(metrics: pd.DataFrame, cases: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per case x layer: mean number of updates per train step (from `updates` / `layers`).
 
@@ -805,8 +811,8 @@ def update_counts(metrics: pd.DataFrame, cases: pd.DataFrame | None = None) -> p
     for row in combos.itertuples(index=False):  # one per distinct (case, updates, layers)
         pair = (row.updates, row.layers)
         if pair not in parsed:
-            counts = json.loads(row.updates)
-            names = json.loads(row.layers) if row.layers else []
+            counts = _as_list(row.updates)
+            names = _as_list(row.layers) if isinstance(row.layers, (str, tuple, list)) and len(row.layers) else []
             if len(names) != len(counts):
                 names = [f"l{i + 1}" for i in range(len(counts))]
             parsed[pair] = (counts, names)

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("model", nargs="?", default="all", help="a model name, or all")
     grad.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error accepted")
 
+    board = sub.add_parser("tensorboard", help="export runs as TensorBoard event files (RUN/tensorboard/) and serve them")
+    board.add_argument("runs", nargs="+", metavar="RUN", help="run directories; a live run's new commits are appended")
+    board.add_argument("--no-serve", action="store_true", help="export only, do not start TensorBoard")
+    board.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: the first free one from 6006)")
+
     cases = sub.add_parser("cases", help="list built-in suites, or the cases of one")
     cases.add_argument("suite", nargs="?")
 
@@ -327,3 +332,12 @@ def cmd_logs(args) -> int:
 
 
 COMMANDS = {"schema": cmd_schema, "logs": cmd_logs, "run": cmd_run, "plan": cmd_plan, "fetch": cmd_fetch, "status": cmd_status, "report": cmd_report, "runs": cmd_runs, "gradcheck": cmd_gradcheck, "cases": cmd_cases}
+
+
+def cmd_tensorboard(args) -> int:
+    from analysis.tensorboard import command
+
+    return command(args.runs, serve=not args.no_serve, port=args.port)
+
+
+COMMANDS["tensorboard"] = cmd_tensorboard

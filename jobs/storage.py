@@ -33,9 +33,13 @@ that file had ``lr`` all None (a null column) or no ``lr`` at all, later files w
 schema (the union of every column seen, with one stable type each) in a zero-row file
 ``0-schema.parquet`` that sorts before every ``case_id=...`` folder, and every part is
 written with exactly that schema. Column types: integers -> int64, floats -> float64,
-strings -> string, bool -> bool, anything else as pyarrow infers it; a column that has only
+strings -> string, bool -> bool, lists -> list<those> (``updates`` is list<int64>),
+anything else as pyarrow infers it; a column that has only
 been None so far is float64 until a real value arrives; int64 widens to float64 when a
-float arrives (older int64 parts are cast on read); any other change of type is refused.
+float arrives (older int64 parts are cast on read); a run that stored a column as JSON
+strings (bplab before lists were lists) keeps getting JSON strings in it; any other change
+of type is refused. cases.parquet takes the types of the settings' annotations instead
+(``hidden`` list<int64>, ``data.path`` string even when None in every case).
 
 Commits (see :meth:`RunDir.commit`): a part is written as ``.staged-part-<seq>.parquet``,
 recorded (row count) in the case's ledger entry, which is the commit, and only then renamed
@@ -280,7 +284,7 @@ class RunDir:
         rows = _check_cases(cases)
         with run._lock:
             run.check_new()
-            run._write_table(run.path(CASES), _rows_to_table(rows, "cases", json_fallback=True))
+            run._write_table(run.path(CASES), _cases_to_table(rows))
             ids = {row["case_id"] for row in rows}
             for info in run._list(run.path(LEDGER)):  # leftovers of a create that died half-way
                 if info.base_name.endswith(".json") and info.base_name[:-5] not in ids:
@@ -359,7 +363,7 @@ class RunDir:
             known = {row["case_id"] for row in old_rows}
             new_rows = [row for row in rows if row["case_id"] not in known]
             if new_rows:
-                table = _rows_to_table(old_rows + new_rows, "cases", json_fallback=True)
+                table = _cases_to_table(old_rows + new_rows)
                 self._write_table(self.path(CASES), table)
                 self._case_ids = known | {row["case_id"] for row in new_rows}
             for row in new_rows:
@@ -1102,6 +1106,9 @@ class RunDir:
                 continue  # cast below
             elif old_type == pa.int64() and new_type == pa.float64():
                 fields[name], changed = pa.float64(), True  # older int64 parts are cast on read
+            elif old_type == pa.string() and pa.types.is_list(new_type):
+                # a run begun before lists were stored as lists (JSON strings): stay consistent
+                table = table.set_column(table.schema.get_field_index(name), name, _as_json_strings(table.column(name)))
             else:
                 raise StorageError(
                     f"{dataset}: column {name!r} holds {new_type} values but earlier commits stored {old_type}"
@@ -1113,7 +1120,9 @@ class RunDir:
             self._schemas[dataset] = (schema, provisional)
         columns = []
         for f in schema:
-            if f.name in table.column_names and f.name not in null_cols:
+            if f.name in table.column_names and (
+                f.name not in null_cols or _is_list(f.type) and _is_list(table.schema.field(f.name).type)
+            ):  # (a column of empty lists keeps them)
                 columns.append(table.column(f.name).cast(f.type))
             else:
                 columns.append(pa.nulls(len(table), f.type))
@@ -1253,15 +1262,31 @@ def _strip_key(rows: list[dict], case_id: str, what: str) -> list[dict]:
     return out
 
 
-def _normalise(array: pa.Array) -> pa.Array:
-    t = array.type
+def _stable_type(t: pa.DataType) -> pa.DataType:
+    """The stored type of a column inferred as ``t`` (see the module doc); lists of those."""
     if pa.types.is_null(t) or pa.types.is_floating(t):
-        return array.cast(pa.float64())
+        return pa.float64()
     if pa.types.is_integer(t):
-        return array.cast(pa.int64())
+        return pa.int64()
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return array.cast(pa.string())
-    return array
+        return pa.string()
+    if _is_list(t) or pa.types.is_large_list(t) or getattr(pa.types, "is_list_view", lambda _: False)(t):
+        return pa.list_(_stable_type(t.value_type))
+    return t
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t)
+
+
+def _normalise(array: pa.Array) -> pa.Array:
+    target = _stable_type(array.type)
+    return array if target == array.type else array.cast(target)
+
+
+def _only_empty_lists(array: pa.Array) -> bool:
+    """A list column whose element type is unknown yet (every value None or [])."""
+    return pa.types.is_list(array.type) and pa.types.is_null(array.type.value_type)
 
 
 def _rows_to_table(rows: list[Mapping], what: str, json_fallback: bool = False) -> pa.Table:
@@ -1272,8 +1297,10 @@ def _rows_to_table(rows: list[Mapping], what: str, json_fallback: bool = False) 
 def _build_table(rows: list[Mapping], what: str, json_fallback: bool = False) -> tuple[pa.Table, set[str]]:
     """Like _rows_to_table, also returning the names of the columns that were None in every row.
 
-    Those columns are float64 in the table. With ``json_fallback`` a column of mixed value
-    types is stored as strings (JSON for non-strings) instead of raising StorageError.
+    Those columns are float64 in the table (a column of only empty lists counts as None: its
+    element type is not known yet). Lists are stored as Parquet lists of the stable element
+    type (``[1, 2]`` -> list<int64>). With ``json_fallback`` a column of mixed value types is
+    stored as strings (JSON for non-strings) instead of raising StorageError.
     """
     names: dict[str, None] = {}
     for row in rows:
@@ -1294,10 +1321,64 @@ def _build_table(rows: list[Mapping], what: str, json_fallback: bool = False) ->
                 [v if v is None or isinstance(v, str) else json.dumps(v, default=_json_default, sort_keys=True) for v in values],
                 pa.string(),
             )
-        if pa.types.is_null(array.type):
-            null_cols.add(name)
+        if pa.types.is_null(array.type) or _only_empty_lists(array):
+            null_cols.add(name)  # a later real type wins (see _conform)
         arrays.append(_normalise(array))
     return pa.Table.from_arrays(arrays, names=list(names)), null_cols
+
+
+def _as_json_strings(column: pa.ChunkedArray) -> pa.Array:
+    return pa.array([None if v is None else json.dumps(v) for v in column.to_pylist()], pa.string())
+
+
+def settings_column_types() -> dict[str, pa.DataType]:
+    """Cases-table column -> Parquet type, from the annotations of the case settings
+    (``hidden`` -> list<int64>, ``data.path`` -> string, ``data.train_size`` -> int64, ...),
+    so a setting that is None in every case is a null of the right type, not float64."""
+    import typing
+
+    from workers import settings as settings_module
+
+    def arrow(annotation) -> pa.DataType | None:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            inner = [a for a in args if a is not type(None)]
+            return arrow(inner[0]) if len(inner) == 1 else None
+        if origin is tuple:
+            element = arrow(args[0]) if args else None
+            return pa.list_(element) if element is not None else None
+        return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}.get(annotation)
+
+    out = {}
+    for cls, prefix in ((settings_module.CaseSettings, ""), (settings_module.DataSpec, "data.")):
+        for name, annotation in typing.get_type_hints(cls).items():
+            if (kind := arrow(annotation)) is not None:
+                out[prefix + name] = kind
+    return out
+
+
+def _cases_to_table(rows: list[Mapping]) -> pa.Table:
+    """The cases table: setting columns typed by their annotations (lists as lists, None as a
+    typed null; a list given as a JSON string, as CaseSettings.flat() gives it, is decoded),
+    every other column as _rows_to_table infers it."""
+    try:
+        types = settings_column_types()
+    except ImportError:  # storage used without the workers package
+        types = {}
+    table = _rows_to_table(rows, "cases", json_fallback=True)
+    for index, name in enumerate(table.column_names):
+        kind = types.get(name)
+        if kind is None or table.schema.field(name).type == kind:
+            continue
+        values = [row.get(name) for row in rows]
+        if pa.types.is_list(kind):
+            values = [json.loads(v) if isinstance(v, str) else v for v in values]
+        try:
+            array = pa.array(values, kind)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            continue  # not what the annotation says (an older bplab?): keep the inferred column
+        table = table.set_column(index, name, array)
+    return table
 
 
 def _json_default(value: Any) -> Any:

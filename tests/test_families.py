@@ -118,7 +118,7 @@ def test_synthetic_schedule_updates_each_unit_once_and_learns():
     reports = []
     train(case, load_dataset(case.data), reports.append)
     rows = [row for r in reports for row in r.rows]
-    assert rows[0]["updates"] == "[1, 1, 1]"
+    assert rows[0]["updates"] == [1, 1, 1]
     assert [row["accuracy"] for row in rows if row["split"] == "test"][-1] > 0.8
 
 

@@ -425,7 +425,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 "accuracy": float(corrects[i]) / len(x), "lr": lr, "stages": traced["stages"],
                 "layer_updates": int(sum(traced["updates"])), "forward_passes": traced["forward_passes"],
                 "examples": len(x), "examples_per_sec": len(x) / seconds, "wall_time": wall_start + (i + 1) * seconds,
-                "updates": json.dumps(traced["updates"]), "layers": json.dumps(unit_names),
+                "updates": [int(n) for n in traced["updates"]], "layers": list(unit_names),
                 **{name: float(value) for name, value in zip(traced["extra_names"], extras[i])},
             })
             if not math.isfinite(float(losses[i])):
