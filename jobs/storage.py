@@ -1341,6 +1341,8 @@ def settings_column_types() -> dict[str, pa.DataType]:
 
     def arrow(annotation) -> pa.DataType | None:
         origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is typing.Literal:  # a name from the registry
+            return arrow(type(args[0])) if args else None
         if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
             inner = [a for a in args if a is not type(None)]
             return arrow(inner[0]) if len(inner) == 1 else None

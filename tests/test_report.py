@@ -257,7 +257,7 @@ def test_bad_baseline_and_bad_out_are_one_line_exit_2(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["report", str(run), "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a file" in err
+    assert err.count("\n") == 1 and "regular file" in err
     assert blocker.read_text() == "x" and not (run / "report").exists()
 
 
@@ -315,7 +315,7 @@ def test_help_shows_defaults_and_cases_keeps_whole_words():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
     run_help = sub["run"].format_help()
-    assert "(default: 2)" in " ".join(run_help.split()) and "(default: 200)" in " ".join(run_help.split())
+    assert "(default: 2)" in " ".join(run_help.split()) and "(default: 0)" in " ".join(run_help.split())
     assert "(default: runs)" in " ".join(sub["runs"].format_help().split())
     assert "(default: 1e-06)" in " ".join(sub["gradcheck"].format_help().split())
     assert "(default: None)" not in run_help

@@ -39,11 +39,14 @@ def train_reports(values: dict) -> list:
     """The Reports workers.trainer.train hands its callback (one per epoch here)."""
     from workers import settings as settings_module
     from workers.data import load_dataset
-    from workers.trainer import train
+    from workers.trainer import batch_plan, train
 
     settings = settings_module.from_dict(values)
+    data = load_dataset(settings.data)
     reports = []
-    train(settings, load_dataset(settings.data), reports.append, report_every_seconds=1e9)
+    _, steps_per_epoch = batch_plan(settings, len(data.x_train))  # one commit per epoch, not by time
+    train(settings, data, reports.append, report_every_seconds=1e9, commit_every=1e9,
+          checkpoint_every_steps=steps_per_epoch, max_chunk=1)
     return reports
 
 
