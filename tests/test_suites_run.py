@@ -34,9 +34,10 @@ RUNNER = """
 import json, sys
 import ray
 import jobs.cli as cli
+import jobs.study as study
 
 ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-shutdown, cli._connect, ray.shutdown = ray.shutdown, (lambda address: None), (lambda *a, **k: None)
+shutdown, study.connect, ray.shutdown = ray.shutdown, (lambda address, runtime_env=None: None), (lambda *a, **k: None)
 codes = {}
 try:
     for label, argv in json.loads(sys.argv[1]):
