@@ -69,8 +69,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import numpy as np
 import pandas
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -674,11 +676,17 @@ class RunDir:
             table = self._conform("weights", _strip_key(rows, case_id, "weights"))
             self._write_table(self._part_path("weights", case_id, phase), table)
 
-    def write_boundary(self, case_id: str, rows: list[dict]) -> None:
-        """Write (or replace) a case's decision-boundary grid (2-D data only), atomically."""
+    def write_boundary(self, case_id: str, rows: list[dict] | Mapping) -> None:
+        """Write (or replace) a case's decision-boundary grid (2-D data only), atomically.
+
+        ``rows``: row dicts, or a mapping of column name -> equal-length 1-D arrays (what the
+        trainer sends: a grid has thousands of points)."""
         _check_name(case_id, "case id")
         with self._lock:
-            table = self._conform("boundary", _strip_key(rows, case_id, "boundary"))
+            if isinstance(rows, Mapping):
+                table = self._conform("boundary", None, table=_columns_to_table(rows, case_id, "boundary"))
+            else:
+                table = self._conform("boundary", _strip_key(rows, case_id, "boundary"))
             self._write_table(self._part_path("boundary", case_id, "final"), table)
 
     # ------------------------------------------------------------------ the read cache
@@ -1078,9 +1086,13 @@ class RunDir:
         schema, provisional = self._schemas[dataset]
         return schema, set(provisional)
 
-    def _conform(self, dataset: str, rows: list[dict]) -> pa.Table:
-        """Build a table from ``rows`` with the dataset's run-wide schema, widening it if needed."""
-        table, null_cols = _build_table(rows, dataset)
+    def _conform(self, dataset: str, rows: list[dict] | None, table: pa.Table | None = None) -> pa.Table:
+        """Build a table from ``rows`` (or take ``table``, already in stable types) with the
+        dataset's run-wide schema, widening it if needed."""
+        if table is None:
+            table, null_cols = _build_table(rows, dataset)
+        else:
+            null_cols = {name for name in table.column_names if table.column(name).null_count == len(table)}
         schema, provisional = self._registry(dataset)
         fields = {f.name: f.type for f in schema}
         order = list(fields)
@@ -1260,6 +1272,28 @@ def _strip_key(rows: list[dict], case_id: str, what: str) -> list[dict]:
             row = {k: v for k, v in row.items() if k != PARTITION_KEY}
         out.append(row)
     return out
+
+
+def _columns_to_table(columns: Mapping, case_id: str, what: str) -> pa.Table:
+    """A table in stable types from column name -> 1-D values (numpy arrays or lists)."""
+    arrays, names, length = [], [], None
+    for name, values in columns.items():
+        if not isinstance(name, str):
+            raise StorageError(f"{what}: column names must be strings, not {name!r}")
+        if name == PARTITION_KEY:
+            if any(v != case_id for v in set(np.asarray(values).tolist())):
+                raise StorageError(f"{what}: a row of another case was committed for case {case_id}")
+            continue
+        try:
+            array = pa.array(np.asarray(values)) if not isinstance(values, list) else pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+            raise StorageError(f"{what}: column {name!r}: {exc}") from None
+        if length is not None and len(array) != length:
+            raise StorageError(f"{what}: column {name!r} has {len(array)} values, the others {length}")
+        length = len(array)
+        arrays.append(_normalise(array))
+        names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def _stable_type(t: pa.DataType) -> pa.DataType:

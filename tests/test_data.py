@@ -72,6 +72,29 @@ def test_fingerprint_stable_and_sensitive(digits):
     assert fingerprint_arrays(a) != fingerprint_arrays(a, extra="x")
 
 
+@pytest.mark.parametrize("samples,noise,seed", [(200, 0.2, 0), (1000, 0.1, 0), (7, None, 3), (1, 0.5, 0)])
+def test_make_moons_draws_what_scikit_learn_draws(samples, noise, seed):
+    """workers.data.make_moons skips scikit-learn's imports; scikit-learn is the oracle."""
+    from sklearn.datasets import make_moons as sklearn_moons
+
+    from workers.data import make_moons
+
+    x, y = make_moons(samples, noise, seed)
+    want_x, want_y = sklearn_moons(n_samples=samples, noise=noise, random_state=seed)
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(y, want_y)
+
+
+def test_digits_read_without_importing_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys; from workers.data import load_dataset, DataSpec; d = load_dataset(DataSpec(name='digits')); "
+            "assert 'sklearn' not in sys.modules, 'scikit-learn was imported'; print(d.x_train.shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "(1438, 8, 8, 1)" in done.stdout, done.stderr[-2000:]
+
+
 def test_moons():
     moons = load_dataset(DataSpec(name="moons", samples=50, noise=0.2))
     assert moons.x_train.shape == (40, 2) and moons.x_test.shape == (10, 2)

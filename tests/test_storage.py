@@ -303,6 +303,29 @@ def test_histograms_and_layer_stats_are_datasets(tmp_path):
         run.write_histograms("aaa111", "../evil", [])
 
 
+def test_boundary_columns_store_what_rows_store(tmp_path):
+    """The trainer sends the decision-boundary grid as columns; the stored table must be the
+    one the row form gives (pyarrow's own inference from the row dicts is the oracle)."""
+    import numpy as np
+
+    run, root = make_run(tmp_path)
+    grid = np.linspace(-1, 1, 6, dtype=np.float32)
+    p1 = np.array([0.1, 0.4, 0.5, 0.6, 0.9, 1.0], dtype=np.float32)
+    run.write_boundary("aaa111", {"x0": grid, "x1": grid[::-1], "p1": p1, "label": (p1 >= 0.5).astype(np.int64)})
+    run.write_boundary("bbb222", [{"x0": float(a), "x1": float(b), "p1": float(p), "label": int(p >= 0.5)}
+                                  for a, b, p in zip(grid, grid[::-1], p1)])
+    columns = pq.read_table(root / "boundary" / "case_id=aaa111")
+    rows = pq.read_table(root / "boundary" / "case_id=bbb222")
+    assert columns.schema == rows.schema, (columns.schema, rows.schema)
+    assert columns.to_pylist() == rows.to_pylist()
+    assert columns.column("label").to_pylist() == [0, 0, 1, 1, 1, 1]
+    with pytest.raises(StorageError, match="has 2 values"):
+        run.write_boundary("aaa111", {"x0": grid, "x1": grid[:2]})
+    with pytest.raises(StorageError, match="another case"):
+        run.write_boundary("aaa111", {"case_id": ["bbb222"] * 6, "x0": grid})
+    assert pq.read_table(root / "boundary" / "case_id=aaa111").num_rows == 6  # a refused write changed nothing
+
+
 def test_bad_case_ids_are_refused(tmp_path):
     with pytest.raises(StorageError, match="bad case id"):
         RunDir.create(str(tmp_path / "r"), MANIFEST, [{"case_id": "../x", "name": "x"}])

@@ -72,6 +72,16 @@ def assert_same_state(a: bytes, b: bytes):
 
 
 @pytest.mark.timeout(300)
+def test_worker_imports_tensorflow_without_keras_and_tf_keras_still_loads():
+    code = ("import sys; from workers.actor import import_tensorflow; tf = import_tensorflow(); "
+            "assert 'keras' not in sys.modules and 'sklearn' not in sys.modules, 'Keras was imported'; "
+            "assert sys.modules.get('keras.src.optimizers', 0) != None; "
+            "print(float(tf.reduce_sum(tf.ones([3]))), tf.keras.layers.Dense.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["3.0", "Dense"], done.stdout
+
+
 def test_cases_back_to_back_in_one_worker_equal_fresh_traces():
     """Kept traces: same structure, other seed/lr/activation order; rows equal fresh runs'."""
     cases = [settings(seed=1, epochs=12), settings(seed=2, lr=0.5, epochs=9), settings(seed=1, activation="relu", epochs=7),

@@ -120,7 +120,7 @@ class Worker:
         import ray
 
         threads = max(1, int(round(self.num_cpus)))
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         # Before the first op: thread pools sized to the CPUs Ray gave us, memory growth on.
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -158,6 +158,29 @@ class Worker:
             "threads": threads,
             "warning": warning,
         }
+
+
+def import_tensorflow():
+    """`import tensorflow`, without the Keras 3 import TensorFlow's __init__ makes on the side.
+
+    TensorFlow imports `keras.src.optimizers` eagerly (to register Keras optimisers for
+    SavedModel) and Keras brings scikit-learn with it: 2.5 s of the 6 s a worker spends importing
+    TensorFlow on a 2-core machine. bplab's trainer never uses Keras. While
+    `sys.modules["keras.src.optimizers"]` is None that import fails at once with ImportError,
+    which TensorFlow catches; the entry is removed afterwards, so `tf.keras` still loads
+    lazily on first use. Nothing changes when Keras is already imported."""
+    import sys
+
+    skip = "keras.src.optimizers"
+    blocked = skip not in sys.modules
+    if blocked:
+        sys.modules[skip] = None
+    try:
+        import tensorflow as tf
+    finally:
+        if blocked and sys.modules.get(skip, 0) is None:
+            del sys.modules[skip]
+    return tf
 
 
 def classify_exception(error: BaseException) -> str:

@@ -193,25 +193,59 @@ def _chunks(x: np.ndarray):
 
 
 def _load_digits(spec: DataSpec):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[..., None]
-    y = digits.target.astype(np.int64)
+    x, y = _digits_arrays()
+    x = (x / 16.0).astype(np.float32)[..., None]
+    y = y.astype(np.int64)
     order = np.random.RandomState(0).permutation(len(y))
     n_test = int(round(0.2 * len(y)))
     train, test = order[:-n_test], order[-n_test:]
     return x[train], y[train], x[test], y[test], 10, "sklearn load_digits"
 
 
-def _load_moons(spec: DataSpec):
-    from sklearn.datasets import make_moons
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (1797 8x8 images, 0..16, and their labels), read from the
+    file `sklearn.datasets.load_digits` reads, without importing scikit-learn (about 2 s of
+    imports a driver would pay before every study); the same numbers (tests/test_data.py)."""
+    import gzip
+    import importlib.util
 
-    x, y = make_moons(n_samples=spec.samples, noise=spec.noise, random_state=0)
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data 'digits' is scikit-learn's bundled set: pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    try:
+        with gzip.open(path, "rt") as handle:
+            table = np.loadtxt(handle, delimiter=",")
+    except (OSError, ValueError) as error:
+        raise DataError(f"data 'digits': cannot read {path}: {error}") from None
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+
+
+def _load_moons(spec: DataSpec):
+    x, y = make_moons(spec.samples, spec.noise, seed=0)
     x, y = x.astype(np.float32), y.astype(np.int64)
     n_train = int(0.8 * spec.samples)
     source = f"sklearn make_moons(n_samples={spec.samples}, noise={spec.noise}, random_state=0)"
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:], 2, source
+
+
+def make_moons(samples: int, noise: float | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's `make_moons(n_samples=samples, noise=noise, random_state=seed)`, the same
+    draws in the same order (checked against scikit-learn in tests/test_data.py) without
+    importing scikit-learn: two interleaved half circles, shuffled, plus Gaussian noise."""
+    generator = np.random.RandomState(seed)
+    n_out = samples // 2
+    n_in = samples - n_out
+    outer_x, outer_y = np.cos(np.linspace(0, np.pi, n_out)), np.sin(np.linspace(0, np.pi, n_out))
+    inner_x, inner_y = 1 - np.cos(np.linspace(0, np.pi, n_in)), 1 - np.sin(np.linspace(0, np.pi, n_in)) - 0.5
+    x = np.vstack([np.append(outer_x, inner_x), np.append(outer_y, inner_y)]).T
+    y = np.hstack([np.zeros(n_out, dtype=np.intp), np.ones(n_in, dtype=np.intp)])
+    order = np.arange(samples)
+    generator.shuffle(order)
+    x, y = x[order], y[order]
+    if noise is not None:
+        x += generator.normal(scale=noise, size=x.shape)
+    return x, y
 
 
 # ---- shared helpers ---------------------------------------------------------------------
