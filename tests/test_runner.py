@@ -99,10 +99,8 @@ def test_cli_quick_end_to_end(tmp_path):
     final = metrics[metrics.split == "test"].sort_values("step").groupby("case_id").tail(1)
     names = dict(zip(cases["case_id"].astype(str), cases["name"]))
     accuracy = {names[str(cid)]: acc for cid, acc in zip(final["case_id"], final["accuracy"])}
-    # every schedule learns something in 3 epochs, except d (unfair-back + augment): since an
-    # augmented step draws batch_size//2 originals (as the source did) its epochs have twice the
-    # steps, and at quick's lr it measured 0.14, 0.22, 0.09: a known finding, flagged by the report
-    assert all(acc > 0.5 for name, acc in accuracy.items() if name != "d"), accuracy
+    # every schedule learns in 3 epochs (measured at lr 0.001: a .93, b .91, c .92, d .86, e .94, f .85)
+    assert all(acc > 0.5 for acc in accuracy.values()), accuracy
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["suite"] == "quick" and manifest["data_fingerprints"]["digits"]
     status = subprocess.run([sys.executable, "-m", "jobs", "status", str(run)], env=ENV, capture_output=True, text=True)

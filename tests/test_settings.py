@@ -1,5 +1,5 @@
-"""Settings: case ids and digests pinned (existing runs must resume), validation, the
-published suite schema."""
+"""Settings: validation, defaults and the published suite schema (the ids of the built-in
+suites are pinned in tests/test_names.py)."""
 
 from __future__ import annotations
 
@@ -8,116 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from jobs import plan, suites
+from jobs import suites
 from workers import settings as settings_module
 from workers.settings import CaseSettings, DataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# ---------------------------------------------------------------------- pinned ids
-#
-# Computed once on the dataclass settings (before the move to pydantic) and never to be
-# edited by hand: a case id names a case's folder, ledger entry and checkpoints, so a
-# changed id would make `bplab run --resume` start every case of an existing run again.
-# Suites whose data ships with the code (digits, moons): the full case id of
-# jobs.plan.make_plan (name + digest of settings and data fingerprint).
-CASE_IDS = {
-    'adversarial-quick': [
-        'standard-bc1273d210',
-        'adv-b5e12c83c7',
-        'dilated-791418fc94',
-        'adv-dilated-021631bbe7',
-        'nokland-a069fd8d00',
-    ],
-    'dcn-quick': [
-        'dcn-228eae29bc',
-        'tanh-b0d221a2ca',
-        'momentum-67eb30c9a5',
-    ],
-    'dni-quick': [
-        'synthetic-93ff94a92c',
-        'bptt-057fae7a00',
-        'autodiff-0e0c99c335',
-    ],
-    'moons': [
-        'h3-act_tanh-e92042179c',
-        'h3-act_sigmoid-168d82b2ef',
-        'h3-act_relu-20090064b7',
-        'h5-act_tanh-921e889ee7',
-        'h5-act_sigmoid-918fb0a725',
-        'h5-act_relu-14db940e15',
-        'h8-act_tanh-6ef76228c3',
-        'h8-act_sigmoid-cf73273c91',
-        'h8-act_relu-dffb684834',
-        'h50-act_tanh-4b5d4ac953',
-        'h50-act_sigmoid-7ed80f62ac',
-        'h50-act_relu-89b17d937e',
-        'deep-act_tanh-d4c44803e7',
-        'deep-act_sigmoid-3ea16f37d5',
-        'deep-act_relu-8fa2116bec',
-    ],
-    'moons-quick': [
-        'tanh-h3-a7d2e75dee',
-        'relu-h50-7a71761996',
-        'deep-a1400d8bdd',
-    ],
-    'quick': [
-        'a-91da269b0b',
-        'b-ea61d796a6',
-        'c-446314ae43',
-        'd-161e1c9364',
-        'e-4951556321',
-        'f-e1629a3783',
-    ],
-    'unfair-source-quick': [
-        'a-1ce078b32a',
-        'a-src-e9ef96858d',
-        'b-250f13aa42',
-        'b-src-a241e53900',
-        'c-7daad02ef6',
-        'c-src-27945adc79',
-        'd-492cf5637c',
-        'd-src-d1973da503',
-        'e-44dea96582',
-        'e-src-c8f9de9044',
-        'f-19773ead95',
-        'f-src-ca90fae7af',
-    ],
-}
-
-# Suites needing MNIST or CIFAR-10 files: CaseSettings.digest() without a data fingerprint.
-DIGESTS = {
-    'adversarial': {'adv-a': '59149d77e13c', 'adv-b': 'c6f7e7dc82aa', 'adv-c': '8aee27008e28', 'nokland': '5e64986fa34a'},
-    'dcn': {'dcn': '53e52eb9546c', 'tanh': '52664300f7f8', 'xavier': '6680fce5bf95', 'sgd': '3fde28b09a6c', 'momentum': 'cc129485cb70'},
-    'dni': {'mnist-synthetic': '493702c43fad', 'mnist-bptt': '97ede9a906d0', 'mnist-autodiff': 'db1dd1ef86d6', 'digits-synthetic': 'f6e39823c732', 'digits-bptt': '1ad457fb6d4b', 'digits-autodiff': 'e15772c6cc47'},
-    'unfair': {'a': 'b6635b8e173c', 'b': '41250a034fb5', 'c': 'e683f7dc3b6c', 'd': 'd342cc9eb494', 'e': 'f700e839082d', 'f': '649a9eeaa953'},
-    'unfair-source': {'a': 'b6635b8e173c', 'a-src': '2ebb16d01396', 'b': '41250a034fb5', 'b-src': 'fa3886259d5e', 'c': 'e683f7dc3b6c', 'c-src': 'b829be6b522d', 'd': 'd342cc9eb494', 'd-src': '981ced877d84', 'e': 'f700e839082d', 'e-src': 'a0311806d3b3', 'f': '649a9eeaa953', 'f-src': 'c7c78b4c3fb9'},
-}
-
-
-# The source-reproduction suites, re-pinned when their -src cases were checked line by line against
-# the original scripts (docs/experiments.md) and the -tf1 and adversarial-source cases were added.
-CASE_IDS.update({'unfair-source-quick': ['a-1ce078b32a', 'a-src-e88e2c131a', 'b-250f13aa42', 'b-src-ee9c24bebe', 'c-7daad02ef6', 'c-src-334ae7f82a', 'c-tf1-ab8cb0c8e7', 'd-492cf5637c', 'd-src-a0aff61f9e', 'd-tf1-23746b77dd', 'e-44dea96582', 'e-src-8039964604', 'e-tf1-55fcb533de', 'f-19773ead95', 'f-src-8981c541d8', 'f-tf1-ddbe546b0c'], 'adversarial-source-quick': ['adv-a-5555708b0b', 'adv-a-src-50fc70a97f', 'adv-b-abfdf22562', 'adv-b-src-b8dce9c734', 'adv-c-82e55e39cd', 'adv-c-src-67208c2166']})
-DIGESTS.update({'unfair-source': {'a': 'b6635b8e173c', 'a-src': '4e734bda5e2a', 'b': '41250a034fb5', 'b-src': '31ad9dc49006', 'c': 'e683f7dc3b6c', 'c-src': '46ca0ad78b28', 'c-tf1': '8be7a4518708', 'd': 'd342cc9eb494', 'd-src': '43f3853d6519', 'd-tf1': 'f8b151871d32', 'e': 'f700e839082d', 'e-src': 'e4fe9dba0d52', 'e-tf1': '05bdf90397f6', 'f': '649a9eeaa953', 'f-src': 'dc34a3a9ad33', 'f-tf1': '73837613d656'}, 'adversarial-source': {'adv-a': '59149d77e13c', 'adv-a-src': 'ad1ae343a6ba', 'adv-b': 'c6f7e7dc82aa', 'adv-b-src': 'fd0e00823c68', 'adv-c': '8aee27008e28', 'adv-c-src': 'd94e2cefdf8c'}})
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", sorted(CASE_IDS))
-def test_case_ids_of_builtin_suites_with_embedded_data_are_pinned(name):
-    suite = suites.load_suite(name)
-    planned = plan.make_plan(suite, plan.load_data(suite.cases), cpus_per_case=1, gpus_per_case=0)
-    assert [p.case_id for p in planned] == CASE_IDS[name]
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", sorted(DIGESTS))
-def test_settings_digests_of_builtin_suites_needing_files_are_pinned(name):
-    suite = suites.load_suite(name)
-    assert {c.name: c.settings.digest() for c in suite.cases} == DIGESTS[name]
-
-
-def test_every_builtin_suite_is_pinned():
-    assert set(CASE_IDS) | set(DIGESTS) == set(suites.builtin_names())
+# The case ids and settings digests of the built-in suites are pinned in tests/test_names.py
+# (a changed id would make `bplab run --resume` start every case of an existing run again).
 
 
 DEFAULT_DICT = json.loads(
