@@ -238,33 +238,51 @@ def test_one_worker_runs_cases_in_turn_and_a_failure_does_not_poison(one_slot, t
         pd.testing.assert_frame_equal(rows(reused_rows, name), rows(fresh_rows, name))
 
 
+def steps_in(seconds: float) -> int:
+    """How many moons steps (eval every 1,000) this machine trains in about `seconds`."""
+    case = settings(seed=3, epochs=3000, eval_every=1000)
+    run(case)  # traces
+    started = time.perf_counter()
+    run(case)
+    rate = 3000 / (time.perf_counter() - started)
+    return max(20_000, int(rate * seconds) // 1000 * 1000)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_worker_killed_during_its_second_case(one_slot, tmp_path):
-    cases = {"first": {"seed": 1, "epochs": 50}, "victim": {"seed": 7}, "control": {"seed": 7, "lr": 2.0000000001}}
-    suite = write_suite(tmp_path, "kill2", cases, epochs=4000)
+    """Commits every 3 s; the kill lands 2.5 s after the victim's second commit. By then the
+    trainer's 2-second progress report has brought rows to the driver that no commit holds yet:
+    a driver that kept them for the retried attempt would log those steps twice."""
+    steps = steps_in(24.0)  # the victim runs long enough for two commits and the kill (about 14 s here)
+    cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7},
+             "control": {"seed": 7, "lr": 2.0000000001}}
+    suite = write_suite(tmp_path, "kill2", cases, epochs=steps, eval_every=1000)
     run_dir = tmp_path / "run"
-    process = bplab(one_slot, str(suite), "--out", str(run_dir), "--checkpoint-every", "500")
+    process = bplab(one_slot, str(suite), "--out", str(run_dir), "--commit-every", "3")
     deadline = time.monotonic() + 600
     victim = None
     while time.monotonic() < deadline and victim is None:
         entry = ledger(run_dir).get("victim")
         if entry and entry["state"] == "running" and entry["commit_seq"] >= 2:
-            victim = entry
+            time.sleep(2.5)  # after the next progress report, before the next commit
+            again = ledger(run_dir).get("victim")
+            if again and again["state"] == "running" and again["commit_seq"] == entry["commit_seq"]:
+                victim = again
+                break
         assert process.poll() is None, process.stdout.read()[-3000:]
         time.sleep(0.05)
-    assert victim is not None, "the victim never committed twice"
+    assert victim is not None, "the victim never ran 2.5 s past its second commit"
     assert victim["info"]["worker_cases"] == 2  # its worker's second case
     os.kill(victim["info"]["pid"], signal.SIGKILL)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
-    assert "worker_died" in output
+    assert "worker_died" in output and f"retrying from commit {victim['commit_seq']} (step {victim['step']})" in output
     entries = ledger(run_dir)
     assert entries["victim"]["attempts"] == 2 and entries["victim"]["state"] == "done"
     assert entries["victim"]["info"]["pid"] != victim["info"]["pid"]
-    table = metrics(run_dir)
-    steps = sorted(table[(table.name == "victim") & (table.split == "train")]["step"])
-    assert steps == list(range(4000))  # every step exactly once
+    table = metrics(run_dir)  # refuses a row logged twice
+    assert sorted(table[(table.name == "victim") & (table.split == "train")]["step"]) == list(range(steps))
     control = rows(table, "control")
     mine = rows(table, "victim")
     # the control differs only by an lr change far below float32 resolution: the same numbers
