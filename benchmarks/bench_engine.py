@@ -149,7 +149,7 @@ def make_variant(name: str, model, params, tf_dtype):
     assert (schedule is schedules.autodiff_standard) == (name == "tape")
     traced = {"count": 0}
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)  # as the trainer traces its steps
     def train_step(x, labels, lr, skip_rate, seed):
         traced["count"] += 1  # Python side effect: runs once per trace
         y_onehot = tf.one_hot(labels, NUM_CLASSES, dtype=tf_dtype)

@@ -355,8 +355,9 @@ def _remove_empty(folders: list[Path] | None) -> None:
 
 
 def _short(value, limit: int = 80) -> str:
-    text = str(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    from workers.errors import shorten
+
+    return shorten(value, limit)
 
 
 RUNS_ENV = "BPLAB_RUNS"  # where runs go when --out is not given

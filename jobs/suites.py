@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from workers import settings as settings_module
+from workers.errors import shorten
 from workers.settings import CaseSettings, SettingsError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
@@ -58,8 +59,7 @@ MAX_ERROR_CHARS = 300  # an error line never echoes more of a value than this
 
 
 def _short(text, limit: int = MAX_ERROR_CHARS) -> str:
-    text = str(text)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    return shorten(text, limit)
 
 
 class _BoundedLoader(yaml.SafeLoader):

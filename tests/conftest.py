@@ -9,3 +9,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The slow tests first, in their file order: run in parallel (pytest -n 2), the long ones
+    start early instead of leaving one worker busy alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

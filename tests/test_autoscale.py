@@ -34,7 +34,8 @@ from raycluster import BIN, end_processes, free_ports, head_pids, make_token, pr
 from jobs.storage import RunDir
 from jobs.study import source_digest
 
-pytestmark = pytest.mark.slow
+# one `ray start --head` at a time when the suite runs in parallel (pytest -n 2): see pyproject.toml
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-start")]
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "epochs=1", "--set", "steps_per_epoch=2", "--progress-every", "0", "--no-report"]

@@ -510,3 +510,15 @@ def test_more_gpus_per_case_than_any_node_is_a_one_line_error(too_many_gpus):
     assert result.stderr.strip().splitlines() == [line for line in result.stderr.splitlines() if line.startswith("bplab")], (
         result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_long_path_keeps_its_file_name_in_the_error(tmp_path, monkeypatch, capsys):
+    """A value too long to echo whole keeps its end: the file a path names."""
+    deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 8)
+    deep.mkdir(parents=True)
+    target = _regular_file(deep)
+    assert len(str(target)) > 200
+    line = assert_refused(run_main(["run", write_suite(tmp_path), "--out", target], tmp_path, monkeypatch, capsys),
+                          "afile", "regular file")
+    assert f"({len(str(target))} characters)" in line

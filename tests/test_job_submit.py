@@ -42,7 +42,8 @@ from raycluster import AUTH_VARS, BIN, end_processes as _end_processes, free_por
 from jobs.storage import RunDir
 from jobs.study import source_digest
 
-pytestmark = pytest.mark.slow
+# one `ray start --head` at a time when the suite runs in parallel (pytest -n 2): see pyproject.toml
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-start")]
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "epochs=1", "--set", "data.train_size=160", "--set", "data.test_size=80",

@@ -10,3 +10,14 @@ def one_line(error: BaseException, limit: int = 1000) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text or type(error).__name__
+
+
+def shorten(value, limit: int = 80) -> str:
+    """`value` as text of at most about `limit` characters, for echoing a user's value in an
+    error line: a long one keeps two thirds of the limit from its start (where a message says
+    what is wrong) and the rest from its end (where a path names its file), and its length."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    head = max(limit * 2 // 3, 1)
+    return f"{text[:head]}...{text[-(limit - head):]} ({len(text)} characters)"
