@@ -51,9 +51,10 @@ PINNED_DIGESTS = {
 PINNED_IDS.update({'unfair-source-quick': ['a-1ce078b32a', 'a-src-e88e2c131a', 'b-250f13aa42', 'b-src-ee9c24bebe', 'c-7daad02ef6', 'c-src-334ae7f82a', 'c-tf1-ab8cb0c8e7', 'd-492cf5637c', 'd-src-a0aff61f9e', 'd-tf1-23746b77dd', 'e-44dea96582', 'e-src-8039964604', 'e-tf1-55fcb533de', 'f-19773ead95', 'f-src-8981c541d8', 'f-tf1-ddbe546b0c'], 'adversarial-source-quick': ['adv-a-5555708b0b', 'adv-a-src-50fc70a97f', 'adv-b-abfdf22562', 'adv-b-src-b8dce9c734', 'adv-c-82e55e39cd', 'adv-c-src-67208c2166']})
 PINNED_DIGESTS.update({'unfair-source': {'a': 'b6635b8e173c', 'a-src': '4e734bda5e2a', 'b': '41250a034fb5', 'b-src': '31ad9dc49006', 'c': 'e683f7dc3b6c', 'c-src': '46ca0ad78b28', 'c-tf1': '8be7a4518708', 'd': 'd342cc9eb494', 'd-src': '43f3853d6519', 'd-tf1': 'f8b151871d32', 'e': 'f700e839082d', 'e-src': 'e4fe9dba0d52', 'e-tf1': '05bdf90397f6', 'f': '649a9eeaa953', 'f-src': 'dc34a3a9ad33', 'f-tf1': '73837613d656'}, 'adversarial-source': {'adv-a': '59149d77e13c', 'adv-a-src': 'ad1ae343a6ba', 'adv-b': 'c6f7e7dc82aa', 'adv-b-src': 'fd0e00823c68', 'adv-c': '8aee27008e28', 'adv-c-src': 'd94e2cefdf8c'}})
 
-# quick re-pinned when its lr went from 0.002 to 0.001 (d collapsed at 0.002 with seed 678; a run
-# made before keeps its own cases and still resumes, only a new `bplab run quick` gets these ids).
-PINNED_IDS["quick"] = ["a-8b9cc5d54b", "b-647acf43f0", "c-4503560a22", "d-5e60044fe1", "e-85d693e689", "f-2b231b43ae"]
+# quick re-pinned when it went from lr 0.002 and 3 epochs to lr 0.001 and 2 epochs (d collapsed at
+# 0.002 with seed 678; docs/experiments.md). A run made before keeps its own cases and still
+# resumes; only a new `bplab run quick` gets these ids.
+PINNED_IDS["quick"] = ["a-039b66fe35", "b-bc2246b961", "c-6e1cccc56d", "d-7256b3898a", "e-bfc1f684f4", "f-9547f927b5"]
 
 def write(tmp_path, text: str, name: str = "s.yaml") -> str:
     path = tmp_path / name
