@@ -142,7 +142,7 @@ def make_variant(name: str, model, params, tf_dtype):
     schedule_name = {"manual": "standard", "tape": "standard"}.get(name, name)
     engine = "autodiff" if name == "tape" else "manual"
     settings = CaseSettings(model="allconv9", width=1.0, schedule=schedule_name, engine=engine, optimizer="adam",
-                            lr=1e-4, beta1=0.9, beta2=0.9, epsilon=1e-8).validate()
+                            lr=1e-4, beta1=0.9, beta2=0.9, epsilon=1e-8)
     net = Net(model, params, dtype=tf_dtype)
     optimizer = optimizers.make_optimizer(settings, net)
     schedule = schedules.get_schedule(settings)
