@@ -10,6 +10,7 @@ autoscaler and inherit that HOME), and all their descendants, by pid.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -144,3 +145,24 @@ def make_token(env: dict, home: Path) -> str:
     assert token_file.is_file() and token_file.read_text().strip(), "no token written to the private HOME"
     assert token_file.stat().st_mode & 0o777 == 0o600, oct(token_file.stat().st_mode)
     return token_file.read_text().strip()
+
+
+def start_head(env: dict, temp_dir: Path, ports: list[int], num_cpus: int, *extra: str) -> None:
+    """`ray start --head` on 127.0.0.1 with the four `ports` (GCS, dashboard, Ray Client,
+    dashboard agent) and the dashboard on: the Jobs API needs it. Fails the test if it fails."""
+    gcs_port, dashboard_port, client_port, agent_port = ports
+    start = run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                 f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
+                 f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true", "--disable-usage-stats",
+                 f"--temp-dir={temp_dir}", *extra], env, 180)
+    assert start.returncode == 0, tail(start.stdout)
+
+
+def end_head(tags: list[str], home: Path, base: Path) -> None:
+    """End a head started by start_head (by pid, never `ray stop`), remove `base`, and fail the
+    test if one of its processes is still running."""
+    end_processes(head_pids(tags, home))
+    left = head_pids(tags, home)
+    shutil.rmtree(base, ignore_errors=True)
+    assert not left, f"Ray processes of the test head still running: {sorted(left)}"

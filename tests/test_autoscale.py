@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from raycluster import BIN, end_processes, free_ports, head_pids, make_token, private_env, run, tail
+from raycluster import BIN, end_head, free_ports, make_token, private_env, run, start_head, tail
 
 from jobs.storage import RunDir
 from jobs.study import source_digest
@@ -72,7 +71,8 @@ def cluster():
     home, temp_dir, laptop = base / "home", base / "ray", base / "laptop"
     for d in (home, temp_dir, laptop):
         d.mkdir()
-    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
+    ports = free_ports(4)
+    gcs_port, dashboard_port = ports[:2]
     env = private_env(home, RAY_FAKE_CLUSTER="1")
     config = base / "autoscaling.yaml"
     config.write_text(yaml.safe_dump(autoscaling_config(gcs_port)))
@@ -81,18 +81,10 @@ def cluster():
     tags = [str(base), info["gcs"]]
     try:
         make_token(env, home)
-        start = run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                     f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
-                     "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true", "--disable-usage-stats",
-                     f"--temp-dir={temp_dir}", f"--autoscaling-config={config}"], env, 180)
-        assert start.returncode == 0, tail(start.stdout)
+        start_head(env, temp_dir, ports, 1, f"--autoscaling-config={config}")
         yield info
     finally:
-        end_processes(head_pids(tags, home))
-        left = head_pids(tags, home)
-        shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"Ray processes of the test cluster still running: {sorted(left)}"
+        end_head(tags, home, base)
 
 
 def _nodes(cluster) -> list[dict]:

@@ -27,7 +27,6 @@ The workload is tiny (one epoch on 160 digits per case) for two shared cores.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -36,8 +35,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from raycluster import AUTH_VARS, BIN, end_processes as _end_processes, free_ports as _free_ports, \
-    head_pids as _head_pids, make_token, private_env, run as _run, tail as _tail
+from raycluster import AUTH_VARS, BIN, end_head, free_ports as _free_ports, start_head, \
+    make_token, private_env, run as _run, tail as _tail
 
 from jobs.storage import RunDir
 from jobs.study import source_digest
@@ -60,7 +59,8 @@ def head():
     home, temp_dir, out = base / "home", base / "ray", base / "out"
     for d in (home, temp_dir, out):
         d.mkdir()
-    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
+    ports = _free_ports(4)
+    gcs_port, dashboard_port = ports[:2]
 
     env = private_env(home)
     info = {
@@ -73,19 +73,10 @@ def head():
         # Ray 2.60: `ray start --head` with RAY_AUTH_MODE=token does NOT create a token
         # (ensure_token_if_auth_enabled(create_token_if_missing=False)); it fails without one.
         info["token"] = make_token(env, home)
-
-        start = _run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                      f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
-                      "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--disable-usage-stats",
-                      f"--temp-dir={temp_dir}"], env, 180)
-        assert start.returncode == 0, _tail(start.stdout)
+        start_head(env, temp_dir, ports, 2)
         yield info
     finally:
-        _end_processes(_head_pids(tags, home))
-        left = _head_pids(tags, home)
-        shutil.rmtree(base, ignore_errors=True)
-        assert not left, f"Ray processes of the test head still running: {sorted(left)}"
+        end_head(tags, home, base)
 
 
 def _check_run(run_path: Path, cases: set[str]) -> None:
