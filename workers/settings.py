@@ -221,6 +221,10 @@ class CaseFields(_Settings):
     full-batch case has one step per epoch, the moons source evaluated every 1,000)."""
     quirks: _listed_of(QuirkName) = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
+    compile: Literal["auto", "graph", "xla"] = "auto"
+    """How the training steps run: graph (a traced TensorFlow graph), xla (compiled with XLA) or
+    auto (XLA on a CPU for models without convolutions, the graph otherwise); the ledger records
+    the choice and a resumed case keeps it."""
 
 
 def _rule(field: str, message: str) -> PydanticCustomError:
@@ -263,8 +267,9 @@ class CaseSettings(CaseFields):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        if out["eval_every"] == 1:  # added later: left out at its default so earlier case ids stay the same
-            del out["eval_every"]
+        for name, default in (("eval_every", 1), ("compile", "auto")):
+            if out[name] == default:  # added later: left out at its default so earlier case ids stay the same
+                del out[name]
         return out
 
     def flat(self) -> dict:

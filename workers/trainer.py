@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import io
 import json
-import math
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from workers.columns import Rows
 
 HISTOGRAM_BINS = 30
 
@@ -67,10 +69,15 @@ def epoch_order(seed: int, epoch: int, num_train: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0xDA7A]).permutation(num_train)
 
 
-def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, settings) -> bytes:
+def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, settings,
+                    compile_mode: str | None = None) -> bytes:
+    """The state of a case at `position`; `compile_mode` (graph or xla) is how its steps ran,
+    so that a resumed case runs them the same way."""
     arrays = {f"param/{i}/{name}": value for i, unit in enumerate(params) for name, value in unit.items()}
     arrays.update({f"opt/{key}": value for key, value in optimizer_state.items()})
     meta = {"position": position, "settings": settings.to_dict()}
+    if compile_mode is not None:
+        meta["compile"] = compile_mode
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=list).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -162,13 +169,109 @@ MAX_CHUNK = 2000
 
 
 def structure_key(settings, input_shape, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
-                  dtype: str) -> str:
+                  dtype: str, compile_mode: str = "graph") -> str:
     """What decides the traced train and test steps of a case: two cases with the same key
     run the same graphs, with their own weights, optimiser state, learning rates and seeds."""
     fixed = {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS}
     return json.dumps({"settings": fixed, "input": list(input_shape), "classes": int(num_classes),
-                       "step": list(step_shape), "test": list(test_shape), "in_loop_eval": in_loop_eval, "dtype": dtype},
-                      sort_keys=True, default=list)
+                       "step": list(step_shape), "test": list(test_shape), "in_loop_eval": in_loop_eval, "dtype": dtype,
+                       "compile": compile_mode}, sort_keys=True, default=list)
+
+
+XLA_MIN_STEPS = 10_000  # auto compiles a case's steps with XLA only if it trains this many (see compile_plan)
+
+
+def compile_plan(settings, model, device: str, total_steps: int, resumed: str | None = None) -> tuple[str, str]:
+    """(graph | xla, why): how a case's chunk of steps and its test step run.
+
+    `compile: graph` or `xla` is taken as asked. `auto` follows one rule, the same every time for
+    a given case and kind of device: XLA on a CPU for a model without convolutions that trains
+    at least XLA_MIN_STEPS steps; the traced graph otherwise. Dense and recurrent models are
+    bound by the cost of each op, which XLA fuses away (several times faster per step), but
+    compiling a structure takes about a second or more on a CPU, which a short case never earns
+    back; convolutional models on a CPU spend their time in oneDNN's convolutions, which XLA
+    does not make faster; on a GPU XLA was not measured (benchmarks/README.md, "Compiled
+    chunks"). A resumed case runs the way its checkpoint says it ran (`resumed`; a
+    checkpoint from before this choice existed ran the graph), so its numbers continue
+    bit-identically. If XLA cannot compile a structure that `auto` sent to it, the case runs
+    the graph and says so (train(): info["compile_why"] and the case's log)."""
+    if settings.compile != "auto":
+        return settings.compile, "asked"
+    if resumed is not None:
+        return resumed, "resumed as it ran"
+    convolutional = any(type(op).__name__ == "Conv2D" for unit in model.units for op in unit.ops)
+    if device != "cpu":
+        return "graph", f"auto: {device} (XLA not measured there)"
+    if convolutional:
+        return "graph", "auto: convolutional model on a CPU"
+    if total_steps < XLA_MIN_STEPS:
+        return "graph", f"auto: {total_steps} steps, fewer than {XLA_MIN_STEPS} (a compile would cost more)"
+    return "xla", f"auto: model without convolutions on a CPU, {total_steps} steps"
+
+
+def chunk_rows(first_step: int, epochs: list, examples: int, costs, corrects, extras, test_costs, test_corrects,
+               flags: np.ndarray, test_size: int, lrs: np.ndarray, seconds: float, wall_start: float, traced: dict,
+               unit_names: list) -> Rows:
+    """The rows of a chunk of K = len(epochs) steps as columns: a train row per step and, after
+    each step flagged in `flags`, a test row (the test set evaluated inside the loop). The
+    same rows, in the same order and with the same values, as one dict per row would give."""
+    k = len(epochs)
+    flags = np.asarray(flags[:k], bool)
+    tests = int(flags.sum())
+    n = k + tests
+    train_at = np.arange(k) + np.concatenate([[0], np.cumsum(flags)[:-1]]) if k else np.zeros(0, np.int64)
+    test_at = train_at[flags] + 1
+    is_test = np.zeros(n, bool)
+    is_test[test_at] = True
+    steps = first_step + np.arange(k)
+
+    def both(train_values, test_values, dtype):
+        out = np.empty(n, dtype)
+        out[train_at] = train_values
+        out[test_at] = test_values
+        return out
+
+    def train_only(values, dtype, width=None):
+        shape = (n,) if width is None else (n, width)
+        out = np.ma.masked_all(shape, dtype)
+        out[train_at] = values
+        return out
+
+    epochs = np.asarray(epochs, np.int64)
+    spent = wall_start + np.arange(1, k + 1) * seconds  # the wall time at the end of each step
+    columns = {
+        "split": np.where(is_test, "test", "train"),
+        "epoch": both(epochs, epochs[flags], np.int64),
+        "step": both(steps, steps[flags] + 1, np.int64),
+        "cost": both(costs[:k].astype(np.float64), test_costs[:k][flags].astype(np.float64) / test_size, np.float64),
+        "accuracy": both(corrects[:k].astype(np.float64) / examples,
+                         test_corrects[:k][flags].astype(np.float64) / test_size, np.float64),
+        "lr": train_only(lrs[:k], np.float64),
+        "stages": train_only(traced["stages"], np.int64),
+        "layer_updates": train_only(int(sum(traced["updates"])), np.int64),
+        "forward_passes": train_only(traced["forward_passes"], np.int64),
+        "examples": train_only(examples, np.int64),
+        "examples_per_sec": train_only(examples / seconds, np.float64),
+        "wall_time": both(spent, spent[flags], np.float64),
+        "updates": train_only([int(u) for u in traced["updates"]], np.int64, len(traced["updates"])),
+        "layers": train_only(list(unit_names), np.array(unit_names).dtype, len(unit_names)),
+    }
+    for j, name in enumerate(traced["extra_names"]):
+        columns[name] = train_only(extras[:k, j].astype(np.float64), np.float64)
+    if not tests:  # nothing masked: plain arrays
+        columns = {name: np.ma.getdata(values) for name, values in columns.items()}
+    return Rows(columns)
+
+
+def _device_kind(tf) -> str:
+    """gpu when TensorFlow places ops on a GPU, else cpu."""
+    return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+
+
+def _first_line(error: BaseException) -> str:
+    from workers.errors import one_line
+
+    return one_line(error)
 
 
 class StepCache:
@@ -201,13 +304,14 @@ class Steps:
     """
 
     def __init__(self, settings, model, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
-                 tf_dtype):
+                 tf_dtype, compile_mode: str = "graph"):
         import tensorflow as tf
 
         from workers import optimizers, schedules
         from workers.layers import Context
 
         self.model = model
+        self.net_dtype = tf_dtype
         self.net = net = _make_net(model, model.init_params(0, dtype=tf_dtype.as_numpy_dtype), tf_dtype)
         self.optimizer = optimizer = optimizers.make_optimizer(settings, net)
         schedule = schedules.get_schedule(settings)
@@ -223,18 +327,8 @@ class Steps:
             cost = loss_fn.logged_cost(output, y_onehot, "test") * tf.cast(tf.shape(x)[0], tf_dtype)
             return cost, loss_fn.correct(output, labels)
 
-        @tf.function(autograph=False, input_signature=[
-            tf.TensorSpec([None, *step_shape], tf_dtype),  # (K, B, ...): the K steps' inputs
-            tf.TensorSpec([None, step_shape[0]], tf.int64),  # (K, B) labels
-            tf.TensorSpec([None], tf_dtype),  # (K,) learning rate of each step
-            tf.TensorSpec([None], tf_dtype),  # (K,) dilated skip rate of each step
-            tf.TensorSpec([], tf.int64),  # the case's seed
-            tf.TensorSpec([], tf.int64),  # global step of the first of the K steps
-            tf.TensorSpec([None], tf.bool),  # (K,) evaluate the test set after this step
-            tf.TensorSpec([None, *test_shape[1:]], tf_dtype),  # the test set (empty unless in_loop_eval)
-            tf.TensorSpec([None], tf.int64),
-        ])
-        def train_chunk(xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
+        def train_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
+            """The first `count` of the K stacked steps (K = len(xs); count = K on the graph path)."""
             k = tf.shape(xs)[0]
 
             def arrays(dtype):
@@ -271,14 +365,74 @@ class Steps:
             start = (tf.constant(0), arrays(tf_dtype), arrays(tf_dtype), arrays(tf.float32), arrays(tf_dtype),
                      arrays(tf_dtype), arrays(tf.float32))
             # parallel_iterations=1: step i+1 starts once step i has updated the variables
-            _, *out = tf.while_loop(lambda i, *_: i < k, body, start, parallel_iterations=1)
+            _, *out = tf.while_loop(lambda i, *_: i < count, body, start, parallel_iterations=1)
             return tuple(array.stack() for array in out)
 
-        @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, *test_shape[1:]], tf_dtype), tf.TensorSpec([None], tf.int64)])
-        def test_step(x, labels):
-            return evaluate_on(x, labels)
+        chunk_signature = [
+            tf.TensorSpec([None, *step_shape], tf_dtype),  # (K, B, ...): the K steps' inputs
+            tf.TensorSpec([None, step_shape[0]], tf.int64),  # (K, B) labels
+            tf.TensorSpec([None], tf_dtype),  # (K,) learning rate of each step
+            tf.TensorSpec([None], tf_dtype),  # (K,) dilated skip rate of each step
+            tf.TensorSpec([], tf.int64),  # the case's seed
+            tf.TensorSpec([], tf.int64),  # global step of the first of the K steps
+            tf.TensorSpec([None], tf.bool),  # (K,) evaluate the test set after this step
+            tf.TensorSpec([None, *test_shape[1:]], tf_dtype),  # the test set (empty unless in_loop_eval)
+            tf.TensorSpec([None], tf.int64),
+        ]
+        test_signature = [tf.TensorSpec([None, *test_shape[1:]], tf_dtype), tf.TensorSpec([None], tf.int64)]
+        self.compile_mode = compile_mode
+        self.compiled_once = False  # a chunk has run (XLA has compiled this structure)
+        self.fallback = None  # why this graph stands for an XLA structure XLA rejected
+        if compile_mode == "xla":
+            # One executable per padded K (see run_chunk); the loop runs the first `count` steps.
+            @tf.function(autograph=False, jit_compile=True, input_signature=[tf.TensorSpec([], tf.int32), *chunk_signature])
+            def compiled_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
+                return train_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test)
 
-        self.train_chunk, self.test_step = train_chunk, test_step
+            self.train_chunk = compiled_chunk
+            self.test_step = tf.function(evaluate_on, autograph=False, jit_compile=True, input_signature=test_signature)
+        else:
+            @tf.function(autograph=False, input_signature=chunk_signature)
+            def traced_chunk(xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
+                return train_chunk(tf.shape(xs)[0], xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test,
+                                   y_test)
+
+            self.train_chunk = traced_chunk
+            self.test_step = tf.function(evaluate_on, autograph=False, input_signature=test_signature)
+
+    def run_chunk(self, xs: np.ndarray, labels: np.ndarray, lrs: np.ndarray, skip_rates: np.ndarray, seed: int,
+                  first_step: int, eval_flags: np.ndarray, x_test, y_test, capacity: int = 0) -> tuple[np.ndarray, ...]:
+        """Run the K = len(xs) steps; (losses, costs, corrects, extras, test costs, test corrects), K each.
+
+        The graph path takes the K steps as they are (K is a run-time length: one trace for
+        every K). An XLA executable is compiled for one shape, so the compiled path pads K to
+        the next power of two (a handful of executables per structure, each compiled once per
+        worker, however the steps are chunked) and runs only the first K steps of the padding."""
+        import tensorflow as tf
+
+        k = len(xs)
+        tf_dtype = self.net_dtype
+        scalars = (tf.constant(seed, tf.int64), tf.constant(first_step, tf.int64))
+        if self.compile_mode != "xla":
+            out = self.train_chunk(tf.constant(xs), tf.constant(labels), tf.constant(lrs, tf_dtype),
+                                   tf.constant(skip_rates, tf_dtype), *scalars, tf.constant(eval_flags, tf.bool),
+                                   x_test, y_test)
+            return tuple(value.numpy() for value in out)
+        padded = max(capacity, 1 << max(0, k - 1).bit_length())
+
+        def pad(values, dtype=None):
+            values = np.asarray(values, dtype=dtype)
+            if padded == k:
+                return values
+            out = np.zeros((padded, *values.shape[1:]), dtype=values.dtype)
+            out[:k] = values
+            return out
+
+        out = self.train_chunk(tf.constant(k, tf.int32), tf.constant(pad(xs)), tf.constant(pad(labels)),
+                               tf.constant(pad(lrs, tf_dtype.as_numpy_dtype)),
+                               tf.constant(pad(skip_rates, tf_dtype.as_numpy_dtype)), *scalars,
+                               tf.constant(pad(eval_flags, bool)), x_test, y_test)
+        return tuple(value.numpy()[:k] for value in out)
 
     def load(self, params: list[dict], optimizer_state: dict | None) -> None:
         """This case's weights and optimiser state (zeros for a new case) into the variables."""
@@ -322,18 +476,42 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     step_shape = ((2 * drawn) if settings.augment else batch, *x_train.shape[1:])
 
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    meta = None
     if resume is not None:
         params, optimizer_state, meta = unpack_checkpoint(resume)
         assert meta["settings"] == json.loads(json.dumps(settings.to_dict(), default=list)), "checkpoint of other settings"
         position = meta["position"]
     else:
         params, optimizer_state = model.init_params(settings.seed, dtype=np.dtype(dtype)), None
-    key = structure_key(settings, x_train.shape[1:], data.num_classes, step_shape, x_test.shape, in_loop_eval, dtype)
+    cache = cache if cache is not None else StepCache()
+    compile_mode, compile_why = compile_plan(settings, model, _device_kind(tf), total_steps,
+                                             None if meta is None else meta.get("compile", "graph"))
+    shape_key = (settings, x_train.shape[1:], data.num_classes, step_shape, x_test.shape, in_loop_eval, dtype)
 
-    def build():
-        return Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype)
+    def steps_for(mode: str) -> "Steps":
+        def build():
+            return Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, mode)
 
-    steps = (cache or StepCache()).get(key, build)
+        return cache.get(structure_key(*shape_key, compile_mode=mode), build)
+
+    def fall_back(error) -> "Steps":
+        """XLA could not compile this structure: the graph path under auto (said in the case's info
+        and log, and kept for this structure in this worker); an error if XLA was asked for."""
+        reason = f"XLA rejected the step: {_first_line(error)}"
+        if compile_why != "auto" and not compile_why.startswith("auto:"):  # asked, or resumed from an XLA run
+            from workers.settings import SettingsError
+
+            raise SettingsError(f"compile: xla ({compile_why}): {reason}") from None
+        print(f"bplab: compile auto: {reason}; this case runs the traced graph", file=sys.stderr, flush=True)
+        graph = Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, "graph")
+        graph.fallback = f"auto: {reason}"
+        cache.entries[structure_key(*shape_key, compile_mode="xla")] = graph
+        graph.load(params, optimizer_state)
+        return graph
+
+    steps = steps_for(compile_mode)
+    if steps.compile_mode != compile_mode:  # XLA rejected this structure earlier in this worker (see below)
+        compile_mode, compile_why = steps.compile_mode, steps.fallback
     steps.load(params, optimizer_state)
     net, optimizer, traced = steps.net, steps.optimizer, steps.traced
     unit_names = [unit.name for unit in model.units]
@@ -383,15 +561,21 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         return x, labels
 
     pending = Report(info={"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch,
-                           "model": model.describe(), "tensorflow": tf.__version__})
+                           "model": model.describe(), "tensorflow": tf.__version__,
+                           "compile": compile_mode, "compile_why": compile_why})
     if resume is None:
         pending.histograms = weight_histograms(model, params, "before")
     global_step = position["global_step"]
     assert global_step == position["epoch"] * steps_per_epoch + position["step_in_epoch"], position
     latest: dict = {}
+    parts: list[Rows] = []  # rows since the last report, one Rows per chunk
     last_flush = last_commit = time.monotonic()
     limit = 1  # steps per call: grows to about CHUNK_SECONDS once a call has been timed
     step_bytes = max(1, int(np.prod(step_shape)) * tf_dtype.size)
+    # XLA compiles one executable per K: its chunks are padded to `capacity` steps, so a structure
+    # is compiled once per worker (and once more for a max_chunk of another power of two)
+    most = max(1, min(max_chunk, CHUNK_BYTES // step_bytes))
+    capacity = min(1 << (most - 1).bit_length(), 1 << (max(1, CHUNK_BYTES // step_bytes).bit_length() - 1))
 
     def progress(step: int, **extra) -> dict:
         return {"epoch": step // steps_per_epoch, "step": step, "steps_total": total_steps, **extra, **latest}
@@ -408,53 +592,68 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         epochs = [step // steps_per_epoch for step in range(global_step, end)]
         flags = [in_loop_eval and (step + 1) % steps_per_epoch == 0 and eval_due(step // steps_per_epoch)
                  for step in range(global_step, end)]
+        xs, labels = np.stack([x for x, _ in batches]), np.stack([y for _, y in batches])
+        lrs = np.array([optimizers.learning_rate(settings, e) for e in epochs])
+        skips = np.array([schedules.dilation_rate(settings, e) for e in epochs])
         started = time.perf_counter()
         wall_start = time.time()
-        out = steps.train_chunk(
-            tf.constant(np.stack([x for x, _ in batches])), tf.constant(np.stack([y for _, y in batches])),
-            tf.constant([optimizers.learning_rate(settings, e) for e in epochs], tf_dtype),
-            tf.constant([schedules.dilation_rate(settings, e) for e in epochs], tf_dtype),
-            tf.constant(settings.seed, tf.int64), tf.constant(global_step, tf.int64), tf.constant(flags, tf.bool),
-            test_x, test_y)
-        losses, costs, corrects, extras, test_costs, test_corrects = (value.numpy() for value in out)
+        out = None
+        while out is None:
+            try:
+                out = steps.run_chunk(xs, labels, lrs, skips, settings.seed, global_step, np.array(flags, bool), test_x,
+                                      test_y, capacity)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+                if steps.compile_mode != "xla" or steps.compiled_once:
+                    raise
+                steps = fall_back(error)  # nothing ran: XLA compiles before a step runs
+                net, optimizer, traced = steps.net, steps.optimizer, steps.traced
+                compile_mode, compile_why = steps.compile_mode, steps.fallback
+                pending.info = {**pending.info, "compile": compile_mode, "compile_why": compile_why}
+        steps.compiled_once = True
+        losses, costs, corrects, extras, test_costs, test_corrects = out
         seconds = (time.perf_counter() - started) / len(batches)
         limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
-        for i, (x, _) in enumerate(batches):
-            step, epoch = global_step + i, epochs[i]
-            lr = optimizers.learning_rate(settings, epoch)
-            pending.rows.append({
-                "split": "train", "epoch": epoch, "step": step, "cost": float(costs[i]),
-                "accuracy": float(corrects[i]) / len(x), "lr": lr, "stages": traced["stages"],
-                "layer_updates": int(sum(traced["updates"])), "forward_passes": traced["forward_passes"],
-                "examples": len(x), "examples_per_sec": len(x) / seconds, "wall_time": wall_start + (i + 1) * seconds,
-                "updates": [int(n) for n in traced["updates"]], "layers": list(unit_names),
-                **{name: float(value) for name, value in zip(traced["extra_names"], extras[i])},
-            })
-            if not math.isfinite(float(losses[i])):
-                pending.status = "diverged"
-                pending.progress = {"epoch": epoch, "step": step + 1, "diverged_step": step}
-                report(pending)
-                return {"status": "diverged", "epoch": epoch, "step": step, "diverged_step": step}
-            pending.progress = progress(step + 1, train_accuracy=float(corrects[i]) / len(x), train_cost=float(costs[i]))
-            if flags[i]:
-                test_cost, test_accuracy = float(test_costs[i]) / len(x_test), float(test_corrects[i]) / len(x_test)
-                latest = {"test_accuracy": test_accuracy, "test_cost": test_cost, "test_epoch": epoch}
-                pending.rows.append({"split": "test", "epoch": epoch, "step": step + 1, "cost": test_cost,
-                                     "accuracy": test_accuracy, "wall_time": wall_start + (i + 1) * seconds})
+        if steps.compile_mode == "xla":
+            limit = min(limit, capacity)
+        flags_array = np.array(flags, bool)
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):  # the rows up to the first non-finite loss, that one included
+            first = int(bad[0])
+            flags_array[first:] = False
+            parts.append(chunk_rows(global_step, epochs[:first + 1], len(batches[0][0]), costs, corrects, extras,
+                                    test_costs, test_corrects, flags_array[:first + 1], len(x_test), lrs, seconds,
+                                    wall_start, traced, unit_names))
+            step = global_step + first
+            pending.rows = Rows.concat(parts)
+            pending.status = "diverged"
+            pending.progress = {"epoch": epochs[first], "step": step + 1, "diverged_step": step}
+            report(pending)
+            return {"status": "diverged", "epoch": epochs[first], "step": step, "diverged_step": step}
+        parts.append(chunk_rows(global_step, epochs, len(batches[0][0]), costs, corrects, extras, test_costs,
+                                test_corrects, flags_array, len(x_test), lrs, seconds, wall_start, traced, unit_names))
+        last = len(batches) - 1
+        accuracy = float(corrects[last]) / len(batches[last][0])
+        pending.progress = progress(end, train_accuracy=accuracy, train_cost=float(costs[last]))
+        if flags_array.any():
+            i = int(np.flatnonzero(flags_array)[-1])
+            latest = {"test_accuracy": float(test_corrects[i]) / len(x_test), "test_cost": float(test_costs[i]) / len(x_test),
+                      "test_epoch": epochs[i]}
         global_step = end
         epoch_done, in_epoch = divmod(global_step, steps_per_epoch)
         if not in_loop_eval and in_epoch == 0 and eval_due(epoch_done - 1):
             test_cost, test_accuracy = evaluate()
             latest = {"test_accuracy": test_accuracy, "test_cost": test_cost, "test_epoch": epoch_done - 1}
-            pending.rows.append({"split": "test", "epoch": epoch_done - 1, "step": global_step, "cost": test_cost,
-                                 "accuracy": test_accuracy, "wall_time": time.time()})
+            parts.append(Rows({"split": np.array(["test"]), "epoch": np.array([epoch_done - 1]),
+                               "step": np.array([global_step]), "cost": np.array([test_cost]),
+                               "accuracy": np.array([test_accuracy]), "wall_time": np.array([time.time()])}))
         pending.progress = {**pending.progress, **progress(global_step)}
         now = time.monotonic()
         finished = global_step == total_steps
         if (finished or now - last_commit >= commit_every or (commit_requested is not None and commit_requested())
                 or (checkpoint_every_steps and global_step % checkpoint_every_steps == 0)):
             where = {"epoch": epoch_done, "step_in_epoch": in_epoch, "global_step": global_step}
-            pending.checkpoint = pack_checkpoint(net.numpy_params(), optimizer.state(), where, settings)
+            pending.checkpoint = pack_checkpoint(net.numpy_params(), optimizer.state(), where, settings,
+                                                 compile_mode=compile_mode)
             last_commit = now
         if finished:
             pending.histograms.extend(weight_histograms(model, net.numpy_params(), "after"))
@@ -462,6 +661,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 pending.boundary = decision_boundary(net, x_train)
             pending.status = "done"
         if pending.checkpoint is not None or now - last_flush >= report_every_seconds:
+            pending.rows, parts = Rows.concat(parts), []
             report(pending)
             pending, last_flush = Report(), now
     return {"status": "done", "epoch": settings.epochs, "step": global_step, **latest}
