@@ -21,6 +21,7 @@ from jobs.plan import PlannedCase
 from jobs.storage import LedgerEntry, RunDir
 from jobs.view import LiveView
 from workers.actor import classify_exception, first_line
+from workers.columns import add_rows, gather
 from workers.logs import CaseLogs
 
 TRANSIENT = ("worker_died", "node_lost")
@@ -49,7 +50,7 @@ class CaseState:
     worker: WorkerSlot | None = None
     start_ref: object = None
     poll_ref: object = None
-    rows: list = field(default_factory=list)
+    rows: list = field(default_factory=list)  # uncommitted rows: workers.columns.Rows chunks (or row dicts)
     layer_stats: list = field(default_factory=list)
     progress: dict = field(default_factory=dict)
     started_at: float = 0.0
@@ -296,7 +297,7 @@ class Driver:
     def _take_report(self, state: CaseState, report) -> None:
         if report.info:  # the trainer's description (model, units, batch, TF version): kept with the case
             state.entry.info = {**state.entry.info, "trainer": report.info}  # written by the next commit
-        state.rows.extend(report.rows)
+        add_rows(state.rows, report.rows)  # a Rows (columns) per report, kept as columns
         state.layer_stats.extend(report.layer_stats)
         if report.progress:
             state.progress = report.progress
@@ -320,7 +321,8 @@ class Driver:
                 entry.state, entry.reason_class = "diverged", "diverged"
                 entry.diverged_step = report.progress.get("diverged_step")
                 entry.reason = f"non-finite loss at step {entry.diverged_step}"
-            state.entry = self.run.commit(state.planned.case_id, state.rows, report.checkpoint, entry, state.layer_stats)
+            state.entry = self.run.commit(state.planned.case_id, gather(state.rows), report.checkpoint, entry,
+                                          state.layer_stats)
             state.rows, state.layer_stats = [], []
 
     def _finish(self, state: CaseState, outcome: dict) -> None:

@@ -423,12 +423,16 @@ class RunDir:
     def commit(
         self,
         case_id: str,
-        rows: list[dict],
+        rows: list[dict] | Mapping | pa.Table,
         checkpoint: bytes | None,
         entry: LedgerEntry,
         layer_stats: list[dict] | None = None,
     ) -> LedgerEntry:
         """Commit one progress report of a case, exactly once; return the new ledger entry.
+
+        ``rows`` (the metrics rows): row dicts, a mapping of column name -> equal-length arrays
+        (what the trainer sends, see workers.columns; a masked entry is null, a 2-D array holds a
+        list per row), an object holding such a mapping as ``.columns``, or a pyarrow.Table.
 
         ``seq = entry.commit_seq + 1``. In order:
 
@@ -467,7 +471,15 @@ class RunDir:
             self._publish_all(current)  # a publish that failed after an earlier commit
             seq = current.commit_seq + 1
             tables = []
-            if rows:
+            columns = getattr(rows, "columns", rows)  # a workers.columns.Rows holds a column mapping
+            if isinstance(columns, pa.Table):
+                if columns.num_rows:
+                    tables.append(("metrics", self._conform("metrics", None, table=_arrow_to_table(columns, case_id))))
+            elif isinstance(columns, Mapping):
+                if len(rows):
+                    table = _columns_to_table(columns, case_id, "metrics")
+                    tables.append(("metrics", self._conform("metrics", None, table=table)))
+            elif rows:
                 tables.append(("metrics", self._conform("metrics", _strip_key(rows, case_id, "metrics"))))
             if layer_stats:
                 tables.append(("layer_stats", self._conform("layer_stats", _strip_key(layer_stats, case_id, "layer_stats"))))
@@ -1285,7 +1297,7 @@ def _columns_to_table(columns: Mapping, case_id: str, what: str) -> pa.Table:
                 raise StorageError(f"{what}: a row of another case was committed for case {case_id}")
             continue
         try:
-            array = pa.array(np.asarray(values)) if not isinstance(values, list) else pa.array(values)
+            array = _column_array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
             raise StorageError(f"{what}: column {name!r}: {exc}") from None
         if length is not None and len(array) != length:
@@ -1294,6 +1306,33 @@ def _columns_to_table(columns: Mapping, case_id: str, what: str) -> pa.Table:
         arrays.append(_normalise(array))
         names.append(name)
     return pa.Table.from_arrays(arrays, names=names)
+
+
+def _column_array(values) -> pa.Array:
+    """An Arrow array from one column: a list, a 1-D array, or a 2-D array (one equal-length list
+    per row); masked entries of a numpy.ma.MaskedArray are nulls."""
+    if isinstance(values, list):
+        return pa.array(values)
+    mask = np.ma.getmaskarray(values) if isinstance(values, np.ma.MaskedArray) else None
+    data = np.asarray(np.ma.getdata(values))
+    if data.ndim == 2:  # a list per row
+        rows, width = data.shape
+        flat = pa.array(data.reshape(-1))
+        offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+        row_mask = None if mask is None or not mask.any() else pa.array(mask.all(axis=1))
+        return pa.ListArray.from_arrays(offsets, flat, mask=row_mask)
+    if mask is not None and mask.any():
+        return pa.array(data, mask=mask)
+    return pa.array(data)
+
+
+def _arrow_to_table(table: pa.Table, case_id: str) -> pa.Table:
+    """A pyarrow.Table of rows in stable types, without the partition key."""
+    if PARTITION_KEY in table.column_names:
+        if set(table.column(PARTITION_KEY).to_pylist()) - {case_id}:
+            raise StorageError(f"metrics: a row of another case was committed for case {case_id}")
+        table = table.drop_columns([PARTITION_KEY])
+    return pa.Table.from_arrays([_normalise(c.combine_chunks()) for c in table.columns], names=table.column_names)
 
 
 def _stable_type(t: pa.DataType) -> pa.DataType:
