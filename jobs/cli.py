@@ -171,8 +171,6 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from jobs.study import run_study
-
     from jobs.study import Study
 
     return Study(from_arguments(args), command=sys.argv).run().exit_code
