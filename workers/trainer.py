@@ -479,7 +479,10 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     meta = None
     if resume is not None:
         params, optimizer_state, meta = unpack_checkpoint(resume)
-        assert meta["settings"] == json.loads(json.dumps(settings.to_dict(), default=list)), "checkpoint of other settings"
+        from workers.settings import from_json
+
+        # (a checkpoint stored before a setting existed lacks it: its ids count it as unset)
+        assert from_json(meta["settings"]).changed() == settings.changed(), "checkpoint of other settings"
         position = meta["position"]
     else:
         params, optimizer_state = model.init_params(settings.seed, dtype=np.dtype(dtype)), None
