@@ -238,8 +238,8 @@ class CaseFields(_Settings):
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
     compile: Literal["auto", "graph", "xla"] = "auto"
     """How the training steps run: graph (a traced TensorFlow graph), xla (compiled with XLA) or
-    auto (XLA on a CPU for models without convolutions, the graph otherwise); the ledger records
-    the choice and a resumed case keeps it."""
+    auto (XLA on a CPU for a model without convolutions that trains 10,000 steps or more, else
+    the graph); the ledger records the choice (info.trainer.compile) and a resumed case keeps it."""
 
 
 def _rule(field: str, message: str) -> PydanticCustomError:
