@@ -235,25 +235,29 @@ def test_one_worker_runs_cases_in_turn_and_a_failure_does_not_poison(one_slot, t
         pd.testing.assert_frame_equal(rows(reused_rows, name), rows(fresh_rows, name))
 
 
-def steps_in(seconds: float) -> int:
+def steps_in(seconds: float, compile: str = "graph") -> int:
     """How many moons steps (eval every 1,000) this machine trains in about `seconds`."""
-    case = settings(seed=3, epochs=3000, eval_every=1000)
-    run(case)  # traces
+    case = settings(seed=3, epochs=3000, eval_every=1000, compile=compile)
+    cache = StepCache()
+    run(case, cache=cache)  # traces (and compiles)
     started = time.perf_counter()
-    run(case)
+    run(case, cache=cache)
     rate = 3000 / (time.perf_counter() - started)
     return max(20_000, int(rate * seconds) // 1000 * 1000)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_worker_killed_during_its_second_case(one_slot, tmp_path):
+@pytest.mark.parametrize("compile", ["graph", "xla"])
+def test_worker_killed_during_its_second_case(one_slot, tmp_path, compile):
     """Commits every 3 s; the kill lands 2.5 s after the victim's second commit. By then the
     trainer's 2-second progress report has brought rows to the driver that no commit holds yet:
-    a driver that kept them for the retried attempt would log those steps twice."""
-    steps = steps_in(24.0)  # the victim runs long enough for two commits and the kill (about 14 s here)
-    cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7},
-             "control": {"seed": 7, "lr": 2.0000000001}}
+    a driver that kept them for the retried attempt would log those steps twice. On the traced
+    graph and on XLA (which `auto` picks for these cases of 20,000 steps or more): the resumed
+    attempt, in a fresh worker, compiles again and continues bit-identically."""
+    steps = steps_in(24.0, compile)  # the victim runs long enough for two commits and the kill (about 14 s here)
+    cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7, "compile": compile},
+             "control": {"seed": 7, "lr": 2.0000000001, "compile": compile}}
     suite = write_suite(tmp_path, "kill2", cases, epochs=steps, eval_every=1000)
     run_dir = tmp_path / "run"
     process = bplab(one_slot, str(suite), "--out", str(run_dir), "--commit-every", "3")
@@ -278,6 +282,7 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path):
     entries = ledger(run_dir)
     assert entries["victim"]["attempts"] == 2 and entries["victim"]["state"] == "done"
     assert entries["victim"]["info"]["pid"] != victim["info"]["pid"]
+    assert entries["victim"]["info"]["trainer"]["compile"] == compile  # the ledger says how it ran
     table = metrics(run_dir)  # refuses a row logged twice
     assert sorted(table[(table.name == "victim") & (table.split == "train")]["step"]) == list(range(steps))
     control = rows(table, "control")
