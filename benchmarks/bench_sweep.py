@@ -60,25 +60,122 @@ def files_per_case(run_dir: str) -> float:
     return sum(len(list(f.glob("*.parquet"))) for f in folders) / max(1, len(folders))
 
 
+class Parts:
+    """Times the parts of one run_study in the driver process, by wrapping the functions that do
+    them (nothing in jobs/ or workers/ changes): seconds from the call, start and end of each."""
+
+    WRAPPED = [("jobs.plan", None, "load_data", "load data"), ("jobs.study", None, "connect", "ray.init"),
+               ("jobs.driver", None, "start_workers", "start workers (request)"),
+               ("jobs.storage", "RunDir", "create", "run dir"), ("jobs.study", "Study", "execute", "execute"),
+               ("ray", None, "put", "ray.put"), ("ray", None, "shutdown", "ray.shutdown")]
+
+    def __init__(self):
+        self.t0 = self.wall0 = None
+        self.spans: dict = {}
+        self.first_start = None
+        self.saved = []
+
+    def __enter__(self):
+        import importlib
+
+        for module_name, class_name, name, label in self.WRAPPED:
+            owner = importlib.import_module(module_name)
+            if class_name:
+                owner = getattr(owner, class_name)
+            if owner is None or not hasattr(owner, name):
+                continue  # not in this tree
+            raw = owner.__dict__[name] if class_name else getattr(owner, name)
+            self.saved.append((owner, name, raw))
+            if isinstance(raw, classmethod):
+                setattr(owner, name, classmethod(self._wrap(raw.__func__, label)))
+            else:
+                setattr(owner, name, self._wrap(raw, label))
+        from jobs.driver import Driver
+
+        handle = Driver._handle
+        self.saved.append((Driver, "_handle", handle))
+        parts = self
+
+        def timed_handle(driver, state, ref, kind):
+            out = handle(driver, state, ref, kind)
+            if kind == "start" and parts.first_start is None:
+                parts.first_start = time.perf_counter() - parts.t0
+            return out
+        Driver._handle = timed_handle
+        self.t0, self.wall0 = time.perf_counter(), time.time()
+        return self
+
+    def _wrap(self, function, label):
+        parts = self
+
+        def timed(*args, **kwargs):
+            begin = time.perf_counter() - parts.t0
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spans = parts.spans.setdefault(label, [])
+                spans.append((begin, time.perf_counter() - parts.t0))
+        return timed
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self.saved):
+            setattr(owner, name, original)
+
+    def summary(self, run_dir: str, total: float) -> dict:
+        """The parts, and the workers' own start (from the ledger: when each worker process began
+        and how long its TensorFlow import and set-up took)."""
+        ledger = [json.loads(p.read_text()) for p in (Path(run_dir) / "ledger").glob("*.json")]
+        workers = {}
+        for entry in ledger:
+            info = entry.get("info", {})
+            if "worker_started_at" in info:
+                workers[info["pid"]] = (info["worker_started_at"] - self.wall0, info.get("tensorflow_seconds"))
+        out = {label: [(round(a, 3), round(b, 3)) for a, b in spans] for label, spans in self.spans.items()}
+        out["first start() returned"] = round(self.first_start or 0.0, 3)
+        out["workers (process began, TF import + set-up s)"] = sorted((round(a, 3), b) for a, b in workers.values())
+        shutdown = self.spans.get("ray.shutdown", [(total, total)])[-1]
+        execute = self.spans.get("execute", [(0.0, 0.0)])[-1]
+        out["cases (first start() returned -> execute end)"] = round(execute[1] - (self.first_start or execute[0]), 3)
+        out["total"] = round(total, 3)
+        out["after execute (report off; ray.shutdown)"] = round(total - execute[1], 3)
+        out["ray.shutdown s"] = round(shutdown[1] - shutdown[0], 3)
+        return out
+
+
+def import_seconds() -> float:
+    """A fresh interpreter importing what `bplab run` imports before it works (no TensorFlow)."""
+    code = ("import time; t = time.perf_counter(); import jobs.cli, jobs.study, jobs.driver, jobs.storage, jobs.plan, "
+            "pandas, pyarrow, ray; print(time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return float(done.stdout.split()[-1])
+
+
 def bench_bplab(suite: str, slots: int, label: str, **kwargs) -> dict:
-    """One run_study on a private local Ray (every core of the machine: `slots`)."""
+    """One run_study on a private local Ray (every core of the machine: `slots`), timed part by part."""
     from jobs.study import run_study
 
     with tempfile.TemporaryDirectory(prefix="bplab-sweep-") as tmp:
         out = str(Path(tmp) / "run")
         started = time.perf_counter()
-        result = run_study(suite, out, progress_every=0, report=False, stream=open(os.devnull, "w"), **kwargs)
+        with Parts() as parts:
+            result = run_study(suite, out, progress_every=0, report=False, stream=open(os.devnull, "w"), **kwargs)
         wall = time.perf_counter() - started
+        timeline = parts.summary(out, wall)
         cases = len(result.states)
         train = training_seconds(out)
         overhead = wall - train / slots
         numbers = {"what": label, "suite": suite, "cases": cases, "slots": slots, "wall_s": wall,
                    "training_s": train, "wall_over_training_per_slot": wall / (train / slots),
                    "overhead_s": overhead, "overhead_per_case_per_slot_s": overhead / (cases / slots),
-                   "metrics_files_per_case": files_per_case(out), "states": dict(result.counts), **kwargs}
+                   "metrics_files_per_case": files_per_case(out), "states": dict(result.counts),
+                   "parts": timeline, "import_s": import_seconds(), **kwargs}
     say(f"{label}: {cases} cases on {slots} slots in {wall:.1f} s; training {train:.2f} s "
         f"({train / slots:.2f} s per slot); overhead {overhead:.1f} s = {numbers['overhead_per_case_per_slot_s']:.2f} s "
         f"per case per slot; {numbers['metrics_files_per_case']:.1f} metrics files per case; {dict(result.counts)}")
+    say(f"  imports in a fresh interpreter {numbers['import_s']:.2f} s (before the timeline); timeline, s from run_study's call:")
+    for name, value in timeline.items():
+        say(f"    {name}: {value}")
     return numbers
 
 

@@ -62,7 +62,7 @@ class Driver:
     def __init__(self, run: RunDir, planned: list[PlannedCase], data_refs: dict, *, max_retries: int = 2,
                  checkpoint_every_steps: int = 0, commit_every: float = 30.0, slots: int = 0,
                  fresh_worker_per_case: bool = False, worker_max_cases: int = 50, worker_max_memory_mb: float = 0.0,
-                 progress_every: float = 10.0, out=sys.stderr, lease=None):
+                 progress_every: float = 10.0, out=sys.stderr, lease=None, workers: list | None = None):
         self.run = run
         self.data_refs = data_refs
         self.max_retries = max_retries
@@ -80,29 +80,16 @@ class Driver:
                       for p in planned}
         self.queue: list[CaseState] = []  # cases waiting for a worker, in order
         self.storage_broken: str | None = None  # set by the first storage error: no new case is handed out
-        self.workers: list[WorkerSlot] = []
+        self.workers: list[WorkerSlot] = list(workers or [])  # started early: see start_workers
         self.active: dict = {}  # ObjectRef -> (case_id, kind)
         self.interrupting = False
-        self.workers_started = 0
-        self._remote_class = None
+        self.workers_started = len(self.workers)
         self.view = LiveView(out, summary_every=progress_every)  # the terminal: summary + running cases
         self.logs = CaseLogs(run)  # the cases' own output -> RUN/logs/<case>.log
 
     # ------------------------------------------------------------------ workers
-    def _worker_class(self):
-        import ray
-
-        from workers.actor import Worker
-
-        if self._remote_class is None:
-            self._remote_class = ray.remote(Worker)
-        return self._remote_class
-
     def _new_worker(self, num_cpus: float, num_gpus: float, resources: dict | None = None) -> WorkerSlot:
-        # resources: the training marker of the cluster's training node types (never the head)
-        actor = self._worker_class().options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                                             max_restarts=0, max_task_retries=0).remote(num_cpus, num_gpus)
-        worker = WorkerSlot(actor, num_cpus, num_gpus)
+        worker = new_worker(num_cpus, num_gpus, resources)
         self.workers.append(worker)
         self.workers_started += 1
         return worker
@@ -445,6 +432,43 @@ class Driver:
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
 _STORAGE_TEXTS = ("no space left", "disk quota", "permission denied", "read-only file system", "input/output error")
+
+
+_REMOTE_WORKER = None
+
+
+def new_worker(num_cpus: float, num_gpus: float, resources: dict | None = None) -> WorkerSlot:
+    """Start one worker actor with a slot's resources (`resources`: the training marker of the
+    cluster's training node types, never the head). It imports TensorFlow at once."""
+    import ray
+
+    from workers.actor import Worker
+
+    global _REMOTE_WORKER
+    job = ray.get_runtime_context().get_job_id()  # one remote class per Ray session
+    if _REMOTE_WORKER is None or _REMOTE_WORKER[0] != job:
+        _REMOTE_WORKER = (job, ray.remote(Worker))
+    actor = _REMOTE_WORKER[1].options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                                   max_restarts=0, max_task_retries=0).remote(num_cpus, num_gpus)
+    return WorkerSlot(actor, num_cpus, num_gpus)
+
+
+def start_workers(planned: list[PlannedCase], slots: int) -> list[WorkerSlot]:
+    """Workers for the first cases to run, started as soon as Ray is up: their TensorFlow
+    import (seconds) then overlaps the driver's own start (the run directory, the data put in
+    the object store). Handed to Driver(workers=...), which uses them like its own."""
+    return [new_worker(p.num_cpus, p.num_gpus, p.resources) for p in planned[:max(0, slots)]]
+
+
+def stop_workers(workers: list[WorkerSlot]) -> None:
+    """Stop workers that no driver took (nothing was left to run)."""
+    import ray
+
+    for worker in workers:
+        try:
+            ray.kill(worker.actor, no_restart=True)
+        except Exception:
+            pass
 
 
 def storage_is_broken(error: BaseException) -> bool:

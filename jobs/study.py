@@ -125,7 +125,7 @@ class Study:
 
     def run(self) -> StudyResult:
         from jobs import plan as plan_module
-        from jobs.driver import TERMINAL
+        from jobs.driver import TERMINAL, start_workers, stop_workers
         from jobs.storage import RunDir
 
         o = self.options
@@ -153,6 +153,8 @@ class Study:
                 view = plan_module.ray_view(o.address)
                 gpus = plan_module.apply_resources(planned, view, o.gpus_per_case)
                 full, _ = plan_module.concurrency(planned, view)
+                # a new run's first workers start now: their TensorFlow import overlaps what follows
+                early = start_workers(planned, max(1, full)) if old is None and not o.fresh_worker_per_case else []
                 # 4. the run directory: created, or the resumed one with the suite's new cases added
                 run = old or RunDir.create(location, self.manifest(study, datasets), [p.row() for p in planned])
                 if old is not None:
@@ -168,7 +170,9 @@ class Study:
                 states = {p.case_id: ledger[p.case_id].state for p in planned}
                 with autoscaler_request(view, todo, full, self.stream):
                     if todo:
-                        states.update(self.execute(run, todo, datasets, max(1, full), lease))
+                        states.update(self.execute(run, todo, datasets, max(1, full), lease, early))
+                    else:
+                        stop_workers(early)
         # 6. the report and the summary
         result = StudyResult(str(run.location), states)
         if o.report:
@@ -176,8 +180,8 @@ class Study:
         self.say(f"{run.location}: " + ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items())))
         return result
 
-    def execute(self, run, todo: list, datasets: dict, slots: int, lease: "Lease") -> dict:
-        """Train the cases `todo` on Ray; case_id -> final state."""
+    def execute(self, run, todo: list, datasets: dict, slots: int, lease: "Lease", workers: list = ()) -> dict:
+        """Train the cases `todo` on Ray (on `workers`, started early, and more as needed); case_id -> final state."""
         import ray
 
         from jobs.driver import Driver
@@ -187,7 +191,7 @@ class Study:
         driver = Driver(run, todo, refs, max_retries=o.max_retries, checkpoint_every_steps=o.checkpoint_every,
                         commit_every=o.commit_every, slots=slots, fresh_worker_per_case=o.fresh_worker_per_case,
                         worker_max_cases=o.worker_max_cases, worker_max_memory_mb=o.worker_max_memory_mb,
-                        progress_every=o.progress_every, out=self.stream, lease=lease.renew)
+                        progress_every=o.progress_every, out=self.stream, lease=lease.renew, workers=list(workers))
         return driver.execute()
 
     def manifest(self, study, datasets: dict) -> dict:

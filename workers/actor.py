@@ -42,22 +42,37 @@ class Worker:
         self.cache = None  # workers.trainer.StepCache, made with TensorFlow
         self.commit_wanted = threading.Event()
         self.cases_run = 0
+        self.started_at = time.time()
         logs.start_capture()  # before TensorFlow: a case's own output goes to RUN/logs, not the terminal
         self.log_offset = logs.output_offset()
+        # TensorFlow is imported and set up from now on, while the driver gets the data and the
+        # run directory ready: start() waits for it
+        self.setup_error: BaseException | None = None
+        self.setup = threading.Thread(target=self._set_up, daemon=True, name="bplab-setup")
+        self.setup.start()
+
+    def _set_up(self) -> None:
+        try:
+            began = time.time()
+            info = self._setup_tensorflow()
+            from workers.trainer import StepCache
+
+            self.cache = StepCache()
+            self.info = {**info, "worker_started_at": self.started_at, "tensorflow_seconds": round(time.time() - began, 3)}
+        except BaseException as error:  # raised again by start()
+            self.setup_error = error
 
     def start(self, case_id: str, settings_json: dict, data, resume: bytes | None, checkpoint_every_steps: int,
               commit_every: float = 30.0) -> dict:
-        """Start training a case in a thread; return device info (TensorFlow set up on first use)
+        """Start training a case in a thread; return device info (TensorFlow set up since the worker began)
         and, under "log", the worker's output since the case began."""
         self.log_offset = logs.output_offset()  # the case's output starts here
         if self.thread is not None:
             self.thread.join(timeout=30)  # the previous case has committed its end; let its thread finish
             assert not self.thread.is_alive(), "a worker runs one case at a time"
-        if self.info is None:
-            self.info = self._setup_tensorflow()
-            from workers.trainer import StepCache
-
-            self.cache = StepCache()
+        self.setup.join()
+        if self.setup_error is not None:
+            raise self.setup_error
         from workers import settings as settings_module
 
         settings = settings_module.from_json(settings_json)
