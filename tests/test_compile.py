@@ -224,3 +224,14 @@ def test_metrics_from_columns_equal_the_row_path(tmp_path):
     # and the same rows as dicts through today's row path: bit-identical but for the timings
     pd.testing.assert_frame_equal(new.drop(columns=list(VOLATILE)), same.drop(columns=list(VOLATILE)))
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_epoch_orders_are_numpys_orders():
+    from workers.trainer import epoch_order, epoch_orders
+
+    for seed in (0, 1, 678, 2**31 - 1):
+        epochs = [0, 1, 2, 5, 999, 20_000, 2**31 - 1, 2**32 - 1]
+        for n in (1, 7, 160):
+            expected = np.stack([epoch_order(seed, e, n) for e in epochs])
+            np.testing.assert_array_equal(epoch_orders(seed, epochs, n), expected)

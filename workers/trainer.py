@@ -69,6 +69,58 @@ def epoch_order(seed: int, epoch: int, num_train: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0xDA7A]).permutation(num_train)
 
 
+_PCG64_MULTIPLIER = (2549297995355413924 << 64) + 4865540595714422341
+_MASK32, _MASK128 = np.uint64(0xFFFFFFFF), (1 << 128) - 1
+
+
+def epoch_orders(seed: int, epochs, num_train: int) -> np.ndarray:
+    """epoch_order of each of `epochs`, (len(epochs), num_train), the same numbers in a third of
+    the time: a full-batch case draws a new order every step, and NumPy's default_rng([seed,
+    epoch, 0xDA7A]) spends most of its 17 us on seeding (SeedSequence, then PCG64's state).
+    Here SeedSequence's mixing runs for all the epochs at once (NumPy's algorithm on uint32
+    words, vectorised), PCG64's seeding is done on Python ints and one Generator draws every
+    permutation. tests/test_compile.py checks it against epoch_order."""
+    epochs = np.asarray(epochs, dtype=np.uint64)
+    words = [np.full(len(epochs), seed, np.uint64), epochs & _MASK32, np.full(len(epochs), 0xDA7A, np.uint64),
+             np.zeros(len(epochs), np.uint64)]  # the entropy words, padded to SeedSequence's pool of 4
+    assert seed < 2**32 and (epochs >> np.uint64(32) == 0).all()
+    constant = 0x43B0D7E5
+
+    def hashmix(value):
+        nonlocal constant
+        value = (value ^ np.uint64(constant)) & _MASK32
+        constant = (constant * 0x931E8875) & 0xFFFFFFFF
+        value = (value * np.uint64(constant)) & _MASK32
+        return value ^ (value >> np.uint64(16))
+
+    def mix(x, y):
+        result = (np.uint64(0xCA01F9DD) * x - np.uint64(0x4973F715) * y) & _MASK32
+        return result ^ (result >> np.uint64(16))
+
+    pool = [hashmix(word) for word in words]
+    for source in range(4):
+        for target in range(4):
+            if source != target:
+                pool[target] = mix(pool[target], hashmix(pool[source]))
+    constant, state = 0x8B51F9DD, []
+    for i in range(8):  # generate_state(4, uint64): 8 uint32 words, read as 4 little-endian uint64
+        value = (pool[i % 4] ^ np.uint64(constant)) & _MASK32
+        constant = (constant * 0x58F38DED) & 0xFFFFFFFF
+        value = (value * np.uint64(constant)) & _MASK32
+        state.append(value ^ (value >> np.uint64(16)))
+    seeds = np.stack(state, axis=1).astype(np.uint32).view(np.uint64)  # (n, 4)
+    bit_generator = np.random.PCG64(0)
+    generator = np.random.Generator(bit_generator)
+    out = np.empty((len(epochs), num_train), np.int64)
+    for row, (high, low, inc_high, inc_low) in enumerate(seeds.tolist()):
+        inc = ((((inc_high << 64) | inc_low) << 1) | 1) & _MASK128  # pcg64_set_seed: srandom_r(state, seq)
+        current = (((inc + ((high << 64) | low)) & _MASK128) * _PCG64_MULTIPLIER + inc) & _MASK128
+        bit_generator.state = {"bit_generator": "PCG64", "state": {"state": current, "inc": inc},
+                               "has_uint32": 0, "uinteger": 0}
+        out[row] = generator.permutation(num_train)
+    return out
+
+
 def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, settings,
                     compile_mode: str | None = None) -> bytes:
     """The state of a case at `position`; `compile_mode` (graph or xla) is how its steps ran,
@@ -403,6 +455,7 @@ class Steps:
         self.compiled_once = False  # a chunk has run (XLA has compiled this structure)
         self.fallback = None  # why this graph stands for an XLA structure XLA rejected
         self.seconds_per_step = None  # XLA: of the last call (the next case's first chunk length)
+        self.buffers: dict = {}  # XLA: the padded inputs of a call, reused
         if compile_mode == "xla":
             # One executable per padded K (see run_chunk); the loop runs the first `count` steps.
             @tf.function(autograph=False, jit_compile=True, input_signature=[tf.TensorSpec([], tf.int32), *chunk_signature])
@@ -440,18 +493,21 @@ class Steps:
             return tuple(value.numpy() for value in out)
         padded = max(capacity, 1 << max(0, k - 1).bit_length())
 
-        def pad(values, dtype=None):
+        def pad(name: str, values, dtype=None):
             values = np.asarray(values, dtype=dtype)
             if padded == k:
-                return values
-            out = np.zeros((padded, *values.shape[1:]), dtype=values.dtype)
-            out[:k] = values
-            return out
+                return tf.constant(values)
+            shape = (padded, *values.shape[1:])
+            out = self.buffers.get(name)
+            if out is None or out.shape != shape or out.dtype != values.dtype:
+                out = self.buffers[name] = np.zeros(shape, dtype=values.dtype)  # kept: no new one per call
+            out[:k] = values  # the steps after the k-th never run: what is left there does not matter
+            return tf.constant(out)
 
-        out = self.train_chunk(tf.constant(k, tf.int32), tf.constant(pad(xs)), tf.constant(pad(labels)),
-                               tf.constant(pad(lrs, tf_dtype.as_numpy_dtype)),
-                               tf.constant(pad(skip_rates, tf_dtype.as_numpy_dtype)), *scalars,
-                               tf.constant(pad(eval_flags, bool)), x_test, y_test)
+        numpy_dtype = tf_dtype.as_numpy_dtype
+        out = self.train_chunk(tf.constant(k, tf.int32), pad("xs", xs), pad("labels", labels),
+                               pad("lrs", lrs, numpy_dtype), pad("skips", skip_rates, numpy_dtype), *scalars,
+                               pad("flags", eval_flags, bool), x_test, y_test)
         return tuple(value.numpy()[:k] for value in out)
 
     def load(self, params: list[dict], optimizer_state: dict | None) -> None:
@@ -570,11 +626,31 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     orders: dict = {}
 
+    def order_of(epochs) -> None:
+        """The example orders of `epochs` into `orders` (a few kept)."""
+        wanted = list(dict.fromkeys(epochs))
+        missing = [e for e in wanted if e not in orders]
+        if missing:
+            if len(orders) + len(missing) > 4096:
+                orders.clear()
+                missing = wanted
+            orders.update(zip(missing, epoch_orders(settings.seed, missing, len(x_train))))
+
+    def chunk_batches(first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The inputs and labels of steps first..end-1, stacked: (K, batch, ...) and (K, batch)."""
+        if settings.augment:
+            batches = [batch_of(step) for step in range(first, end)]
+            return np.stack([x for x, _ in batches]), np.stack([y for _, y in batches])
+        epochs_, in_epoch = np.divmod(np.arange(first, end), steps_per_epoch)
+        order_of(epochs_.tolist())
+        table = np.stack([orders[e] for e in dict.fromkeys(epochs_.tolist())])
+        rows = np.searchsorted(np.unique(epochs_), epochs_)
+        index = table[rows[:, None], in_epoch[:, None] * drawn + np.arange(drawn)]
+        return x_train[index], y_train[index]
+
     def batch_of(step: int):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = epoch_order(settings.seed, epoch, len(x_train))
+        order_of([epoch])
         index = orders[epoch][step_in_epoch * drawn:(step_in_epoch + 1) * drawn]
         x, labels = x_train[index], y_train[index]
         if settings.augment:
@@ -616,11 +692,10 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         if settings.layer_stats_every and global_step % settings.layer_stats_every == 0:
             x0, _ = batch_of(global_step)
             pending.layer_stats.extend(layer_statistics(net, tf.constant(x0), global_step, global_step // steps_per_epoch))
-        batches = [batch_of(step) for step in range(global_step, end)]
+        xs, labels = chunk_batches(global_step, end)
         epochs = [step // steps_per_epoch for step in range(global_step, end)]
         flags = [in_loop_eval and (step + 1) % steps_per_epoch == 0 and eval_due(step // steps_per_epoch)
                  for step in range(global_step, end)]
-        xs, labels = np.stack([x for x, _ in batches]), np.stack([y for _, y in batches])
         lrs = np.array([optimizers.learning_rate(settings, e) for e in epochs])
         skips = np.array([schedules.dilation_rate(settings, e) for e in epochs])
         started = time.perf_counter()
@@ -640,7 +715,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                                 "compile_why": compile_why}
         steps.compiled_once = True
         losses, costs, corrects, extras, test_costs, test_corrects = out
-        seconds = (time.perf_counter() - started) / len(batches)
+        seconds = (time.perf_counter() - started) / len(xs)
         limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
         if steps.compile_mode == "xla":
             limit = min(limit, capacity)
@@ -650,7 +725,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         if len(bad):  # the rows up to the first non-finite loss, that one included
             first = int(bad[0])
             flags_array[first:] = False
-            parts.append(chunk_rows(global_step, epochs[:first + 1], len(batches[0][0]), costs, corrects, extras,
+            parts.append(chunk_rows(global_step, epochs[:first + 1], xs.shape[1], costs, corrects, extras,
                                     test_costs, test_corrects, flags_array[:first + 1], len(x_test), lrs, seconds,
                                     wall_start, traced, unit_names))
             step = global_step + first
@@ -659,10 +734,10 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             pending.progress = {"epoch": epochs[first], "step": step + 1, "diverged_step": step}
             report(pending)
             return {"status": "diverged", "epoch": epochs[first], "step": step, "diverged_step": step}
-        parts.append(chunk_rows(global_step, epochs, len(batches[0][0]), costs, corrects, extras, test_costs,
+        parts.append(chunk_rows(global_step, epochs, xs.shape[1], costs, corrects, extras, test_costs,
                                 test_corrects, flags_array, len(x_test), lrs, seconds, wall_start, traced, unit_names))
-        last = len(batches) - 1
-        accuracy = float(corrects[last]) / len(batches[last][0])
+        last = len(xs) - 1
+        accuracy = float(corrects[last]) / xs.shape[1]
         pending.progress = progress(end, train_accuracy=accuracy, train_cost=float(costs[last]))
         if flags_array.any():
             i = int(np.flatnonzero(flags_array)[-1])
