@@ -1,16 +1,20 @@
 """The runs in a folder, one line each (`bplab runs [DIR]`): suite, created, case states, wall time.
 
-Reads only manifest.json, the ledger and cases.parquet of each run folder; a damaged or
-partial folder gives one line saying what is wrong, never an exception.
+Reads only the manifest, the ledger and the cases table of each run folder (through
+analysis.rundir); a damaged or partial folder gives one line saying what is wrong, never an
+exception.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
 from pathlib import Path
+
+from analysis.rundir import RunDir, StorageError
+from analysis.rundir.layout import MANIFEST
+from workers.errors import one_line
 
 STATE_ORDER = ("done", "running", "pending", "failed", "diverged")
 
@@ -32,59 +36,39 @@ def describe_run(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     info = {"run": folder.name, "suite": "", "created": None, "states": Counter(), "wall_seconds": None,
             "problem": None}
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        info["problem"] = "not a run (no manifest.json)"
+    run = RunDir(folder)
+    if not run.is_run():
+        info["problem"] = f"not a run (no {MANIFEST})"
         return info
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as error:
-        info["problem"] = f"damaged manifest.json ({' '.join(str(error).split())})"
+        manifest = run.manifest()
+        run.format_version()
+    except StorageError as error:
+        info["problem"] = one_line(error).replace(f"{run.location}: ", "")
         return info
     info["suite"] = str(manifest.get("suite", "?"))
-    created = manifest.get("created_at")
-    if isinstance(created, str):  # an ISO date (older manifests, hand-made runs)
-        try:
-            from datetime import datetime, timezone
-
-            moment = datetime.fromisoformat(created.replace("Z", "+00:00"))
-            created = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-        except ValueError:
-            created = None
-    info["created"] = float(created) if isinstance(created, (int, float)) else None
-    bad, last_update = 0, None
-    known = set()
-    ledger = folder / "ledger"
-    for path in sorted(ledger.glob("*.json")) if ledger.is_dir() else []:
-        if path.name.startswith((".", "_")):
-            continue
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            state = str(entry["state"])
-        except (OSError, ValueError, KeyError, TypeError):
-            bad += 1
-            continue
-        known.add(path.stem)
-        info["states"][state] += 1
-        updated = entry.get("updated_at")
-        if isinstance(updated, (int, float)) and updated > 0:
-            last_update = updated if last_update is None else max(last_update, updated)
+    info["created"] = run.created_at()
+    try:
+        entries, damaged = run.scan_ledger()
+    except (OSError, ValueError) as error:
+        entries, damaged = {}, []
+        info["problem"] = f"unreadable ledger ({type(error).__name__})"
+    last_update = None
+    for entry in entries.values():
+        info["states"][entry.state] += 1
+        if isinstance(entry.updated_at, (int, float)) and entry.updated_at > 0:
+            last_update = entry.updated_at if last_update is None else max(last_update, entry.updated_at)
     try:  # cases without a ledger entry yet
-        import pyarrow.parquet as pq
-
-        if (folder / "cases.parquet").is_file():
-            ids = pq.read_table(folder / "cases.parquet", columns=["case_id"]).column("case_id").to_pylist()
-            missing = len(set(map(str, ids)) - known)
-            if missing:
-                info["states"]["no ledger"] += missing
-        elif not known:
-            info["problem"] = "partial run (no cases.parquet, no ledger)"
-    except Exception as error:  # a damaged cases table is reported, not raised
-        info["problem"] = f"damaged cases.parquet ({type(error).__name__})"
-    if bad:
-        info["problem"] = f"{bad} unreadable ledger entr{'y' if bad == 1 else 'ies'}"
+        missing = len(set(run.case_ids()) - set(entries) - set(damaged))
+        if missing:
+            info["states"]["no ledger"] += missing
+    except StorageError as error:  # a damaged or missing cases table is reported, not raised
+        if run.has_cases():
+            info["problem"] = one_line(error).replace(f"{run.location}/", "").split(";")[0]
+        elif not entries and not damaged:
+            info["problem"] = "partial run (no cases table, no ledger)"
+    if damaged:
+        info["problem"] = f"{len(damaged)} unreadable ledger entr{'y' if len(damaged) == 1 else 'ies'}"
     if info["created"] is not None and last_update is not None:
         info["wall_seconds"] = max(0.0, last_update - info["created"])
     return info

@@ -8,8 +8,8 @@ scripts and the benchmarks call it directly::
     result.states        # {case_id: "done" | "diverged" | "failed" | ...}
 
 Everything that can be checked without Ray (the suite, the data, the plan, the output
-location) is checked before Ray starts; a user error raises one of `USER_ERRORS` with a
-one-line message.
+location) is checked before Ray starts; a user error raises `workers.errors.UserError` (or a
+subclass) with a one-line message.
 """
 
 from __future__ import annotations
@@ -25,22 +25,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from workers.errors import UserError, one_line as _one_line
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class UsageError(ValueError):
-    """Bad input to a command or to run_study (one line)."""
-
-
-def user_errors() -> tuple:
-    """The exception classes whose message is a one-line user error (exit code 2)."""
-    from jobs.plan import PlanError
-    from jobs.storage import StorageError
-    from jobs.suites import SuiteError
-    from workers.data import DataError
-    from workers.settings import SettingsError
-
-    return (UsageError, SuiteError, SettingsError, PlanError, StorageError, DataError)
 
 
 @dataclass
@@ -91,11 +78,11 @@ def load_study(suite, *, only=(), overrides=(), run=None):
 
     if suite is None:
         if run is None:
-            raise UsageError("run: give a SUITE (see `bplab cases`) or --resume RUN")
+            raise UserError("run: give a SUITE (see `bplab cases`) or --resume RUN")
         return suite_from_run(run, only, overrides)
     if isinstance(suite, suites.Suite):
         if overrides:
-            raise UsageError("overrides apply to a suite file or name, not to a Suite object")
+            raise UserError("overrides apply to a suite file or name, not to a Suite object")
         return suites.select(suite, list(only))
     return suites.select(suites.load_suite(str(suite), list(overrides)), list(only))
 
@@ -117,24 +104,24 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     its resident memory stays under `worker_max_memory_mb` (0: no limit);
     `fresh_worker_per_case` starts a new process for every case instead.
     """
+    from analysis.rundir import RunDir
     from jobs import plan as plan_module
-    from jobs.storage import RunDir
 
     stream = stream or sys.stderr
     check_arguments(max_retries=max_retries, checkpoint_every=checkpoint_every, cpus_per_case=cpus_per_case,
                     gpus_per_case=gpus_per_case, progress_every=progress_every)
     check_address(address)
     if not commit_every >= 0 or commit_every == float("inf"):
-        raise UsageError(f"--commit-every {commit_every}: must be a number of seconds >= 0")
+        raise UserError(f"--commit-every {commit_every}: must be a number of seconds >= 0")
     if worker_max_cases < 1:
-        raise UsageError(f"--worker-max-cases {worker_max_cases}: must be >= 1")
+        raise UserError(f"--worker-max-cases {worker_max_cases}: must be >= 1")
     if not worker_max_memory_mb >= 0:
-        raise UsageError(f"--worker-max-memory-mb {worker_max_memory_mb}: must be >= 0 (0: no limit)")
+        raise UserError(f"--worker-max-memory-mb {worker_max_memory_mb}: must be >= 0 (0: no limit)")
     run = None
     if resume:
         run = RunDir.open(resume)
         if out:
-            raise UsageError("--out and --resume: the resumed run is written where it is")
+            raise UserError("--out and --resume: the resumed run is written where it is")
     study = load_study(suite, only=only, overrides=overrides, run=run)
     datasets = plan_module.load_data(study.cases)
     # impossible requests fail before Ray starts; the GPU default is set once the cluster is known
@@ -210,7 +197,7 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         try:
             leased.release_lease(token)
         except Exception as error:  # the lease goes stale by itself
-            print(f"[bplab] could not release driver.lock: {_one_line(error)}", file=stream)
+            print(f"[bplab] could not release the run's lease: {_one_line(error)}", file=stream)
         if run is None:  # nothing was created (e.g. the plan does not fit the cluster): leave nothing behind
             _remove_empty(made)
         if view is not None and view.autoscaling:
@@ -230,14 +217,14 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
 
 
 def _renew(run, token: str, stream) -> None:
-    from jobs.storage import LeaseLost
+    from analysis.rundir import LeaseLost
 
     try:
         run.renew_lease(token)
     except LeaseLost:  # another driver took the run over: stop at once
         raise
     except Exception as error:  # a missed heartbeat is not worth stopping the study
-        print(f"[bplab] could not refresh driver.lock: {_one_line(error)}", file=stream)
+        print(f"[bplab] could not refresh the run's lease: {_one_line(error)}", file=stream)
 
 
 def write_report(run, stream=None) -> str | None:
@@ -245,10 +232,11 @@ def write_report(run, stream=None) -> str | None:
     stream = stream or sys.stderr
     try:
         from analysis.report import write_report as write
+        from analysis.rundir import local_path
 
         location = str(run.location)
         out_dir = None
-        if "://" in location and not location.startswith("file://"):  # remote run: the report goes to a local folder
+        if local_path(location) is None:  # remote run: the report goes to a local folder
             out_dir = Path("reports") / location.rstrip("/").rsplit("/", 1)[-1]
         path = write(location, out_dir=out_dir)
         print(f"[bplab] report: {path}", file=stream)
@@ -260,7 +248,7 @@ def write_report(run, stream=None) -> str | None:
 
 def check_arguments(*, max_retries=2, checkpoint_every=200, cpus_per_case=1.0, gpus_per_case=None,
                     progress_every=10.0) -> None:
-    """UsageError (one line) for a numeric argument out of range, NaN or infinite."""
+    """UserError (one line) for a numeric argument out of range, NaN or infinite."""
     import math
 
     def number(name, value, low, *, integer=False, strict=False, optional=False):
@@ -270,7 +258,7 @@ def check_arguments(*, max_retries=2, checkpoint_every=200, cpus_per_case=1.0, g
         ok = ok and (value > low if strict else value >= low) and (not integer or float(value).is_integer())
         if not ok:
             kind = "an integer" if integer else "a finite number"
-            raise UsageError(f"--{name} {_short(value)}: must be {kind} {'>' if strict else '>='} {low:g}")
+            raise UserError(f"--{name} {_short(value)}: must be {kind} {'>' if strict else '>='} {low:g}")
 
     number("max-retries", max_retries, 0, integer=True)
     number("checkpoint-every", checkpoint_every, 0, integer=True)
@@ -280,7 +268,7 @@ def check_arguments(*, max_retries=2, checkpoint_every=200, cpus_per_case=1.0, g
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
-    """UsageError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
+    """UserError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
 
     'auto', 'local' and None are left to Ray; 'HOST:PORT' and 'ray://HOST:PORT' are probed
     with a TCP connection first, so an unreachable address fails at once instead of Ray
@@ -290,54 +278,54 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
     if address is None or address in ("auto", "local"):
         return
     if not isinstance(address, str) or not address.strip() or len(address) > 1000:
-        raise UsageError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+        raise UserError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
     target = address.strip()
     if "://" in target:
         scheme, target = target.split("://", 1)
         if scheme != "ray":
-            raise UsageError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+            raise UserError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
     host, _, port_text = target.rstrip("/").rpartition(":")
     host = host.strip("[]")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"--address {_short(address)}: expected HOST:PORT with a port in 1..65535")
+        raise UserError(f"--address {_short(address)}: expected HOST:PORT with a port in 1..65535")
     try:
         with socket.create_connection((host, int(port_text)), timeout=timeout):
             pass
     except OSError as error:
         reason = _one_line(error) if not isinstance(error, socket.timeout) else f"no answer in {timeout:g} s"
-        raise UsageError(f"--address {_short(address)}: cannot reach a Ray cluster there ({reason})") from None
+        raise UserError(f"--address {_short(address)}: cannot reach a Ray cluster there ({reason})") from None
 
 
 def check_out(location: str) -> None:
-    """UsageError (one line) if a new run cannot be created at the local path `location`:
+    """UserError (one line) if a new run cannot be created at the local path `location`:
     it is a regular file, lies under one, or its nearest existing folder is not writable."""
-    import re
+    from analysis.rundir import local_path
 
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+    if local_path(location) is None:
         return  # an object store: checked by the first write
-    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    path = Path(local_path(location))
     if path.is_file():
-        raise UsageError(f"--out {_short(location)}: is a regular file, not a folder")
+        raise UserError(f"--out {_short(location)}: is a regular file, not a folder")
     parent = path
     while not parent.exists():
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out {_short(location)}: {_short(str(parent))} is a regular file, not a folder")
+        raise UserError(f"--out {_short(location)}: {_short(str(parent))} is a regular file, not a folder")
     if path.exists() and not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {_short(location)}: the folder is not writable")
+        raise UserError(f"--out {_short(location)}: the folder is not writable")
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {_short(location)}: cannot create it ({_short(str(parent))} is not writable)")
+        raise UserError(f"--out {_short(location)}: cannot create it ({_short(str(parent))} is not writable)")
 
 
 def _missing_folders(location: str) -> list[Path] | None:
     """The local folders that creating `location` would make, deepest first (None: not local)."""
-    import re
+    from analysis.rundir import local_path
 
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+    if local_path(location) is None:
         return None
-    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    path = Path(local_path(location))
     missing = []
     while not path.exists() and path.parent != path:
         missing.append(path)
@@ -378,14 +366,17 @@ def runs_root() -> Path:
 
 
 def _on_host(location: str, view) -> str:
-    if "://" in location or view is None or view.host is None or not (view.types or in_ray_job()):
+    from analysis.rundir import is_uri
+
+    if is_uri(location) or view is None or view.host is None or not (view.types or in_ray_job()):
         return ""
     return f" (on {view.host}; bring it home with `bplab fetch ADDRESS {location}`)"
 
 
 def project_runtime_env() -> dict:
-    """Ships this copy of jobs/ and workers/ with tasks bplab runs on a cluster's head."""
-    return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers")]}
+    """Ships this copy of jobs/, workers/ and analysis/ (the run directory's package) with tasks
+    bplab runs on a cluster's head."""
+    return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers"), str(ROOT / "analysis")]}
 
 
 def connect(address: str | None, runtime_env: dict | None = None) -> None:
@@ -401,12 +392,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
         else:
             ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
-
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+        raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 
 
 def _version(package: str) -> str | None:

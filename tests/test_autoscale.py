@@ -30,7 +30,7 @@ import pytest
 import yaml
 from raycluster import BIN, end_head, free_ports, make_token, private_env, run, start_head, tail
 
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.study import source_digest
 
 # one `ray start --head` at a time when the suite runs in parallel (pytest -n 2): see pyproject.toml

@@ -12,7 +12,7 @@ import pytest
 from jobs import plan, suites
 from jobs.suites import SuiteError
 
-STORAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # jobs.storage._NAME_RE, written out on purpose
+STORAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # analysis.rundir.layout.NAME_RE, written out on purpose
 
 # Ids of every built-in suite with embedded data, as main planned them before names were
 # sanitised (moons is the exception: its old ids held '=' and never ran; the digests are the

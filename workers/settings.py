@@ -20,6 +20,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from workers import registry
+from workers.errors import UserError
 from workers.registry import GRADIENT_QUIRKS, QUIRK_DOCS, QUIRKS  # noqa: F401 - re-exported
 
 # Names people reach for from other tools, for the did-you-mean hint.
@@ -32,7 +33,7 @@ MAX_RESIZE = RESIZE_LIMIT
 MAX_STEPS = 10**8  # epochs x steps_per_epoch (epochs alone without steps_per_epoch), unless BPLAB_FORCE_LONG=1
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
     """A user-facing settings error; its message is one line naming the field."""
 
 
