@@ -156,8 +156,8 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
         leased = RunDir(location)
     else:
         leased = run
-    try:
-        leased.take_lease(token)
+    try:  # a new run's lease says what it starts: a driver killed before the manifest still leaves word
+        leased.take_lease(token, details=_start_details(suite, only, overrides) if run is None else None)
     except BaseException:
         _remove_empty(made)
         raise
@@ -227,6 +227,20 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     counts = result.counts
     print(f"[bplab] {run.location}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=stream)
     return result
+
+
+def _start_details(suite, only=(), overrides=()) -> dict:
+    """What `bplab run` needs to start this study again: {suite, only, overrides}. The suite is
+    a built-in name as given, or a suite file's absolute path."""
+    from jobs import suites
+
+    if isinstance(suite, suites.Suite):
+        source = Path(suite.source) if suite.source else None
+        name = suite.name if source is None or source.parent == suites.SUITE_DIR else str(source.resolve())
+    else:
+        path = suites.resolve(str(suite))  # already loaded, so it resolves
+        name = str(suite) if path.parent == suites.SUITE_DIR else str(path.resolve())
+    return {"suite": name, "only": [str(x) for x in only], "overrides": [str(x) for x in overrides]}
 
 
 def _renew(run, token: str, stream) -> None:
@@ -416,10 +430,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git() -> dict:
+def _git(root: Path = ROOT) -> dict:
+    """The checkout's commit and whether it has uncommitted changes (files .gitignore names,
+    such as a virtual environment made inside it, do not count)."""
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
