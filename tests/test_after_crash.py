@@ -141,10 +141,10 @@ def test_a_dead_process_on_this_host_or_no_lease_at_all_means_interrupted(tmp_pa
 
 @pytest.mark.timeout(60)
 def test_a_folder_holding_only_driver_lock_says_what_happened_and_what_to_type(tmp_path, cli):
-    from jobs.study import _start_details
+    from jobs.study import start_details
 
     location = tmp_path / "runs" / "quick-early"
-    RunDir(str(location)).take_lease("killed-early", details=_start_details("quick", ["a"], ["epochs=1"]))
+    RunDir(str(location)).take_lease("killed-early", details=start_details("quick", ["a"], ["epochs=1"]))
     record = json.loads((location / LOCK).read_text())
     assert {record["suite"], *record["only"], *record["overrides"]} == {"quick", "a", "epochs=1"}
     record["pid"] = dead_pid()  # the driver was killed before it created the run
