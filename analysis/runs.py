@@ -14,9 +14,10 @@ from pathlib import Path
 
 from analysis.rundir import RunDir, StorageError
 from analysis.rundir.layout import MANIFEST
+from analysis.rundir.liveness import display_state, driver_liveness, not_a_run_message, resume_command, when
 from workers.errors import one_line
 
-STATE_ORDER = ("done", "running", "pending", "failed", "diverged")
+STATE_ORDER = ("done", "running", "interrupted", "pending", "failed", "diverged")
 
 
 def _duration(seconds: float) -> str:
@@ -31,14 +32,17 @@ def _duration(seconds: float) -> str:
 
 
 def describe_run(folder: str | os.PathLike) -> dict:
-    """{run, suite, created, states (Counter), wall_seconds, problem}: problem is None for a
-    readable run, else one line (not a run, damaged manifest, unreadable ledger entries)."""
+    """{run, suite, created, states (Counter), wall_seconds, problem, note}: problem is None for a
+    readable run, else one line (not a run, damaged manifest, unreadable ledger entries); note
+    is None unless the run is unfinished with no driver alive (then its cases started and not
+    finished count as interrupted, see analysis.rundir.liveness) and says how to continue it."""
     folder = Path(folder)
     info = {"run": folder.name, "suite": "", "created": None, "states": Counter(), "wall_seconds": None,
-            "problem": None}
+            "problem": None, "note": None}
     run = RunDir(folder)
     if not run.is_run():
-        info["problem"] = f"not a run (no {MANIFEST})"
+        # a driver killed before it created the run leaves its lease: say so, and what to type
+        info["problem"] = f"not a run (no {MANIFEST})" if run.lease_state()[0] == "gone" else not_a_run_message(run)
         return info
     try:
         manifest = run.manifest()
@@ -53,11 +57,14 @@ def describe_run(folder: str | os.PathLike) -> dict:
     except (OSError, ValueError) as error:
         entries, damaged = {}, []
         info["problem"] = f"unreadable ledger ({type(error).__name__})"
-    last_update = None
+    updates = [e.updated_at for e in entries.values() if isinstance(e.updated_at, (int, float)) and e.updated_at > 0]
+    last_update = max(updates, default=None)
+    liveness = driver_liveness(run, [last_update] if last_update else [])
     for entry in entries.values():
-        info["states"][entry.state] += 1
-        if isinstance(entry.updated_at, (int, float)) and entry.updated_at > 0:
-            last_update = entry.updated_at if last_update is None else max(last_update, entry.updated_at)
+        info["states"][display_state(entry, liveness)] += 1
+    unfinished = sum(n for s, n in info["states"].items() if s not in ("done", "diverged", "failed"))
+    if unfinished and not liveness.alive:
+        info["note"] = f"no driver since {when(liveness.last_seen)}: {resume_command(str(folder))}"
     try:  # cases without a ledger entry yet
         missing = len(set(run.case_ids()) - set(entries) - set(damaged))
         if missing:
@@ -95,6 +102,8 @@ def format_runs(infos: list[dict]) -> str:
         states = info["states"]
         ordered = [s for s in STATE_ORDER if states[s]] + sorted(s for s in states if s not in STATE_ORDER)
         counts = ", ".join(f"{states[s]} {s}" for s in ordered) or "none"
+        if info.get("note"):
+            counts += f"; {info['note']}"
         line = f"{info['run']:<{width}}  {info['suite']:<{suite_width}}  {created:<19}  {wall:>8}  {counts}"
         if info["problem"]:
             line = (f"{info['run']:<{width}}  {info['suite']:<{suite_width}}  {created:<19}  {wall:>8}  "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
+from typing import Any
 import platform
 import secrets
 import time
@@ -39,10 +41,14 @@ class LeaseMixin:
             return None  # a torn lease: see _lease_state
         return holder if isinstance(holder, dict) else None
 
-    def take_lease(self, token: str, stale_seconds: float = LEASE_STALE_SECONDS) -> None:
+    def take_lease(self, token: str, stale_seconds: float = LEASE_STALE_SECONDS, *,
+                   details: Mapping[str, Any] | None = None) -> None:
         """Claim the run for the driver holding ``token``; StorageError (one line) if another holds it.
 
-        The run folder is created if needed. Object stores: pyarrow offers no conditional
+        The run folder is created if needed. ``details`` (JSON-able, e.g. the suite and options
+        a new run is started with) are kept in the lease record and its renewals, so a driver
+        killed before the manifest exists still leaves word of what it was starting (see
+        liveness.py). Object stores: pyarrow offers no conditional
         write, so there the exclusive create is a write followed by a read-back check, which
         narrows but does not close the window in which two drivers starting in the same
         instant could both win.
@@ -51,8 +57,9 @@ class LeaseMixin:
             raise StorageError("a lease token must be a non-empty string")
         self._make_folder()
         lock = self._files.path(LOCK)
+        record = {**dict(details or {}), **_record(token)}
         for _ in range(3):
-            if self._create_record(lock, token):
+            if self._create_record(lock, record):
                 return
             state, holder = self._lease_state(stale_seconds)
             if state == "gone":
@@ -70,7 +77,7 @@ class LeaseMixin:
                     raise StorageError(self._held_message(holder))
                 if state != "gone":
                     self._files.delete(lock)
-                if self._create_record(lock, token):
+                if self._create_record(lock, record):
                     return
         raise StorageError(f"{self.location}: could not take {LOCK} (other drivers keep taking it); try again")
 
@@ -83,7 +90,8 @@ class LeaseMixin:
             if holder is None or holder.get("token") != token:
                 who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody"
                 raise LeaseLost(f"{self.location}: this driver lost {LOCK} (now held by {who}); stopped")
-            self._files.write_bytes(self._files.path(LOCK), json_bytes(_record(token), f"{self.location}: {LOCK}"))
+            record = {**holder, **_record(token)}  # the details given to take_lease stay
+            self._files.write_bytes(self._files.path(LOCK), json_bytes(record, f"{self.location}: {LOCK}"))
 
     def release_lease(self, token: str) -> None:
         """Give the run up, if ``token`` still holds it."""
@@ -91,9 +99,19 @@ class LeaseMixin:
             if marked and (self.read_lock() or {}).get("token") == token:
                 self._files.delete(self._files.path(LOCK))
 
-    def _create_record(self, path: str, token: str) -> bool:
-        record = _record(token)
-        return self._files.create_exclusive(path, json_bytes(record, f"{self.location}: {LOCK}"), token)
+    def lease_state(self, stale_seconds: float = LEASE_STALE_SECONDS) -> tuple[str, dict]:
+        """('gone' | 'live' | 'expired', the lease record): is a driver alive for this run? Reads only.
+
+        'expired': the holder's process is gone (same host) or its heartbeat is older than
+        ``stale_seconds`` (another host); the record ({} when gone, or torn) says who it was and
+        when it was last seen (``heartbeat``, unix seconds)."""
+        try:
+            return self._lease_state(stale_seconds)
+        except (OSError, pa.ArrowException):
+            return "gone", {}
+
+    def _create_record(self, path: str, record: dict) -> bool:
+        return self._files.create_exclusive(path, json_bytes(record, f"{self.location}: {LOCK}"), record["token"])
 
     def _lease_state(self, stale_seconds: float) -> tuple[str, dict]:
         """('gone' | 'live' | 'expired', the lease record)."""

@@ -30,6 +30,7 @@ from analysis.rundir.layout import (
     partition_case,
 )
 from analysis.rundir.lease import LeaseMixin
+from analysis.rundir.liveness import not_a_run_message
 from analysis.rundir.ledger import LedgerEntry, check_name, read_entry
 from analysis.rundir.repair import RepairMixin
 from analysis.rundir.schema import Schemas, cases_to_table, check_cases, settings_column_types
@@ -390,8 +391,8 @@ class RunDir(CommitMixin, RepairMixin, LeaseMixin):
         return self._case_ids
 
     def _require_run(self) -> None:
-        if not self.is_run():
-            raise StorageError(f"{self.location} is not a bplab run directory (no {MANIFEST})")
+        if not self.is_run():  # (a driver that died before creating the run left its lease: say so)
+            raise StorageError(not_a_run_message(self))
 
 
 def _folder_name(path: str) -> str:
