@@ -206,7 +206,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from jobs.driver import CaseState, render_view
+    from jobs.driver import CaseState, render_losses, render_view
     from jobs.plan import PlannedCase
     from jobs.storage import RunDir
     from jobs.study import case_from_row
@@ -227,6 +227,8 @@ def cmd_status(args) -> int:
     for state in states:
         if state.entry.reason and state.entry.state != "done":
             print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
+    for line in render_losses(states):
+        print(line)
     return 1 if unrepaired else 0
 
 
