@@ -215,7 +215,7 @@ def steps_logged(run) -> list[int]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("never_started", ["cancelled", "unschedulable", "unavailable", "generic", "object_lost"])
 def test_a_worker_lost_before_its_case_started_is_not_an_attempt(tmp_path, monkeypatch, never_started):
-    """The issue's sequence: the node dies mid-case; the replacement is cancelled with the dead
+    """A spot preemption as it unfolds: the node dies mid-case; the replacement is cancelled with the dead
     node; the next one runs elsewhere. With one retry allowed the case finishes."""
     scripts = [("die", N1, unavailable, 2), ("cancel", EXCEPTIONS[never_started]), ("finish", N2)]
     driver, fake, run, out = make_driver(tmp_path, monkeypatch, scripts, max_retries=1)
