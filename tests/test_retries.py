@@ -296,7 +296,7 @@ def test_an_actor_whose_constructor_failed_is_not_retried(tmp_path, monkeypatch)
 @pytest.mark.timeout(60)
 def test_status_and_the_report_name_the_lost_nodes(tmp_path, monkeypatch, capsys):
     from analysis.load import load
-    from analysis.report import lost_workers
+    from analysis.report import lost_workers, write_report
     from tests.test_bad_input import run_main
 
     scripts = [("die", N1, unavailable, 1), ("cancel", cancelled), ("die", N2, unavailable, 2), ("finish", N0)]
@@ -308,6 +308,8 @@ def test_status_and_the_report_name_the_lost_nodes(tmp_path, monkeypatch, capsys
     assert table[["name", "attempt", "reason_class", "node_id", "step"]].values.tolist() == [
         ["a", 1, "node_lost", N1, 1], ["a", 2, "node_lost", N2, 3]]
     assert (table["back_after_s"] >= 0).all()
+    report = write_report(run.location, tmp_path / "report", figures=False).read_text()
+    assert "## Lost workers and nodes" in report and report.count(f"| {N1} |") == 1 and f"| {N2} |" in report
     status = run_main(["status", run.location], tmp_path, monkeypatch, capsys)
     assert status.code == 0, status.stderr
     assert f"a: node_lost: node {N1[:12]}" in status.stdout and "attempt 1 at step 1" in status.stdout
