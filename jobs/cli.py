@@ -178,7 +178,7 @@ def cmd_status(args) -> int:
 
     from analysis.rundir import RunDir
     from analysis.rundir.liveness import display_state, driver_liveness, interrupted_line, when
-    from jobs.driver import CaseState, render_view
+    from jobs.driver import CaseState, render_losses, render_view
     from jobs.plan import PlannedCase
     from jobs.study import case_from_row
 
@@ -201,6 +201,8 @@ def cmd_status(args) -> int:
     for state in states:
         if state.entry.reason and state.entry.state != "done":
             print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
+    for line in render_losses(states):
+        print(line)
     unfinished = sum(state.entry.state not in ("done", "diverged", "failed") for state in states)
     line = interrupted_line(run.location, liveness, unfinished)
     if line:

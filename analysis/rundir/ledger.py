@@ -51,6 +51,9 @@ class LedgerEntry:
     parts: dict = field(default_factory=dict)
     # the kept checkpoints, newest first (at most two): {commit_seq, path, sha256, epoch, step, latest}
     checkpoints: list = field(default_factory=list)
+    # the workers it lost, oldest first: {at, node_id, node, reason_class, settled, attempt, counted,
+    # step, commit_seq, resumed_at}; reason_class is node_lost once the GCS has declared the node dead
+    losses: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of all fields."""
@@ -79,6 +82,8 @@ class LedgerEntry:
             raise StorageError(f"case {self.case_id}: info and latest must be dicts")
         if not isinstance(self.parts, dict) or not isinstance(self.checkpoints, list):
             raise StorageError(f"case {self.case_id}: parts must be a dict and checkpoints a list")
+        if not isinstance(self.losses, list) or not all(isinstance(loss, dict) for loss in self.losses):
+            raise StorageError(f"case {self.case_id}: losses must be a list of dicts")
 
     def committed_seqs(self, dataset: str) -> dict[int, int]:
         """{commit sequence number: rows} of the dataset's committed parts."""
