@@ -177,7 +177,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from jobs.driver import CaseState, render_view
+    import dataclasses
+
+    from jobs.driver import CaseState, render_losses, render_view
+    from jobs.liveness import display_state, driver_liveness, interrupted_line, when
     from jobs.plan import PlannedCase
     from jobs.storage import RunDir
     from jobs.study import case_from_row
@@ -186,18 +189,29 @@ def cmd_status(args) -> int:
     unrepaired = _verify_and_repair(run)
     table = run.cases().set_index("case_id")
     manifest = run.manifest()
+    ledger = run.ledger()
+    liveness = driver_liveness(run, [entry.updated_at for entry in ledger.values()])
     states = []
-    for case_id, entry in run.ledger().items():
+    for case_id, entry in ledger.items():
         row = table.loc[case_id]
         case = case_from_row({**row.to_dict(), "case_id": case_id})
         planned = PlannedCase(case, case_id, row.get("num_cpus", 0), row.get("num_gpus", 0), 0,
                               int(row.get("steps_total", 0)), case.settings.data)
-        states.append(CaseState(planned, entry))
+        shown = display_state(entry, liveness)  # 'running' with no driver alive is 'interrupted'
+        states.append(CaseState(planned, dataclasses.replace(entry, state=shown) if shown != entry.state else entry))
     print(f"run {run.location} (suite {manifest.get('suite')}, commit {str(manifest.get('git_commit'))[:10]})")
     print(render_view(states))
     for state in states:
         if state.entry.reason and state.entry.state != "done":
             print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
+    for line in render_losses(states):
+        print(line)
+    unfinished = sum(state.entry.state not in ("done", "diverged", "failed") for state in states)
+    line = interrupted_line(run.location, liveness, unfinished)
+    if line:
+        print(line)
+    elif liveness.alive:
+        print(f"driver: {liveness.who()}, last seen {when(liveness.last_seen)}")
     return 1 if unrepaired else 0
 
 

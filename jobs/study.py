@@ -144,7 +144,9 @@ class Study:
             check_out(location)
             RunDir(location).check_new()
         # 3. the run directory for this driver alone (before Ray: a second driver is refused at once), then Ray
-        with driver_lease(old or RunDir(location), self.stream) as lease:
+        # a new run's lease says what it starts: a driver killed before the manifest still leaves word
+        details = None if old else start_details(o.suite, o.only, o.overrides)
+        with driver_lease(old or RunDir(location), self.stream, details) as lease:
             if old is not None:  # the lease is held: recover() never repairs a run another driver is writing
                 for note in old.recover():
                     self.say(f"recover: {note}")
@@ -197,6 +199,20 @@ class Study:
                 "data_sets": [d.summary() for d in datasets.values()]}
 
 
+def start_details(suite, only=(), overrides=()) -> dict:
+    """What `bplab run` needs to start this study again: {suite, only, overrides}. The suite is
+    a built-in name as given, or a suite file's absolute path."""
+    from jobs import suites
+
+    if isinstance(suite, suites.Suite):
+        source = Path(suite.source) if suite.source else None
+        name = suite.name if source is None or source.parent == suites.SUITE_DIR else str(source.resolve())
+    else:
+        path = suites.resolve(str(suite))  # already loaded, so it resolves
+        name = str(suite) if path.parent == suites.SUITE_DIR else str(path.resolve())
+    return {"suite": name, "only": [str(x) for x in only], "overrides": [str(x) for x in overrides]}
+
+
 class Lease:
     """This driver's hold on RUN/driver.lock (see driver_lease): taken, renewed and given back
     through one RunDir."""
@@ -218,13 +234,14 @@ class Lease:
 
 
 @contextmanager
-def driver_lease(rundir, stream):
+def driver_lease(rundir, stream, details: dict | None = None):
     """Hold `rundir`'s lease for the body; give it back at the end. The local folders that
-    taking it created are removed again if they are still empty (no run was created)."""
+    taking it created are removed again if they are still empty (no run was created).
+    `details` (a new run's suite and options, see start_details) are kept in the lease."""
     made = _missing_folders(rundir.location)
     lease = Lease(rundir, stream)
     try:
-        rundir.take_lease(lease.token)
+        rundir.take_lease(lease.token, details=details)
     except BaseException:
         _remove_empty(made)
         raise
@@ -400,10 +417,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git() -> dict:
+def _git(root: Path = ROOT) -> dict:
+    """The checkout's commit and whether it has uncommitted changes (files .gitignore names,
+    such as a virtual environment made inside it, do not count)."""
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
