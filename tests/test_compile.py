@@ -176,7 +176,7 @@ def test_a_structure_xla_rejects_is_an_error_when_asked_and_an_explicit_fallback
 def commit_all(run_dir: Path, cases: dict, rows_as) -> Path:
     """Train `cases` (as in tests/fixtures/make_rows_v1.py) and commit every report's rows as
     `rows_as(report.rows)` into a new run directory."""
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
 
     run = RunDir.create(str(run_dir), {"suite": "rows"}, [{"case_id": f"{name}-0", "name": name,
                                                            "settings_json": json.dumps(values)}
@@ -189,7 +189,7 @@ def commit_all(run_dir: Path, cases: dict, rows_as) -> Path:
         for report in reports:
             entry = run.entry(f"{name}-0")
             entry.state = "done" if report.status == "done" else "running"
-            run.commit(f"{name}-0", rows_as(report.rows), report.checkpoint, entry)
+            run.commit(f"{name}-0", entry, checkpoint=report.checkpoint, tables={"metrics": rows_as(report.rows)})
     return run_dir
 
 
