@@ -66,7 +66,7 @@ class Parts:
 
     WRAPPED = [("jobs.plan", None, "load_data", "load data"), ("jobs.study", None, "connect", "ray.init"),
                ("jobs.driver", None, "start_workers", "start workers (request)"),
-               ("jobs.storage", "RunDir", "create", "run dir"), ("jobs.study", "Study", "execute", "execute"),
+               ("analysis.rundir", "RunDir", "create", "run dir"), ("jobs.study", "Study", "execute", "execute"),
                ("ray", None, "put", "ray.put"), ("ray", None, "shutdown", "ray.shutdown")]
 
     def __init__(self):
@@ -144,7 +144,7 @@ class Parts:
 
 def import_seconds() -> float:
     """A fresh interpreter importing what `bplab run` imports before it works (no TensorFlow)."""
-    code = ("import time; t = time.perf_counter(); import jobs.cli, jobs.study, jobs.driver, jobs.storage, jobs.plan, "
+    code = ("import time; t = time.perf_counter(); import jobs.cli, jobs.study, jobs.driver, analysis.rundir, jobs.plan, "
             "pandas, pyarrow, ray; print(time.perf_counter() - t)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
