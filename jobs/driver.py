@@ -101,6 +101,7 @@ class Driver:
         self.active: dict = {}  # ObjectRef -> (case_id, kind)
         self.interrupting = False
         self.workers_started = len(self.workers)
+        self._remote_class = None
         self.view = LiveView(out, summary_every=progress_every)  # the terminal: summary + running cases
         # nodes the driver believes gone and the GCS has not settled yet: node_id -> {since, avoid}
         self.suspects: dict[str, dict] = {}
@@ -108,8 +109,17 @@ class Driver:
         self.logs = CaseLogs(run)  # the cases' own output -> RUN/logs/<case>.log
 
     # ------------------------------------------------------------------ workers
+    def _worker_class(self):
+        import ray
+
+        from workers.actor import Worker
+
+        if self._remote_class is None:
+            self._remote_class = ray.remote(Worker)
+        return self._remote_class
+
     def _new_worker(self, num_cpus: float, num_gpus: float, resources: dict | None = None) -> WorkerSlot:
-        worker = new_worker(num_cpus, num_gpus, resources, placement_options(self._avoided()))
+        worker = new_worker(self._worker_class(), num_cpus, num_gpus, resources, placement_options(self._avoided()))
         self.workers.append(worker)
         self.workers_started += 1
         return worker
@@ -593,23 +603,13 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.E
 _STORAGE_TEXTS = ("no space left", "disk quota", "permission denied", "read-only file system", "input/output error")
 
 
-_REMOTE_WORKER = None
-
-
-def new_worker(num_cpus: float, num_gpus: float, resources: dict | None = None, placement: dict | None = None) -> WorkerSlot:
-    """Start one worker actor with a slot's resources (`resources`: the training marker of the
-    cluster's training node types, never the head; `placement`: placement_options). It imports
-    TensorFlow at once."""
-    import ray
-
-    from workers.actor import Worker
-
-    global _REMOTE_WORKER
-    job = ray.get_runtime_context().get_job_id()  # one remote class per Ray session
-    if _REMOTE_WORKER is None or _REMOTE_WORKER[0] != job:
-        _REMOTE_WORKER = (job, ray.remote(Worker))
-    actor = _REMOTE_WORKER[1].options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                                   max_restarts=0, max_task_retries=0, **(placement or {})).remote(num_cpus, num_gpus)
+def new_worker(remote_class, num_cpus: float, num_gpus: float, resources: dict | None = None,
+               placement: dict | None = None) -> WorkerSlot:
+    """Start one worker actor (of `remote_class`, ray.remote(Worker)) with a slot's resources
+    (`resources`: the training marker of the cluster's training node types, never the head;
+    `placement`: placement_options). It imports TensorFlow at once."""
+    actor = remote_class.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, max_restarts=0,
+                                 max_task_retries=0, **(placement or {})).remote(num_cpus, num_gpus)
     return WorkerSlot(actor, num_cpus, num_gpus)
 
 
@@ -617,7 +617,12 @@ def start_workers(planned: list[PlannedCase], slots: int) -> list[WorkerSlot]:
     """Workers for the first cases to run, started as soon as Ray is up: their TensorFlow
     import (seconds) then overlaps the driver's own start (the run directory, the data put in
     the object store). Handed to Driver(workers=...), which uses them like its own."""
-    return [new_worker(p.num_cpus, p.num_gpus, p.resources) for p in planned[:max(0, slots)]]
+    import ray
+
+    from workers.actor import Worker
+
+    remote_class = ray.remote(Worker)
+    return [new_worker(remote_class, p.num_cpus, p.num_gpus, p.resources) for p in planned[:max(0, slots)]]
 
 
 def stop_workers(workers: list[WorkerSlot]) -> None:
