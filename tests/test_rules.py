@@ -236,17 +236,20 @@ def test_feedback_alignment_with_B_set_to_W_is_back_propagation(name):
     y = np.eye(classes)[rng.integers(0, classes, 3)]
     acts, caches = net.forward(tf.constant(x), Context(training=True))
     _, d_out = net.loss_and_gradient(acts[-1], tf.constant(y))
-    grads, _ = net.backward(d_out, caches)
+    grads, _ = net.backward(d_out, caches, use_feedback=True)
     expected = tape_gradients(net, x, y)
     for index, unit in enumerate(expected):
         for param, value in unit.items():
             scale = max(np.abs(value).max(), 1e-300)
             assert np.abs(grads[index][param].numpy() - value).max() / scale <= 1e-12, (name, index, param)
-    # and the feedback is really used: another B gives other gradients below the top
+    # and the feedback is really used: another B gives other gradients below the top, and
+    # without use_feedback the backward is back propagation whatever B is
     net.rule_state[-1]["w"].assign(net.rule_state[-1]["w"] * 2.0)
-    grads, _ = net.backward(d_out, caches)
+    grads, _ = net.backward(d_out, caches, use_feedback=True)
     assert not np.allclose(grads[0]["w"].numpy(), expected[0]["w"])
     np.testing.assert_allclose(grads[net.depth - 1]["w"].numpy(), expected[-1]["w"], rtol=1e-12)
+    grads, _ = net.backward(d_out, caches)
+    np.testing.assert_allclose(grads[0]["w"].numpy(), expected[0]["w"], rtol=1e-12)
 
 
 def test_direct_feedback_with_B_set_to_the_transposed_output_weights_is_back_propagation():
@@ -282,8 +285,8 @@ def test_one_step_equals_the_papers_equations(schedule, extra, build):
     assert_close(after, expected)
     if feedback is not None:
         assert_close(state_after, feedback)
-    elif schedule == "sign-symmetry":  # B was s sign(W) (or |M| sign(W)) of the weights the step started from
-        for unit, p in zip(state_after, params):
+    elif schedule == "sign-symmetry":  # the next step's B: s sign(W) (or |M| sign(W)) of the weights this step left
+        for unit, p in zip(state_after, after):
             if "w" in unit:
                 carrier = usf(p["w"]) if extra.get("sign_feedback", "usf") == "usf" else unit["w_magnitude"] * np.sign(p["w"])
                 np.testing.assert_array_equal(unit["w"], carrier)
@@ -292,14 +295,14 @@ def test_one_step_equals_the_papers_equations(schedule, extra, build):
 
 
 def test_brsf_redraws_every_step_from_the_step_seed():
-    """|R| sign(W), R uniform within the Xavier limit, a new R at every step, the same for the same step seed."""
-    _, first, _, _, _, _, _, _ = rule_step("sign-symmetry", {"sign_feedback": "brsf"}, small_mlp, seed=3)
+    """|R| sign(W), R uniform within the Xavier limit, a new R after every step, the same for the same step seed."""
+    _, first, start, _, _, after, _, _ = rule_step("sign-symmetry", {"sign_feedback": "brsf"}, small_mlp, seed=3)
     _, again, _, _, _, _, _, _ = rule_step("sign-symmetry", {"sign_feedback": "brsf"}, small_mlp, seed=3)
     _, other, _, _, _, _, _, _ = rule_step("sign-symmetry", {"sign_feedback": "brsf"}, small_mlp, seed=4)
-    params = random_params(small_mlp(None))
-    for unit, same, different, p in zip(first, again, other, params):
+    for unit, same, different, begun, p in zip(first, again, other, start, after):
         np.testing.assert_array_equal(unit["w"], same["w"])
         assert not np.array_equal(unit["w"], different["w"])
+        assert not np.array_equal(np.abs(unit["w"]), np.abs(begun["w"]))  # redrawn, not the starting magnitudes
         np.testing.assert_array_equal(np.sign(unit["w"]), np.sign(p["w"]))
         limit = np.sqrt(6.0 / sum(p["w"].shape))
         assert np.abs(unit["w"]).max() <= limit and np.abs(unit["w"]).min() > 0

@@ -8,8 +8,9 @@ traced into one graph per schedule by the trainer's tf.function.
 A learning rule (workers.rules) keeps its state in `Net.rule_state`, one dict of
 tf.Variables per unit; the part of it that stands in for a forward weight in the backward
 pass is `Net.feedback` (per unit: forward weight name -> B, empty where the unit has none),
-which `Net.backward` hands to the op that carries the gradient down. Back propagation is
-the case with no feedback; the weight gradients are always the unit's own input x error.
+which `Net.backward(..., use_feedback=True)` hands to the op that carries the gradient
+down. Back propagation is the backward without it; the weight gradients are always the
+unit's own input x error.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Net:
         return d_y, grads
 
     def backward(self, d_out, caches, down_to: int = 0, want_grads=None, need_input_grad: bool = False,
-                 skip_units=(), skip_rate=None, direct: dict | None = None, use_feedback: bool = True):
+                 skip_units=(), skip_rate=None, direct: dict | None = None, use_feedback: bool = False):
         """Back-propagate d_out from the top down to unit `down_to`.
 
         Returns (grads, d_inputs): grads[i] = {param: d_param} for every unit i >= down_to in
@@ -114,8 +115,9 @@ class Net:
         skip_rate * upsample(d_inputs[i + 2]): the gradient that unit i+2 sends down.
         With `direct` ({unit: gradient at its output}), those units receive the given gradient
         instead of what the unit above hands down (direct feedback alignment), and the unit
-        above computes no d_x for them. Every unit computes d_x with its `feedback` weights
-        where it has them, unless use_feedback is False (back propagation at the same state).
+        above computes no d_x for them. With use_feedback (a learning rule's step), every unit
+        computes d_x with its `feedback` weights where it has them; without, this is back
+        propagation, whatever state a rule keeps.
         """
         direct = direct or {}
         grads, d_inputs = {}, {}

@@ -3,9 +3,10 @@
 A rule is one module in this package that defines `RULE = Rule(...)`: its schedule name
 (also listed in workers.registry.RULES, the leaf list the settings validate against), how
 its state is made (`make_state`: NumPy arrays per unit, drawn from the case seed), how that
-state changes in a step (`refresh` before the backward, `update` in place of the plain
-optimiser step), and, for a rule that does not pass the error down unit by unit,
-`direct` (the gradient each unit receives at its output). The modules are found by name:
+state changes in a step (`update` in place of the plain optimiser step, `after_step` once
+the weights have changed), and, for a rule that does not pass the error down unit by unit,
+`direct` (the gradient each unit receives at its output). Between steps (and so in every
+checkpoint) the state is the one the next step uses. The modules are found by name:
 adding a rule is one module here and its name in workers.registry.RULES
 (docs/learning-rules.md walks through one).
 
@@ -43,8 +44,8 @@ class Rule:
     """(model, index, params, settings, rng) -> {name: NumPy array} for unit `index`: a
     weight's name (e.g. "w") for its feedback weights B, any other name for other state.
     `params` are the unit's initial forward parameters, `rng` a NumPy Generator of its own."""
-    refresh: Optional[Callable] = None
-    """(step) -> None: set the state before the forward and backward of a step."""
+    after_step: Optional[Callable] = None
+    """(step) -> None: set the state for the next step, from the weights this step left."""
     direct: Optional[Callable] = None
     """(step, d_out, acts) -> {unit: gradient at its output}: units that receive their
     error directly (Net.backward's `direct`), not from the unit above."""
@@ -73,18 +74,18 @@ def initial_state(settings, model, params: list[dict], seed: int, dtype=np.float
 
 
 def step(rule: Rule, stepper, x, y_onehot):
-    """One training step under `rule`: refresh its state, forward, backward through
-    Net.backward with the feedback weights (and the direct errors), update."""
-    if rule.refresh is not None:
-        rule.refresh(stepper)
+    """One training step under `rule`: forward, backward through Net.backward with the
+    feedback weights (and the direct errors), update, then the state for the next step."""
     acts, caches = stepper.forward(x)
     loss, d_out = stepper.loss(acts[-1], y_onehot)
     direct = rule.direct(stepper, d_out, acts) if rule.direct is not None else None
-    grads, _ = stepper.net.backward(d_out, caches, direct=direct)
+    grads, _ = stepper.net.backward(d_out, caches, direct=direct, use_feedback=True)
     if rule.update is not None:
         rule.update(stepper, grads)
     else:
         stepper.update(grads)
+    if rule.after_step is not None:
+        rule.after_step(stepper)
     return loss, acts[-1]
 
 

@@ -1,7 +1,8 @@
 """Sign symmetry (Liao, Leibo and Poggio 2016, arXiv:1510.05067), as BioTorch scales it.
 
-The feedback weights share the forward weights' signs, recomputed at every step before the
-backward: B = s sign(W) with s = sqrt(2 / (fan_in + fan_out)) (BioTorch's uSF), or with
+The feedback weights share the forward weights' signs, recomputed from the weights each
+step starts from (after every update, for the next step; the first from the initial
+weights): B = s sign(W) with s = sqrt(2 / (fan_in + fan_out)) (BioTorch's uSF), or with
 `sign_feedback` frsf B = |M| sign(W), M fixed random (drawn by `feedback_init`), or brsf
 B = |R| sign(W), R Xavier-uniform and redrawn every step. Dense d_x = d_y B^T, conv
 Conv2DBackpropInput(B, d_y); d_W = x^T d_y.
@@ -14,7 +15,7 @@ import numpy as np
 from workers.layers import tf
 from workers.rules import Rule
 
-REDRAW_SALT = 0x51647  # brsf: a step's draw for unit i comes from fold_in(step seed, REDRAW_SALT + i)
+REDRAW_SALT = 0x51647  # brsf: the draw after step t for unit i comes from fold_in(seed of step t, REDRAW_SALT + i)
 
 
 def scale(shape) -> float:
@@ -44,8 +45,8 @@ def make_state(model, index, params, settings, rng) -> dict:
     return state
 
 
-def refresh(step) -> None:
-    """B <- magnitude * sign(W) for every unit, from the weights the step starts from."""
+def after_step(step) -> None:
+    """B <- magnitude * sign(W) for every unit, from the weights the step left (the next step's)."""
     net, kind = step.net, step.settings.sign_feedback
     for index, feedback in enumerate(net.feedback):
         for name, b in feedback.items():
@@ -69,5 +70,5 @@ RULE = Rule(
     name="sign-symmetry",
     summary="d_y B^T with B = s sign(W) every step (sign_feedback: usf, frsf |M| sign(W), brsf |R| sign(W))",
     make_state=make_state,
-    refresh=refresh,
+    after_step=after_step,
 )
