@@ -397,3 +397,148 @@ def test_new_settings_leave_ids_of_cases_without_them_unchanged():
     changed = from_dict({"model": "mlp", "schedule": "sign-symmetry", "sign_feedback": "frsf", "feedback_init": "normal_fan_sum"})
     assert changed.to_dict()["sign_feedback"] == "frsf" and changed.to_dict()["feedback_init"] == "normal_fan_sum"
     assert from_dict(changed.to_dict()) == changed
+
+
+# ---------------------------------------------------------------------- in the trainer
+
+
+def train_reports(values: dict, resume=None, stop_after_checkpoints=None, **kwargs):
+    from workers.data import load_dataset
+    from workers.trainer import train
+
+    case = from_dict(values)
+    reports = []
+
+    def report(r):
+        reports.append(r)
+        if stop_after_checkpoints is not None and sum(x.checkpoint is not None for x in reports) >= stop_after_checkpoints:
+            raise KeyboardInterrupt("simulated kill")
+
+    try:
+        train(case, load_dataset(case.data), report, resume=resume, **kwargs)
+    except KeyboardInterrupt:
+        pass
+    return reports
+
+
+def last_state(reports):
+    from workers.trainer import unpack_checkpoint
+
+    return unpack_checkpoint([r.checkpoint for r in reports if r.checkpoint is not None][-1])
+
+
+def train_rows(reports):
+    return [{k: v for k, v in row.items() if k not in ("wall_time", "examples_per_sec")} for r in reports for row in r.rows]
+
+
+SMALL = {"model": "mlp", "hidden": [12], "data": {"name": "digits", "train_size": 200, "test_size": 60},
+         "optimizer": "adam", "lr": 0.01, "batch_size": 10, "epochs": 2, "seed": 5}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("values", [
+    {"schedule": "feedback-alignment"}, {"schedule": "direct-feedback"}, {"schedule": "sign-symmetry"},
+    {"schedule": "sign-symmetry", "sign_feedback": "frsf"}, {"schedule": "sign-symmetry", "sign_feedback": "brsf"},
+    {"schedule": "kolen-pollack", "weight_decay": 0.01},
+    pytest.param({"schedule": "kolen-pollack", "model": "dcn", "width": 0.1, "dropout": 0.5, "weight_decay": 0.01},
+                 marks=pytest.mark.slow),
+    pytest.param({"schedule": "direct-feedback", "model": "allconv9", "width": 0.05, "init": "xavier", "epochs": 1},
+                 marks=pytest.mark.slow),
+], ids=["fa", "dfa", "usf", "frsf", "brsf", "kp", "kp-dcn", "dfa-allconv9"])
+def test_a_rule_resumed_from_a_checkpoint_is_bit_identical(values):
+    """Stopped after its second commit and resumed with another chunking: the same rows and the
+    same final weights, optimiser state and rule state as the uninterrupted run."""
+    values = {**SMALL, **values}
+    whole = train_reports(values, checkpoint_every_steps=7)
+    part = train_reports(values, checkpoint_every_steps=7, stop_after_checkpoints=2)
+    rest = train_reports(values, resume=[r.checkpoint for r in part if r.checkpoint is not None][-1],
+                         checkpoint_every_steps=5, max_chunk=3)
+    assert train_rows(part) + train_rows(rest) == train_rows(whole)
+    params, optimizer_state, meta, rule_state = last_state(whole)
+    params_r, optimizer_r, meta_r, rule_r = last_state(rest)
+    assert meta == meta_r and optimizer_state.keys() == optimizer_r.keys()
+    assert any(unit for unit in rule_state), "a rule with no state"
+    for unit, unit_r in zip(params + rule_state, params_r + rule_r):
+        assert unit.keys() == unit_r.keys()
+        for name in unit:
+            np.testing.assert_array_equal(unit[name], unit_r[name])
+    for key in optimizer_state:
+        np.testing.assert_array_equal(optimizer_state[key], optimizer_r[key])
+
+
+@pytest.mark.timeout(300)
+def test_rule_state_is_seeded_checkpointed_and_in_the_weight_and_layer_statistics():
+    from workers.trainer import unpack_checkpoint
+
+    values = {**SMALL, "schedule": "direct-feedback", "hidden": [12, 8], "layer_stats_every": 20, "epochs": 1}
+    reports = train_reports(values)
+    case = from_dict(values)
+    model = models.build_model(case, (8, 8), 10)
+    start = rules.initial_state(case, model, model.init_params(case.seed), case.seed)
+    histograms = [row for r in reports for row in r.histograms]
+    for phase in ("before", "after"):
+        shown = {(row["layer"], row["param"]) for row in histograms if row["phase"] == phase}
+        assert {("l1", "feedback_direct"), ("l2", "feedback_direct")} <= shown and ("l3", "feedback_direct") not in shown
+    before = [row for row in histograms if row["phase"] == "before" and row["layer"] == "l1" and row["param"] == "feedback_direct"]
+    assert [row["count"] for row in before] == np.histogram(start[0]["direct"].astype(np.float64), bins=30)[0].tolist()
+    stats = {(row["layer"], row["quantity"]) for r in reports for row in r.layer_stats}
+    assert ("l1", "feedback_direct") in stats and ("l3", "feedback_direct") not in stats
+    _, _, _, final = unpack_checkpoint([r.checkpoint for r in reports if r.checkpoint is not None][-1])
+    np.testing.assert_array_equal(final[0]["direct"], start[0]["direct"])  # DFA's matrices are fixed
+    assert final[2] == {}
+    fa = train_reports({**values, "schedule": "feedback-alignment"})
+    assert {("l1", "feedback"), ("l3", "feedback")} <= {(row["layer"], row["quantity"]) for r in fa for row in r.layer_stats}
+
+
+def suite_case(name: str) -> dict:
+    from jobs import suites
+
+    case = {c.name: c for c in suites.load_suite("feedback-quick").cases}[name]
+    return case.settings.model_dump(mode="python")
+
+
+def angle(a, b) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(np.degrees(np.arccos(np.clip(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), -1.0, 1.0))))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kolen_pollack_feedback_weights_align_with_W_within_the_quick_suite():
+    """feedback-quick's kp case: the angle between B and W falls from about 90 degrees to below 5 in every unit."""
+    values = suite_case("kp")
+    case = from_dict(values)
+    model = models.build_model(case, (8, 8), 10)
+    params = model.init_params(case.seed)
+    start = rules.initial_state(case, model, params, case.seed)
+    assert all(angle(p["w"], s["w"]) > 80 for p, s in zip(params, start))
+    final_params, _, _, final_state = last_state(train_reports(values))
+    angles = [angle(p["w"], s["w"]) for p, s in zip(final_params, final_state)]
+    assert max(angles) < 5, angles
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_feedback_alignment_error_signal_aligns_within_the_quick_suite():
+    """feedback-quick's fa case: the angle between the error the hidden unit receives (e B^T) and
+    back propagation's (e W^T), over the training set in NumPy, starts near 90 degrees and ends
+    below 90 (Lillicrap et al.'s alignment); it does not move without training."""
+    from workers.data import load_dataset
+
+    values = suite_case("fa")
+    case = from_dict(values)
+    data = load_dataset(case.data)
+    x = data.x_train.reshape(len(data.x_train), -1).astype(np.float64)
+    y = np.eye(10)[data.y_train]
+
+    def error_angle(params, state):
+        h = np.tanh(x @ params[0]["w"] + params[0]["b"])
+        e = softmax_error(h @ params[1]["w"] + params[1]["b"], y)
+        return angle(e @ state[1]["w"].T, e @ params[1]["w"].T)
+
+    model = models.build_model(case, data.x_train.shape[1:], 10)
+    params = model.init_params(case.seed, np.float64)
+    start = error_angle(params, rules.initial_state(case, model, params, case.seed, np.float64))
+    final_params, _, _, final_state = last_state(train_reports(values))
+    end = error_angle(final_params, final_state)
+    assert start > 80 and end < 60, (start, end)
