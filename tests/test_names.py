@@ -194,3 +194,15 @@ cases:
     assert [c.name for c in suites.select(suite, ["fast-bs16"]).cases] == ["fast-bs16-s1", "fast-bs16-s2"]
     assert [c.name for c in suites.select(suite, ["fast*"]).cases] == ["fast-bs16-s1", "fast-bs64-s1", "fast-bs16-s2",
                                                                        "fast-bs64-s2"]
+
+# The learning-rule suites (docs/learning-rules.md), pinned when they were added.
+PINNED_IDS["feedback-quick"] = ["bp-8a1c415b40", "fa-67cf9c3b91", "dfa-d7556cb0bd", "sign-572a06faea", "sign-frsf-12999a7a86",
+                                "kp-587dff7921"]
+PINNED_DIGESTS["feedback"] = {
+    "bp-s1": "b4c42481b1cd", "bp-s2": "018e0cfc218e", "bp-s3": "5d5b95f58736", "bp-s4": "42d8be0800b1", "bp-s5": "0a50628198b0",
+    "fa-s1": "18799fa24ee4", "fa-s2": "788a8a733421", "fa-s3": "15ba37567c86", "fa-s4": "95cd7ad138cd", "fa-s5": "7ef13da4d201",
+    "dfa-s1": "10988ae1ac62", "dfa-s2": "53604139a886", "dfa-s3": "3457ca1cf2d5", "dfa-s4": "42a0b0d571a8",
+    "dfa-s5": "eeefafbdccd7", "sign-s1": "7efab49ecfeb", "sign-s2": "c4d9fdb4ae9e", "sign-s3": "286dea85e4a3",
+    "sign-s4": "502e476ecb41", "sign-s5": "f915d025f543", "kp-s1": "90c601e5fb35", "kp-s2": "4c58579bfc76",
+    "kp-s3": "3dbbfc2b15f5", "kp-s4": "4735619c4189", "kp-s5": "226d59939a0b", "kp-wd-s1": "82936bfef925",
+    "kp-wd-s2": "d84666e96449", "kp-wd-s3": "59f844da9a47", "kp-wd-s4": "f75ebffab843", "kp-wd-s5": "8f1cd68f5f0f"}
