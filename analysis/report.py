@@ -71,6 +71,24 @@ def _cell(value, float_format: str) -> str:
     return text
 
 
+def lost_workers(ledger: pd.DataFrame) -> pd.DataFrame:
+    """One row per worker or node a case lost (the ledger entries' `losses`), oldest first."""
+    columns = [*(["run"] if "run" in ledger else []), "name", "attempt", "reason_class", "node_id", "at", "step",
+               "back_after_s", "counted"]
+    rows = []
+    if "losses" in ledger:
+        for record in ledger.to_dict("records"):
+            for loss in record.get("losses") if isinstance(record.get("losses"), list) else []:
+                back = loss.get("resumed_at")
+                rows.append({**({"run": record["run"]} if "run" in record else {}), "name": record.get("name"),
+                             "attempt": loss.get("attempt"), "reason_class": loss.get("reason_class"),
+                             "node_id": loss.get("node_id"),
+                             "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(loss.get("at", 0))),
+                             "step": loss.get("step"), "back_after_s": back - loss["at"] if back else None,
+                             "counted": loss.get("counted", True)})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}", index: bool = False,
                    max_rows: int | None = None) -> str:
     """A GitHub-flavoured markdown table (what DataFrame.to_markdown gives, without tabulate).
@@ -332,12 +350,45 @@ def _header(data: RunData) -> list[str]:
             lines.append("- command: `" + " ".join(map(str, manifest["command"])) + "`")
         # the suite's full text stays in manifest.json; the description says what it is
         shown = {"suite", "git_commit", "git_dirty", "bplab_version", "created_at", "versions", "command", "suite_text",
-                 "source_sha256", "source_files"}
+                 "source_sha256", "source_files", "data_sets"}
+        data_sets = [d for d in manifest.get("data_sets") or [] if isinstance(d, dict)]
+        lines += [data_set_line(d) for d in data_sets]
+        listed = {d.get("fingerprint") for d in data_sets}
+        if data_sets and set((manifest.get("data_fingerprints") or {}).values()) <= listed:
+            shown.add("data_fingerprints")  # each is on its data set's line
         for key, value in manifest.items():
             if key not in shown and value not in (None, "", [], {}):
                 text = value if isinstance(value, str) else json.dumps(value, default=str)
                 lines.append(f"- {key.replace('_', ' ')}: {text if len(text) < 300 else text[:297] + '...'}")
     return lines
+
+
+def data_set_line(summary: dict) -> str:
+    """One header line for a data set of the manifest (workers.data.Dataset.summary()): name,
+    official or not and why, its files' digest, the arrays' fingerprint, sizes and where it was read."""
+    identity = summary.get("identity") if isinstance(summary.get("identity"), dict) else {}
+    name = summary.get("name") or identity.get("name") or "?"
+    official = summary.get("official", identity.get("official"))
+    status = {True: "official", False: "not official"}.get(official, "not checked")
+    reason = identity.get("reason")
+    text = f"- data set **{name}**: {status}" + (f" ({reason})" if reason else "")
+    digest = summary.get("files_digest") or identity.get("digest")
+    if digest and digest != name:  # the embedded sets have no files: their 'digest' is their name
+        text += f"; files digest `{digest}`"
+    if summary.get("fingerprint"):
+        text += f"; data fingerprint `{str(summary['fingerprint'])[:16]}`"
+    sizes = []
+    for part in ("train", "test"):
+        shape = summary.get(f"x_{part}")
+        if isinstance(shape, (list, tuple)) and shape:
+            sizes.append(f"{part} {shape[0]}" + (f" x {'x'.join(map(str, shape[1:]))}" if len(shape) > 1 else ""))
+    if summary.get("num_classes"):
+        sizes.append(f"{summary['num_classes']} classes")
+    if sizes:
+        text += "; " + ", ".join(sizes)
+    if summary.get("source") and summary.get("source") != reason:
+        text += f"; from `{summary['source']}`"
+    return text
 
 
 def _flatten_pivot(pivot: pd.DataFrame) -> pd.DataFrame:
@@ -501,6 +552,15 @@ def write_report(
     else:
         md.append("None.")
     md.append("")
+
+    losses = lost_workers(data.ledger)
+    if len(losses):
+        csvs["lost_workers"] = losses
+        md += ["## Lost workers and nodes", "",
+               "Each worker a case lost: node_lost once the GCS declared its node dead, worker_died when the "
+               "node lived on. An attempt resumed from its last commit (step); one that had not started its "
+               "case used no retry. back after = seconds until the case ran again.", "",
+               markdown_table(losses, float_format="{:.0f}"), ""]
 
     group_keys = [*(["run"] if "run" in table else []), "group"]
     group_sizes = table.groupby(group_keys).size()

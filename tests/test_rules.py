@@ -393,9 +393,10 @@ def test_rules_are_refused_where_they_cannot_run_and_sign_feedback_only_for_sign
 
 def test_new_settings_leave_ids_of_cases_without_them_unchanged():
     plain = from_dict({"model": "mlp"})
-    assert "feedback_init" not in plain.to_dict() and "sign_feedback" not in plain.to_dict()
+    assert "feedback_init" not in plain.changed() and "sign_feedback" not in plain.changed()
     changed = from_dict({"model": "mlp", "schedule": "sign-symmetry", "sign_feedback": "frsf", "feedback_init": "normal_fan_sum"})
-    assert changed.to_dict()["sign_feedback"] == "frsf" and changed.to_dict()["feedback_init"] == "normal_fan_sum"
+    assert changed.changed()["sign_feedback"] == "frsf" and changed.changed()["feedback_init"] == "normal_fan_sum"
+    assert changed.digest() != from_dict({"model": "mlp", "schedule": "sign-symmetry"}).digest()
     assert from_dict(changed.to_dict()) == changed
 
 

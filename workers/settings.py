@@ -108,8 +108,23 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     def to_dict(self) -> dict:
-        """Every field (nested DataSpec as a dict), tuples kept: what the digest hashes."""
+        """Every field (nested DataSpec as a dict), tuples kept: the settings as stored
+        (settings_json of the cases table, the actor's input)."""
         return self.model_dump(mode="python")
+
+    def changed(self, prefix: str = "") -> dict:
+        """The fields that differ from their defaults as case ids know them (`id_default`), a
+        nested DataSpec as the dict of its own changed fields (left out when it has none)."""
+        out = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, _Settings):
+                nested = value.changed(f"{prefix}{name}.")
+                if nested:
+                    out[name] = nested
+            elif value != id_default(type(self), name, prefix):
+                out[name] = value
+        return out
 
 
 class DataSpec(_Settings):
@@ -179,13 +194,6 @@ class CaseFields(_Settings):
     """Which layers are updated in each stage of a step: standard, unfair-back,
     unfair-front, adversarial, dilated, adversarial+dilated, synthetic; or a learning rule
     (docs/learning-rules.md): feedback-alignment, direct-feedback, sign-symmetry, kolen-pollack."""
-    feedback_init: FeedbackInitName = "xavier"
-    """Learning rules: how random feedback weights are drawn from the seed: 'xavier' (Glorot
-    uniform over the weight's fan_in + fan_out) or 'normal_fan_sum' (N(0, 1/(fan_in+fan_out)),
-    Akrout et al.'s repository); direct-feedback's matrices count classes and output size."""
-    sign_feedback: SignFeedbackName = "usf"
-    """sign-symmetry only: B = sqrt(2/(fan_in+fan_out)) sign(W) ('usf'), |M| sign(W) with M
-    fixed random ('frsf') or |R| sign(W) with R redrawn every step ('brsf'), BioTorch's names."""
     engine: EngineName = "manual"
     """manual (hand-written backward) or autodiff (tf.GradientTape, standard schedule only)."""
     optimizer: OptimizerName = "adam"
@@ -232,6 +240,13 @@ class CaseFields(_Settings):
     full-batch case has one step per epoch, the moons source evaluated every 1,000)."""
     quirks: _listed_of(QuirkName) = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
+    feedback_init: FeedbackInitName = "xavier"
+    """Learning rules: how random feedback weights are drawn from the seed: 'xavier' (Glorot
+    uniform over the weight's fan_in + fan_out) or 'normal_fan_sum' (N(0, 1/(fan_in+fan_out)),
+    Akrout et al.'s repository); direct-feedback's matrices count classes and output size."""
+    sign_feedback: SignFeedbackName = "usf"
+    """sign-symmetry only: B = sqrt(2/(fan_in+fan_out)) sign(W) ('usf'), |M| sign(W) with M
+    fixed random ('frsf') or |R| sign(W) with R redrawn every step ('brsf'), BioTorch's names."""
 
 
 def _rule(field: str, message: str) -> PydanticCustomError:
@@ -274,14 +289,6 @@ class CaseSettings(CaseFields):
         assert quirk in QUIRKS, f"unknown quirk {quirk}"
         return quirk in self.quirks
 
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        # Added later: left out at their defaults so earlier case ids stay the same.
-        for name, default in (("eval_every", 1), ("feedback_init", "xavier"), ("sign_feedback", "usf")):
-            if out[name] == default:
-                del out[name]
-        return out
-
     def flat(self) -> dict:
         """One level of keys (data.name ...), lists as JSON strings: a row of the cases table."""
         out = {}
@@ -294,9 +301,28 @@ class CaseSettings(CaseFields):
         return out
 
     def digest(self, data_fingerprint: str = "") -> str:
-        """Content address: hash of the normalised settings and the data fingerprint."""
-        text = json.dumps({"settings": self.to_dict(), "data": data_fingerprint}, sort_keys=True, default=list)
+        """Content address: a hash of the settings that differ from their defaults (`changed`)
+        and of the data fingerprint. A new setting left at its default changes no id; two
+        cases that compute the same numbers have the same id however their suites spell it."""
+        text = json.dumps({"settings": self.changed(), "data": data_fingerprint}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# Case ids leave out a setting at its default (CaseSettings.digest), so the default a case
+# was made with is part of what its id means. Changing a default would give the new default
+# the id of the old one: `--resume` of an earlier run would take the finished old case for the
+# new one. So a changed default is entered here, "field" or "data.field" -> the OLD default,
+# and ids keep counting that old value as "unset": the cases that leave the setting unset get
+# new ids (their numbers change), every other id stays. Empty while no default has changed.
+ID_DEFAULTS: dict = {}
+
+
+def id_default(model: type, name: str, prefix: str = ""):
+    """The value case ids count as unset for field `name` of `model` (prefix "data." for DataSpec)."""
+    key = prefix + name
+    if key in ID_DEFAULTS:
+        return ID_DEFAULTS[key]
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 def _scalar(value):
@@ -374,7 +400,17 @@ def from_dict(values: dict, where: str = "case") -> CaseSettings:
 
 
 def from_json(values: dict) -> CaseSettings:
-    """Inverse of to_dict (a checkpoint or a cases table)."""
+    """Inverse of to_dict (a checkpoint or a cases table). A setting the stored dict lacks
+    (stored before the setting existed) takes the value ids count as unset (ID_DEFAULTS),
+    which is its default unless that default changed since."""
+    values = dict(values) if isinstance(values, dict) else values
+    for key, value in ID_DEFAULTS.items() if isinstance(values, dict) else ():
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            if isinstance(values.get(outer), dict) and inner not in values[outer]:
+                values[outer] = {**values[outer], inner: value}
+        else:
+            values.setdefault(key, value)
     return from_dict(values, where="stored settings")
 
 
