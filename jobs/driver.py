@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from jobs.plan import PlannedCase
-from jobs.storage import LedgerEntry, RunDir
+from analysis.rundir import LedgerEntry, RunDir
 from jobs.view import LiveView
 from workers.actor import classify_exception, first_line
 from workers.logs import CaseLogs
@@ -249,7 +249,7 @@ class Driver:
             self._say(f"{state.planned.name}: metrics not compacted ({first_line(error)})")
 
     def _fail_case(self, state: CaseState, error: Exception) -> None:
-        from jobs.storage import StorageError
+        from analysis.rundir import StorageError
 
         self._kill(state)
         reason_class = "storage" if isinstance(error, (StorageError, OSError)) else "bug"
@@ -354,7 +354,8 @@ class Driver:
                 entry.state, entry.reason_class = "diverged", "diverged"
                 entry.diverged_step = report.progress.get("diverged_step")
                 entry.reason = f"non-finite loss at step {entry.diverged_step}"
-            state.entry = self.run.commit(state.planned.case_id, state.rows, report.checkpoint, entry, state.layer_stats)
+            state.entry = self.run.commit(state.planned.case_id, entry, checkpoint=report.checkpoint,
+                                          tables={"metrics": state.rows, "layer_stats": state.layer_stats})
             state.rows, state.layer_stats = [], []
 
     def _finish(self, state: CaseState, outcome: dict) -> None:

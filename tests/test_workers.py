@@ -288,7 +288,7 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path):
     pd.testing.assert_frame_equal(mine, control)
     assert math.isclose(mine["accuracy"].iloc[-1], control["accuracy"].iloc[-1])
     # and the final weights, optimiser state and feedback weights, bit for bit
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
 
     run = RunDir.open(run_dir)
     final = {name: unpack_checkpoint(run.load_checkpoint(entries[name]["case_id"])) for name in ("victim", "control")}
