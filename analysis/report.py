@@ -1,3 +1,4 @@
+# Long module: write_report with the figure builders only it calls.
 """The run report: report.md with tables and PNG figures, plus every table as CSV.
 
 Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot, no global

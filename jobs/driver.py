@@ -1,3 +1,4 @@
+# Long module: the driver's one event loop and every case transition it handles (launch, report, commit, lost worker, retry, finish), in the order they happen.
 """The driver: a pool of long-lived workers, reports collected with ray.wait, commits to the run dir.
 
 The driver is the only writer (DESIGN.md decision 1). It keeps one worker per resource
