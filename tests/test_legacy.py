@@ -106,6 +106,8 @@ def test_report_and_tensorboard_of_an_old_run(old_run, tmp_path):
     test = expected["done"].to_pandas().query("split == 'test'")  # only `done` got as far as a test row
     assert len(test) == 1 and table.loc["done", "final_test_acc"] == pytest.approx(test["accuracy"].iloc[0])
     assert table.loc["cut", "state"] in ("running", "interrupted") and pd.isna(table.loc["cut", "final_test_acc"])
+    # the boundary grid `done` stored is drawn (read as data.boundary, like every dataset)
+    assert (tmp_path / "report" / "decision_boundaries.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = {r.name: r for r in export(old_run, tmp_path / "board")}
     for name, rows in expected.items():
         train = rows.to_pandas().query("split == 'train'")
