@@ -147,7 +147,8 @@ def test_crash_before_ledger_write_is_recovered(tmp_path):
     a = run.entry("aaa111")
     a = dataclasses_replace(a, state="running", attempts=1)
     a = run.write_entry(a)
-    a = run.commit("aaa111", a, checkpoint=b"committed-1", tables={"metrics": [train_row(0, 1)], "layer_stats": [{"layer": "dense1", "grad_norm": 0.1, "step": 1}]})
+    a = run.commit("aaa111", a, checkpoint=b"committed-1",
+                   tables={"metrics": [train_row(0, 1)], "layer_stats": [{"layer": "dense1", "grad_norm": 0.1, "step": 1}]})
     # a driver that dies after writing the files of commit 2 but before its ledger write
     metrics_dir = root / "metrics" / "case_id=aaa111"
     stats_dir = root / "layer_stats" / "case_id=aaa111"
@@ -269,7 +270,8 @@ def test_object_store_mode_and_mock_filesystem():
 def test_add_cases_keeps_existing_entries_untouched(tmp_path):
     run, root = make_run(tmp_path)
     a = run.write_entry(dataclasses_replace(run.entry("aaa111"), state="running", attempts=1, node="n1"))
-    a = run.commit("aaa111", dataclasses_replace(a, state="done", epoch=1, step=1), checkpoint=b"one", tables={"metrics": [train_row(0, 1)]})
+    a = run.commit("aaa111", dataclasses_replace(a, state="done", epoch=1, step=1), checkpoint=b"one",
+                   tables={"metrics": [train_row(0, 1)]})
     ledger_bytes = (root / "ledger" / "aaa111.json").read_bytes()
     new = [{"case_id": "aaa111", "name": "renamed?", "schedule": "other"},  # existing id: ignored
            {"case_id": "ccc333", "name": "dilated-s2", "schedule": "dilated", "lr": 0.1, "seed": 2,
