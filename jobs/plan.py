@@ -177,9 +177,15 @@ def legacy_case_id(name: str, settings_json: dict, data_fingerprint: str) -> str
 def check_schedule_fits(settings, model) -> None:
     """SettingsError if the schedule cannot run on this model at this input shape (no
     TensorFlow): the dilated skip needs unit i's output and unit i+1's output to have the
-    same channels and a whole-number spatial ratio."""
+    same channels and a whole-number spatial ratio; a learning rule needs units whose
+    weights it can replace in the backward (workers.rules.check_fits)."""
+    from workers import rules
     from workers.schedules import dilated_units
     from workers.settings import SettingsError
+
+    reason = rules.check_fits(settings, model)
+    if reason is not None:
+        raise SettingsError(reason)
 
     if "dilated" not in settings.schedule:
         return
@@ -252,13 +258,6 @@ def ray_view(address: str | None) -> ClusterView:
         return ClusterView(where, None, live)
     info = on_head(head_info, ray.get_runtime_context().gcs_address)
     return ClusterView(where, info["types"], live, autoscaling=info["types"] is not None, host=info["host"])
-
-
-def cluster_yaml_nodes(path: Path = ROOT / "cluster.yaml") -> list[dict]:
-    """[{'name', 'CPU', 'GPU', ...}] per node the cluster-launcher file can bring up at most
-    (the head once, each worker type max_workers times)."""
-    view = cluster_yaml_view(path)
-    return [dict(t, name=f"{path.name}:{t['name']}#{i}") for t in view.types for i in range(t["max"])]
 
 
 def ray_nodes() -> list[dict]:

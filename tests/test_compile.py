@@ -60,7 +60,7 @@ def checkpoints(reports):
 
 
 def state(blob):
-    params, optimizer, meta = unpack_checkpoint(blob)
+    params, optimizer, meta, _ = unpack_checkpoint(blob)
     return [{k: v.tobytes() for k, v in unit.items()} for unit in params], {k: v.tobytes() for k, v in optimizer.items()}, meta
 
 
