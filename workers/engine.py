@@ -27,6 +27,9 @@ class Net:
             {name: tf.Variable(np.asarray(value), dtype=dtype, name=f"{unit.name}_{name}") for name, value in unit_params.items()}
             for unit, unit_params in zip(model.units, params)
         ]
+        # A measured step's workers.alignment.Probe: told the error each unit receives in
+        # backward (None: nothing is measured, and backward is exactly what it was).
+        self.probe = None
 
     @property
     def depth(self) -> int:
@@ -92,6 +95,8 @@ class Net:
                 incoming = incoming + skip_rate * upsample_to(skip, incoming.shape)
             need_d_x = index > down_to or need_input_grad
             need_grads = want_grads is None or index in want_grads
+            if self.probe is not None and need_grads:
+                self.probe.saw_error(index, incoming)
             d_x, unit_grads = self.backward_unit(index, incoming, caches[index], need_d_x, need_grads)
             if need_grads:
                 grads[index] = unit_grads

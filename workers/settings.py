@@ -219,6 +219,10 @@ class CaseFields(_Settings):
     eval_every: Annotated[int, Strict(), Field(ge=1)] = 1
     """Evaluate on the test set every N epochs and after the last (1: every epoch; a
     full-batch case has one step per epoch, the moons source evaluated every 1,000)."""
+    alignment_every: Annotated[int, Strict(), Field(ge=0)] = 0
+    """Every N steps, measure per layer how far the schedule's update is from the true
+    gradient of the training loss (cosine, angle, norm ratio; RUN/alignment); 0: never.
+    Training is the same with it on; a measured step costs about one more backward."""
     quirks: _listed_of(QuirkName) = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
 
@@ -265,6 +269,8 @@ class CaseSettings(CaseFields):
         out = super().to_dict()
         if out["eval_every"] == 1:  # added later: left out at its default so earlier case ids stay the same
             del out["eval_every"]
+        if out["alignment_every"] == 0:  # the same, for the same reason
+            del out["alignment_every"]
         return out
 
     def flat(self) -> dict:
