@@ -4,7 +4,7 @@ A run directory is written by the driver (see DESIGN.md):
 
     RUN/manifest.json, RUN/cases.parquet, RUN/ledger/<case_id>.json,
     RUN/metrics/case_id=<id>/part-*.parquet, RUN/weights/case_id=<id>/part-*.parquet,
-    RUN/layer_stats/case_id=<id>/part-*.parquet
+    RUN/layer_stats/case_id=<id>/part-*.parquet, RUN/alignment/case_id=<id>/part-*.parquet
 
 `load` accepts a local path or a `pyarrow.fs` URI (file:///x, s3://bucket/run, ...).
 No TensorFlow, no Ray; nothing runs at import time.
@@ -24,8 +24,8 @@ distinct lists over millions of rows cost one code per row. In `cases`, list set
 lists hold them as JSON strings, and settings that were None in every case as all-null
 float64; both are converted on read, so old and new runs load alike.
 
-metrics carries the case's `name` and `group` right after case_id (categoricals), so a
-table per case name needs no join.
+metrics and alignment carry the case's `name` and `group` right after case_id
+(categoricals), so a table per case name needs no join.
 """
 
 from __future__ import annotations
@@ -90,16 +90,29 @@ LAYER_STATS_SCHEMA = pa.schema(
         ("edges", pa.string()),
     ]
 )
+# One row per measured step x unit x quantity (workers/alignment.py lists the quantities).
+ALIGNMENT_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("epoch", pa.int64()),
+        ("layer", pa.string()),
+        ("unit", pa.int64()),
+        ("quantity", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
 # String columns with few distinct values: read dictionary-encoded (-> pandas categorical).
 _DICTIONARY_COLUMNS = {
     "metrics": ["split", "updates", "layers"],  # the last two: runs that stored them as JSON strings
     "weights": ["phase", "layer", "param"],
     "layer_stats": ["layer", "quantity"],
+    "alignment": ["layer", "quantity"],
 }
 # List columns with few distinct values: categoricals whose categories are tuples (hashable,
 # so they group and compare). Runs written before lists were stored as lists hold JSON strings.
-_LIST_COLUMNS = {"metrics": ["updates", "layers"], "weights": [], "layer_stats": []}
-_SCHEMAS = {"metrics": METRICS_SCHEMA, "weights": WEIGHTS_SCHEMA, "layer_stats": LAYER_STATS_SCHEMA}
+_LIST_COLUMNS = {"metrics": ["updates", "layers"], "weights": [], "layer_stats": [], "alignment": []}
+_SCHEMAS = {"metrics": METRICS_SCHEMA, "weights": WEIGHTS_SCHEMA, "layer_stats": LAYER_STATS_SCHEMA,
+            "alignment": ALIGNMENT_SCHEMA}
 
 # The metrics columns per_case needs: load(run, metrics_columns=PER_CASE_COLUMNS) reads about
 # 40 % of the bytes of a full read. epoch_summary also wants step and lr: TABLE_COLUMNS.
@@ -128,6 +141,8 @@ class RunData:
     ledger: pd.DataFrame
     weights: pd.DataFrame
     layer_stats: pd.DataFrame
+    alignment: pd.DataFrame
+    """One row per measured step x unit x quantity (alignment_every), with the case's name and group."""
     manifests: dict[str, dict] = field(default_factory=dict)
     """run label -> manifest dict."""
     paths: dict[str, str] = field(default_factory=dict)
@@ -500,7 +515,7 @@ def _read_one(
     split_filter = None if splits is None else ds.field("split").isin(list(splits))
     frames = {"manifest": manifest, "cases": _merge_state(cases, ledger), "ledger": ledger}
     names = frames["cases"]
-    for kind in ("metrics", "weights", "layer_stats"):
+    for kind in ("metrics", "weights", "layer_stats", "alignment"):
         columns = metrics_columns if kind == "metrics" else None
         if kind in what:
             frames[kind] = _read_partitioned(
@@ -511,6 +526,7 @@ def _read_one(
         else:
             frames[kind] = _empty_frame(kind, columns, categorical)
     frames["metrics"] = _attach_case_columns(frames["metrics"], names)
+    frames["alignment"] = _attach_case_columns(frames["alignment"], names)
     return frames
 
 
@@ -596,6 +612,7 @@ def load(
     weights: bool = True,
     layer_stats: bool = True,
     categorical: bool = True,
+    alignment: bool = True,
 ) -> RunData:
     """Read one run (path or URI) or several (list, or {label: path}) into a RunData.
 
@@ -603,7 +620,7 @@ def load(
         analysis.PER_CASE_COLUMNS (per_case) or analysis.TABLE_COLUMNS (every table but
         update_counts, which needs updates and layers) to read less.
     splits: read only these splits, e.g. ["test"].
-    weights, layer_stats: False skips reading those folders (empty frames instead).
+    weights, layer_stats, alignment: False skips reading those folders (empty frames instead).
     categorical: keep case_id (and split/updates/layers, phase, layer, ...) as categoricals
         in the per-row frames; False gives plain str case_id.
     Several runs: every frame gets a leading `run` column (the folder name, or the dict key)
@@ -620,10 +637,11 @@ def load(
         raise ValueError("load: no run given")
     labels = labels or _run_labels(runs)
     what = {"metrics"} | ({"weights"} if weights else set()) | ({"layer_stats"} if layer_stats else set())
+    what |= {"alignment"} if alignment else set()
     read = [_read_one(run, metrics_columns, splits, what, categorical) for run in runs]
     manifests = {label: r["manifest"] for label, r in zip(labels, read)}
     paths = {label: os.fspath(run) for label, run in zip(labels, runs)}
-    names = ("metrics", "cases", "ledger", "weights", "layer_stats")
+    names = ("metrics", "cases", "ledger", "weights", "layer_stats", "alignment")
     if not multi:
         return RunData(**{n: read[0][n] for n in names}, manifests=manifests, paths=paths)
     return RunData(
@@ -638,5 +656,5 @@ def case_keys(frame: pd.DataFrame) -> list[str]:
 
 __all__ = [
     "RunData", "load", "resolve", "local_path", "case_keys", "PER_CASE_COLUMNS", "TABLE_COLUMNS",
-    "METRICS_SCHEMA", "WEIGHTS_SCHEMA", "LAYER_STATS_SCHEMA", "NO_LEDGER_STATE",
+    "METRICS_SCHEMA", "WEIGHTS_SCHEMA", "LAYER_STATS_SCHEMA", "ALIGNMENT_SCHEMA", "NO_LEDGER_STATE",
 ]

@@ -136,7 +136,7 @@ def harness(events_path: str, argv: list[str]) -> int:
                 calls.append(record)
         return wrapper
 
-    def commit_extra(self, case_id, rows, checkpoint, entry, layer_stats=None):
+    def commit_extra(self, case_id, rows, checkpoint, entry, layer_stats=None, alignment=None):
         walls = [r["wall_time"] for r in rows or [] if isinstance(r, dict) and r.get("wall_time")]
         return {"case": case_id, "rows": len(rows or []), "ckpt_bytes": len(checkpoint) if checkpoint else 0,
                 "last_row_wall": max(walls) if walls else None}

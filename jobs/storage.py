@@ -18,13 +18,15 @@ A run directory is a local path or a ``pyarrow.fs`` URI (``s3://bucket/run``,
       metrics/case_id=<id>/part-<seq:06d>.parquet      one file per commit
       layer_stats/0-schema.parquet
       layer_stats/case_id=<id>/part-<seq:06d>.parquet  optional, committed like metrics
+      alignment/0-schema.parquet
+      alignment/case_id=<id>/part-<seq:06d>.parquet    optional (alignment_every), committed like metrics
       weights/0-schema.parquet
       weights/case_id=<id>/part-<phase>.parquet        weight histograms ('before', 'after')
       boundary/case_id=<id>/part-final.parquet         decision-boundary grid of a 2-D classifier
       checkpoints/<case_id>/ckpt-<seq:06d>.npz         the latest committed checkpoint and the one before it
       driver.lock                                      the live driver's lease (see take_lease)
 
-``metrics/``, ``layer_stats/`` and ``weights/`` are hive-partitioned Parquet datasets, read
+``metrics/``, ``layer_stats/``, ``alignment/`` and ``weights/`` are hive-partitioned Parquet datasets, read
 whole with ``pandas.read_parquet(RUN + "/metrics")`` (``case_id`` comes back categorical).
 
 Schema anchor: pyarrow takes a dataset's schema from the *first* file (in path order). If
@@ -94,7 +96,9 @@ CASE_STATES = ("pending", "running", "done", "failed", "diverged")
 FAILURE_CLASSES = ("oom", "node_lost", "worker_died", "diverged", "bad_settings", "bug", "interrupted", "storage")
 
 #: The Parquet datasets of a run (each hive-partitioned by ``case_id``).
-DATASETS = ("metrics", "layer_stats", "weights", "boundary")
+DATASETS = ("metrics", "layer_stats", "alignment", "weights", "boundary")
+#: The datasets written by commits (one part per commit, exactly once across kills and resumes).
+COMMITTED = ("metrics", "layer_stats", "alignment")
 
 MANIFEST = "manifest.json"
 CASES = "cases.parquet"
@@ -427,12 +431,14 @@ class RunDir:
         checkpoint: bytes | None,
         entry: LedgerEntry,
         layer_stats: list[dict] | None = None,
+        alignment: list[dict] | None = None,
     ) -> LedgerEntry:
         """Commit one progress report of a case, exactly once; return the new ledger entry.
 
         ``seq = entry.commit_seq + 1``. In order:
 
-        1. the metrics part (if ``rows``) and the layer-stats part (if ``layer_stats``) are
+        1. the metrics part (if ``rows``), the layer-stats part (if ``layer_stats``) and the
+           alignment part (if ``alignment``) are
            written under hidden names (``.staged-part-<seq>.parquet``, which every Parquet
            reader skips) and the checkpoint (if given) as ``ckpt-<seq>.npz``;
         2. the ledger entry is written: ``entry`` with ``commit_seq = seq``, the parts' row
@@ -471,6 +477,8 @@ class RunDir:
                 tables.append(("metrics", self._conform("metrics", _strip_key(rows, case_id, "metrics"))))
             if layer_stats:
                 tables.append(("layer_stats", self._conform("layer_stats", _strip_key(layer_stats, case_id, "layer_stats"))))
+            if alignment:
+                tables.append(("alignment", self._conform("alignment", _strip_key(alignment, case_id, "alignment"))))
             parts = copy.deepcopy(current.parts)
             for dataset, table in tables:  # 1. staged under hidden names
                 self._write_table(self._staged_path(dataset, case_id, seq), table)
@@ -533,7 +541,7 @@ class RunDir:
         damage = []
         self._restored.clear()
         entries = self.ledger()
-        for dataset in ("metrics", "layer_stats", "weights", "boundary"):
+        for dataset in DATASETS:
             problem = self._anchor_problem(dataset)
             if problem is not None:
                 damage.append(("", 0, problem))
@@ -572,7 +580,7 @@ class RunDir:
 
     def _uncommitted_visible(self, entry: LedgerEntry) -> tuple[int, str] | None:
         """A published part newer than the ledger's commit (left by a driver of an older bplab)."""
-        for dataset in ("metrics", "layer_stats"):
+        for dataset in COMMITTED:
             for info in self._list(self.path(dataset, f"{PARTITION_KEY}={entry.case_id}")):
                 m = _PART_RE.match(info.base_name)
                 if m and int(m.group(1)) > entry.commit_seq:
@@ -644,7 +652,7 @@ class RunDir:
                 target = gen
                 break
         seq = int(target["commit_seq"]) if target else 0
-        for dataset in ("metrics", "layer_stats"):
+        for dataset in COMMITTED:
             folder = self.path(dataset, f"{PARTITION_KEY}={entry.case_id}")
             for info in self._list(folder):
                 m = _PART_RE.match(info.base_name) or _STAGED_RE.match(info.base_name)
@@ -942,7 +950,7 @@ class RunDir:
                     ledger[row["case_id"]] = self._put_entry(LedgerEntry(case_id=row["case_id"], name=str(row["name"])))
                     notes.append(f"case {row['case_id']}: had no ledger entry; added it as pending")
 
-            for dataset in ("metrics", "layer_stats", "weights", "boundary"):
+            for dataset in DATASETS:
                 if self._anchor_problem(dataset) is not None:
                     notes.append(self._rebuild_anchor(dataset))
 
@@ -953,7 +961,7 @@ class RunDir:
             orphans: set[str] = set()
             for info in files:
                 rel = self._rel(info.path).split("/")
-                if len(rel) == 3 and rel[0] in ("metrics", "layer_stats") and rel[1].startswith(PARTITION_KEY + "="):
+                if len(rel) == 3 and rel[0] in COMMITTED and rel[1].startswith(PARTITION_KEY + "="):
                     case_id = rel[1][len(PARTITION_KEY) + 1 :]
                     m = _PART_RE.match(rel[2]) or _STAGED_RE.match(rel[2])
                 elif len(rel) == 3 and rel[0] == CHECKPOINTS:

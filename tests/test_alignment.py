@@ -376,3 +376,70 @@ def test_training_is_bit_identical_with_alignment_on(schedule):
     assert {row["epoch"] for row in measured if row["step"] == 6} == {1}
     per_step = len(measured) // 4
     assert per_step == 9 * 4 + (1 if schedule == "unfair-back" else 9)  # signal x3 + update per unit; error rows
+
+
+# ---------------------------------------------------------------------- stored like metrics
+
+
+def test_rows_are_committed_like_metrics_and_loaded_with_names(tmp_path, monkeypatch):
+    """RUN/alignment/: typed columns, a commit's rows invisible until its ledger write, a crash
+    before it leaves nothing (recover deletes the staged part), and analysis.load joins the
+    case's name and group."""
+    import json
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import analysis
+    from jobs.storage import RunDir, StorageError
+    from workers.data import load_dataset
+    from workers.trainer import train
+
+    values = {"model": "mlp", "hidden": [6], "data": {"name": "moons", "samples": 120}, "batch_size": 16, "epochs": 2,
+              "steps_per_epoch": 3, "lr": 0.01, "alignment_every": 2, "seed": 3}
+    case = settings_module.from_dict(values)
+    reports = []
+    train(case, load_dataset(case.data), reports.append, report_every_seconds=1e9, commit_every=1e9,
+          checkpoint_every_steps=3, max_chunk=1)
+    row = {"case_id": "c0", "name": "mlp-s3", "group": "mlp", "num_cpus": 1.0, "num_gpus": 0.0, "steps_total": 6,
+           "settings_json": json.dumps(case.to_dict(), default=list), **case.flat()}
+    run = RunDir.create(str(tmp_path / "run"), {"suite": "t"}, [row])
+    produced = [r for report in reports for r in report.alignment]
+    assert sorted({r["step"] for r in produced}) == [0, 2, 4]
+    first = reports[0]
+    entry = run.entry("c0")
+    original = RunDir._put_entry
+
+    def dying(self, entry):  # the driver dies before the ledger write, i.e. before the commit
+        raise OSError("killed")
+
+    monkeypatch.setattr(RunDir, "_put_entry", dying)
+    with pytest.raises(OSError):
+        run.commit("c0", first.rows, first.checkpoint, entry, alignment=first.alignment)
+    monkeypatch.setattr(RunDir, "_put_entry", original)
+    assert list((tmp_path / "run" / "alignment" / "case_id=c0").glob("part-*")) == []
+    notes = RunDir.open(str(tmp_path / "run")).recover()
+    assert any("deleted uncommitted alignment/" in note for note in notes), notes
+    assert not list((tmp_path / "run" / "alignment").rglob(".staged-*"))
+    run = RunDir.open(str(tmp_path / "run"))
+    for report in reports:
+        if report.checkpoint is None and report.status != "done":
+            continue
+        entry = run.entry("c0")
+        entry.state = "done" if report.status == "done" else "running"
+        run.commit("c0", report.rows, report.checkpoint, entry, alignment=report.alignment)
+    table = pq.read_table(tmp_path / "run" / "alignment")
+    types = {f.name: f.type for f in table.schema}
+    assert types["step"] == pa.int64() and types["unit"] == pa.int64() and types["value"] == pa.float64()
+    assert types["layer"] == pa.string() and types["quantity"] == pa.string()
+    assert table.num_rows == len(produced)
+    assert run.verify() == []
+    loaded = analysis.load(tmp_path / "run").alignment
+    assert list(loaded.columns[:3]) == ["case_id", "name", "group"]
+    assert set(loaded["name"].astype(str)) == {"mlp-s3"} and set(loaded["group"].astype(str)) == {"mlp"}
+    columns = ["step", "layer", "quantity", "value"]
+    mine = loaded[columns].astype({"layer": str, "quantity": str}).sort_values(columns[:3]).reset_index(drop=True)
+    want = pd.DataFrame(produced)[columns].sort_values(columns[:3]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine, want)
+    assert len(analysis.load(tmp_path / "run", alignment=False).alignment) == 0
