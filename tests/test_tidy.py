@@ -19,7 +19,7 @@ import pytest
 from jobs.storage import LedgerEntry, RunDir
 
 SETTINGS = {"model": "mlp", "hidden": [8, 4], "data": {"name": "moons", "samples": 200}, "batch_size": 16,
-            "epochs": 2, "steps_per_epoch": 3, "lr": 0.01, "layer_stats_every": 2, "seed": 3}
+            "epochs": 2, "steps_per_epoch": 3, "lr": 0.01, "layer_stats_every": 2, "alignment_every": 2, "seed": 3}
 
 
 def case_rows(cases: dict) -> list[dict]:
@@ -61,7 +61,7 @@ def commit_report(run: RunDir, case_id: str, report) -> None:
     entry.step = int(report.progress.get("step", entry.step))
     entry.epoch = int(report.progress.get("epoch", entry.epoch))
     entry.state = "done" if report.status == "done" else "running"
-    run.commit(case_id, report.rows, report.checkpoint, entry, report.layer_stats)
+    run.commit(case_id, report.rows, report.checkpoint, entry, report.layer_stats, alignment=report.alignment)
 
 
 @pytest.fixture(scope="module")
