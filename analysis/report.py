@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.alignment import SKIPPED as ALIGNMENT_SKIPPED
+from analysis.alignment import section as alignment_section
 from analysis.load import TABLE_COLUMNS, RunData, _run_labels, case_keys, load, local_path
 from analysis.plots import (
     plot_boundary_grid,
@@ -551,6 +553,10 @@ def write_report(
                 shown["comparable"] = shown["comparable"].map(lambda ok: "yes" if ok else "not comparable")
             md.append(markdown_table(shown))
             md.append("")
+
+    aligned = alignment_section(data.alignment, table, cases, out_dir, figures=figures)
+    md += aligned.markdown if aligned else ["## Alignment with the true gradient", "", ALIGNMENT_SKIPPED, ""]
+    csvs.update(aligned.csvs if aligned else {})
 
     drawn: list[tuple[str, str]] = []  # (caption, file name)
     skipped: list[str] = []  # figures that would carry no information, and why

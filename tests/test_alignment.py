@@ -443,3 +443,69 @@ def test_rows_are_committed_like_metrics_and_loaded_with_names(tmp_path, monkeyp
     want = pd.DataFrame(produced)[columns].sort_values(columns[:3]).reset_index(drop=True)
     pd.testing.assert_frame_equal(mine, want)
     assert len(analysis.load(tmp_path / "run", alignment=False).alignment) == 0
+
+
+# ---------------------------------------------------------------------- the report's section
+
+
+def fake_alignment():
+    """Two groups x two seeds x two layers, two epochs of two measured steps, known values."""
+    import pandas as pd
+
+    rows = []
+    for group, offset in (("back", 30.0), ("std", 0.0)):
+        for seed in (1, 2):
+            case = f"{group}-s{seed}"
+            for epoch in (0, 1):
+                for step in (epoch * 10, epoch * 10 + 5):
+                    for unit, layer in ((0, "l1"), (1, "l2")):
+                        angle = offset + 10 * unit + seed + epoch * 100 + (step % 10)
+                        rows.append({"case_id": case, "name": case, "group": group, "step": step, "epoch": epoch,
+                                     "layer": layer, "unit": unit, "quantity": "signal_angle", "value": angle})
+                        rows.append({"case_id": case, "name": case, "group": group, "step": step, "epoch": epoch,
+                                     "layer": layer, "unit": unit, "quantity": "signal_norm_ratio", "value": float(seed)})
+    return pd.DataFrame(rows)
+
+
+def test_layer_table_is_the_last_epoch_mean_over_seeds_with_its_interval():
+    from analysis.alignment import layer_table
+
+    table = layer_table(fake_alignment()).set_index(["group", "layer"])
+    # back, l1: seed s's last-epoch mean is 30 + s + 100 + 2.5; mean over s = 1, 2 is 134.0
+    assert table.at[("back", "l1"), "signal_angle_mean"] == pytest.approx(134.0)
+    assert table.at[("std", "l2"), "signal_angle_mean"] == pytest.approx(114.0)
+    assert table.at[("std", "l2"), "n"] == 2
+    sd = np.std([1.0, 2.0], ddof=1)  # the seeds' ratios 1 and 2: t(0.975, 1) = 12.706
+    assert table.at[("std", "l1"), "signal_norm_ratio_ci95"] == pytest.approx(12.706204736174707 * sd / np.sqrt(2))
+    assert table.at[("back", "l1"), "signal_angle_ci95"] == pytest.approx(12.706204736174707 * sd / np.sqrt(2))
+
+
+def test_section_is_skipped_without_measurements_and_draws_with_them(tmp_path):
+    import pandas as pd
+
+    from analysis.alignment import section
+
+    assert section(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), tmp_path) is None
+    frame = fake_alignment()
+    cases = frame.drop_duplicates("case_id")[["case_id", "name", "group"]].assign(
+        schedule=lambda f: f["group"].map({"back": "unfair-back", "std": "standard"}))
+    per_case = cases.assign(final_test_acc=[0.5, 0.6, 0.9, 0.95])
+    part = section(frame, per_case, cases, tmp_path)
+    text = "\n".join(part.markdown)
+    assert "## Alignment with the true gradient" in text and "| back | 0 | l1 | 2 | 134 | 6.3531 |" in text
+    assert (tmp_path / "alignment_angles.png").stat().st_size > 0
+    assert (tmp_path / "alignment_vs_accuracy.png").stat().st_size > 0
+    versus = part.csvs["alignment_vs_accuracy"].set_index("name")
+    assert versus.at["back-s1", "mean_signal_angle"] == pytest.approx((131 + 141 + 5) / 2)
+    assert versus.at["std-s2", "final_test_acc"] == 0.95
+    assert "correlation" in text
+    # the report: the section with its table and figure, and the sentence when nothing was measured
+    from analysis.alignment import SKIPPED
+    from analysis.report import write_report
+
+    report = write_report(tmp_path / "run", out_dir=tmp_path / "report").read_text()
+    assert "## Alignment with the true gradient" in report and "![](alignment_angles.png)" in report
+    assert (tmp_path / "report" / "alignment_layers.csv").exists()
+    data = analysis.load(tmp_path / "run")
+    data.alignment = data.alignment.iloc[:0]
+    assert SKIPPED in write_report(data, out_dir=tmp_path / "plain", figures=False).read_text()
