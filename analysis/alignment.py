@@ -90,6 +90,8 @@ def plot_layer_angles(ax, alignment: pd.DataFrame, quantity: str = "signal_angle
         if mine[keys].astype(str).drop_duplicates().shape[0] > 1:
             ax.fill_between(steps, per_step.min().to_numpy(dtype=float), per_step.max().to_numpy(dtype=float),
                             color=line.get_color(), alpha=0.2, linewidth=0)
+    if quantity.endswith("angle"):  # 0 to at least 1 degree: float32 round-off (1e-6) is not drawn as a signal
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
     ax.set_xlabel("step")
     ax.set_ylabel(quantity.replace("_", " ") + (" (degrees)" if quantity.endswith("angle") else ""))
     ax.grid(True, alpha=0.3)

@@ -253,10 +253,12 @@ def steps_in(seconds: float) -> int:
 def test_worker_killed_during_its_second_case(one_slot, tmp_path):
     """Commits every 3 s; the kill lands 2.5 s after the victim's second commit. By then the
     trainer's 2-second progress report has brought rows to the driver that no commit holds yet:
-    a driver that kept them for the retried attempt would log those steps twice."""
+    a driver that kept them for the retried attempt would log those steps twice. The victim and
+    its control also measure alignment every 1,000 steps: those rows, too, are logged once each
+    and equal the control's."""
     steps = steps_in(24.0)  # the victim runs long enough for two commits and the kill (about 14 s here)
-    cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7},
-             "control": {"seed": 7, "lr": 2.0000000001}}
+    cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7, "alignment_every": 1000},
+             "control": {"seed": 7, "lr": 2.0000000001, "alignment_every": 1000}}
     suite = write_suite(tmp_path, "kill2", cases, epochs=steps, eval_every=1000)
     run_dir = tmp_path / "run"
     process = bplab(one_slot, str(suite), "--out", str(run_dir), "--commit-every", "3")
@@ -288,3 +290,14 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path):
     # the control differs only by an lr change far below float32 resolution: the same numbers
     pd.testing.assert_frame_equal(mine, control)
     assert math.isclose(mine["accuracy"].iloc[-1], control["accuracy"].iloc[-1])
+    aligned = pd.read_parquet(run_dir / "alignment")
+    aligned["name"] = aligned["case_id"].astype(str).map(dict(pd.read_parquet(run_dir / "cases.parquet")[["case_id", "name"]].values))
+    assert not aligned.duplicated(["case_id", "step", "unit", "quantity"]).any(), "an alignment row was logged twice"
+    columns = ["step", "unit", "quantity", "value"]
+
+    def measured(name):
+        rows = aligned[aligned.name == name][columns].astype({"quantity": str})
+        return rows.sort_values(columns[:3]).reset_index(drop=True)
+
+    assert sorted(set(measured("victim")["step"])) == list(range(0, steps, 1000))
+    pd.testing.assert_frame_equal(measured("victim"), measured("control"))
