@@ -334,12 +334,45 @@ def _header(data: RunData) -> list[str]:
             lines.append("- command: `" + " ".join(map(str, manifest["command"])) + "`")
         # the suite's full text stays in manifest.json; the description says what it is
         shown = {"suite", "git_commit", "git_dirty", "bplab_version", "created_at", "versions", "command", "suite_text",
-                 "source_sha256", "source_files"}
+                 "source_sha256", "source_files", "data_sets"}
+        data_sets = [d for d in manifest.get("data_sets") or [] if isinstance(d, dict)]
+        lines += [data_set_line(d) for d in data_sets]
+        listed = {d.get("fingerprint") for d in data_sets}
+        if data_sets and set((manifest.get("data_fingerprints") or {}).values()) <= listed:
+            shown.add("data_fingerprints")  # each is on its data set's line
         for key, value in manifest.items():
             if key not in shown and value not in (None, "", [], {}):
                 text = value if isinstance(value, str) else json.dumps(value, default=str)
                 lines.append(f"- {key.replace('_', ' ')}: {text if len(text) < 300 else text[:297] + '...'}")
     return lines
+
+
+def data_set_line(summary: dict) -> str:
+    """One header line for a data set of the manifest (workers.data.Dataset.summary()): name,
+    official or not and why, its files' digest, the arrays' fingerprint, sizes and where it was read."""
+    identity = summary.get("identity") if isinstance(summary.get("identity"), dict) else {}
+    name = summary.get("name") or identity.get("name") or "?"
+    official = summary.get("official", identity.get("official"))
+    status = {True: "official", False: "not official"}.get(official, "not checked")
+    reason = identity.get("reason")
+    text = f"- data set **{name}**: {status}" + (f" ({reason})" if reason else "")
+    digest = summary.get("files_digest") or identity.get("digest")
+    if digest and digest != name:  # the embedded sets have no files: their 'digest' is their name
+        text += f"; files digest `{digest}`"
+    if summary.get("fingerprint"):
+        text += f"; data fingerprint `{str(summary['fingerprint'])[:16]}`"
+    sizes = []
+    for part in ("train", "test"):
+        shape = summary.get(f"x_{part}")
+        if isinstance(shape, (list, tuple)) and shape:
+            sizes.append(f"{part} {shape[0]}" + (f" x {'x'.join(map(str, shape[1:]))}" if len(shape) > 1 else ""))
+    if summary.get("num_classes"):
+        sizes.append(f"{summary['num_classes']} classes")
+    if sizes:
+        text += "; " + ", ".join(sizes)
+    if summary.get("source") and summary.get("source") != reason:
+        text += f"; from `{summary['source']}`"
+    return text
 
 
 def _flatten_pivot(pivot: pd.DataFrame) -> pd.DataFrame:

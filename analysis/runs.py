@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-STATE_ORDER = ("done", "running", "pending", "failed", "diverged")
+STATE_ORDER = ("done", "running", "interrupted", "pending", "failed", "diverged")
 
 
 def _duration(seconds: float) -> str:
@@ -27,14 +27,21 @@ def _duration(seconds: float) -> str:
 
 
 def describe_run(folder: str | os.PathLike) -> dict:
-    """{run, suite, created, states (Counter), wall_seconds, problem}: problem is None for a
-    readable run, else one line (not a run, damaged manifest, unreadable ledger entries)."""
+    """{run, suite, created, states (Counter), wall_seconds, problem, note}: problem is None for a
+    readable run, else one line (not a run, damaged manifest, unreadable ledger entries); note
+    is None unless the run is unfinished with no driver alive (then its cases started and not
+    finished count as interrupted, see jobs.liveness) and says how to continue it."""
+    from jobs.liveness import display_state, driver_liveness, not_a_run_message, resume_command, when
+    from jobs.storage import LOCK, RunDir
+
     folder = Path(folder)
     info = {"run": folder.name, "suite": "", "created": None, "states": Counter(), "wall_seconds": None,
-            "problem": None}
+            "problem": None, "note": None}
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
-        info["problem"] = "not a run (no manifest.json)"
+        # a driver killed before it created the run leaves its lease: say so, and what to type
+        info["problem"] = not_a_run_message(RunDir(str(folder))) if (folder / LOCK).exists() else \
+            "not a run (no manifest.json)"
         return info
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -56,6 +63,7 @@ def describe_run(folder: str | os.PathLike) -> dict:
     info["created"] = float(created) if isinstance(created, (int, float)) else None
     bad, last_update = 0, None
     known = set()
+    entries = []
     ledger = folder / "ledger"
     for path in sorted(ledger.glob("*.json")) if ledger.is_dir() else []:
         if path.name.startswith((".", "_")):
@@ -67,10 +75,16 @@ def describe_run(folder: str | os.PathLike) -> dict:
             bad += 1
             continue
         known.add(path.stem)
-        info["states"][state] += 1
+        entries.append(entry if isinstance(entry, dict) else {"state": state})
         updated = entry.get("updated_at")
         if isinstance(updated, (int, float)) and updated > 0:
             last_update = updated if last_update is None else max(last_update, updated)
+    liveness = driver_liveness(RunDir(str(folder)), [last_update] if last_update else [])
+    for entry in entries:
+        info["states"][display_state(entry, liveness)] += 1
+    unfinished = sum(n for s, n in info["states"].items() if s not in ("done", "diverged", "failed"))
+    if unfinished and not liveness.alive:
+        info["note"] = f"no driver since {when(liveness.last_seen)}: {resume_command(str(folder))}"
     try:  # cases without a ledger entry yet
         import pyarrow.parquet as pq
 
@@ -111,6 +125,8 @@ def format_runs(infos: list[dict]) -> str:
         states = info["states"]
         ordered = [s for s in STATE_ORDER if states[s]] + sorted(s for s in states if s not in STATE_ORDER)
         counts = ", ".join(f"{states[s]} {s}" for s in ordered) or "none"
+        if info.get("note"):
+            counts += f"; {info['note']}"
         line = f"{info['run']:<{width}}  {info['suite']:<{suite_width}}  {created:<19}  {wall:>8}  {counts}"
         if info["problem"]:
             line = (f"{info['run']:<{width}}  {info['suite']:<{suite_width}}  {created:<19}  {wall:>8}  "

@@ -279,7 +279,7 @@ class Driver:
             state.started_at = time.monotonic()
             state.steps_at_start = state.entry.step
             state.entry = self.run.write_entry(state.entry)
-            self._say(f"{state.planned.name}: running on {state.entry.node} gpu {state.entry.gpu or '-'} "
+            self._say(f"{state.planned.name}: running on {placement(state.entry.node, state.planned, result)} "
                       f"(attempt {state.entry.attempts}, worker pid {result.get('pid')} case {result.get('worker_cases')}"
                       f"{', resumed at step %d' % state.entry.step if state.entry.commit_seq else ''})"
                       + (f"; WARNING {result['warning']}" if result.get("warning") else ""))
@@ -458,8 +458,26 @@ def storage_is_broken(error: BaseException) -> bool:
     return False
 
 
+def placement(node: str | None, planned: PlannedCase, info: dict) -> str:
+    """Where a case runs, for its event line: '192.0.2.2, 1 CPU slot' or '10.0.0.3, GPU 0 (Tesla T4)
+    + 1 CPU slot'. ``info``: what the worker's start() returned (gpu_ids, gpu_names, warning)."""
+    cpus = float(planned.num_cpus or 0)
+    slots = f"{cpus:g} CPU slot{'' if cpus == 1 else 's'}"
+    ids = [str(g) for g in info.get("gpu_ids") or []]
+    if not ids:
+        return f"{node or '?'}, {slots}"
+    gpus = float(planned.num_gpus or 0)
+    device = f"GPU{'s' if len(ids) > 1 else ''} {','.join(ids)}"
+    names = sorted(set(info.get("gpu_names") or []))
+    if names:
+        device += f" ({', '.join(names)})"
+    if 0 < gpus < 1:
+        device = f"{gpus:g} of {device}"
+    return f"{node or '?'}, {device} + {slots}"
+
+
 def render_view(states) -> str:
-    lines = [f"{'case':<22} {'state':<9} {'node':<16} {'gpu':<5} {'epoch':>7} {'step':>13} {'test acc':>9} {'ETA':>8}"]
+    lines = [f"{'case':<22} {'state':<11} {'node':<16} {'gpu':<5} {'epoch':>7} {'step':>13} {'test acc':>9} {'ETA':>8}"]
     for s in states:
         e, p = s.entry, s.progress
         epochs = s.planned.case.settings.epochs
@@ -470,7 +488,7 @@ def render_view(states) -> str:
             rate = (step - s.steps_at_start) / (time.monotonic() - s.started_at)
             eta = _duration((total - step) / rate) if rate > 0 else "-"
         accuracy = p.get("test_accuracy", e.latest.get("test_accuracy"))
-        lines.append(f"{s.planned.name:<22} {e.state:<9} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
+        lines.append(f"{s.planned.name:<22} {e.state:<11} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
                      f"{p.get('epoch', e.epoch):>3}/{epochs:<3} {step:>6}/{total:<6} "
                      f"{(f'{accuracy:.4f}' if accuracy is not None else '-'):>9} {eta:>8}")
     return "\n".join(lines)

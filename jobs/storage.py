@@ -334,7 +334,9 @@ class RunDir:
         """Open an existing run; StorageError if ``location`` is not a run directory."""
         run = cls(location, filesystem=filesystem, atomic_rename=atomic_rename)
         if not run.is_run():
-            raise StorageError(f"{run.location} is not a bplab run directory (no manifest.json)")
+            from jobs.liveness import not_a_run_message  # a driver that died before creating the run
+
+            raise StorageError(not_a_run_message(run))
         return run
 
     def manifest(self) -> dict:
@@ -741,7 +743,8 @@ class RunDir:
             return None  # a torn lease: see _lease_state
         return holder if isinstance(holder, dict) else None
 
-    def take_lease(self, token: str, stale_seconds: float = LEASE_STALE_SECONDS) -> None:
+    def take_lease(self, token: str, stale_seconds: float = LEASE_STALE_SECONDS, *,
+                   details: Mapping[str, Any] | None = None) -> None:
         """Claim the run for the driver holding ``token``; StorageError (one line) if another holds it.
 
         The lease is ``RUN/driver.lock``. It is taken with an exclusive create, so of many
@@ -751,6 +754,10 @@ class RunDir:
         itself created exclusively), which also serialises renewals and releases, so a lease
         is never overwritten by anyone but its owner. The run folder is created if needed.
 
+        ``details`` (JSON-able, e.g. the suite and options a new run is started with) are kept
+        in the lease record and its renewals, so a driver killed before the manifest exists
+        still leaves word of what it was starting (see jobs.liveness).
+
         Object stores: pyarrow offers no conditional write, so there the exclusive create is
         a write followed by a read-back check, which narrows but does not close the window
         in which two drivers starting in the same instant could both win.
@@ -758,8 +765,9 @@ class RunDir:
         if not isinstance(token, str) or not token:
             raise StorageError("a lease token must be a non-empty string")
         self._make_folder()
+        record = {**dict(details or {}), **_lease_record(token)}
         for _ in range(3):
-            if self._create_exclusive(self.path(LOCK), _lease_record(token)):
+            if self._create_exclusive(self.path(LOCK), record):
                 return
             state, holder = self._lease_state(stale_seconds)
             if state == "gone":
@@ -777,7 +785,7 @@ class RunDir:
                     raise StorageError(self._held_message(holder))
                 if state != "gone":
                     self._delete(self.path(LOCK))
-                if self._create_exclusive(self.path(LOCK), _lease_record(token)):
+                if self._create_exclusive(self.path(LOCK), record):
                     return
         raise StorageError(f"{self.location}: could not take {LOCK} (other drivers keep taking it); try again")
 
@@ -790,7 +798,8 @@ class RunDir:
             if holder is None or holder.get("token") != token:
                 who = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "nobody"
                 raise LeaseLost(f"{self.location}: this driver lost {LOCK} (now held by {who}); stopped")
-            self._write_bytes(self.path(LOCK), _json_bytes(_lease_record(token), f"{self.location}: {LOCK}"))
+            record = {**holder, **_lease_record(token)}  # the details given to take_lease stay
+            self._write_bytes(self.path(LOCK), _json_bytes(record, f"{self.location}: {LOCK}"))
 
     def release_lease(self, token: str) -> None:
         """Give the run up, if ``token`` still holds it."""
@@ -802,6 +811,17 @@ class RunDir:
         """The live lease's record (host, pid, token, heartbeat), or None if no live driver holds the run."""
         state, holder = self._lease_state(stale_seconds)
         return holder if state == "live" else None
+
+    def lease_state(self, stale_seconds: float = LEASE_STALE_SECONDS) -> tuple[str, dict]:
+        """('gone' | 'live' | 'expired', the lease record): is a driver alive for this run? Reads only.
+
+        'expired': the holder's process is gone (same host) or its heartbeat is older than
+        ``stale_seconds`` (another host); the record ({} when gone, or torn) says who it was and
+        when it was last seen (``heartbeat``, unix seconds)."""
+        try:
+            return self._lease_state(stale_seconds)
+        except (OSError, pa.ArrowException):
+            return "gone", {}
 
     def _lease_state(self, stale_seconds: float) -> tuple[str, dict]:
         """('gone' | 'live' | 'expired', the lease record)."""
