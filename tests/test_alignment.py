@@ -443,6 +443,16 @@ def test_rows_are_committed_like_metrics_and_loaded_with_names(tmp_path, monkeyp
     want = pd.DataFrame(produced)[columns].sort_values(columns[:3]).reset_index(drop=True)
     pd.testing.assert_frame_equal(mine, want)
     assert len(analysis.load(tmp_path / "run", alignment=False).alignment) == 0
+    # the report: the section with its table and figure, and the sentence when nothing was measured
+    from analysis.alignment import SKIPPED
+    from analysis.report import write_report
+
+    report = write_report(tmp_path / "run", out_dir=tmp_path / "report").read_text()
+    assert "## Alignment with the true gradient" in report and "![](alignment_angles.png)" in report
+    assert (tmp_path / "report" / "alignment_layers.csv").exists()
+    data = analysis.load(tmp_path / "run")
+    data.alignment = data.alignment.iloc[:0]
+    assert SKIPPED in write_report(data, out_dir=tmp_path / "plain", figures=False).read_text()
 
 
 # ---------------------------------------------------------------------- the report's section
@@ -499,13 +509,3 @@ def test_section_is_skipped_without_measurements_and_draws_with_them(tmp_path):
     assert versus.at["back-s1", "mean_signal_angle"] == pytest.approx((131 + 141 + 5) / 2)
     assert versus.at["std-s2", "final_test_acc"] == 0.95
     assert "correlation" in text
-    # the report: the section with its table and figure, and the sentence when nothing was measured
-    from analysis.alignment import SKIPPED
-    from analysis.report import write_report
-
-    report = write_report(tmp_path / "run", out_dir=tmp_path / "report").read_text()
-    assert "## Alignment with the true gradient" in report and "![](alignment_angles.png)" in report
-    assert (tmp_path / "report" / "alignment_layers.csv").exists()
-    data = analysis.load(tmp_path / "run")
-    data.alignment = data.alignment.iloc[:0]
-    assert SKIPPED in write_report(data, out_dir=tmp_path / "plain", figures=False).read_text()
