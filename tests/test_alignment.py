@@ -280,6 +280,7 @@ def eager_step(schedule_name, engine="manual", model="allconv9"):
 @pytest.mark.parametrize("engine", ["manual", "autodiff"])
 def test_standard_is_exact(engine):
     probe, values, built = eager_step("standard", engine)
+    assert not probe.forwarded  # the true gradient came from the schedule's own first forward
     for index in range(len(built.units)):
         assert abs(values[index, "signal_cosine"] - 1.0) <= 1e-12
         assert abs(values[index, "signal_norm_ratio"] - 1.0) <= 1e-12
@@ -366,6 +367,8 @@ def test_training_is_bit_identical_with_alignment_on(schedule):
 
     cache = StepCache()
     params_off, rows_off, none = train_case(cache, schedule=schedule)
+    (steps,) = cache.entries.values()
+    assert steps.measured_chunk.experimental_get_tracing_count() == 0  # off: only the step without the measurement
     params_on, rows_on, measured = train_case(cache, schedule=schedule, alignment_every=3)
     assert cache.hits == 1
     assert none == [] and rows_on == rows_off

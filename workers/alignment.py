@@ -87,6 +87,7 @@ class Probe:
         self.interfaces: dict = {}  # unit -> (g_hat, target)
         self._pending_errors: dict = {}
         self._collecting = False
+        self.forwarded = False  # True when the probe had to forward the batch itself
 
     # ------------------------------------------------------------------ hooks
     def observe_forward(self, x, start: int, acts, caches) -> None:
@@ -111,6 +112,7 @@ class Probe:
         """Stepper.update, before the optimiser applies `grads` to unit `index`."""
         if self.true_grads is None:  # no full forward before the first update: forward now, at the start values
             acts, caches = self.net.forward(self.x, self.ctx)
+            self.forwarded = True
             self._true_from(acts, caches)
         self.stage_grads[index].append(grads)
         if index in self._pending_errors:

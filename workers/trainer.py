@@ -249,11 +249,12 @@ class Steps:
                 step_seed = tf.stack([seed, first_step + tf.cast(i, tf.int64)])
                 y_onehot = tf.one_hot(labels[i], num_classes, dtype=tf_dtype)
                 ctx = Context(training=True, seed=step_seed)
-                probe = alignment.Probe(net, xs[i], y_onehot, ctx) if measure else None
+                x = xs[i]  # one tensor: the probe knows the schedule's first forward of the batch by it
+                probe = alignment.Probe(net, x, y_onehot, ctx) if measure else None
                 stepper = schedules.Stepper(net, optimizer, ctx, lrs[i], settings, skip_rates[i], probe=probe)
                 net.probe = probe
                 try:
-                    loss, output = schedule(stepper, xs[i], y_onehot)
+                    loss, output = schedule(stepper, x, y_onehot)
                 finally:
                     net.probe = None
                 if measure:  # read after the schedule: the parameters it left
