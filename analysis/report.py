@@ -73,6 +73,24 @@ def _cell(value, float_format: str) -> str:
     return text
 
 
+def lost_workers(ledger: pd.DataFrame) -> pd.DataFrame:
+    """One row per worker or node a case lost (the ledger entries' `losses`), oldest first."""
+    columns = [*(["run"] if "run" in ledger else []), "name", "attempt", "reason_class", "node_id", "at", "step",
+               "back_after_s", "counted"]
+    rows = []
+    if "losses" in ledger:
+        for record in ledger.to_dict("records"):
+            for loss in record.get("losses") if isinstance(record.get("losses"), list) else []:
+                back = loss.get("resumed_at")
+                rows.append({**({"run": record["run"]} if "run" in record else {}), "name": record.get("name"),
+                             "attempt": loss.get("attempt"), "reason_class": loss.get("reason_class"),
+                             "node_id": loss.get("node_id"),
+                             "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(loss.get("at", 0))),
+                             "step": loss.get("step"), "back_after_s": back - loss["at"] if back else None,
+                             "counted": loss.get("counted", True)})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}", index: bool = False,
                    max_rows: int | None = None) -> str:
     """A GitHub-flavoured markdown table (what DataFrame.to_markdown gives, without tabulate).
@@ -536,6 +554,15 @@ def write_report(
     else:
         md.append("None.")
     md.append("")
+
+    losses = lost_workers(data.ledger)
+    if len(losses):
+        csvs["lost_workers"] = losses
+        md += ["## Lost workers and nodes", "",
+               "Each worker a case lost: node_lost once the GCS declared its node dead, worker_died when the "
+               "node lived on. An attempt resumed from its last commit (step); one that had not started its "
+               "case used no retry. back after = seconds until the case ran again.", "",
+               markdown_table(losses, float_format="{:.0f}"), ""]
 
     group_keys = [*(["run"] if "run" in table else []), "group"]
     group_sizes = table.groupby(group_keys).size()

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.liveness import when
-from jobs.storage import LOCK, RunDir
+from analysis.rundir.liveness import when
+from analysis.rundir import RunDir
+from analysis.rundir.layout import LOCK
 from tests.test_bad_input import assert_refused, make_existing_run, run_main, tree_state
 
 ROOT = Path(__file__).resolve().parents[1]

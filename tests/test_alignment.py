@@ -395,7 +395,7 @@ def test_rows_are_committed_like_metrics_and_loaded_with_names(tmp_path, monkeyp
     import pyarrow.parquet as pq
 
     import analysis
-    from jobs.storage import RunDir, StorageError
+    from analysis.rundir import RunDir
     from workers.data import load_dataset
     from workers.trainer import train
 
@@ -419,7 +419,7 @@ def test_rows_are_committed_like_metrics_and_loaded_with_names(tmp_path, monkeyp
 
     monkeypatch.setattr(RunDir, "_put_entry", dying)
     with pytest.raises(OSError):
-        run.commit("c0", first.rows, first.checkpoint, entry, alignment=first.alignment)
+        run.commit("c0", entry, checkpoint=first.checkpoint, tables={"metrics": first.rows, "alignment": first.alignment})
     monkeypatch.setattr(RunDir, "_put_entry", original)
     assert list((tmp_path / "run" / "alignment" / "case_id=c0").glob("part-*")) == []
     notes = RunDir.open(str(tmp_path / "run")).recover()
@@ -431,7 +431,7 @@ def test_rows_are_committed_like_metrics_and_loaded_with_names(tmp_path, monkeyp
             continue
         entry = run.entry("c0")
         entry.state = "done" if report.status == "done" else "running"
-        run.commit("c0", report.rows, report.checkpoint, entry, alignment=report.alignment)
+        run.commit("c0", entry, checkpoint=report.checkpoint, tables={"metrics": report.rows, "alignment": report.alignment})
     table = pq.read_table(tmp_path / "run" / "alignment")
     types = {f.name: f.type for f in table.schema}
     assert types["step"] == pa.int64() and types["unit"] == pa.int64() and types["value"] == pa.float64()
@@ -445,7 +445,7 @@ def test_rows_are_committed_like_metrics_and_loaded_with_names(tmp_path, monkeyp
     mine = loaded[columns].astype({"layer": str, "quantity": str}).sort_values(columns[:3]).reset_index(drop=True)
     want = pd.DataFrame(produced)[columns].sort_values(columns[:3]).reset_index(drop=True)
     pd.testing.assert_frame_equal(mine, want)
-    assert len(analysis.load(tmp_path / "run", alignment=False).alignment) == 0
+    assert len(analysis.load(tmp_path / "run", datasets=()).alignment) == 0
     # the report: the section with its table and figure, and the sentence when nothing was measured
     from analysis.alignment import SKIPPED
     from analysis.report import write_report

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from jobs import plan, suites
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.study import suite_from_run
 
 ROOT = Path(__file__).resolve().parents[1]

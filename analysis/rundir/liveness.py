@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
-from jobs.storage import LEASE_STALE_SECONDS, LOCK, RunDir
+from analysis.rundir.layout import LOCK, MANIFEST
+from analysis.rundir.lease import LEASE_STALE_SECONDS
 
 #: The states a case is shown in: the ledger's, and ``interrupted`` (started, not finished, no driver alive).
 INTERRUPTED = "interrupted"
@@ -44,7 +45,7 @@ class Liveness:
         return "its driver"
 
 
-def driver_liveness(run: RunDir, ledger_times: list[float] = (), stale_seconds: float = LEASE_STALE_SECONDS) -> Liveness:
+def driver_liveness(run, ledger_times: list[float] = (), stale_seconds: float = LEASE_STALE_SECONDS) -> Liveness:
     """Read ``RUN/driver.lock``: alive (a live lease) or not, and when a driver was last seen:
     the later of the lease's heartbeat (its file's time when the record is torn) and the
     latest of ``ledger_times`` (the ledger entries' ``updated_at``)."""
@@ -128,28 +129,28 @@ def start_command(details: Mapping, location: str) -> str | None:
     return shlex.join(words)
 
 
-def not_a_run_message(run: RunDir) -> str:
+def not_a_run_message(run) -> str:
     """Why ``run`` is not a run directory, in one line, and what to type.
 
     A folder with ``driver.lock`` and no manifest is a run whose driver was starting it: still
     alive (wait), or killed before the run was created (nothing ran; start it again, with the
     suite and options its lease recorded)."""
     location = run.location
-    plain = f"{location} is not a bplab run directory (no manifest.json)"
+    plain = f"{location} is not a bplab run directory (no {MANIFEST})"
     state, holder = run.lease_state()
     if state == "gone":
         return plain
     who = f"pid {holder.get('pid')} on {holder.get('host', '?')}" if holder.get("pid") is not None else "a driver"
     if state == "live":
-        return f"{location} is being created by {who} (no manifest.json yet); wait for it to start the run"
+        return f"{location} is being created by {who} (no {MANIFEST} yet); wait for it to start the run"
     liveness = driver_liveness(run)
     command = start_command(holder, location) or f"bplab run SUITE --out {shlex.quote(str(location))}"
-    held = f"holds only {LOCK}" if _only_lease(run) else f"has {LOCK} but no manifest.json"
+    held = f"holds only {LOCK}" if _only_lease(run) else f"has {LOCK} but no {MANIFEST}"
     return (f"{location} {held}: its driver ({who}) stopped before it created the run "
             f"(last seen {when(liveness.last_seen)}), so nothing ran; start it again with: {command}")
 
 
-def _only_lease(run: RunDir) -> bool:
+def _only_lease(run) -> bool:
     """True if the folder holds nothing but the lease (and hidden files such as its takeover mark)."""
     import pyarrow.fs as pafs
 
