@@ -154,7 +154,7 @@ def _export_case(run, case_id: str, folder: Path, ledger: dict, done: dict, fini
             last = done.get("layer_step", -1)
             result.layer_points = _write_layer_stats(writer, stats, last)
             done["layer_step"] = max(last, int(stats["step"].max()))
-        measured = _read_parts(run, "alignment", case_id, committed)
+        measured = _read(run, "alignment", case_id, ledger)
         if measured is not None and len(measured):
             last = done.get("alignment_step", -1)
             result.alignment_points = _write_alignment(writer, measured, last)
