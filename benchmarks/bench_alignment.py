@@ -1,7 +1,7 @@
 """Cost of measuring alignment (alignment_every = 1, 10, 100) as a ratio to the same training
 with it off, measured in one run.
 
-    python benchmarks/bench_alignment.py [--models allconv9 moons] [--rounds N]
+    python benchmarks/bench_alignment.py [--models allconv9 moons] [--rounds N] [--every 1 10 100]
                                          [--allconv9-steps N] [--moons-steps N] [--json PATH]
 
 Each variant is `workers.trainer.train` in-process, exactly as a worker runs a case (chunks,
@@ -78,22 +78,23 @@ def timed(settings, data, cache) -> tuple[float, float, int]:
     return time.perf_counter() - wall, time.process_time() - cpu, len({row["step"] for row in rows})
 
 
-def measure(model: str, steps: int, rounds: int) -> dict:
+def measure(model: str, steps: int, rounds: int, variants=EVERY) -> dict:
     from workers.trainer import StepCache
 
+    variants = (0, *[v for v in variants if v])
     data, cache = data_for(model), StepCache()
-    for every in EVERY:  # warm-up: trace the steps with and without the measurement
+    for every in variants:  # warm-up: trace the steps with and without the measurement
         timed(case(model, 2 if model == "allconv9" else 20, every), data, cache)
-    times = {every: [] for every in EVERY}
+    times = {every: [] for every in variants}
     for round_index in range(rounds):
-        order = EVERY if round_index % 2 == 0 else tuple(reversed(EVERY))
+        order = variants if round_index % 2 == 0 else tuple(reversed(variants))
         for every in order:
             wall, cpu, measured = timed(case(model, steps, every), data, cache)
             times[every].append({"wall": wall, "cpu": cpu, "measured_steps": measured, "load1": load1()})
             print(f"  {model} round {round_index + 1} alignment_every={every:<3} {wall:8.2f} s wall {cpu:8.2f} s cpu "
                   f"{measured:4d} measured steps  load1 {load1():.2f}", flush=True)
     out = {"steps": steps, "rounds": rounds, "times": {str(k): v for k, v in times.items()}, "ratios": {}}
-    for every in EVERY[1:]:
+    for every in variants[1:]:
         out["ratios"][str(every)] = {
             clock: statistics.median(v[clock] / o[clock] for v, o in zip(times[every], times[0]))
             for clock in ("wall", "cpu")}
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["allconv9", "moons"], choices=["allconv9", "moons"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--every", type=int, nargs="+", default=list(EVERY[1:]), help="the alignment_every values")
     parser.add_argument("--allconv9-steps", type=int, default=100)
     parser.add_argument("--moons-steps", type=int, default=3000)
     parser.add_argument("--json", default=None, help="write the results here")
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
               "cpu_pressure_start": cpu_pressure(), "models": {}}
     for model in args.models:
         steps = args.allconv9_steps if model == "allconv9" else args.moons_steps
-        record["models"][model] = measure(model, steps, args.rounds)
+        record["models"][model] = measure(model, steps, args.rounds, args.every)
     record["uptime_end"], record["seconds"] = uptime(), round(time.time() - started, 1)
     print(f"\n{'model':<9} {'every':>5} {'wall ratio':>10} {'cpu ratio':>10} {'overhead (cpu)':>14}")
     for model, result in record["models"].items():
