@@ -120,14 +120,14 @@ class Section:
     figures: list = field(default_factory=list)
 
 
-def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame, out_dir: Path | None,
-            figures: bool = True, markdown_table=None) -> Section | None:
+def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame, out_dir: Path | None, *,
+            markdown_table, new_figure=None, save=None) -> Section | None:
     """The report's alignment section, or None when no case measured alignment (the report
-    then says so with SKIPPED). Figures (PNG) go to `out_dir`."""
+    then says so with SKIPPED). The report hands in its way of writing a table
+    (`markdown_table(frame, max_rows=)`) and, to draw, of making and saving a figure
+    (`new_figure(figsize=)`, `save(fig, out_dir, name) -> file name`); figures go to `out_dir`."""
     if alignment is None or not len(alignment):
         return None
-    if markdown_table is None:
-        from analysis.report import markdown_table
     out = Section()
     measured = alignment[_keys(alignment)].astype(str).drop_duplicates()
     md = out.markdown
@@ -154,15 +154,13 @@ def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame
             md.append(f"Across the {len(valid)} cases, the Pearson correlation of the mean signal angle (over layers, "
                       f"last epoch) with the final test accuracy is {r:.2f}.")
             md.append("")
-    if figures and out_dir is not None:
-        from analysis.report import _figure, _save
-
+    if new_figure is not None and save is not None and out_dir is not None:
         labels = sorted(groups.unique())
         run_of = alignment["run"].astype(str) if "run" in alignment else None
         panels = [(label, alignment[groups == label]) for label in labels]
         columns = min(3, len(panels))
         rows_n = -(-len(panels) // columns)
-        fig = _figure(figsize=(4.2 * columns, 3.2 * rows_n))
+        fig = new_figure(figsize=(4.2 * columns, 3.2 * rows_n))
         axes = np.atleast_1d(fig.subplots(rows_n, columns, squeeze=False)).ravel()
         for ax, (label, rows) in zip(axes, panels):
             plot_layer_angles(ax, rows)
@@ -171,12 +169,12 @@ def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         out.figures.append(("signal angle per layer over steps (seeds as a band)",
-                            _save(fig, Path(out_dir), "alignment_angles.png")))
+                            save(fig, Path(out_dir), "alignment_angles.png")))
         if schedules > 1 and len(out.csvs.get("alignment_vs_accuracy", [])):
-            fig = _figure(figsize=(5, 3.6))
+            fig = new_figure(figsize=(5, 3.6))
             plot_angle_vs_accuracy(fig.subplots(), out.csvs["alignment_vs_accuracy"])
             out.figures.append(("signal angle vs final test accuracy, one point per case",
-                                _save(fig, Path(out_dir), "alignment_vs_accuracy.png")))
+                                save(fig, Path(out_dir), "alignment_vs_accuracy.png")))
         for caption, name in out.figures:
             md += [f"### {caption}", "", f"![]({name})", ""]
     return out

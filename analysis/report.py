@@ -610,7 +610,8 @@ def write_report(
             md.append(markdown_table(shown))
             md.append("")
 
-    aligned = alignment_section(data.alignment, table, cases, out_dir, figures=figures)
+    aligned = alignment_section(data.alignment, table, cases, out_dir, markdown_table=markdown_table,
+                                new_figure=_figure if figures else None, save=_save)
     md += aligned.markdown if aligned else ["## Alignment with the true gradient", "", ALIGNMENT_SKIPPED, ""]
     csvs.update(aligned.csvs if aligned else {})
 
