@@ -319,6 +319,11 @@ BAD_INPUTS = {
 }
 
 BAD_INPUTS.update({
+    "--commit-every -1": (lambda tmp: ["run", write_suite(tmp), "--commit-every", "-1"], ["--commit-every", "-1"]),
+    "--worker-max-cases 0": (lambda tmp: ["run", write_suite(tmp), "--worker-max-cases", "0"], ["--worker-max-cases"]),
+    "--worker-max-memory-mb -5": (lambda tmp: ["run", write_suite(tmp), "--worker-max-memory-mb", "-5"],
+                                  ["--worker-max-memory-mb"]),
+    "--progress-every nan": (lambda tmp: ["run", write_suite(tmp), "--progress-every", "nan"], ["--progress-every", "nan"]),
     "--cpus-per-case 0": (lambda tmp: ["run", write_suite(tmp), "--cpus-per-case", "0"], ["--cpus-per-case"]),
     "lr: .inf": (_suite_case(defaults={"lr": float("inf")}), ["lr"]),
 })
@@ -420,9 +425,23 @@ def test_bad_input_is_refused_up_front(label, mode, tmp_path, cli):
     assert not (cwd / "runs").exists(), "a run folder was created for a bad input"
 
 
-def test_at_least_twenty_bad_inputs():
-    assert len(BAD_INPUTS) + len(EXISTING_RUN_INPUTS) >= 24
-    assert len(SUBPROCESS) >= 5 and set(SUBPROCESS) <= set(BAD_INPUTS)
+@pytest.mark.timeout(60)
+def test_every_numeric_option_of_run_has_a_bad_value_here(tmp_path):
+    """An option added to jobs.options.StudyOptions that takes a number gets a bad value in the
+    table above (and SUBPROCESS names only entries of it)."""
+    from jobs.options import StudyOptions, _scalar_type, flag_of
+
+    assert set(SUBPROCESS) <= set(BAD_INPUTS)
+    given = set()
+    for number, (make, _) in enumerate(BAD_INPUTS.values()):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        argv = [str(word) for word in make(folder)]
+        if argv[0] == "run":
+            given |= {word for word in argv if word.startswith("--")}
+    numeric = {flag_of(name) for name, info in StudyOptions.model_fields.items()
+               if _scalar_type(info.annotation) in (int, float)}
+    assert numeric and numeric <= given, f"no bad value tried for {sorted(numeric - given)}"
 
 
 def test_typo_learning_rate_gets_a_did_you_mean_hint(tmp_path, cli):
