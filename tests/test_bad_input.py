@@ -5,8 +5,8 @@ unknown key, wrong type, malformed YAML, missing data folder, more GPUs per case
 has, unknown case in `--only`, a `--resume` of a folder that is not a run, ...): each a one-line
 error, exit 2, no actor started, no result already written touched."
 
-Every bad input runs `jobs.cli.main(argv)` in-process (cwd a fresh tmp folder) with `ray`
-replaced in sys.modules by a stub whose every attribute (ray.init, ray.put, ...) is logged and
+Every bad input runs `jobs.cli.main(argv)` in-process (tests.helpers.run_main: cwd a fresh tmp
+folder) with `ray` replaced in sys.modules by a stub whose every attribute (ray.init, ray.put, ...) is logged and
 raises: the inputs must be refused before Ray is touched. A subset (SUBPROCESS, about a third)
 also runs the real command, `python -m jobs ...`, in a subprocess: there the exit code and the
 whole stderr are the process's, and a `sitecustomize` put on PYTHONPATH wraps `ray.init` and
@@ -20,30 +20,18 @@ folder.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import yaml
 
-from jobs.cli import main
-from jobs.storage import RunDir
-from workers.settings import CaseSettings, DataSpec
+from tests.helpers import (QUICK_CASES, QUICK_DEFAULTS, Result, assert_refused, make_existing_run, run_main, tree_state,
+                           write_suite)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# The defaults of the built-in `quick` suite (jobs/suites/quick.yaml), one epoch, two cases.
-QUICK_DEFAULTS = {
-    "model": "allconv9", "width": 0.25, "init": "xavier", "data": {"name": "digits"}, "optimizer": "adam",
-    "lr": 0.002, "beta1": 0.9, "beta2": 0.9, "epsilon": 1.0e-8, "batch_size": 16, "epochs": 1, "seed": 678,
-}
-QUICK_CASES = {"a": {"schedule": "standard", "augment": False}, "b": {"schedule": "unfair-back", "augment": True}}
 
 GUARD = '''\
 """Test hook of tests/test_bad_input.py: log (and, if asked, forbid) ray.init and actor creation."""
@@ -110,14 +98,6 @@ def guard_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@dataclasses.dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-    ray_log: list[str]
-
-
 def run_cli(args, cwd: Path, guard_dir: Path, *, forbid_ray: bool = True, timeout: float = 120) -> Result:
     env = dict(os.environ)
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # what a user who just installed bplab has
@@ -133,95 +113,6 @@ def run_cli(args, cwd: Path, guard_dir: Path, *, forbid_ray: bool = True, timeou
                           text=True, timeout=timeout)
     ray_log = log.read_text().split() if log.exists() else []
     return Result(proc.returncode, proc.stdout, proc.stderr, ray_log)
-
-
-class _RayStub(types.ModuleType):
-    """Stands in for `ray` in-process: any use is logged and raises."""
-
-    def __init__(self, log: list):
-        super().__init__("ray")
-        self.__dict__["_log"] = log
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        self._log.append(f"ray.{name}")
-        raise RuntimeError(f"bad-input test guard: ray.{name} was used, so the input was not refused up front")
-
-
-def run_main(args, cwd: Path, monkeypatch, capsys) -> Result:
-    """jobs.cli.main(args) in this process, cwd = `cwd`, with `ray` stubbed out."""
-    ray_log: list = []
-    monkeypatch.setitem(sys.modules, "ray", _RayStub(ray_log))
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-        trace = ""
-    except BaseException as error:  # noqa: BLE001 - shown as the subprocess would show it
-        import traceback
-
-        code = error.code if isinstance(error, SystemExit) else 1
-        trace = "".join(traceback.format_exception(error))
-    out, err = capsys.readouterr()
-    return Result(code, out, err + trace, ray_log)
-
-
-def assert_refused(result: Result, *names: str) -> str:
-    """Exit 2, stderr exactly one 'bplab: error:' line naming every one of `names`, Ray never started."""
-    shown = f"exit {result.code}\n--- stderr ---\n{result.stderr}\n--- stdout ---\n{result.stdout[-2000:]}"
-    assert result.ray_log == [], f"Ray was used before the input was refused ({result.ray_log})\n{shown}"
-    assert "Traceback" not in result.stderr, shown
-    assert result.code == 2, shown
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected exactly one line on stderr\n{shown}"
-    line = lines[0]
-    assert line.startswith("bplab: error: "), shown
-    for name in names:
-        assert name in line, f"the error does not name {name!r}: {line}"
-    return line
-
-
-def write_suite(folder: Path, *, defaults: dict | None = None, cases: dict | None = None, extra: dict | None = None,
-                text: str | None = None, name: str = "bad.yaml") -> Path:
-    path = folder / name
-    if text is None:
-        document = {"name": "bad", "description": "a copy of quick with one thing broken",
-                    "defaults": {**QUICK_DEFAULTS, **(defaults or {})},
-                    "cases": QUICK_CASES if cases is None else cases, **(extra or {})}
-        text = yaml.safe_dump(document, sort_keys=False)
-    path.write_text(text)
-    return path
-
-
-def tree_state(root: Path) -> dict:
-    """Every file and folder under root: sha256 and mtime of files, just presence of folders."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_dir():
-            state[rel] = "dir"
-        else:
-            stat = path.stat()
-            state[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), stat.st_size, stat.st_mtime_ns)
-    return state
-
-
-def make_existing_run(location: Path) -> RunDir:
-    """A run as `bplab run` leaves it: one case of the quick suite, two committed reports (metrics, checkpoint)."""
-    settings = CaseSettings(model="allconv9", width=0.25, init="xavier", data=DataSpec("digits"), lr=0.002,
-                            beta2=0.9, batch_size=16, epochs=1, seed=678)
-    case_id = "a-0123456789"
-    row = {"case_id": case_id, "name": "a", "group": "a", "num_cpus": 1.0, "num_gpus": 0.0, "steps_total": 90,
-           "settings_json": json.dumps(settings.to_dict(), default=list), **settings.flat()}
-    run = RunDir.create(str(location), {"suite": "quick", "description": "an existing run", "suite_text": ""}, [row])
-    rows = [{"split": "train", "epoch": 0, "step": step, "cost": 2.0 / step, "accuracy": 0.1 * step, "lr": 0.002}
-            for step in (1, 2)]
-    entry = dataclasses.replace(run.entry(case_id), state="running", attempts=1)
-    entry = run.commit(case_id, rows, b"checkpoint bytes", entry)
-    entry = dataclasses.replace(entry, step=3)
-    run.commit(case_id, [dict(rows[-1], step=3)], b"later checkpoint", entry)
-    return run
 
 
 # ---------------------------------------------------------------------- the bad inputs

@@ -64,3 +64,17 @@ def test_comments_and_docs_speak_to_a_reader_of_the_repository():
                           if pattern.search(line)]
     found += [f"README.md:{n}" for n, line in enumerate(README.splitlines(), 1) if pattern.search(line)]
     assert not found, f"text that refers to a task instead of the code: {found}"
+
+
+@pytest.mark.timeout(30)
+def test_no_test_imports_another_test_file():
+    """What tests share lives in tests/helpers.py (or tests/raycluster.py for `ray start` heads)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {name}" for name in names if name.split(".")[-1].startswith("test_")]
+    assert not found, found
