@@ -1,3 +1,4 @@
+# Long module: write_report with the figure builders only it calls.
 """The run report: report.md with tables and PNG figures, plus every table as CSV.
 
 Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot, no global
@@ -274,21 +275,16 @@ def _boundary_figures(data: RunData, table: pd.DataFrame, out_dir: Path, limit: 
     """Decision boundaries of the 2-D classifiers (stored by the trainer at the end of a case)."""
     import json as json_module
 
-    from analysis.load import resolve
-
     panels = []
-    for label, location in data.paths.items():
-        filesystem, root = resolve(location)
-        folder = f"{root}/boundary"
-        if filesystem.get_file_info(folder).type.name != "Directory":
-            continue
-        grid = pd.read_parquet(folder, filesystem=filesystem)
-        grid["case_id"] = grid["case_id"].astype(str)
-        rows = table if "run" not in table else table[table["run"].astype(str) == label]
-        for row in rows.itertuples():
-            cells = grid[grid["case_id"] == str(row.case_id)]
-            if len(cells):
-                panels.append((row, cells))
+    grid = data.boundary  # (every registered dataset is a frame of the RunData)
+    keys = [k for k in ("run", "case_id") if k in grid and k in table]
+    cells_of = {key: cells for key, cells in grid.groupby([grid[k].astype(str) for k in keys], observed=True,
+                                                          sort=False)} if len(grid) else {}
+    for row in table.itertuples():
+        key = tuple(str(getattr(row, k)) for k in keys)
+        cells = cells_of.get(key)
+        if cells is not None and len(cells):
+            panels.append((row, cells))
     if not panels:
         return []
     if len(panels) > limit and notes is not None:

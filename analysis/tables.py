@@ -1,3 +1,4 @@
+# Long module: every comparison table, with the group-by, statistics and labels they share.
 """Comparison tables: pure functions, DataFrame in, DataFrame out.
 
 Keys: a case is identified by `case_id`, or by (`run`, `case_id`) when frames from several

@@ -14,10 +14,8 @@ import textwrap
 from pathlib import Path
 
 from jobs.options import add_arguments, from_arguments
-from jobs.study import UsageError, user_errors as _user_errors  # light: no Ray, no TensorFlow at import
-from workers.errors import one_line as _one_line
+from workers.errors import UserError, one_line as _one_line  # light: no Ray, no TensorFlow at import
 
-ROOT = Path(__file__).resolve().parents[1]
 PLAN_OPTIONS = ("suite", "address", "gpus_per_case", "cpus_per_case", "overrides", "only")  # what `bplab plan` takes of `run`'s
 
 
@@ -36,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):  # argparse's own errors: one line, exit 2
-        raise UsageError(f"{self.prog}: {message}")
+        raise UserError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    user_errors = _user_errors()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except user_errors as error:
+    except UserError as error:
         print(f"bplab: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -163,7 +160,7 @@ def cmd_fetch(args) -> int:
     try:
         local = fetch_run(args.run, args.dest)
     except (FileNotFoundError, FileExistsError) as error:
-        raise UsageError(f"fetch: {_one_line(error)}") from None
+        raise UserError(f"fetch: {_one_line(error)}") from None
     finally:
         ray.shutdown()
     print(local)
@@ -179,10 +176,10 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     import dataclasses
 
+    from analysis.rundir import ENDED, RunDir
+    from analysis.rundir.liveness import display_state, driver_liveness, interrupted_line, when
     from jobs.driver import CaseState, render_losses, render_view
-    from jobs.liveness import display_state, driver_liveness, interrupted_line, when
     from jobs.plan import PlannedCase
-    from jobs.storage import RunDir
     from jobs.study import case_from_row
 
     run = RunDir.open(args.run)
@@ -206,7 +203,7 @@ def cmd_status(args) -> int:
             print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
     for line in render_losses(states):
         print(line)
-    unfinished = sum(state.entry.state not in ("done", "diverged", "failed") for state in states)
+    unfinished = sum(state.entry.state not in ENDED for state in states)
     line = interrupted_line(run.location, liveness, unfinished)
     if line:
         print(line)
@@ -220,7 +217,7 @@ def _verify_and_repair(run) -> bool:
     run, roll the damaged cases back to their last intact commit. True if damage remains."""
     import platform
 
-    from jobs.storage import StorageError
+    from analysis.rundir import StorageError
 
     damage = run.verify()
     if not damage:
@@ -241,12 +238,10 @@ def _verify_and_repair(run) -> bool:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import ReportError, default_report_dir, write_report
-    from jobs.storage import RunDir
-
     import pyarrow as pa
 
-    from jobs.storage import StorageError
+    from analysis.report import ReportError, default_report_dir, write_report
+    from analysis.rundir import RunDir, StorageError
     from jobs.study import check_out
 
     runs = [RunDir.open(run) for run in args.runs]  # a one-line error if one is not a run
@@ -254,7 +249,7 @@ def cmd_report(args) -> int:
     check_out(str(out))
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
-        raise UsageError(f"--out {out}: {blocked} is a file, not a folder")
+        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     for run in runs:
         damage = run.verify(checkpoints=False, ledger=False)
         if damage:
@@ -263,7 +258,7 @@ def cmd_report(args) -> int:
     try:
         path = write_report(args.runs if len(args.runs) > 1 else args.runs[0], out_dir=out, baseline=args.baseline)
     except ReportError as error:
-        raise UsageError(f"report: {error}") from None
+        raise UserError(f"report: {error}") from None
     except (OSError, ValueError, pa.ArrowException) as error:  # a damaged run: one line, never a traceback
         raise StorageError(f"report: {type(error).__name__}: {_one_line(error)[:300]}") from None
     print(path)
@@ -274,7 +269,7 @@ def cmd_runs(args) -> int:
     from analysis.runs import format_runs, list_runs
 
     if not Path(args.folder).is_dir():
-        raise UsageError(f"runs: {args.folder} is not a folder")
+        raise UserError(f"runs: {args.folder} is not a folder")
     print(format_runs(list_runs(args.folder)))
     return 0
 
@@ -285,7 +280,7 @@ def cmd_gradcheck(args) -> int:
     names = list(gradcheck.CHECK_CONFIGS) if args.model == "all" else [args.model]
     for name in names:
         if name not in gradcheck.CHECK_CONFIGS:
-            raise UsageError(f"gradcheck: unknown model {name!r}; expected all or one of {', '.join(gradcheck.CHECK_CONFIGS)}")
+            raise UserError(f"gradcheck: unknown model {name!r}; expected all or one of {', '.join(gradcheck.CHECK_CONFIGS)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return gradcheck.main(names, tolerance=args.tolerance)
 
@@ -298,7 +293,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
     from workers.logs import read_case_log
 
     run = RunDir.open(args.run)
@@ -307,10 +302,10 @@ def cmd_logs(args) -> int:
     name = names.get(args.case, args.case)
     if name not in names.values():
         shown = ", ".join(list(names.values())[:8])
-        raise UsageError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
+        raise UserError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
     text = read_case_log(run, name)
     if text is None:
-        print(f"bplab: case {name} has no output in {run.location}/logs yet", file=sys.stderr)
+        print(f"bplab: case {name} has no output in {run.log_path(name)} yet", file=sys.stderr)
         return 0
     sys.stdout.write(text)
     return 0

@@ -3,7 +3,7 @@
 `bplab run`'s arguments are built from it (`add_arguments`: flag, type, default and help,
 the help being the docstring under each field) and `jobs.study.run_study(suite, out, **options)`
 takes the same names as keyword arguments. Every check of an option's value is in
-`StudyOptions.check`; a bad value is a one-line UsageError naming the flag, raised before
+`StudyOptions.check`; a bad value is a one-line UserError naming the flag, raised before
 anything is read or started. No Ray, no TensorFlow here.
 """
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Optional, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
+
+from workers.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -81,41 +83,41 @@ class StudyOptions(BaseModel):
 
     @classmethod
     def of(cls, **values) -> "StudyOptions":
-        """Checked options from keyword arguments (UsageError, one line, for a wrong name, type or value)."""
+        """Checked options from keyword arguments (UserError, one line, for a wrong name, type or value)."""
         unknown = sorted(set(values) - set(cls.model_fields))
         if unknown:
-            raise _usage(f"unknown option {unknown[0]!r}; the options are {', '.join(cls.model_fields)}")
+            raise UserError(f"unknown option {unknown[0]!r}; the options are {', '.join(cls.model_fields)}")
         try:
             options = cls(**values)
         except ValidationError as error:
             first = error.errors(include_url=False)[0]
             name, given = str(first["loc"][0]), first.get("input")
             shown = _short(repr(given) if isinstance(given, str) else given)
-            raise _usage(f"{flag_of(name)} {shown}: {first['msg'][0].lower()}{first['msg'][1:]}") from None
+            raise UserError(f"{flag_of(name)} {shown}: {first['msg'][0].lower()}{first['msg'][1:]}") from None
         options.check()
         return options
 
     def check(self) -> None:
-        """Every check of the options' values and of how they combine (UsageError, one line)."""
+        """Every check of the options' values and of how they combine (UserError, one line)."""
         number = _number
         number("max_retries", self.max_retries, 0, integer=True)
         number("checkpoint_every", self.checkpoint_every, 0, integer=True)
         number("cpus_per_case", self.cpus_per_case, 0, strict=True)
         number("gpus_per_case", self.gpus_per_case, 0, optional=True)
         if self.gpus_per_case is not None and self.gpus_per_case > 1 and not float(self.gpus_per_case).is_integer():
-            raise _usage(f"--gpus-per-case {self.gpus_per_case:g}: above 1 it must be a whole number")
+            raise UserError(f"--gpus-per-case {self.gpus_per_case:g}: above 1 it must be a whole number")
         number("progress_every", self.progress_every, 0)
         number("commit_every", self.commit_every, 0)
         number("worker_max_cases", self.worker_max_cases, 1, integer=True)
         number("worker_max_memory_mb", self.worker_max_memory_mb, 0)
         if self.resume and self.out:
-            raise _usage("--out and --resume: the resumed run is written where it is")
+            raise UserError("--out and --resume: the resumed run is written where it is")
         if self.suite is None and not self.resume:
-            raise _usage("run: give a SUITE (see `bplab cases`) or --resume RUN")
+            raise UserError("run: give a SUITE (see `bplab cases`) or --resume RUN")
         if self.suite is None and self.overrides:
-            raise _usage("--set needs a suite: a resumed run keeps the settings it was started with")
+            raise UserError("--set needs a suite: a resumed run keeps the settings it was started with")
         if self.overrides and not isinstance(self.suite, str):
-            raise _usage("--set applies to a suite file or name, not to a Suite object")
+            raise UserError("--set applies to a suite file or name, not to a Suite object")
         check_address(self.address)
 
 
@@ -177,11 +179,11 @@ def _number(name, value, low, *, integer=False, strict=False, optional=False):
     ok = ok and (value > low if strict else value >= low) and (not integer or float(value).is_integer())
     if not ok:
         kind = "an integer" if integer else "a finite number"
-        raise _usage(f"{flag_of(name)} {_short(value)}: must be {kind} {'>' if strict else '>='} {low:g}")
+        raise UserError(f"{flag_of(name)} {_short(value)}: must be {kind} {'>' if strict else '>='} {low:g}")
 
 
 def check_address(address: str | None, timeout: float = 5.0) -> None:
-    """UsageError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
+    """UserError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
 
     'auto', 'local' and None are left to Ray; 'HOST:PORT' and 'ray://HOST:PORT' are probed
     with a TCP connection first, so an unreachable address fails at once instead of Ray
@@ -193,28 +195,22 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
     if address is None or address in ("auto", "local"):
         return
     if not isinstance(address, str) or not address.strip() or len(address) > 1000:
-        raise _usage(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+        raise UserError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
     target = address.strip()
     if "://" in target:
         scheme, target = target.split("://", 1)
         if scheme != "ray":
-            raise _usage(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+            raise UserError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
     host, _, port_text = target.rstrip("/").rpartition(":")
     host = host.strip("[]")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise _usage(f"--address {_short(address)}: expected HOST:PORT with a port in 1..65535")
+        raise UserError(f"--address {_short(address)}: expected HOST:PORT with a port in 1..65535")
     try:
         with socket.create_connection((host, int(port_text)), timeout=timeout):
             pass
     except OSError as error:
         reason = one_line(error) if not isinstance(error, socket.timeout) else f"no answer in {timeout:g} s"
-        raise _usage(f"--address {_short(address)}: cannot reach a Ray cluster there ({reason})") from None
-
-
-def _usage(message: str) -> Exception:
-    from jobs.study import UsageError
-
-    return UsageError(message)
+        raise UserError(f"--address {_short(address)}: cannot reach a Ray cluster there ({reason})") from None
 
 
 def _short(value, limit: int = 80) -> str:

@@ -12,11 +12,12 @@ import yaml
 
 from jobs.cluster import HEAD_RESOURCE, TRAINER_RESOURCE, TRAINER_SHARE
 from jobs.suites import Case, Suite
+from workers.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A user-facing planning error (one line)."""
 
 
@@ -251,13 +252,6 @@ def ray_view(address: str | None) -> ClusterView:
         return ClusterView(where, None, live)
     info = on_head(head_info, ray.get_runtime_context().gcs_address)
     return ClusterView(where, info["types"], live, autoscaling=info["types"] is not None, host=info["host"])
-
-
-def cluster_yaml_nodes(path: Path = ROOT / "cluster.yaml") -> list[dict]:
-    """[{'name', 'CPU', 'GPU', ...}] per node the cluster-launcher file can bring up at most
-    (the head once, each worker type max_workers times)."""
-    view = cluster_yaml_view(path)
-    return [dict(t, name=f"{path.name}:{t['name']}#{i}") for t in view.types for i in range(t["max"])]
 
 
 def ray_nodes() -> list[dict]:

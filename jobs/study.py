@@ -9,8 +9,8 @@ scripts and the benchmarks call it directly::
 
 The options are `jobs.options.StudyOptions` (the same as `bplab run`'s flags). Everything
 that can be checked without Ray (the options, the suite, the data, the plan, the output
-location) is checked before Ray starts; a user error raises one of `user_errors()` with a
-one-line message. `Study.run` tells a run in the order it happens; the run directory's lease,
+location) is checked before Ray starts; a user error raises `workers.errors.UserError` (or a
+subclass) with a one-line message. `Study.run` tells a run in the order it happens; the run directory's lease,
 the Ray session and the autoscaler request are context managers around its middle.
 """
 
@@ -29,23 +29,9 @@ from importlib import metadata
 from pathlib import Path
 
 from jobs.options import StudyOptions
+from workers.errors import UserError, one_line as _one_line
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class UsageError(ValueError):
-    """Bad input to a command or to run_study (one line)."""
-
-
-def user_errors() -> tuple:
-    """The exception classes whose message is a one-line user error (exit code 2)."""
-    from jobs.plan import PlanError
-    from jobs.storage import StorageError
-    from jobs.suites import SuiteError
-    from workers.data import DataError
-    from workers.settings import SettingsError
-
-    return (UsageError, SuiteError, SettingsError, PlanError, StorageError, DataError)
 
 
 @dataclass
@@ -124,9 +110,8 @@ class Study:
         print(f"[bplab] {text}", file=self.stream, flush=True)
 
     def run(self) -> StudyResult:
+        from analysis.rundir import FINISHED, RunDir
         from jobs import plan as plan_module
-        from jobs.driver import TERMINAL
-        from jobs.storage import RunDir
 
         o = self.options
         # 1. what to run, checked without Ray: the run to resume, the suite, its data, the plan
@@ -163,7 +148,7 @@ class Study:
                     if added:
                         self.say(f"{len(added)} new case(s) added to {old.location}")
                 ledger = run.ledger()
-                todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
+                todo = [p for p in planned if ledger[p.case_id].state not in FINISHED]
                 self.say(f"run {run.location}{_on_host(run.location, view)}: {len(planned)} cases, {len(todo)} to run, "
                          f"{plan_module.describe_concurrency(planned, view)} ({gpus:g} GPU, {o.cpus_per_case:g} CPU each)")
                 # 5. the cases, on as many workers as run at once on the fully scaled cluster
@@ -214,7 +199,7 @@ def start_details(suite, only=(), overrides=()) -> dict:
 
 
 class Lease:
-    """This driver's hold on RUN/driver.lock (see driver_lease): taken, renewed and given back
+    """This driver's hold on the run's lease (see driver_lease): taken, renewed and given back
     through one RunDir."""
 
     def __init__(self, rundir, stream):
@@ -223,14 +208,14 @@ class Lease:
 
     def renew(self) -> None:
         """The driver's heartbeat. Raises LeaseLost when another driver took the run over."""
-        from jobs.storage import LeaseLost
+        from analysis.rundir import LeaseLost
 
         try:
             self.rundir.renew_lease(self.token)
         except LeaseLost:  # another driver took the run over: stop at once
             raise
         except Exception as error:  # a missed heartbeat is not worth stopping the study
-            print(f"[bplab] could not refresh driver.lock: {_one_line(error)}", file=self.stream)
+            print(f"[bplab] could not refresh the run's lease: {_one_line(error)}", file=self.stream)
 
 
 @contextmanager
@@ -251,7 +236,7 @@ def driver_lease(rundir, stream, details: dict | None = None):
         try:
             rundir.release_lease(lease.token)
         except Exception as error:  # the lease goes stale by itself
-            print(f"[bplab] could not release driver.lock: {_one_line(error)}", file=stream)
+            print(f"[bplab] could not release the run's lease: {_one_line(error)}", file=stream)
         _remove_empty(made)  # only empty folders: a created run keeps its own
 
 
@@ -294,10 +279,11 @@ def write_report(run, stream=None) -> str | None:
     stream = stream or sys.stderr
     try:
         from analysis.report import write_report as write
+        from analysis.rundir import local_path
 
         location = str(run.location)
         out_dir = None
-        if "://" in location and not location.startswith("file://"):  # remote run: the report goes to a local folder
+        if local_path(location) is None:  # remote run: the report goes to a local folder
             out_dir = Path("reports") / location.rstrip("/").rsplit("/", 1)[-1]
         path = write(location, out_dir=out_dir)
         print(f"[bplab] report: {path}", file=stream)
@@ -308,35 +294,35 @@ def write_report(run, stream=None) -> str | None:
 
 
 def check_out(location: str) -> None:
-    """UsageError (one line) if a new run cannot be created at the local path `location`:
+    """UserError (one line) if a new run cannot be created at the local path `location`:
     it is a regular file, lies under one, or its nearest existing folder is not writable."""
-    import re
+    from analysis.rundir import local_path
 
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+    if local_path(location) is None:
         return  # an object store: checked by the first write
-    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    path = Path(local_path(location))
     if path.is_file():
-        raise UsageError(f"--out {_short(location)}: is a regular file, not a folder")
+        raise UserError(f"--out {_short(location)}: is a regular file, not a folder")
     parent = path
     while not parent.exists():
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out {_short(location)}: {_short(str(parent))} is a regular file, not a folder")
+        raise UserError(f"--out {_short(location)}: {_short(str(parent))} is a regular file, not a folder")
     if path.exists() and not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {_short(location)}: the folder is not writable")
+        raise UserError(f"--out {_short(location)}: the folder is not writable")
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {_short(location)}: cannot create it ({_short(str(parent))} is not writable)")
+        raise UserError(f"--out {_short(location)}: cannot create it ({_short(str(parent))} is not writable)")
 
 
 def _missing_folders(location: str) -> list[Path] | None:
     """The local folders that creating `location` would make, deepest first (None: not local)."""
-    import re
+    from analysis.rundir import local_path
 
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+    if local_path(location) is None:
         return None
-    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    path = Path(local_path(location))
     missing = []
     while not path.exists() and path.parent != path:
         missing.append(path)
@@ -377,14 +363,17 @@ def runs_root() -> Path:
 
 
 def _on_host(location: str, view) -> str:
-    if "://" in location or view is None or view.host is None or not (view.types or in_ray_job()):
+    from analysis.rundir import is_uri
+
+    if is_uri(location) or view is None or view.host is None or not (view.types or in_ray_job()):
         return ""
     return f" (on {view.host}; bring it home with `bplab fetch ADDRESS {location}`)"
 
 
 def project_runtime_env() -> dict:
-    """Ships this copy of jobs/ and workers/ with tasks bplab runs on a cluster's head."""
-    return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers")]}
+    """Ships this copy of jobs/, workers/ and analysis/ (the run directory's package) with tasks
+    bplab runs on a cluster's head."""
+    return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers"), str(ROOT / "analysis")]}
 
 
 def connect(address: str | None, runtime_env: dict | None = None) -> None:
@@ -402,12 +391,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
         else:
             ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
-
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+        raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 
 
 def _version(package: str) -> str | None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from workers import settings as settings_module
-from workers.errors import shorten
+from workers.errors import UserError, shorten
 from workers.settings import CaseSettings, SettingsError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
@@ -45,7 +45,7 @@ MAX_LABEL = 40  # a longer label is cut and ends with a hash of the exact value
 MAX_GROUP = 100  # the same for a whole group name (a case id adds the seed and 11 characters)
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError):
     """A user-facing suite error (one line)."""
 
 

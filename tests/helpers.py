@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from jobs.cli import main
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from workers.settings import CaseSettings, DataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,9 +204,9 @@ def make_existing_run(location: Path) -> RunDir:
     rows = [{"split": "train", "epoch": 0, "step": step, "cost": 2.0 / step, "accuracy": 0.1 * step, "lr": 0.002}
             for step in (1, 2)]
     entry = dataclasses.replace(run.entry(case_id), state="running", attempts=1)
-    entry = run.commit(case_id, rows, b"checkpoint bytes", entry)
+    entry = run.commit(case_id, entry, checkpoint=b"checkpoint bytes", tables={"metrics": rows})
     entry = dataclasses.replace(entry, step=3)
-    run.commit(case_id, [dict(rows[-1], step=3)], b"later checkpoint", entry)
+    run.commit(case_id, entry, checkpoint=b"later checkpoint", tables={"metrics": [dict(rows[-1], step=3)]})
     return run
 
 
@@ -313,7 +313,8 @@ def commit_report(run: RunDir, case_id: str, report) -> None:
     entry.step = int(report.progress.get("step", entry.step))
     entry.epoch = int(report.progress.get("epoch", entry.epoch))
     entry.state = "done" if report.status == "done" else "running"
-    run.commit(case_id, report.rows, report.checkpoint, entry, report.layer_stats)
+    run.commit(case_id, entry, checkpoint=report.checkpoint,
+               tables={"metrics": report.rows, "layer_stats": report.layer_stats})
 
 
 # ---------------------------------------------------------------------- Ray on this machine

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.liveness import when
-from jobs.storage import LOCK, RunDir
+from analysis.rundir import RunDir
+from analysis.rundir.layout import LOCK
+from analysis.rundir.liveness import when
 from tests.helpers import (TWO_LR, assert_refused, bplab, make_existing_run, run_main, start_bplab, tree_state,
                            wait_for, write_run)
 

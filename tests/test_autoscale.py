@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from raycluster import BIN, autoscaling_head, run, tail
 
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.study import source_digest
 
 # one `ray start --head` at a time when the suite runs in parallel (pytest -n 2): see pyproject.toml

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from jobs import plan, suites
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.study import suite_from_run
 from tests.helpers import bplab
 

@@ -15,7 +15,8 @@ import pytest
 from jobs import study as study_module
 from jobs.cli import build_parser
 from jobs.options import StudyOptions, from_arguments
-from jobs.study import UsageError, run_study
+from jobs.study import run_study
+from workers.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "run-v1"
@@ -84,7 +85,7 @@ def test_the_command_line_and_python_take_the_same_options():
 ])
 def test_bad_options_are_one_line_errors_before_anything_is_read(options, message, tmp_path):
     values = {"suite": "quick", "out": str(tmp_path / "run"), **options}
-    with pytest.raises(UsageError) as error:
+    with pytest.raises(UserError) as error:
         run_study(values.pop("suite"), values.pop("out"), **values)
     assert str(error.value).startswith(message), str(error.value)
     assert "\n" not in str(error.value)
@@ -92,14 +93,14 @@ def test_bad_options_are_one_line_errors_before_anything_is_read(options, messag
 
 
 def _fail_connect(address, runtime_env=None):
-    raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: refused (test)")
+    raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: refused (test)")
 
 
 @pytest.mark.timeout(60)
 def test_a_start_that_fails_after_the_lease_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(study_module, "connect", _fail_connect)
     out = tmp_path / "new" / "deep" / "run"
-    with pytest.raises(UsageError, match="cannot connect"):
+    with pytest.raises(UserError, match="cannot connect"):
         run_study("moons-quick", out, only=["tanh-h3"], stream=io.StringIO())
     assert list(tmp_path.iterdir()) == []  # the folders taking the lease made are gone again
 
@@ -110,7 +111,7 @@ def test_a_resume_that_fails_after_the_lease_gives_the_lease_back(tmp_path, monk
     shutil.copytree(FIXTURE, run)
     monkeypatch.setattr(study_module, "connect", _fail_connect)
     stream = io.StringIO()
-    with pytest.raises(UsageError, match="cannot connect"):
+    with pytest.raises(UserError, match="cannot connect"):
         run_study(resume=run, stream=stream)
     assert not (run / "driver.lock").exists()  # the dead driver's expired lease was taken over, then given back
     assert "recover:" in stream.getvalue()  # the lease was held when the run was repaired

@@ -21,7 +21,7 @@ from ray.core.generated.common_pb2 import ActorDiedErrorContext, NodeDeathInfo
 from jobs import driver as driver_module
 from jobs.driver import Driver, classify_loss, node_state, placement_options
 from jobs.plan import PlannedCase
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.suites import Case
 from tests.helpers import case_row
 from workers.settings import CaseSettings, DataSpec

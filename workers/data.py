@@ -1,3 +1,4 @@
+# Long module: one loader per data set (moons, digits, MNIST, CIFAR-10), each with its file checks, official digests and fingerprint, read side by side.
 """Load and prepare the data sets a case trains on (digits, moons, mnist, cifar10).
 
 `load_dataset(spec)` returns a `Dataset` of float32 inputs (images NHWC, vectors (N, D))
@@ -31,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.errors import one_line as _one_line
+from workers.errors import UserError, one_line as _one_line
 from workers.settings import DataSpec
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """One-line, user-facing: names the file and what was expected."""
 
 

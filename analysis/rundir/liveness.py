@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
-from jobs.storage import LEASE_STALE_SECONDS, LOCK, RunDir
+from analysis.rundir.layout import LOCK, MANIFEST
+from analysis.rundir.lease import LEASE_STALE_SECONDS
+from analysis.rundir.ledger import ENDED
+from workers.text import duration
 
 #: The states a case is shown in: the ledger's, and ``interrupted`` (started, not finished, no driver alive).
 INTERRUPTED = "interrupted"
-_FINISHED = ("done", "diverged", "failed")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Liveness:
         return "its driver"
 
 
-def driver_liveness(run: RunDir, ledger_times: list[float] = (), stale_seconds: float = LEASE_STALE_SECONDS) -> Liveness:
+def driver_liveness(run, ledger_times: list[float] = (), stale_seconds: float = LEASE_STALE_SECONDS) -> Liveness:
     """Read ``RUN/driver.lock``: alive (a live lease) or not, and when a driver was last seen:
     the later of the lease's heartbeat (its file's time when the record is torn) and the
     latest of ``ledger_times`` (the ledger entries' ``updated_at``)."""
@@ -71,7 +73,7 @@ def display_state(entry: Any, liveness: Liveness) -> str:
     a case never started stays ``pending``."""
     get = entry.get if isinstance(entry, Mapping) else lambda name, default=None: getattr(entry, name, default)
     state = str(get("state", "pending"))
-    if liveness.alive or state in _FINISHED:
+    if liveness.alive or state in ENDED:
         return state
     try:
         attempts = int(get("attempts", 0) or 0)
@@ -87,18 +89,7 @@ def when(moment: float | None, now: float | None = None) -> str:
     if moment is None:
         return "at an unknown time"
     ago = max(0.0, (time.time() if now is None else now) - moment)
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(moment))} UTC ({_ago(ago)} ago)"
-
-
-def _ago(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(moment))} UTC ({duration(ago)} ago)"
 
 
 def resume_command(location: str) -> str:
@@ -128,28 +119,28 @@ def start_command(details: Mapping, location: str) -> str | None:
     return shlex.join(words)
 
 
-def not_a_run_message(run: RunDir) -> str:
+def not_a_run_message(run) -> str:
     """Why ``run`` is not a run directory, in one line, and what to type.
 
     A folder with ``driver.lock`` and no manifest is a run whose driver was starting it: still
     alive (wait), or killed before the run was created (nothing ran; start it again, with the
     suite and options its lease recorded)."""
     location = run.location
-    plain = f"{location} is not a bplab run directory (no manifest.json)"
+    plain = f"{location} is not a bplab run directory (no {MANIFEST})"
     state, holder = run.lease_state()
     if state == "gone":
         return plain
     who = f"pid {holder.get('pid')} on {holder.get('host', '?')}" if holder.get("pid") is not None else "a driver"
     if state == "live":
-        return f"{location} is being created by {who} (no manifest.json yet); wait for it to start the run"
+        return f"{location} is being created by {who} (no {MANIFEST} yet); wait for it to start the run"
     liveness = driver_liveness(run)
     command = start_command(holder, location) or f"bplab run SUITE --out {shlex.quote(str(location))}"
-    held = f"holds only {LOCK}" if _only_lease(run) else f"has {LOCK} but no manifest.json"
+    held = f"holds only {LOCK}" if _only_lease(run) else f"has {LOCK} but no {MANIFEST}"
     return (f"{location} {held}: its driver ({who}) stopped before it created the run "
             f"(last seen {when(liveness.last_seen)}), so nothing ran; start it again with: {command}")
 
 
-def _only_lease(run: RunDir) -> bool:
+def _only_lease(run) -> bool:
     """True if the folder holds nothing but the lease (and hidden files such as its takeover mark)."""
     import pyarrow.fs as pafs
 
