@@ -593,7 +593,8 @@ def write_report(
     if reference:
         md += [f"## Against the source study (`{reference}`)", ""]
         try:
-            comparison = reference_comparison(table, reference, cases, overrides=data.manifest.get("overrides") or ())
+            comparison = reference_comparison(table, reference, cases, overrides=data.manifest.get("overrides") or (),
+                                              alignment=getattr(data, "alignment", None))
         except KeyError as error:
             md += [f"No reference table: {error}", ""]
         else:

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import case_keys
-from analysis.reference import comparability, reference_table
+from analysis.reference import comparability, error_angles, reference_table
 
 SUMMARY_COLUMNS = ("final_test_acc", "best_test_acc", "final_train_acc")
 
@@ -718,8 +718,23 @@ def against_baseline(
     return out.reset_index()
 
 
+def final_hidden_error_angle(alignment: pd.DataFrame | None) -> pd.Series:
+    """Per case_id: the mean error_angle (degrees) over the hidden units (every unit but the
+    top one) at the case's last measured epoch; empty without alignment rows."""
+    if alignment is None or not len(alignment) or "quantity" not in alignment:
+        return pd.Series(dtype=float)
+    rows = alignment.assign(case_id=alignment["case_id"].astype(str), quantity=alignment["quantity"].astype(str))
+    top = rows.groupby("case_id")["unit"].transform("max")
+    rows = rows[(rows["quantity"] == "error_angle") & (rows["unit"] < top)]
+    if not len(rows):
+        return pd.Series(dtype=float)
+    rows = rows[rows["epoch"] == rows.groupby("case_id")["epoch"].transform("max")]
+    return rows.groupby("case_id")["value"].mean()
+
+
 def reference_comparison(
-    per_case_table: pd.DataFrame, reference: str, cases: pd.DataFrame | None = None, overrides=()
+    per_case_table: pd.DataFrame, reference: str, cases: pd.DataFrame | None = None, overrides=(),
+    alignment: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """This run next to the source study's figures (analysis.reference), one row per source case.
 
@@ -730,9 +745,14 @@ def reference_comparison(
     and why_not. With `cases`, like is compared with like only: a case is comparable when it
     trained on the official data and kept every setting the source fixed
     (analysis.reference.comparability); otherwise its diff is left empty and why_not gives the
-    reasons (overrides, the run's --set list, are named there).
+    reasons (overrides, the run's --set list, are named there). Where the source measured an
+    error-signal angle (analysis.reference.error_angles), source_error_angle and
+    run_error_angle (the cases' final hidden error angle from `alignment`, the run's
+    alignment rows; NaN without them) are added.
     """
     source = reference_table(reference)
+    angles = error_angles(reference)
+    run_angles = final_hidden_error_angle(alignment) if angles else pd.Series(dtype=float)
     table = _attach(per_case_table, cases, ["name", "group"])
     checked = cases is not None and "case_id" in cases
     by_id = _as_str_keys(cases).drop_duplicates("case_id").set_index("case_id") if checked else None
@@ -757,6 +777,11 @@ def reference_comparison(
                 "state": ",".join(sorted(set(matched["state"].astype(str)))) if "state" in matched else "",
                 "note": figures.get("note", ""),
             })
+            if angles:
+                ids = matched["case_id"].astype(str) if "case_id" in matched else pd.Series(dtype=str)
+                measured = run_angles.reindex(ids).dropna()
+                row["source_error_angle"] = angles.get(case, np.nan)
+                row["run_error_angle"] = measured.mean() if len(measured) else np.nan
             if checked:
                 reasons = []
                 for case_id in matched["case_id"].astype(str) if "case_id" in matched else []:
