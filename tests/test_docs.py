@@ -15,7 +15,7 @@ README = (ROOT / "README.md").read_text()
 
 def readme_settings_rows() -> dict[str, tuple[str, str]]:
     """The README's settings tables: `name` -> (default as shown, meaning)."""
-    return {m.group(1): (m.group(2), m.group(3))
+    return {m.group(1): (m.group(2), m.group(3).replace("\\|", "|"))  # a table cell writes | as \|
             for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| `([^`]*)` \| (.*) \|$", README, re.M)}
 
 
