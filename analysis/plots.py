@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.tables import ci_half_width
+from analysis.stats import ci_half_width
 
 _LEGEND_LIMIT = 20  # more lines than this: no legend (it would cover the plot)
 
@@ -22,7 +22,7 @@ def _labels_of(table: pd.DataFrame, by: str | Sequence[str]) -> pd.Series:
     missing = [c for c in by if c not in table]
     if missing:
         raise ValueError(f"column(s) {missing} not in the table; pass cases to the table function to add settings")
-    if "run" in table and "run" not in by and "label" not in by:  # (tables.setting_labels names the run)
+    if "run" in table and "run" not in by and "label" not in by:  # (labels.setting_labels names the run)
         by = ["run", *by]
     parts = [table[c].astype(str) for c in by]
     label = parts[0]
@@ -54,7 +54,7 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
 
     x is the epoch, numbered from 1 (epochs completed). epoch_table comes from
     tables.epoch_summary(metrics, cases) (which adds group and the settings); by="label"
-    with a column from tables.setting_labels names the settings in the legend.
+    with a column from labels.setting_labels names the settings in the legend.
     """
     table = epoch_table[epoch_table[metric].notna()] if metric in epoch_table else None
     if table is None:

@@ -26,20 +26,11 @@ from analysis.plots import (
     plot_update_counts,
     plot_weight_histograms,
 )
-from analysis.tables import (
-    COLLAPSE_MARGIN,
-    against_baseline,
-    epoch_summary,
-    factor_table,
-    flag_cases,
-    per_case,
-    reference_comparison,
-    seed_summary,
-    setting_labels,
-    step_curves,
-    update_counts,
-    varying_settings,
-)
+from analysis.flags import COLLAPSE_MARGIN, flag_cases
+from analysis.labels import setting_labels, varying_settings
+from analysis.reference import reference_comparison
+from analysis.stats import against_baseline, factor_table, seed_summary
+from analysis.tables import epoch_summary, per_case, step_curves, update_counts
 
 
 class ReportError(ValueError):

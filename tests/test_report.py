@@ -25,7 +25,9 @@ import analysis.report as report_module
 from analysis import load, per_case
 from analysis.plots import plot_weight_histograms, rebin, shared_bins
 from analysis.runs import format_runs, list_runs
-from analysis.tables import display_epoch, flag_cases, setting_labels, step_curves, varying_settings
+from analysis.flags import flag_cases
+from analysis.labels import setting_labels, varying_settings
+from analysis.tables import display_epoch, step_curves
 from jobs.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
