@@ -7,6 +7,7 @@ The report uses one label per line in every legend and names the same settings i
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ NOT_SETTINGS = frozenset({
 })
 
 
-def _setting_text(value) -> str:
+def setting_text(value) -> str:
     """A setting as people write it: 0.002, True, [50, 50], None."""
     if isinstance(value, (float, np.floating)):
         return "None" if np.isnan(value) else f"{value:g}"
@@ -31,7 +32,7 @@ def _setting_text(value) -> str:
     if value is None or value is pd.NA:
         return "None"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_setting_text(v) for v in value) + "]"
+        return "[" + ", ".join(setting_text(v) for v in value) + "]"
     return str(value)
 
 
@@ -39,7 +40,7 @@ def varying_settings(cases: pd.DataFrame, include_seed: bool = False) -> list[st
     """The settings (columns of the cases table) whose value differs between cases, in table
     order; seed only with include_seed. Several runs: differences across runs count too."""
     columns = [c for c in cases.columns if c not in NOT_SETTINGS or (include_seed and c == "seed")]
-    return [c for c in columns if cases[c].map(_setting_text).nunique() > 1]
+    return [c for c in columns if cases[c].map(setting_text).nunique() > 1]
 
 
 def setting_labels(table: pd.DataFrame, cases: pd.DataFrame | None = None, by: str = "group",
@@ -56,9 +57,41 @@ def setting_labels(table: pd.DataFrame, cases: pd.DataFrame | None = None, by: s
     if "run" in table:
         label = table["run"].astype(str) + "/" + label
     if settings:
-        parts = [c + "=" + table[c].map(_setting_text) for c in settings]
+        parts = [c + "=" + table[c].map(setting_text) for c in settings]
         text = parts[0]
         for part in parts[1:]:
             text = text + " " + part
         label = label + ": " + text
     return label.rename("label")
+
+
+def is_number(value) -> bool:
+    """A number that is not a bool and not NaN."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and not (isinstance(value, (float, np.floating)) and np.isnan(value))
+
+
+def as_sequence(value):
+    """A list setting as a list (numpy arrays, tuples and JSON text "[64, 64]"); anything else as it is."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def numeric_settings(cases: pd.DataFrame, settings: Sequence[str]) -> list[str]:
+    """The settings (of `settings`) whose every value is a number (lr, width, weight decay) or
+    a list of numbers (hidden sizes): the ones a sweep figure can put on an axis."""
+    numeric = []
+    for column in settings:
+        values = [as_sequence(v) for v in cases[column].dropna()]
+        if values and all(is_number(v) or (isinstance(v, list) and len(v) and all(is_number(x) for x in v))
+                          for v in values):
+            numeric.append(column)
+    return numeric

@@ -6,11 +6,13 @@ No pyplot here (no global figure state, no backend choice): make an axes with
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from analysis.labels import as_sequence, is_number, setting_text
 from analysis.stats import ci_half_width
 
 _LEGEND_LIMIT = 20  # more lines than this: no legend (it would cover the plot)
@@ -251,4 +253,94 @@ def plot_boundary_grid(ax, grid: pd.DataFrame, x: np.ndarray | None = None, y: n
         ax.scatter(x[:, 0], x[:, 1], c=y, cmap="RdBu_r", edgecolors="k", linewidths=0.3, s=10)
     ax.set_xlabel("x0")
     ax.set_ylabel("x1")
+    return ax
+
+
+# ---- sweeps ----------------------------------------------------------------------------------
+
+
+def _list_order(text: str):
+    """Order of list settings on an axis: smallest total first, then fewer entries."""
+    values = as_sequence(text)
+    if isinstance(values, list) and all(is_number(v) for v in values):
+        return (0, float(sum(values)), len(values), text)
+    return (1, 0.0, 0, text)
+
+
+def setting_axis(values: pd.Series | Sequence) -> tuple[np.ndarray, dict]:
+    """Positions for a setting's values and how to label its axis: numbers as they are, with
+    {"log": True} when every value is positive and they span a decade or more (max/min >= 10);
+    anything else (lists such as hidden sizes, names) as ordered categories 0, 1, 2, ... with
+    {"ticks": [their texts]}, lists by total size."""
+    raw = [as_sequence(v) for v in values]
+    if len(raw) and all(is_number(v) for v in raw):
+        x = np.asarray(raw, dtype=float)
+        return x, {"log": bool(np.all(x > 0) and x.max() / x.min() >= 10)}
+    texts = [setting_text(v) for v in raw]
+    order = sorted(set(texts), key=_list_order)
+    position = {text: i for i, text in enumerate(order)}
+    return np.array([position[text] for text in texts], dtype=float), {"ticks": order}
+
+
+def parallel_positions(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """(positions, axes): each column of `frame` mapped onto [0, 1] for parallel coordinates.
+
+    Numbers: (v - min) / (max - min), on log10(v) when setting_axis says log; categories: their
+    position / (count - 1). A column with one value sits at 0.5. axes[column] has "log",
+    "low"/"high" (numbers) or "ticks" (categories) for labelling.
+    """
+    positions, axes = {}, {}
+    for column in columns:
+        x, axis = setting_axis(frame[column])
+        if "ticks" in axis:
+            span = max(len(axis["ticks"]) - 1, 1)
+            positions[column] = x / span if len(axis["ticks"]) > 1 else np.full(len(x), 0.5)
+            axes[column] = {"log": False, "ticks": axis["ticks"]}
+            continue
+        t = np.log10(x) if axis["log"] else x
+        low, high = float(np.nanmin(t)), float(np.nanmax(t))
+        positions[column] = (t - low) / (high - low) if high > low else np.full(len(x), 0.5)
+        axes[column] = {"log": axis["log"], "low": float(np.nanmin(x)), "high": float(np.nanmax(x)),
+                        "values": sorted(set(x.tolist()))}
+    return pd.DataFrame(positions, index=frame.index), axes
+
+
+def plot_parallel_coordinates(ax, frame: pd.DataFrame, columns: Sequence[str], color_by: str | None = None,
+                              cmap: str = "viridis"):
+    """Parallel coordinates: one vertical axis per column (parallel_positions), one line per row
+    of `frame`, all drawn as one LineCollection (fast for thousands of rows), coloured by
+    `color_by` (the best on top)."""
+    from matplotlib.collections import LineCollection
+
+    columns = list(columns)
+    positions, axes = parallel_positions(frame, columns)
+    order = np.argsort(frame[color_by].to_numpy(dtype=float), kind="stable") if color_by else np.arange(len(frame))
+    points = positions[columns].to_numpy(dtype=float)[order]
+    x = np.arange(len(columns), dtype=float)
+    segments = np.stack([np.broadcast_to(x, points.shape), points], axis=-1)  # (rows, columns, 2)
+    lines = LineCollection(segments, linewidths=0.8, alpha=0.6 if len(frame) < 200 else 0.3, cmap=cmap)
+    if color_by:
+        lines.set_array(frame[color_by].to_numpy(dtype=float)[order])
+    ax.add_collection(lines)
+    for i, column in enumerate(columns):
+        ax.axvline(i, color="0.2", linewidth=0.8)
+        axis = axes[column]
+        if "ticks" in axis:
+            ticks = axis["ticks"]
+            shown = ticks if len(ticks) <= 12 else ticks[::math.ceil(len(ticks) / 12)]
+            marks = [(ticks.index(t) / max(len(ticks) - 1, 1) if len(ticks) > 1 else 0.5, t) for t in shown]
+        else:
+            values = axis["values"]
+            if len(values) > 6:
+                values = [values[0], values[len(values) // 2], values[-1]]
+            low, high = axis["low"], axis["high"]
+            scale = (lambda v: np.log10(v)) if axis["log"] else (lambda v: v)
+            marks = [((scale(v) - scale(low)) / (scale(high) - scale(low)) if high > low else 0.5, f"{v:g}")
+                     for v in values]
+        for y, text in marks:
+            ax.text(i + 0.04, y, text, fontsize=7, va="center", ha="left", color="0.15")
+    ax.set_xlim(-0.2, len(columns) - 0.6)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(x, [c + (" (log)" if axes[c]["log"] else "") for c in columns], fontsize="small")
+    ax.set_yticks([])
     return ax
