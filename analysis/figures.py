@@ -190,7 +190,7 @@ def sweep_figures(ctx: ReportContext) -> Figures | None:
     ctx.progress("sweep views")
     out = Figures()
     groups = groups[groups["final_test_acc_mean"].notna()]
-    fig = _figure(figsize=(4.6 * len(numeric), 4.2))
+    fig = _figure(figsize=(max(4.6 * len(numeric), 6.5), 4.2))
     axes = np.atleast_1d(fig.subplots(1, len(numeric), sharey=True, squeeze=False)).ravel()
     many_lines = False
     for ax, setting in zip(axes, numeric):
@@ -225,10 +225,10 @@ def sweep_figures(ctx: ReportContext) -> Figures | None:
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("final test accuracy")
     bottom = _legend_below(fig, axes[0]) if not many_lines else 0.0
-    fig.suptitle("final test accuracy per group against each varied setting (mean over seeds; bars: 95 % interval)",
+    fig.suptitle("final test accuracy per group against each varied setting\n(mean over seeds; bars: 95 % interval)",
                  fontsize="medium")
     out.drawn.append(("final test accuracy against the varied settings",
-                      _save(fig, ctx.out_dir, "sweep_settings.png", title_inches=0.6, bottom_inches=0.75 + bottom)))
+                      _save(fig, ctx.out_dir, "sweep_settings.png", title_inches=0.75, bottom_inches=0.75 + bottom)))
     if len(settings) >= 2:
         done = ctx.table[ctx.table["complete"] & ctx.table["final_test_acc"].notna()]
         if len(done) >= 2:
@@ -237,10 +237,10 @@ def sweep_figures(ctx: ReportContext) -> Figures | None:
             fig = _figure(figsize=(max(6.5, 1.6 * (len(settings) + 1) + 1.5), 4.5))
             ax = fig.subplots()
             plot_parallel_coordinates(ax, frame, [*settings, "final_test_acc"], color_by="final_test_acc")
-            fig.suptitle(f"parallel coordinates: every varied setting and the final test accuracy ({len(done)} done "
-                         "cases, one line each; log axes where a setting spans a decade or more)", fontsize="small")
+            fig.suptitle(f"every varied setting and the final test accuracy: one line per done case ({len(done)})\n"
+                         "colour: final test accuracy; (log): the setting spans a decade or more", fontsize="small")
             out.drawn.append(("parallel coordinates", _save(fig, ctx.out_dir, "parallel_coordinates.png",
-                                                            title_inches=0.5, bottom_inches=0.7, left_inches=0.5)))
+                                                            title_inches=0.6, bottom_inches=0.7, left_inches=0.5)))
     return out
 
 

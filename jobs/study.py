@@ -244,13 +244,14 @@ def write_report(run, stream=None) -> str | None:
     """Write the run's report; a report problem never loses the run's results."""
     stream = stream or sys.stderr
     try:
+        from analysis.report import Progress
         from analysis.report import write_report as write
 
         location = str(run.location)
         out_dir = None
         if "://" in location and not location.startswith("file://"):  # remote run: the report goes to a local folder
             out_dir = Path("reports") / location.rstrip("/").rsplit("/", 1)[-1]
-        path = write(location, out_dir=out_dir)
+        path = write(location, out_dir=out_dir, progress=Progress(stream))  # what it draws, when it takes a while
         print(f"[bplab] report: {path}", file=stream)
         return str(path)
     except Exception as error:
