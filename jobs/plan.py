@@ -31,6 +31,7 @@ class PlannedCase:
     data_key: object  # the DataSpec: cases with equal specs share one copy in the object store
     resources: dict = field(default_factory=dict)  # custom Ray resources per case (the training marker)
     data_identity: dict | None = None  # workers.data.identify(): official or not, file digests
+    data_fingerprint: str = ""  # the data's content hash, part of the case id
 
     @property
     def name(self) -> str:
@@ -123,10 +124,53 @@ def make_plan(suite: Suite, datasets: dict, *, cpus_per_case: float, gpus_per_ca
             raise PlanError(f"case {case.name}: {error}") from None
         _, steps = batch_plan(case.settings, len(data.x_train))
         planned.append(PlannedCase(case, case.case_id(data.fingerprint), cpus_per_case, gpus_per_case, steps,
-                                   steps * case.settings.epochs, case.settings.data, data_identity=getattr(data, "identity", None)))
+                                   steps * case.settings.epochs, case.settings.data,
+                                   data_identity=getattr(data, "identity", None), data_fingerprint=data.fingerprint))
     ids = [p.case_id for p in planned]
     assert len(set(ids)) == len(ids), "case ids collide"
     return planned
+
+
+def adopt_stored_ids(planned: list[PlannedCase], rows) -> int:
+    """Give each planned case the id an existing run stored for it; returns how many changed.
+
+    A run keeps the ids it was made with (its cases table). A planned case is that run's case
+    when the ids are equal, or when a case of the same name has equal settings and its stored
+    id is the one the first id scheme gave those stored settings with this data (`legacy_case_id`):
+    a run made before ids left out default settings resumes under its own ids. Anything else
+    (other settings, other data) is a new case. Linear in the number of cases."""
+    import json
+
+    from workers.settings import SettingsError, from_json
+
+    rows = list(rows)
+    stored = {row["case_id"] for row in rows}
+    by_name = {row["name"]: row for row in rows}
+    changed = 0
+    for p in planned:
+        row = by_name.get(p.name)
+        if p.case_id in stored or row is None:
+            continue
+        try:
+            values = json.loads(row["settings_json"])
+            same = from_json(values) == p.case.settings
+        except (ValueError, TypeError, SettingsError):
+            continue
+        if same and row["case_id"] == legacy_case_id(p.name, values, p.data_fingerprint):
+            p.case_id = row["case_id"]
+            changed += 1
+    ids = [p.case_id for p in planned]
+    assert len(set(ids)) == len(ids), "case ids collide"
+    return changed
+
+
+def legacy_case_id(name: str, settings_json: dict, data_fingerprint: str) -> str:
+    """The id the first scheme (every setting hashed, as stored in settings_json) gave a case."""
+    import hashlib
+    import json
+
+    text = json.dumps({"settings": settings_json, "data": data_fingerprint}, sort_keys=True, default=list)
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def check_schedule_fits(settings, model) -> None:

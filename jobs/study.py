@@ -139,6 +139,8 @@ def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str 
     datasets = plan_module.load_data(study.cases)
     # impossible requests fail before Ray starts; the GPU default is set once the cluster is known
     planned = plan_module.make_plan(study, datasets, cpus_per_case=cpus_per_case, gpus_per_case=gpus_per_case or 0.0)
+    if run is not None:  # the run's cases keep the ids they were made with
+        plan_module.adopt_stored_ids(planned, run.cases().to_dict("records"))
     location = str(out) if out else str(runs_root() / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if run is None:
         check_out(location)

@@ -3,6 +3,7 @@ suites are pinned in tests/test_names.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from workers.settings import CaseSettings, DataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The case ids and settings digests of the built-in suites are pinned in tests/test_names.py
-# (a changed id would make `bplab run --resume` start every case of an existing run again).
+# The case ids of the built-in suites are pinned in tests/test_names.py (a changed id would
+# make `bplab run --resume` start every case of an existing run again).
 
-
+# Every default, pinned. A case id leaves out the settings at their defaults, so a default is
+# part of what every id means: changing one here must come with its OLD value entered in
+# workers.settings.ID_DEFAULTS (the cases that leave it unset then get new ids, the others keep
+# theirs). A new setting is pinned here with its default.
 DEFAULT_DICT = json.loads(
     '{"model": "allconv9", "width": 1.0, "hidden": [50], "activation": "default", "init": "default", '
     '"init_std": 0.05, "dropout": 0.0, "data": {"name": "digits", "path": null, "classes": null, "train_size": null, '
@@ -26,19 +30,59 @@ DEFAULT_DICT = json.loads(
     '"lr_decay": 0.1, "lr_decay_epochs": 10, "beta1": 0.9, "beta2": 0.9, "epsilon": 1e-08, "weight_decay": 0.0, '
     '"batch_size": 10, "epochs": 10, "seed": 678, "adversarial_epsilon": 0.1, "dilation_rate": 0.5, '
     '"dilation_decay": 0.05, "synthetic_lr": 0.0001, "recurrent_lr": 1e-06, "steps_per_epoch": null, '
-    '"layer_stats_every": 0, "quirks": []}')
+    '"layer_stats_every": 0, "eval_every": 1, "quirks": []}')
 
 
-def test_default_settings_dict_and_digest_are_pinned():
+@pytest.mark.timeout(30)
+def test_every_default_is_pinned():
     settings = CaseSettings()
-    assert json.loads(json.dumps(settings.to_dict(), default=list)) == DEFAULT_DICT
+    assert json.loads(json.dumps(settings.to_dict(), default=list)) == DEFAULT_DICT, (
+        "a default changed or a setting was added: pin it in DEFAULT_DICT (a changed default also goes "
+        "into workers.settings.ID_DEFAULTS with its old value)")
     assert list(settings.to_dict()) == list(DEFAULT_DICT)  # the order of the cases table's columns
-    assert settings.digest() == "0dba00524371"
-    assert settings.digest("fp") == "7f28c296d3db"
-    other = CaseSettings(model="mlp", hidden=(7, 5), quirks=("elu_derivative_two",),
-                         data=DataSpec(name="mnist", classes=(0, 1), resize=32))
-    assert other.digest() == "dd34921bda50"
+    assert settings_module.ID_DEFAULTS == {}  # no default has changed since ids left defaults out
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@pytest.mark.timeout(30)
+def test_digest_hashes_the_settings_that_differ_from_their_defaults():
+    # the hashed text written out by hand: sorted keys, JSON lists for tuples, data nested
+    assert CaseSettings().digest() == _sha('{"data": "", "settings": {}}')
+    assert CaseSettings().digest("fp") == _sha('{"data": "fp", "settings": {}}')
+    other = CaseSettings(model="mlp", hidden=(7, 5), quirks=("elu_derivative_two",), lr=1e-4, beta2=0.9,
+                         data=DataSpec(name="mnist", classes=(0, 1), resize=32, noise=0.1))
+    assert other.digest("fp") == _sha('{"data": "fp", "settings": {"data": {"classes": [0, 1], "name": "mnist", '
+                                      '"resize": 32}, "hidden": [7, 5], "model": "mlp", '
+                                      '"quirks": ["elu_derivative_two"]}}')
+    # a setting written at its default is the default: the same case, the same id
+    spelled = settings_module.from_dict({"lr": 0.0001, "data": {"name": "digits", "samples": 1000}, "eval_every": 1})
+    assert spelled.digest("x") == CaseSettings().digest("x")
     assert other.to_dict()["hidden"] == (7, 5) and other.to_dict()["data"]["classes"] == (0, 1)
+    assert "eval_every" in CaseSettings().to_dict()  # stored settings hold every field
+
+
+@pytest.mark.timeout(30)
+def test_a_changed_default_moves_only_the_ids_of_the_cases_that_leave_it_unset(monkeypatch):
+    from pydantic import create_model
+
+    old = {"unset": CaseSettings(), "old value": CaseSettings(lr=1e-4), "other": CaseSettings(lr=0.5, seed=3)}
+    before = {key: value.digest("fp") for key, value in old.items()}
+    new_default = create_model("CaseSettings", __base__=CaseSettings, lr=(float, 1e-3))
+    monkeypatch.setitem(settings_module.ID_DEFAULTS, "lr", 1e-4)  # what the change must come with
+    after = {"unset": new_default(), "old value": new_default(lr=1e-4), "other": new_default(lr=0.5, seed=3)}
+    assert after["unset"].lr == 1e-3
+    assert after["unset"].digest("fp") == _sha('{"data": "fp", "settings": {"lr": 0.001}}') != before["unset"]
+    assert after["old value"].digest("fp") == before["old value"] == before["unset"]
+    assert after["other"].digest("fp") == before["other"]
+    # settings stored before the setting existed read back with the value they ran with
+    monkeypatch.setattr(settings_module, "CaseSettings", new_default)
+    stored = json.loads(json.dumps(CaseSettings(seed=3).to_dict(), default=list))
+    del stored["lr"]
+    assert settings_module.from_json(stored).lr == 1e-4
+    assert settings_module.from_dict({}).lr == 1e-3
 
 
 # ---------------------------------------------------------------------- validation

@@ -106,8 +106,23 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     def to_dict(self) -> dict:
-        """Every field (nested DataSpec as a dict), tuples kept: what the digest hashes."""
+        """Every field (nested DataSpec as a dict), tuples kept: the settings as stored
+        (settings_json of the cases table, the actor's input)."""
         return self.model_dump(mode="python")
+
+    def changed(self, prefix: str = "") -> dict:
+        """The fields that differ from their defaults as case ids know them (`id_default`), a
+        nested DataSpec as the dict of its own changed fields (left out when it has none)."""
+        out = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, _Settings):
+                nested = value.changed(f"{prefix}{name}.")
+                if nested:
+                    out[name] = nested
+            elif value != id_default(type(self), name, prefix):
+                out[name] = value
+        return out
 
 
 class DataSpec(_Settings):
@@ -261,12 +276,6 @@ class CaseSettings(CaseFields):
         assert quirk in QUIRKS, f"unknown quirk {quirk}"
         return quirk in self.quirks
 
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        if out["eval_every"] == 1:  # added later: left out at its default so earlier case ids stay the same
-            del out["eval_every"]
-        return out
-
     def flat(self) -> dict:
         """One level of keys (data.name ...), lists as JSON strings: a row of the cases table."""
         out = {}
@@ -279,9 +288,28 @@ class CaseSettings(CaseFields):
         return out
 
     def digest(self, data_fingerprint: str = "") -> str:
-        """Content address: hash of the normalised settings and the data fingerprint."""
-        text = json.dumps({"settings": self.to_dict(), "data": data_fingerprint}, sort_keys=True, default=list)
+        """Content address: a hash of the settings that differ from their defaults (`changed`)
+        and of the data fingerprint. A new setting left at its default changes no id; two
+        cases that compute the same numbers have the same id however their suites spell it."""
+        text = json.dumps({"settings": self.changed(), "data": data_fingerprint}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# Case ids leave out a setting at its default (CaseSettings.digest), so the default a case
+# was made with is part of what its id means. Changing a default would give the new default
+# the id of the old one: `--resume` of an earlier run would take the finished old case for the
+# new one. So a changed default is entered here, "field" or "data.field" -> the OLD default,
+# and ids keep counting that old value as "unset": the cases that leave the setting unset get
+# new ids (their numbers change), every other id stays. Empty while no default has changed.
+ID_DEFAULTS: dict = {}
+
+
+def id_default(model: type, name: str, prefix: str = ""):
+    """The value case ids count as unset for field `name` of `model` (prefix "data." for DataSpec)."""
+    key = prefix + name
+    if key in ID_DEFAULTS:
+        return ID_DEFAULTS[key]
+    return model.model_fields[name].get_default(call_default_factory=True)
 
 
 def _scalar(value):
@@ -359,7 +387,17 @@ def from_dict(values: dict, where: str = "case") -> CaseSettings:
 
 
 def from_json(values: dict) -> CaseSettings:
-    """Inverse of to_dict (a checkpoint or a cases table)."""
+    """Inverse of to_dict (a checkpoint or a cases table). A setting the stored dict lacks
+    (stored before the setting existed) takes the value ids count as unset (ID_DEFAULTS),
+    which is its default unless that default changed since."""
+    values = dict(values) if isinstance(values, dict) else values
+    for key, value in ID_DEFAULTS.items() if isinstance(values, dict) else ():
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            if isinstance(values.get(outer), dict) and inner not in values[outer]:
+                values[outer] = {**values[outer], inner: value}
+        else:
+            values.setdefault(key, value)
     return from_dict(values, where="stored settings")
 
 

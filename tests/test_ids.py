@@ -1,0 +1,113 @@
+"""Case ids across the change of id scheme: a run written before ids left out default settings
+(tests/fixtures/run-v1, made by tests/fixtures/make_run_v1.py with that code: case `done`
+finished, case `cut` interrupted by a SIGKILLed driver after a committed checkpoint) keeps
+its ids, shows in `bplab status`, and `bplab run --resume` finishes `cut` under its old id."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from jobs import plan, suites
+from jobs.storage import RunDir
+from jobs.study import suite_from_run
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "run-v1"
+OLD_IDS = {"done": "done-a1392ffdd5", "cut": "cut-d5305ba059"}  # as the fixture's ledger and cases table hold them
+
+
+@pytest.fixture
+def old_run(tmp_path) -> Path:
+    copy = tmp_path / "run-v1"
+    shutil.copytree(FIXTURE, copy)
+    return copy
+
+
+def planned_for(study):
+    return plan.make_plan(study, plan.load_data(study.cases), cpus_per_case=1, gpus_per_case=0)
+
+
+@pytest.mark.timeout(60)
+def test_the_fixture_is_an_old_run():
+    cases = pd.read_parquet(FIXTURE / "cases.parquet")
+    assert dict(zip(cases["name"], cases["case_id"])) == OLD_IDS
+    ledger = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (FIXTURE / "ledger").glob("*.json")}
+    assert ledger["done"]["state"] == "done" and ledger["cut"]["state"] == "running" and ledger["cut"]["checkpoint"]
+    # the current scheme gives these settings other ids: the run must be matched, not recomputed
+    study = suite_from_run(RunDir.open(str(FIXTURE)))
+    assert {p.name: p.case_id for p in planned_for(study)}.keys() == OLD_IDS.keys()
+    assert not set(p.case_id for p in planned_for(study)) & set(OLD_IDS.values())
+
+
+@pytest.mark.timeout(60)
+def test_an_old_run_is_planned_under_its_own_ids(old_run, tmp_path):
+    run = RunDir.open(str(old_run))
+    rows = run.cases().to_dict("records")
+    # without a suite (`bplab run --resume RUN`): the run's own cases
+    planned = planned_for(suite_from_run(run))
+    assert plan.adopt_stored_ids(planned, rows) == 2
+    assert {p.name: p.case_id for p in planned} == OLD_IDS
+    # with the suite it was made from (`bplab run SUITE --resume RUN`)
+    suite_file = tmp_path / "fixture-v1.yaml"
+    suite_file.write_text(run.manifest()["suite_text"])
+    planned = planned_for(suites.load_suite(str(suite_file)))
+    plan.adopt_stored_ids(planned, rows)
+    assert {p.name: p.case_id for p in planned} == OLD_IDS
+    # another setting or other data is another case: a new id, never the old one
+    changed = planned_for(suites.load_suite(str(suite_file), ["cut.lr=0.25"]))
+    plan.adopt_stored_ids(changed, rows)
+    assert {p.name: p.case_id for p in changed}["cut"] not in OLD_IDS.values()
+    assert {p.name: p.case_id for p in changed}["done"] == OLD_IDS["done"]
+    other_data = planned_for(suites.load_suite(str(suite_file)))
+    for p in other_data:
+        p.data_fingerprint = "another data set"
+    assert plan.adopt_stored_ids(other_data, rows) == 0
+
+
+@pytest.mark.timeout(60)
+def test_status_shows_an_old_run(old_run, capsys):
+    from jobs.cli import main
+
+    assert main(["status", str(old_run)]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["cut"][1] == "running" and lines["cut"][4:6] == ["2/60", "100/2400"]
+    assert lines["done"][1] == "done" and lines["done"][4:6] == ["2/2", "80/80"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_finishes_an_old_run_under_its_old_ids(old_run):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    before = {p: p.read_bytes() for p in (old_run / "metrics" / f"case_id={OLD_IDS['done']}").glob("part-*")}
+    result = subprocess.run([sys.executable, "-m", "jobs", "run", "--resume", str(old_run), "--progress-every", "0",
+                             "--no-report"], env=env, cwd=old_run.parent, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "new case" not in result.stderr
+    cases = pd.read_parquet(old_run / "cases.parquet")
+    assert dict(zip(cases["name"], cases["case_id"])) == OLD_IDS  # nothing added
+    ledger = {p.stem: json.loads(p.read_text()) for p in (old_run / "ledger").glob("*.json")}
+    assert set(ledger) == set(OLD_IDS.values())
+    assert ledger[OLD_IDS["cut"]]["state"] == "done" and ledger[OLD_IDS["cut"]]["step"] == 2400
+    assert ledger[OLD_IDS["done"]]["state"] == "done" and ledger[OLD_IDS["done"]]["commit_seq"] == 4
+    # the finished case was not run again: its parts are as they were, the one the kill left staged published
+    after = {p: p.read_bytes() for p in (old_run / "metrics" / f"case_id={OLD_IDS['done']}").glob("part-*")}
+    assert {p: b for p, b in after.items() if p in before} == before and len(after) == len(before) + 1
+    # every (case, step, split) row once: the rows after cut's last commit were run again, not kept twice
+    metrics = pd.read_parquet(old_run / "metrics")
+    metrics["case_id"] = metrics["case_id"].astype(str)
+    assert not metrics.duplicated(["case_id", "step", "split"]).any()
+    for name, steps, tests in (("done", 80, 1), ("cut", 2400, 6)):
+        mine = metrics[metrics["case_id"] == OLD_IDS[name]]
+        assert sorted(mine[mine.split == "train"]["step"]) == list(range(steps)), name
+        assert (mine.split == "test").sum() == tests, name
+    status = subprocess.run([sys.executable, "-m", "jobs", "status", str(old_run)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0 and status.stdout.count(" done ") == 2, status.stdout
