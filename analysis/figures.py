@@ -160,7 +160,9 @@ def curve_figures(ctx: ReportContext) -> Figures | None:
         fig = _figure(figsize=(6.5 * panels, 4.5))
         axes = np.atleast_1d(fig.subplots(1, panels, sharey=True, squeeze=False)).ravel()
         plot_curves(axes[0], epochs, metric=metric, by="label", band=band)
-        axes[0].set_title("per epoch" + band_text, fontsize="medium")
+        lines = len(label_of)
+        axes[0].set_title("per epoch" + band_text + (f"\n{lines} groups, coloured in group order (no legend)"
+                                                     if lines > _LEGEND_ROWS_LIMIT else ""), fontsize="medium")
         if panels == 2:
             plot_step_curves(axes[1], per_step, by="label")
             axes[1].set_title("per step (smoothed: EMA; faint: raw mean over seeds)", fontsize="medium")

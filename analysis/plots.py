@@ -44,6 +44,13 @@ def _run_style(table: pd.DataFrame, rows: pd.DataFrame) -> str:
     return _RUN_STYLES[runs.index(str(rows["run"].iloc[0])) % len(_RUN_STYLES)]
 
 
+def _many_colors(n: int) -> np.ndarray:
+    """n RGBA colours along viridis: lines too many to tell apart by a legend, told apart by order."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](np.linspace(0, 0.95, max(n, 1)))[:n]
+
+
 def _finish_legend(ax, n_lines: int) -> None:
     if 0 < n_lines <= _LEGEND_LIMIT:
         ax.legend(fontsize="small")
@@ -63,27 +70,58 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
         raise ValueError(f"metric {metric!r} not in the epoch table; columns: {', '.join(epoch_table.columns)}")
     from matplotlib.ticker import MaxNLocator  # here: keeps `import analysis` free of matplotlib
 
+    if band not in ("minmax", "ci", None):
+        raise ValueError(f"band must be 'minmax', 'ci' or None, not {band!r}")
     labels = _labels_of(table, by)
-    n_lines = 0
+    # one grouped pass for every line (a groupby per line costs a millisecond each: hundreds of groups)
+    stats = table.groupby([labels.rename("_label"), table["epoch"]], sort=True)[metric].agg(
+        ["mean", "min", "max", "std", "count"])
+    names = stats.index.get_level_values(0).to_numpy()
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.array([], dtype=int)
+    bounds = list(zip(starts, [*starts[1:], len(names)]))
+    many = len(bounds) > _LEGEND_LIMIT  # no legend: every line in one LineCollection, bands in one PolyCollection
     few_epochs = table["epoch"].nunique() <= 30  # then mark the points (a one-epoch case shows)
-    for label, rows in table.groupby(labels, sort=True):
-        per_epoch = rows.groupby("epoch")[metric]
-        mean = per_epoch.mean()
-        x = mean.index.to_numpy()
-        (line,) = ax.plot(x, mean.to_numpy(), _run_style(table, rows), label=str(label), linewidth=1.5,
-                          marker="o" if few_epochs else None, markersize=3)
-        n_lines += 1
-        if band == "minmax":
-            low, high = per_epoch.min().to_numpy(), per_epoch.max().to_numpy()
-        elif band == "ci":
-            half = ci_half_width(per_epoch.std(ddof=1).to_numpy(), per_epoch.count().to_numpy())
-            low, high = mean.to_numpy() - half, mean.to_numpy() + half
-        elif band is None:
-            continue
+    x_all = stats.index.get_level_values(1).to_numpy(dtype=float)
+    mean_all = stats["mean"].to_numpy(dtype=float)
+    if band == "minmax":
+        low_all, high_all = stats["min"].to_numpy(dtype=float), stats["max"].to_numpy(dtype=float)
+    elif band == "ci":
+        half = ci_half_width(stats["std"].to_numpy(dtype=float), stats["count"].to_numpy())
+        low_all, high_all = mean_all - half, mean_all + half
+    colors = _many_colors(len(bounds)) if many else None
+    segments, polygons, polygon_colors = [], [], []
+    label_values = labels.to_numpy()
+    for index, (start, stop) in enumerate(bounds):
+        x, mean = x_all[start:stop], mean_all[start:stop]
+        if many:
+            segments.append(np.column_stack([x, mean]))
+            color = colors[index]
         else:
-            raise ValueError(f"band must be 'minmax', 'ci' or None, not {band!r}")
-        if np.any(np.nan_to_num(high - low) > 0):
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            label = names[start]
+            style = _run_style(table, table[label_values == label].head(1)) if "run" in table else "-"
+            (line,) = ax.plot(x, mean, style, label=str(label), linewidth=1.5,
+                              marker="o" if few_epochs else None, markersize=3)
+            color = line.get_color()
+        if band is None:
+            continue
+        low, high = low_all[start:stop], high_all[start:stop]
+        if not np.any(np.nan_to_num(high - low) > 0):
+            continue
+        if many:
+            ok = np.isfinite(low) & np.isfinite(high)
+            if ok.sum() >= 2:
+                polygons.append(np.column_stack([np.r_[x[ok], x[ok][::-1]], np.r_[low[ok], high[ok][::-1]]]))
+                polygon_colors.append(color)
+        else:
+            ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+    if many:
+        from matplotlib.collections import LineCollection, PolyCollection
+
+        if polygons:
+            ax.add_collection(PolyCollection(polygons, facecolors=polygon_colors, alpha=0.08, linewidths=0))
+        ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.9, alpha=0.8))
+        ax.autoscale_view()
+    n_lines = len(bounds)
     ax.set_xlabel("epoch (from 1)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric.replace("_", " "))
@@ -157,6 +195,14 @@ def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "gr
     labels = _labels_of(step_table, by)
     groups = list(step_table.groupby(labels, sort=True))
     raw = len(groups) <= 6 if raw is None else raw
+    if len(groups) > _LEGEND_LIMIT:  # no legend: the smoothed lines in one LineCollection
+        from matplotlib.collections import LineCollection
+
+        segments = [np.column_stack([rows["epoch"].to_numpy(dtype=float), rows["smoothed"].to_numpy(dtype=float)])
+                    for _, rows in groups]
+        ax.add_collection(LineCollection(segments, colors=_many_colors(len(groups)), linewidths=0.9, alpha=0.8))
+        ax.autoscale_view()
+        groups = []
     for label, rows in groups:
         x = rows["epoch"].to_numpy(dtype=float)
         (line,) = ax.plot(x, rows["smoothed"].to_numpy(dtype=float), _run_style(step_table, rows), label=str(label),
@@ -165,7 +211,7 @@ def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "gr
             ax.plot(x, rows["value"].to_numpy(dtype=float), color=line.get_color(), alpha=0.25, linewidth=0.8)
     ax.set_xlabel("epoch (from 1; per step)")
     ax.grid(True, alpha=0.3)
-    _finish_legend(ax, len(groups))
+    _finish_legend(ax, len(groups))  # none when drawn as one collection
     return ax
 
 
