@@ -267,20 +267,19 @@ def update_figure(ctx: ReportContext) -> Figures | None:
 def weight_figures(ctx: ReportContext) -> Figures | None:
     """Weights before vs after training on shared bins: one row per case, one column per
     layer, WEIGHT_CASES_PER_FIGURE cases per figure: every case, or with many cases ctx.sample."""
-    weights = ctx.data.weights
-    if not len(weights):
-        return None
     keys = ctx.keys
-    cases = ctx.sample if ctx.many else ctx.figure_cases(None)
-    wanted = {"\x1f".join(map(str, key)) for key, _ in cases}
-    w = weights[weights["param"].astype(str) == "w"]
-    if len(wanted) < len(ctx.table):  # only the cases drawn: no per-row work on the others
-        w = w[w["case_id"].astype(str).isin({key[-1] for key, _ in cases})]
+    logged = ctx.logged("weights")
+    if not logged:
+        return None
+    cases = [(key, label) for key, label in (ctx.sample if ctx.many else ctx.figure_cases(None)) if key in logged]
+    w = ctx.case_rows("weights", [key for key, _ in cases])
+    if not len(w):
+        return None
+    w = w[w["param"].astype(str) == "w"]
     if w.empty:
         return None
-    by_case = {k: rows for k, rows in w.groupby(_key_text(w, keys).to_numpy(), sort=False) if k in wanted}
-    drawn = [(key, label, by_case["\x1f".join(map(str, key))]) for key, label in cases
-             if "\x1f".join(map(str, key)) in by_case]
+    by_case = dict(tuple(w.groupby(_key_text(w, keys).to_numpy(), sort=False)))
+    drawn = [(key, label, by_case["\x1f".join(key)]) for key, label in cases if "\x1f".join(key) in by_case]
     layers = sorted(set(w["layer"].astype(str)), key=_natural_key)
     out = Figures()
     pages = [drawn[i:i + WEIGHT_CASES_PER_FIGURE] for i in range(0, len(drawn), WEIGHT_CASES_PER_FIGURE)]
@@ -315,21 +314,20 @@ def weight_figures(ctx: ReportContext) -> Figures | None:
 def layer_stats_figures(ctx: ReportContext) -> Figures | None:
     """Layer statistics over steps of at most options.max_figure_cases cases (one per group
     first): a figure each."""
-    layer_stats = ctx.data.layer_stats
-    if not len(layer_stats):
-        return None
     keys, table = ctx.keys, ctx.table
-    logged = set(layer_stats[keys].astype(str).drop_duplicates().itertuples(index=False, name=None))
+    logged = ctx.logged("layer_stats")
+    if not logged:
+        return None
     mask = np.array([key in logged for key in table[keys].astype(str).itertuples(index=False, name=None)], dtype=bool)
     limit = ctx.options.max_figure_cases
     chosen = ctx.figure_cases(limit, mask=mask)
+    layer_stats = ctx.case_rows("layer_stats", [key for key, _ in chosen])
+    by_case = dict(tuple(layer_stats.groupby(_key_text(layer_stats, keys).to_numpy(), sort=False))) \
+        if len(layer_stats) else {}
     out = Figures()
     for key, label in chosen:
         ctx.progress(f"layer statistics of {label.split(': ')[0]}")
-        rows_mask = np.ones(len(layer_stats), dtype=bool)
-        for column, value in zip(keys, key):
-            rows_mask &= (layer_stats[column].astype(str) == str(value)).to_numpy()
-        rows = layer_stats[rows_mask]
+        rows = by_case.get("\x1f".join(key), layer_stats.iloc[:0])
         if rows.empty:
             continue
         if all(rows[c].nunique() <= 1 for c in ("mean", "std", "min", "max")):
@@ -354,39 +352,26 @@ def layer_stats_figures(ctx: ReportContext) -> Figures | None:
 def boundary_figures(ctx: ReportContext) -> Figures | None:
     """Decision boundaries of the 2-D classifiers (stored by the trainer at the end of a case):
     the first BOUNDARY_PANELS cases, or with many cases those of ctx.sample."""
-    from analysis.load import resolve
-
+    logged = ctx.logged("boundary")
+    if not logged:
+        return None
     table = ctx.table
     if ctx.many:
         chosen = {key for key, _ in ctx.sample}
-        table = table[[tuple(k) in chosen for k in table[ctx.keys].astype(str).itertuples(index=False, name=None)]]
-    panels = []
-    for label, location in ctx.data.paths.items():
-        filesystem, root = resolve(location)
-        folder = f"{root}/boundary"
-        if filesystem.get_file_info(folder).type.name != "Directory":
-            continue
-        rows = table if "run" not in table else table[table["run"].astype(str) == label]
-        if not len(rows):
-            continue
-        ids = [str(i) for i in rows["case_id"].head(BOUNDARY_PANELS + 1)] if ctx.many else None
-        # only the cases drawn are read (a grid is 14,400 rows per case)
-        grid = pd.read_parquet(folder, filesystem=filesystem,
-                               filters=[("case_id", "in", ids)] if ids is not None else None)
-        if not len(grid):
-            continue
-        grid["case_id"] = grid["case_id"].astype(str)
-        by_case = dict(tuple(grid.groupby("case_id", sort=False)))
-        for row in rows.itertuples():
-            if str(row.case_id) in by_case:
-                panels.append((row, by_case[str(row.case_id)]))
+        table = table[[key in chosen for key in table[ctx.keys].astype(str).itertuples(index=False, name=None)]]
+    rows = [(row, tuple(str(getattr(row, k)) for k in ctx.keys)) for row in table.itertuples()]
+    rows = [(row, key) for row, key in rows if key in logged]
+    total = len(rows)
+    rows = rows[:BOUNDARY_PANELS]  # only the grids drawn are read (14,400 rows a case)
+    grid = ctx.case_rows("boundary", [key for _, key in rows])
+    by_case = dict(tuple(grid.groupby(_key_text(grid, ctx.keys).to_numpy(), sort=False))) if len(grid) else {}
+    panels = [(row, by_case["\x1f".join(key)]) for row, key in rows if "\x1f".join(key) in by_case]
     if not panels:
         return None
     out = Figures()
-    if len(panels) > BOUNDARY_PANELS:
-        out.notes.append(f"Decision boundaries are drawn for the first {BOUNDARY_PANELS} of the {len(panels)} "
+    if total > BOUNDARY_PANELS:
+        out.notes.append(f"Decision boundaries are drawn for the first {BOUNDARY_PANELS} of the {total} "
                          "cases that stored one.")
-    panels = panels[:BOUNDARY_PANELS]
     ctx.progress(f"decision boundaries ({len(panels)} cases)")
     columns = min(5, len(panels))
     lines = -(-len(panels) // columns)

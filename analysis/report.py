@@ -162,8 +162,12 @@ class ReportContext:
     computed on first use, then kept)."""
 
     def __init__(self, data: RunData, options: ReportOptions, out_dir: Path | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, per_case_files: bool = False):
         self.data, self.options, self.out_dir = data, options, out_dir
+        # per_case_files: data holds no weights and layer statistics; case_rows reads those of
+        # the cases a figure draws (at 4,000 cases, reading every case's weights was most of the
+        # report's loading, for the 16 it draws)
+        self.per_case_files = per_case_files
         self.progress = progress or (lambda what: None)
         self.baseline_name = self.baseline_run = None
         if options.baseline is not None:
@@ -278,6 +282,69 @@ class ReportContext:
             chosen = pd.concat([firsts, ordered.drop(firsts.index)]).head(limit)
         return [(tuple(str(row[k]) for k in self.keys), str(row["_label"])) for _, row in chosen.iterrows()]
 
+    def _folders(self, kind: str) -> dict[str, tuple]:
+        """{run label: (filesystem, RUN/<kind>)} of the runs that have that folder."""
+        from analysis.load import resolve
+
+        folders = {}
+        for label, location in self.data.paths.items():
+            filesystem, root = resolve(location)
+            folder = f"{root}/{kind}"
+            if filesystem.get_file_info(folder).type.name == "Directory":
+                folders[label] = (filesystem, folder)
+        return folders
+
+    def logged(self, kind: str) -> set[tuple]:
+        """The keys (as str) of the cases that have rows of `kind` (weights, layer_stats, boundary)."""
+        if not self.per_case_files and kind in ("weights", "layer_stats"):
+            frame = getattr(self.data, kind)
+            return set(frame[self.keys].astype(str).drop_duplicates().itertuples(index=False, name=None))
+        import pyarrow.fs as pafs
+
+        found = set()
+        for label, (filesystem, folder) in self._folders(kind).items():
+            for info in filesystem.get_file_info(pafs.FileSelector(folder)):
+                if info.type == pafs.FileType.Directory and info.base_name.startswith("case_id="):
+                    case_id = info.base_name[len("case_id="):]
+                    found.add((label, case_id) if len(self.keys) == 2 else (case_id,))
+        return found
+
+    def case_rows(self, kind: str, keys: Iterable[tuple]) -> pd.DataFrame:
+        """The rows of `kind` (weights, layer_stats, boundary) of the cases `keys` (as str) only,
+        with case_id (and run) as str: read from their own files, or taken from data."""
+        keys = [tuple(map(str, key)) for key in keys]
+        if not self.per_case_files and kind in ("weights", "layer_stats"):
+            frame = getattr(self.data, kind)
+            text = frame[self.keys[0]].astype(str)
+            for column in self.keys[1:]:
+                text = text + "\x1f" + frame[column].astype(str)
+            frame = frame[text.isin({"\x1f".join(key) for key in keys}).to_numpy()]
+            return as_str_keys(frame)
+        import pyarrow as pa
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        folders = self._folders(kind)
+        tables = []
+        for key in keys:
+            label, case_id = key if len(key) == 2 else (next(iter(self.data.paths)), key[0])
+            if label not in folders:
+                continue
+            filesystem, folder = folders[label]
+            selector = pafs.FileSelector(f"{folder}/case_id={case_id}", allow_not_found=True)
+            for info in sorted(filesystem.get_file_info(selector), key=lambda i: i.path):
+                if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
+                        and not info.base_name.startswith((".", "_")):  # finished parts only
+                    table = pq.read_table(info.path, filesystem=filesystem)
+                    table = table.append_column("case_id", pa.array([case_id] * table.num_rows, pa.string()))
+                    if len(key) == 2:
+                        table = table.append_column("run", pa.array([label] * table.num_rows, pa.string()))
+                    tables.append(table)
+        if not tables:
+            return pd.DataFrame(columns=self.keys)
+        frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+        return frame[[*self.keys, *[c for c in frame.columns if c not in self.keys]]]
+
     @cached_property
     def sample(self) -> list[tuple[tuple, str]]:
         """With many cases, the cases per-case figures draw: the first seed of each group (a
@@ -338,7 +405,9 @@ def per_case_section(ctx: ReportContext) -> Section:
     setting_columns = {c: f"{c} (setting)" if c in shown_table else c for c in settings}
     if settings:
         shown_table = shown_table.merge(ctx.case_settings.rename(columns=setting_columns), on=keys, how="left")
-    csvs = {"per_case": shown_table, "epoch_summary": ctx.epochs}
+    # settings_json (every setting as JSON) is in cases.parquet: repeated on every epoch row it
+    # was most of the CSV's bytes
+    csvs = {"per_case": shown_table, "epoch_summary": ctx.epochs.drop(columns=["settings_json"], errors="ignore")}
     if ctx.many:
         groups = ctx.groups
         csvs["per_group"] = groups
@@ -533,10 +602,13 @@ def write_report(
     progress: called with what is being drawn (e.g. Progress(sys.stderr)).
     sections: default SECTIONS.
     """
-    data = run if isinstance(run, RunData) else load(run, metrics_columns=REPORT_COLUMNS)
+    loaded = isinstance(run, RunData)
+    # weights and layer statistics: read per case, for the cases the figures draw
+    data = run if loaded else load(run, metrics_columns=REPORT_COLUMNS, weights=False, layer_stats=False)
     options = ReportOptions(baseline=baseline, target_accuracy=target_accuracy, reference=reference,
                             max_figure_cases=max_figure_cases, figures=figures, many_cases=many_cases)
-    ctx = ReportContext(data, options, progress=progress)  # a bad baseline: ReportError, nothing written
+    # a bad baseline: ReportError here, before anything is written
+    ctx = ReportContext(data, options, progress=progress, per_case_files=not loaded)
     if out_dir is None:
         folder = local_path(next(iter(data.paths.values()))) if len(data.paths) == 1 else None
         if folder is None:
