@@ -272,13 +272,14 @@ def main(argv=None) -> int:
         log("")
         log(f"[{code}]")
         log(f"{'cases':>6} {'report s':>9} {'cpu s':>7} {'peak RSS':>9} {'figures':>8} {'load s':>7} "
-            f"{'report/load':>11} {'s per case (growth)':>20} {'MB per case (growth)':>21}  goal")
+            f"{'report/load':>11} {'per case (growth)':>27} {'MB per case (growth)':>21}  goal")
         previous = None
         for n, s in table.items():
             growth = growth_mb = ""
             if previous is not None:
                 pn, ps = previous
-                growth = f"{(s['report_s'] - ps['report_s']) / (n - pn) * 1000:.2f} ms"
+                growth = (f"{(s['report_s'] - ps['report_s']) / (n - pn) * 1000:.2f} ms "
+                          f"(cpu {(s['report_cpu_s'] - ps['report_cpu_s']) / (n - pn) * 1000:.2f})")
                 growth_mb = f"{(s['report_peak_mb'] - ps['report_peak_mb']) / (n - pn) * 1024:.0f} KB"
             goal = GOALS.get(n)
             verdict = ""
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
                 ok = s["report_s"] <= goal[0] and s["report_peak_mb"] <= goal[1]
                 verdict = f"<= {goal[0]:g} s, < {goal[1]:g} MB: {'met' if ok else 'MISSED'}"
             log(f"{n:>6} {s['report_s']:9.2f} {s['report_cpu_s']:7.2f} {s['report_peak_mb']:7.0f}MB "
-                f"{s['figures']:>8} {s['load_s']:7.2f} {s['report_s'] / s['load_s']:10.1f}x {growth:>20} "
+                f"{s['figures']:>8} {s['load_s']:7.2f} {s['report_s'] / s['load_s']:10.1f}x {growth:>27} "
                 f"{growth_mb:>21}  {verdict}")
             previous = (n, s)
     meta["uptime_end"] = uptime()
