@@ -1,39 +1,33 @@
 """Read a run directory (or several) into tidy pandas frames.
 
-A run directory is written by the driver (see DESIGN.md):
-
-    RUN/manifest.json, RUN/cases.parquet, RUN/ledger/<case_id>.json,
-    RUN/metrics/case_id=<id>/part-*.parquet, RUN/weights/case_id=<id>/part-*.parquet,
-    RUN/layer_stats/case_id=<id>/part-*.parquet
-
+What a run directory holds, and which of its rows are committed, is analysis.rundir's
+business (its layout.py lists every file); this module turns the committed rows into frames.
 `load` accepts a local path or a `pyarrow.fs` URI (file:///x, s3://bucket/run, ...).
 No TensorFlow, no Ray; nothing runs at import time.
 
+Every dataset registered in analysis.rundir.layout.DATASETS (metrics, layer_stats, weights,
+boundary, alignment, ...) is read the same way: committed rows only, the case's `name` and
+`group` right after case_id (categoricals, so a table per case name needs no join), the
+columns in the types the layout documents (an empty read still has them).
+
 case_id: pyarrow's and pandas' hive readers guess partition types, so an all-digit case_id
 ("000123") would come back as the integer 123. Here the partition key is always read as a
-string. In the per-case frames (cases, ledger) it is a plain `str` column; in the big
-per-row frames (metrics, weights, layer_stats) it is a pandas categorical whose categories
-are those strings (ten million repeated strings cost memory and make groupby slow), unless
-`categorical=False`. The low-cardinality column split is read the same way
-(dictionary-encoded in Parquet -> categorical).
+string. In the per-case frames (cases, ledger) it is a plain `str` column; in the per-row
+frames it is a pandas categorical whose categories are those strings (ten million repeated
+strings cost memory and make groupby slow), unless `categorical=False`. Low-cardinality
+string columns (split, layer, quantity, ...) are read dictionary-encoded -> categorical.
 
 List columns: metrics' updates (list<int64>) and layers (list<string>) become categoricals
 whose categories are tuples, e.g. (1, 1, 2): hashable, so they group and compare, and a few
 distinct lists over millions of rows cost one code per row. In `cases`, list settings
-(hidden, quirks, data.classes) are tuples too. Runs written before lists were stored as
-lists hold them as JSON strings, and settings that were None in every case as all-null
-float64; both are converted on read, so old and new runs load alike.
-
-metrics carries the case's `name` and `group` right after case_id (categoricals), so a
-table per case name needs no join.
+(hidden, quirks, data.classes) are tuples too. Older runs (lists as JSON strings, an untyped
+cases table) are converted on read by analysis.rundir.legacy, so old and new runs load alike.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -43,63 +37,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-# The columns each per-row table has, and their types (used for empty frames and for
-# columns that one Parquet part holds as all-null).
-METRICS_SCHEMA = pa.schema(
-    [
-        ("split", pa.string()),
-        ("epoch", pa.int64()),
-        ("step", pa.int64()),
-        ("cost", pa.float64()),
-        ("accuracy", pa.float64()),
-        ("lr", pa.float64()),
-        ("stages", pa.int64()),
-        ("layer_updates", pa.int64()),
-        ("forward_passes", pa.int64()),
-        ("examples", pa.int64()),
-        ("examples_per_sec", pa.float64()),
-        ("wall_time", pa.float64()),
-        ("updates", pa.list_(pa.int64())),
-        ("layers", pa.list_(pa.string())),
-    ]
-)
-WEIGHTS_SCHEMA = pa.schema(
-    [
-        ("phase", pa.string()),
-        ("layer", pa.string()),
-        ("param", pa.string()),
-        ("bin", pa.int64()),
-        ("left", pa.float64()),
-        ("right", pa.float64()),
-        ("count", pa.int64()),
-    ]
-)
-LAYER_STATS_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("epoch", pa.int64()),
-        ("layer", pa.string()),
-        ("quantity", pa.string()),
-        ("mean", pa.float64()),
-        ("std", pa.float64()),
-        ("min", pa.float64()),
-        ("max", pa.float64()),
-        ("hist", pa.string()),
-        ("edges", pa.string()),
-    ]
-)
-# String columns with few distinct values: read dictionary-encoded (-> pandas categorical).
-_DICTIONARY_COLUMNS = {
-    "metrics": ["split", "updates", "layers"],  # the last two: runs that stored them as JSON strings
-    "weights": ["phase", "layer", "param"],
-    "layer_stats": ["layer", "quantity"],
-}
-# List columns with few distinct values: categoricals whose categories are tuples (hashable,
-# so they group and compare). Runs written before lists were stored as lists hold JSON strings.
-_LIST_COLUMNS = {"metrics": ["updates", "layers"], "weights": [], "layer_stats": []}
-_SCHEMAS = {"metrics": METRICS_SCHEMA, "weights": WEIGHTS_SCHEMA, "layer_stats": LAYER_STATS_SCHEMA}
+from analysis.rundir import DATASETS, RunDir, legacy
+from analysis.rundir import resolve as _resolve
+
+# The columns each per-row table has, and their types (for empty frames and for columns that
+# one Parquet part holds as all-null): the layout's.
+METRICS_SCHEMA = DATASETS["metrics"].columns
+WEIGHTS_SCHEMA = DATASETS["weights"].columns
+LAYER_STATS_SCHEMA = DATASETS["layer_stats"].columns
 
 # The metrics columns per_case needs: load(run, metrics_columns=PER_CASE_COLUMNS) reads about
 # 40 % of the bytes of a full read. epoch_summary also wants step and lr: TABLE_COLUMNS.
@@ -112,6 +58,8 @@ LEDGER_COLUMNS = [
 ]
 # The state a case gets when cases.parquet lists it but the ledger has no file for it.
 NO_LEDGER_STATE = "unknown"
+# The datasets that are RunData fields of their own; every other registered one is in `more`.
+_FIELDS = ("metrics", "weights", "layer_stats")
 
 
 @dataclass
@@ -120,7 +68,9 @@ class RunData:
 
     With several runs every frame has a leading `run` column and (run, case_id) is the key.
     `cases` holds the ledger state merged in (`state`, `reason_class`, `reason`, `complete`),
-    so a failed or pending case is still a row, flagged, never dropped.
+    so a failed or pending case is still a row, flagged, never dropped. Every registered
+    dataset is an attribute: `data.metrics`, `data.layer_stats`, `data.weights`,
+    `data.boundary`, `data.alignment`, ...
     """
 
     metrics: pd.DataFrame
@@ -132,6 +82,18 @@ class RunData:
     """run label -> manifest dict."""
     paths: dict[str, str] = field(default_factory=dict)
     """run label -> the path or URI it was read from."""
+    more: dict[str, pd.DataFrame] = field(default_factory=dict)
+    """The other registered datasets (boundary, alignment, ...), by name."""
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        more = self.__dict__.get("more") or {}
+        if name in more:
+            return more[name]
+        raise AttributeError(f"RunData has no {name!r} (datasets: {', '.join(DATASETS)})")
+
+    def dataset(self, name: str) -> pd.DataFrame:
+        """The frame of a registered dataset by name."""
+        return getattr(self, name)
 
     @property
     def manifest(self) -> dict:
@@ -159,11 +121,7 @@ class RunData:
 
 def resolve(run: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a pyarrow.fs URI."""
-    text = os.fspath(run)
-    if "://" in text:
-        filesystem, path = pafs.FileSystem.from_uri(text)
-        return filesystem, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(text)
+    return _resolve(run)
 
 
 def local_path(run: str | os.PathLike) -> Path | None:
@@ -174,74 +132,51 @@ def local_path(run: str | os.PathLike) -> Path | None:
     return None
 
 
-def _exists(filesystem: pafs.FileSystem, path: str) -> pafs.FileType:
-    return filesystem.get_file_info(path).type
-
-
-def _read_json(filesystem: pafs.FileSystem, path: str) -> Any:
-    with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode("utf-8"))
-
-
 # ---- per-row tables -----------------------------------------------------------------------
 
 
 def _empty_frame(kind: str, columns: Iterable[str] | None, categorical: bool) -> pd.DataFrame:
     """An empty frame with the table's columns and dtypes (case_id first), as a read gives."""
-    fields = [f for f in _SCHEMAS[kind] if columns is None or f.name in columns]
+    fields = [f for f in DATASETS[kind].columns if columns is None or f.name in columns]
     frame = pa.Table.from_batches([], pa.schema([("case_id", pa.string()), *fields])).to_pandas()
-    for name in ["case_id", *_DICTIONARY_COLUMNS[kind]] if categorical else []:
+    for name in ["case_id", *DATASETS[kind].dictionary] if categorical else []:
         if name in frame:
             frame[name] = frame[name].astype(object).astype("category")
     return frame
 
 
-def _read_partitioned(
-    filesystem: pafs.FileSystem,
-    root: str,
+def _read_dataset(
+    run: RunDir,
     kind: str,
+    ledger: dict,
     columns: Iterable[str] | None = None,
     filter: ds.Expression | None = None,
     categorical: bool = True,
-    sources: list[tuple[str, list[str]]] | None = None,
 ) -> pd.DataFrame:
-    """Read a hive-partitioned Parquet folder (case_id=<id>/part-*.parquet) into pandas.
-
-    sources: instead of discovering `root`, read these files, each list under its base folder."""
-    schema_hint = _SCHEMAS[kind]
+    """Read the committed rows of one dataset (files from RunDir.committed_files, each list
+    hive-partitioned under its base folder) into pandas."""
+    spec = DATASETS[kind]
+    schema_hint = spec.columns
+    dictionary = list(spec.dictionary)
     columns = None if columns is None else [c for c in columns if c != "case_id"]
-    if _exists(filesystem, root) != pafs.FileType.Directory:
-        return _empty_frame(kind, columns, categorical)
     # The partition key is a string (never a guessed int), dictionary-encoded so pandas
     # gets a categorical without materialising one string per row.
     partitioning = ds.partitioning(
         pa.schema([("case_id", pa.dictionary(pa.int32(), pa.string()))]), flavor="hive", dictionaries="infer"
     )
-    file_format = ds.ParquetFileFormat(read_options={"dictionary_columns": _DICTIONARY_COLUMNS[kind]})
-    if sources is None:
-        dataset = ds.dataset(
-            root,
-            filesystem=filesystem,
-            format=file_format,
-            partitioning=partitioning,
-            exclude_invalid_files=False,
-            ignore_prefixes=[".", "_"],  # temporary files of an atomic commit in progress
-        )
-        # Only finished parts: a commit in progress may leave part-N.parquet.tmp (or similar).
-        fragments = [f for f in dataset.get_fragments() if f.path.endswith(".parquet")]
-    else:  # explicit files under several base folders (the compacted cache plus the rest)
-        fragments, dataset = [], None
-        for base, paths in sources:
-            if not paths:
-                continue
-            part = ds.dataset(paths, filesystem=filesystem, format=file_format, partitioning=partitioning,
-                              partition_base_dir=base, exclude_invalid_files=False)
-            dataset = dataset or part
-            fragments.extend(part.get_fragments())
+    file_format = ds.ParquetFileFormat(read_options={"dictionary_columns": dictionary})
+    fragments, dataset = [], None
+    for base, paths in run.committed_files(kind, ledger):
+        if not paths:
+            continue
+        part = ds.dataset(paths, filesystem=run.filesystem, format=file_format, partitioning=partitioning,
+                          partition_base_dir=base, exclude_invalid_files=False)
+        dataset = dataset or part
+        fragments.extend(part.get_fragments())
     if not fragments:
         return _empty_frame(kind, columns, categorical)
     dataset = ds.FileSystemDataset(
-        fragments, _unified_schema(dataset, fragments, schema_hint, _DICTIONARY_COLUMNS[kind]), file_format, filesystem
+        fragments, _unified_schema(dataset, fragments, schema_hint, dictionary), file_format, run.filesystem
     )
     wanted = ["case_id", *[c for c in (columns if columns is not None else dataset.schema.names) if c != "case_id"]]
     wanted = [c for c in wanted if c in dataset.schema.names]
@@ -250,7 +185,7 @@ def _read_partitioned(
     for name in columns or []:
         if name not in table.column_names and name in schema_hint.names:
             table = table.append_column(name, pa.nulls(table.num_rows, schema_hint.field(name).type))
-    table, list_kinds = _encode_lists(table, _LIST_COLUMNS[kind])
+    table, list_kinds = _encode_lists(table, list(spec.lists))
     # Single-threaded conversion: measured 3-4x faster than threaded on 2 cores (10 M rows).
     frame = table.to_pandas(split_blocks=True, self_destruct=True, use_threads=False)
     del table
@@ -271,7 +206,7 @@ _JOIN = "\x1f"  # joins a list's elements for dictionary encoding (unit separato
 def _encode_lists(table: pa.Table, names: list[str]) -> tuple[pa.Table, dict[str, str]]:
     """Dictionary-encode list columns as joined strings (ten million small lists as Python
     objects would cost gigabytes): name -> how to parse the categories back ("json" for the
-    JSON strings of older runs, else the element type)."""
+    JSON strings of older runs, see analysis.rundir.legacy, else the element type)."""
     import pyarrow.compute as pc
 
     kinds = {}
@@ -280,7 +215,7 @@ def _encode_lists(table: pa.Table, names: list[str]) -> tuple[pa.Table, dict[str
             continue
         column = table.column(name)
         t = column.type
-        if pa.types.is_dictionary(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        if legacy.is_json_list_column(t):  # a run that stored lists as JSON strings
             kinds[name] = "json"
             continue
         if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
@@ -299,7 +234,7 @@ def _tuples_categorical(series: pd.Series, kind: str) -> pd.Series:
 
     def parse(text):
         if kind == "json":
-            return tuple(json.loads(text))
+            return legacy.parse_json_list(text)
         return tuple(convert(x) for x in text.split(_JOIN)) if text else ()
 
     values = [parse(c) for c in series.cat.categories]
@@ -353,44 +288,14 @@ def _unified_schema(
 # ---- per-case tables ----------------------------------------------------------------------
 
 
-def _read_cases(filesystem: pafs.FileSystem, root: str) -> pd.DataFrame:
-    path = posixpath.join(root, "cases.parquet")
-    if _exists(filesystem, path) != pafs.FileType.File:
-        return pd.DataFrame({"case_id": pd.Series([], dtype=str)})
-    cases = _typed_cases(pq.read_table(path, filesystem=filesystem)).to_pandas()
+def _read_cases(run: RunDir) -> pd.DataFrame:
+    cases = run.cases_table().to_pandas()
     cases["case_id"] = cases["case_id"].astype(str)
     for name in cases.columns:  # lists as tuples: hashable, so cases group and compare by them
         if cases[name].dtype == object and cases[name].map(lambda v: isinstance(v, (list, np.ndarray))).any():
             cases[name] = cases[name].map(lambda v: tuple(v.tolist() if isinstance(v, np.ndarray) else v)
                                           if isinstance(v, (list, np.ndarray)) else v)
     return cases
-
-
-def _typed_cases(table: pa.Table) -> pa.Table:
-    """Setting columns in the types of the settings' annotations. Runs written before the
-    cases table was typed hold lists as JSON strings and settings that were None in every
-    case as all-null float64: both are converted here."""
-    try:
-        from jobs.storage import settings_column_types
-
-        types = settings_column_types()
-    except ImportError:
-        return table
-    for index, name in enumerate(table.column_names):
-        kind, column = types.get(name), table.column(name)
-        if kind is None or column.type == kind:
-            continue
-        try:
-            if column.null_count == len(column):
-                array = pa.nulls(len(column), kind)
-            elif pa.types.is_list(kind) and pa.types.is_string(column.type):
-                array = pa.array([None if v is None else json.loads(v) for v in column.to_pylist()], kind)
-            else:
-                array = column.cast(kind)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError, TypeError):
-            continue  # not what the settings say (an older bplab?): leave the column as stored
-        table = table.set_column(index, name, array)
-    return table
 
 
 def _attach_case_columns(frame: pd.DataFrame, cases: pd.DataFrame, names=("name", "group")) -> pd.DataFrame:
@@ -417,21 +322,11 @@ def _attach_case_columns(frame: pd.DataFrame, cases: pd.DataFrame, names=("name"
     return frame
 
 
-def _read_ledger(filesystem: pafs.FileSystem, root: str) -> pd.DataFrame:
-    folder = posixpath.join(root, "ledger")
-    records = []
-    if _exists(filesystem, folder) == pafs.FileType.Directory:
-        infos = filesystem.get_file_info(pafs.FileSelector(folder, recursive=False))
-        for info in sorted(infos, key=lambda i: i.path):
-            base = info.base_name
-            if info.type != pafs.FileType.File or not base.endswith(".json") or base.startswith((".", "_")):
-                continue
-            record = _read_ledger_entry(filesystem, folder, base)
-            record.setdefault("case_id", base[: -len(".json")])
-            records.append(record)
+def _ledger_frame(entries: dict) -> pd.DataFrame:
+    """One row per ledger entry; `latest: {...}` becomes latest.<key> columns."""
+    records = [entry.to_dict() for _, entry in sorted(entries.items())]
     if not records:
         return pd.DataFrame({c: pd.Series([], dtype=object) for c in LEDGER_COLUMNS}).astype({"case_id": str})
-    # latest: {...} becomes latest.<key> columns.
     ledger = pd.json_normalize(records, max_level=1)
     for column in LEDGER_COLUMNS:
         if column not in ledger:
@@ -439,25 +334,6 @@ def _read_ledger(filesystem: pafs.FileSystem, root: str) -> pd.DataFrame:
     ledger["case_id"] = ledger["case_id"].astype(str)
     first = [c for c in LEDGER_COLUMNS if c in ledger]
     return ledger[first + [c for c in ledger.columns if c not in first]]
-
-
-def _read_ledger_entry(filesystem: pafs.FileSystem, folder: str, base: str) -> dict:
-    """A ledger entry; a damaged one is read from its backup copy (ledger/.<id>.json.bak, which
-    the driver writes after each entry); ValueError (one line, naming the file) if both are."""
-    try:
-        record = _read_json(filesystem, posixpath.join(folder, base))
-        if isinstance(record, dict):
-            return record
-    except ValueError:
-        pass
-    try:
-        record = _read_json(filesystem, posixpath.join(folder, f".{base}.bak"))
-        if isinstance(record, dict):
-            return record
-    except (ValueError, FileNotFoundError, OSError):
-        pass
-    raise ValueError(f"{posixpath.join(folder, base)} is damaged and has no intact backup copy; "
-                     "`bplab status` on the run names what to do")
 
 
 def _merge_state(cases: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
@@ -484,69 +360,25 @@ def _merge_state(cases: pd.DataFrame, ledger: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_one(
-    run: str | os.PathLike,
+    location: str | os.PathLike,
     metrics_columns: Iterable[str] | None,
     splits: Iterable[str] | None,
     what: set[str],
     categorical: bool,
 ) -> dict[str, Any]:
-    filesystem, root = resolve(run)
-    if _exists(filesystem, root) != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no run directory at {os.fspath(run)}")
-    manifest_path = posixpath.join(root, "manifest.json")
-    manifest = _read_json(filesystem, manifest_path) if _exists(filesystem, manifest_path) == pafs.FileType.File else {}
-    cases = _read_cases(filesystem, root)
-    ledger = _read_ledger(filesystem, root)
+    run = RunDir.open(location)
+    entries = run.ledger()
+    ledger = _ledger_frame(entries)
+    frames = {"manifest": run.manifest(), "cases": _merge_state(_read_cases(run), ledger), "ledger": ledger}
     split_filter = None if splits is None else ds.field("split").isin(list(splits))
-    frames = {"manifest": manifest, "cases": _merge_state(cases, ledger), "ledger": ledger}
-    names = frames["cases"]
-    for kind in ("metrics", "weights", "layer_stats"):
+    for kind in DATASETS:
         columns = metrics_columns if kind == "metrics" else None
         if kind in what:
-            frames[kind] = _read_partitioned(
-                filesystem, posixpath.join(root, kind), kind, columns,
-                split_filter if kind == "metrics" else None, categorical,
-                sources=_metrics_sources(filesystem, root, ledger) if kind == "metrics" else None,
-            )
+            frame = _read_dataset(run, kind, entries, columns, split_filter if kind == "metrics" else None, categorical)
+            frames[kind] = _attach_case_columns(frame, frames["cases"])
         else:
             frames[kind] = _empty_frame(kind, columns, categorical)
-    frames["metrics"] = _attach_case_columns(frames["metrics"], names)
     return frames
-
-
-_COMPACT_NAME = re.compile(r"^upto-(\d+)\.parquet$")
-
-
-def _metrics_sources(filesystem: pafs.FileSystem, root: str, ledger: pd.DataFrame):
-    """The files to read for metrics: each finished case's compacted file (the driver writes
-    metrics_compact/case_id=<id>/upto-<seq>.parquet) while <seq> is the ledger's commit_seq,
-    and the commit parts of every other case. None: no usable cache, read metrics/ whole.
-    One file per case instead of one per commit: loading a large study is ~4x faster."""
-    compact_root = posixpath.join(root, "metrics_compact")
-    metrics_root = posixpath.join(root, "metrics")
-    if len(ledger) == 0 or _exists(filesystem, compact_root) != pafs.FileType.Directory:
-        return None
-    committed = dict(zip(ledger["case_id"].astype(str), ledger["commit_seq"]))
-    cached = {}
-    for info in filesystem.get_file_info(pafs.FileSelector(compact_root, recursive=True)):
-        match = _COMPACT_NAME.match(info.base_name)
-        folder = posixpath.basename(posixpath.dirname(info.path))
-        if info.type == pafs.FileType.File and match and folder.startswith("case_id="):
-            case_id = folder[len("case_id="):]
-            if case_id in committed and int(match.group(1)) == int(committed[case_id]):
-                cached[case_id] = info.path
-    if not cached:
-        return None
-    rest = []
-    if _exists(filesystem, metrics_root) == pafs.FileType.Directory:
-        for info in filesystem.get_file_info(pafs.FileSelector(metrics_root)):
-            name = info.base_name
-            # (the top-level schema anchor is left out: footers are unified below, and a
-            # partition-less file alone would not fit the case_id partitioning)
-            if info.type == pafs.FileType.Directory and name.startswith("case_id=") and name[8:] not in cached:
-                rest.extend(f.path for f in filesystem.get_file_info(pafs.FileSelector(info.path))
-                            if f.base_name.endswith(".parquet") and not f.base_name.startswith((".", "_")))
-    return [(compact_root, sorted(cached.values())), (metrics_root, sorted(rest))]
 
 
 def _run_labels(runs: list[str | os.PathLike]) -> list[str]:
@@ -596,6 +428,7 @@ def load(
     weights: bool = True,
     layer_stats: bool = True,
     categorical: bool = True,
+    datasets: Iterable[str] | None = None,
 ) -> RunData:
     """Read one run (path or URI) or several (list, or {label: path}) into a RunData.
 
@@ -604,11 +437,13 @@ def load(
         update_counts, which needs updates and layers) to read less.
     splits: read only these splits, e.g. ["test"].
     weights, layer_stats: False skips reading those folders (empty frames instead).
+    datasets: read only these datasets besides metrics (default: every registered one but
+        those switched off above); the others are empty frames with the documented columns.
     categorical: keep case_id (and split/updates/layers, phase, layer, ...) as categoricals
         in the per-row frames; False gives plain str case_id.
     Several runs: every frame gets a leading `run` column (the folder name, or the dict key)
     and (run, case_id) is the key. A run without metrics yet gives empty frames with the
-    documented columns.
+    documented columns. analysis.rundir.StorageError (one line) if a location is not a run.
     """
     if isinstance(run_or_runs, (str, os.PathLike)):
         runs, labels, multi = [run_or_runs], None, False
@@ -619,16 +454,21 @@ def load(
     if not runs:
         raise ValueError("load: no run given")
     labels = labels or _run_labels(runs)
-    what = {"metrics"} | ({"weights"} if weights else set()) | ({"layer_stats"} if layer_stats else set())
+    what = set(DATASETS) if datasets is None else {"metrics", *datasets}
+    what -= ({"weights"} if not weights else set()) | ({"layer_stats"} if not layer_stats else set())
+    unknown = what - set(DATASETS)
+    if unknown:
+        raise ValueError(f"load: unknown dataset(s) {', '.join(sorted(unknown))} (known: {', '.join(DATASETS)})")
     read = [_read_one(run, metrics_columns, splits, what, categorical) for run in runs]
     manifests = {label: r["manifest"] for label, r in zip(labels, read)}
     paths = {label: os.fspath(run) for label, run in zip(labels, runs)}
-    names = ("metrics", "cases", "ledger", "weights", "layer_stats")
-    if not multi:
-        return RunData(**{n: read[0][n] for n in names}, manifests=manifests, paths=paths)
-    return RunData(
-        **{n: _concat_with_run([r[n] for r in read], labels) for n in names}, manifests=manifests, paths=paths
-    )
+    names = ("cases", "ledger", *DATASETS)
+    if multi:
+        merged = {n: _concat_with_run([r[n] for r in read], labels) for n in names}
+    else:
+        merged = {n: read[0][n] for n in names}
+    return RunData(**{n: merged[n] for n in ("cases", "ledger", *_FIELDS)}, manifests=manifests, paths=paths,
+                   more={n: merged[n] for n in DATASETS if n not in _FIELDS})
 
 
 def case_keys(frame: pd.DataFrame) -> list[str]:

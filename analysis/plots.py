@@ -190,8 +190,11 @@ def plot_weight_histograms(ax, weights: pd.DataFrame, case_id: str, layer: str, 
 
 def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "group", raw: bool | None = None):
     """Per-step training curves from tables.step_curves: the smoothed mean per `by` value,
-    over the faint unsmoothed one (raw: default when there are at most 6 curves). x is in
-    epochs (from 1), so the curves line up with plot_curves'."""
+    over the faint unsmoothed one (raw: default when there are at most 6 curves).
+
+    x is epochs completed (a step of epoch e, numbered from 1, lies in (e - 1, e]; the end of
+    epoch e is at e, where plot_curves puts epoch e). The axis names the epochs, from 1: each
+    label e stands under the middle of epoch e's steps, thin lines mark where epochs end."""
     labels = _labels_of(step_table, by)
     groups = list(step_table.groupby(labels, sort=True))
     raw = len(groups) <= 6 if raw is None else raw
@@ -210,9 +213,33 @@ def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "gr
         if raw:
             ax.plot(x, rows["value"].to_numpy(dtype=float), color=line.get_color(), alpha=0.25, linewidth=0.8)
     ax.set_xlabel("epoch (from 1; per step)")
-    ax.grid(True, alpha=0.3)
+    _epoch_axis(ax, float(np.nanmax(step_table["epoch"].to_numpy(dtype=float))) if len(step_table) else 1.0)
+    ax.grid(True, axis="y", alpha=0.3)
     _finish_legend(ax, len(groups))  # none when drawn as one collection
     return ax
+
+
+def _epoch_axis(ax, last: float, most_labels: int = 10, most_lines: int = 60) -> None:
+    """An x axis in epochs completed, labelled by epoch number from 1: epoch e spans (e-1, e]
+    and its label e stands at e - 0.5; epoch ends are minor ticks with grid lines (while
+    there are at most `most_lines`)."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
+
+    epochs = max(1, int(np.ceil(last - 1e-9)))
+    numbers = [int(e) for e in MaxNLocator(nbins=most_labels, integer=True, min_n_ticks=1).tick_values(1, epochs)
+               if 1 <= e <= epochs and float(e).is_integer()] or [1]
+    if numbers[0] != 1:  # the first label is always epoch 1
+        step = numbers[1] - numbers[0] if len(numbers) > 1 else numbers[0]
+        numbers = [1, *numbers] if numbers[0] - 1 >= step / 2 else [1, *numbers[1:]]
+    ax.set_xlim(0, epochs)
+    ax.xaxis.set_major_locator(FixedLocator([e - 0.5 for e in numbers]))
+    ax.set_xticklabels([str(e) for e in numbers])
+    ax.tick_params(axis="x", which="major", length=0)
+    if epochs <= most_lines:
+        ax.xaxis.set_minor_locator(FixedLocator(list(range(epochs + 1))))
+        ax.grid(True, axis="x", which="minor", alpha=0.3)
+    else:
+        ax.xaxis.set_minor_locator(NullLocator())
 
 
 def plot_update_counts(ax, update_table: pd.DataFrame, by: str = "schedule"):

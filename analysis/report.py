@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,11 +44,13 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from analysis.figures import FIGURES, SAMPLE_CASES, WEIGHT_CASES_PER_FIGURE, Figures, safe_name
 from analysis.flags import COLLAPSE_MARGIN, flag_cases
 from analysis.labels import setting_labels, setting_text, varying_settings
-from analysis.load import TABLE_COLUMNS, RunData, _run_labels, case_keys, load, local_path
+from analysis.load import TABLE_COLUMNS, RunData, _run_labels, case_keys, load, local_path, resolve
+from analysis.rundir import DATASETS, layout
 from analysis.reference import reference_comparison
 from analysis.stats import against_baseline, factor_table, seed_summary
 from analysis.tables import SUMMARY_COLUMNS, as_str_keys, epoch_summary, per_case, update_counts
@@ -64,6 +67,8 @@ _PER_CASE_SHOWN = [
     "best_epoch", "final_train_acc", "gap", "epochs_to_target", "steps_per_sec", "wall_seconds",
     "data.name", "data_official", "data_digest",  # which data each case trained on
 ]
+# Datasets the figures read for the cases they draw only (ReportContext.case_rows), not whole.
+PER_CASE_DATASETS = ("weights", "layer_stats", "boundary")
 # More cases than this (what one weights figure holds): the report reads groups.
 MANY_CASES = WEIGHT_CASES_PER_FIGURE
 ROWS_SHOWN = 200  # longer tables: the first rows in the report, all of them in the CSV
@@ -83,6 +88,24 @@ def _cell(value, float_format: str) -> str:
         return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
     text = str(value).replace("|", "\\|").replace("\n", " ")
     return text
+
+
+def lost_workers(ledger: pd.DataFrame) -> pd.DataFrame:
+    """One row per worker or node a case lost (the ledger entries' `losses`), oldest first."""
+    columns = [*(["run"] if "run" in ledger else []), "name", "attempt", "reason_class", "node_id", "at", "step",
+               "back_after_s", "counted"]
+    rows = []
+    if "losses" in ledger:
+        for record in ledger.to_dict("records"):
+            for loss in record.get("losses") if isinstance(record.get("losses"), list) else []:
+                back = loss.get("resumed_at")
+                rows.append({**({"run": record["run"]} if "run" in record else {}), "name": record.get("name"),
+                             "attempt": loss.get("attempt"), "reason_class": loss.get("reason_class"),
+                             "node_id": loss.get("node_id"),
+                             "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(loss.get("at", 0))),
+                             "step": loss.get("step"), "back_after_s": back - loss["at"] if back else None,
+                             "counted": loss.get("counted", True)})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}", index: bool = False,
@@ -283,45 +306,49 @@ class ReportContext:
         return [(tuple(str(row[k]) for k in self.keys), str(row["_label"])) for _, row in chosen.iterrows()]
 
     def _folders(self, kind: str) -> dict[str, tuple]:
-        """{run label: (filesystem, RUN/<kind>)} of the runs that have that folder."""
-        from analysis.load import resolve
-
+        """{run label: (filesystem, RUN/<kind>)} of the runs that have that dataset's folder."""
         folders = {}
         for label, location in self.data.paths.items():
             filesystem, root = resolve(location)
-            folder = f"{root}/{kind}"
-            if filesystem.get_file_info(folder).type.name == "Directory":
+            folder = posixpath.join(root, layout.dataset(kind).name)
+            if filesystem.get_file_info(folder).type == pafs.FileType.Directory:
                 folders[label] = (filesystem, folder)
         return folders
 
-    def logged(self, kind: str) -> set[tuple]:
-        """The keys (as str) of the cases that have rows of `kind` (weights, layer_stats, boundary)."""
-        if not self.per_case_files and kind in ("weights", "layer_stats"):
-            frame = getattr(self.data, kind)
-            return set(frame[self.keys].astype(str).drop_duplicates().itertuples(index=False, name=None))
-        import pyarrow.fs as pafs
+    def _loaded(self, kind: str) -> pd.DataFrame | None:
+        """The rows of dataset `kind` in data, when they were read with it (else None)."""
+        if self.per_case_files and kind in PER_CASE_DATASETS:
+            return None
+        try:
+            return getattr(self.data, kind)
+        except AttributeError:
+            return None
 
+    def logged(self, kind: str) -> set[tuple]:
+        """The keys (as str) of the cases that have rows of dataset `kind` (weights, layer_stats,
+        boundary)."""
+        frame = self._loaded(kind)
+        if frame is not None:
+            return set(frame[self.keys].astype(str).drop_duplicates().itertuples(index=False, name=None))
         found = set()
         for label, (filesystem, folder) in self._folders(kind).items():
             for info in filesystem.get_file_info(pafs.FileSelector(folder)):
-                if info.type == pafs.FileType.Directory and info.base_name.startswith("case_id="):
-                    case_id = info.base_name[len("case_id="):]
+                case_id = layout.partition_case(info.base_name) if info.type == pafs.FileType.Directory else None
+                if case_id is not None:
                     found.add((label, case_id) if len(self.keys) == 2 else (case_id,))
         return found
 
     def case_rows(self, kind: str, keys: Iterable[tuple]) -> pd.DataFrame:
-        """The rows of `kind` (weights, layer_stats, boundary) of the cases `keys` (as str) only,
-        with case_id (and run) as str: read from their own files, or taken from data."""
+        """The rows of dataset `kind` (weights, layer_stats, boundary) of the cases `keys` (as str)
+        only, case_id (and run) as str: taken from data, or read from those cases' own files."""
         keys = [tuple(map(str, key)) for key in keys]
-        if not self.per_case_files and kind in ("weights", "layer_stats"):
-            frame = getattr(self.data, kind)
+        frame = self._loaded(kind)
+        if frame is not None:
             text = frame[self.keys[0]].astype(str)
             for column in self.keys[1:]:
                 text = text + "\x1f" + frame[column].astype(str)
-            frame = frame[text.isin({"\x1f".join(key) for key in keys}).to_numpy()]
-            return as_str_keys(frame)
+            return as_str_keys(frame[text.isin({"\x1f".join(key) for key in keys}).to_numpy()])
         import pyarrow as pa
-        import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
         folders = self._folders(kind)
@@ -331,10 +358,10 @@ class ReportContext:
             if label not in folders:
                 continue
             filesystem, folder = folders[label]
-            selector = pafs.FileSelector(f"{folder}/case_id={case_id}", allow_not_found=True)
+            selector = pafs.FileSelector(posixpath.join(folder, layout.partition(case_id)), allow_not_found=True)
             for info in sorted(filesystem.get_file_info(selector), key=lambda i: i.path):
                 if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
-                        and not info.base_name.startswith((".", "_")):  # finished parts only
+                        and not layout.is_hidden(info.base_name):  # published parts only
                     table = pq.read_table(info.path, filesystem=filesystem)
                     table = table.append_column("case_id", pa.array([case_id] * table.num_rows, pa.string()))
                     if len(key) == 2:
@@ -452,6 +479,18 @@ def flags_section(ctx: ReportContext) -> Section:
     return Section("Diverged or collapsed", lines, csvs={"flagged": flags})
 
 
+def lost_workers_section(ctx: ReportContext) -> Section | None:
+    """The workers and nodes cases lost (the ledger's `losses`)."""
+    losses = lost_workers(ctx.data.ledger)
+    if not len(losses):
+        return None
+    return Section("Lost workers and nodes", [
+        "Each worker a case lost: node_lost once the GCS declared its node dead, worker_died when the "
+        "node lived on. An attempt resumed from its last commit (step); one that had not started its "
+        "case used no retry. back after = seconds until the case ran again.", "",
+        markdown_table(losses, float_format="{:.0f}", max_rows=ROWS_SHOWN)], csvs={"lost_workers": losses})
+
+
 def seeds_section(ctx: ReportContext) -> Section | None:
     """Mean, sd and 95 % interval over the seeds of each group (with many cases the per-group
     table already shows them: the CSV only)."""
@@ -543,6 +582,7 @@ SECTIONS: list[Callable[[ReportContext], Section | None]] = [
     partial_section,
     per_case_section,
     flags_section,
+    lost_workers_section,
     seeds_section,
     factor_section,
     baseline_section,
@@ -603,8 +643,9 @@ def write_report(
     sections: default SECTIONS.
     """
     loaded = isinstance(run, RunData)
-    # weights and layer statistics: read per case, for the cases the figures draw
-    data = run if loaded else load(run, metrics_columns=REPORT_COLUMNS, weights=False, layer_stats=False)
+    # weights, layer statistics and decision boundaries: read per case, for the cases the figures draw
+    data = run if loaded else load(run, metrics_columns=REPORT_COLUMNS, weights=False, layer_stats=False,
+                                   datasets=[d for d in DATASETS if d not in PER_CASE_DATASETS])
     options = ReportOptions(baseline=baseline, target_accuracy=target_accuracy, reference=reference,
                             max_figure_cases=max_figure_cases, figures=figures, many_cases=many_cases)
     # a bad baseline: ReportError here, before anything is written
@@ -657,12 +698,45 @@ def _header(data: RunData) -> list[str]:
             lines.append("- command: `" + " ".join(map(str, manifest["command"])) + "`")
         # the suite's full text stays in manifest.json; the description says what it is
         shown = {"suite", "git_commit", "git_dirty", "bplab_version", "created_at", "versions", "command", "suite_text",
-                 "source_sha256", "source_files"}
+                 "source_sha256", "source_files", "data_sets"}
+        data_sets = [d for d in manifest.get("data_sets") or [] if isinstance(d, dict)]
+        lines += [data_set_line(d) for d in data_sets]
+        listed = {d.get("fingerprint") for d in data_sets}
+        if data_sets and set((manifest.get("data_fingerprints") or {}).values()) <= listed:
+            shown.add("data_fingerprints")  # each is on its data set's line
         for key, value in manifest.items():
             if key not in shown and value not in (None, "", [], {}):
                 text = value if isinstance(value, str) else json.dumps(value, default=str)
                 lines.append(f"- {key.replace('_', ' ')}: {text if len(text) < 300 else text[:297] + '...'}")
     return lines
+
+
+def data_set_line(summary: dict) -> str:
+    """One header line for a data set of the manifest (workers.data.Dataset.summary()): name,
+    official or not and why, its files' digest, the arrays' fingerprint, sizes and where it was read."""
+    identity = summary.get("identity") if isinstance(summary.get("identity"), dict) else {}
+    name = summary.get("name") or identity.get("name") or "?"
+    official = summary.get("official", identity.get("official"))
+    status = {True: "official", False: "not official"}.get(official, "not checked")
+    reason = identity.get("reason")
+    text = f"- data set **{name}**: {status}" + (f" ({reason})" if reason else "")
+    digest = summary.get("files_digest") or identity.get("digest")
+    if digest and digest != name:  # the embedded sets have no files: their 'digest' is their name
+        text += f"; files digest `{digest}`"
+    if summary.get("fingerprint"):
+        text += f"; data fingerprint `{str(summary['fingerprint'])[:16]}`"
+    sizes = []
+    for part in ("train", "test"):
+        shape = summary.get(f"x_{part}")
+        if isinstance(shape, (list, tuple)) and shape:
+            sizes.append(f"{part} {shape[0]}" + (f" x {'x'.join(map(str, shape[1:]))}" if len(shape) > 1 else ""))
+    if summary.get("num_classes"):
+        sizes.append(f"{summary['num_classes']} classes")
+    if sizes:
+        text += "; " + ", ".join(sizes)
+    if summary.get("source") and summary.get("source") != reason:
+        text += f"; from `{summary['source']}`"
+    return text
 
 
 def _flatten_pivot(pivot: pd.DataFrame) -> pd.DataFrame:

@@ -1,18 +1,23 @@
 """The runs in a folder, one line each (`bplab runs [DIR]`): suite, created, case states, wall time.
 
-Reads only manifest.json, the ledger and cases.parquet of each run folder; a damaged or
-partial folder gives one line saying what is wrong, never an exception.
+Reads only the manifest, the ledger and the cases table of each run folder (through
+analysis.rundir); a damaged or partial folder gives one line saying what is wrong, never an
+exception.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter
 from pathlib import Path
 
-STATE_ORDER = ("done", "running", "pending", "failed", "diverged")
+from analysis.rundir import RunDir, StorageError
+from analysis.rundir.layout import MANIFEST
+from analysis.rundir.liveness import display_state, driver_liveness, not_a_run_message, resume_command, when
+from workers.errors import one_line
+
+STATE_ORDER = ("done", "running", "interrupted", "pending", "failed", "diverged")
 
 
 def _duration(seconds: float) -> str:
@@ -27,64 +32,50 @@ def _duration(seconds: float) -> str:
 
 
 def describe_run(folder: str | os.PathLike) -> dict:
-    """{run, suite, created, states (Counter), wall_seconds, problem}: problem is None for a
-    readable run, else one line (not a run, damaged manifest, unreadable ledger entries)."""
+    """{run, suite, created, states (Counter), wall_seconds, problem, note}: problem is None for a
+    readable run, else one line (not a run, damaged manifest, unreadable ledger entries); note
+    is None unless the run is unfinished with no driver alive (then its cases started and not
+    finished count as interrupted, see analysis.rundir.liveness) and says how to continue it."""
     folder = Path(folder)
     info = {"run": folder.name, "suite": "", "created": None, "states": Counter(), "wall_seconds": None,
-            "problem": None}
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        info["problem"] = "not a run (no manifest.json)"
+            "problem": None, "note": None}
+    run = RunDir(folder)
+    if not run.is_run():
+        # a driver killed before it created the run leaves its lease: say so, and what to type
+        info["problem"] = f"not a run (no {MANIFEST})" if run.lease_state()[0] == "gone" else not_a_run_message(run)
         return info
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as error:
-        info["problem"] = f"damaged manifest.json ({' '.join(str(error).split())})"
+        manifest = run.manifest()
+        run.format_version()
+    except StorageError as error:
+        info["problem"] = one_line(error).replace(f"{run.location}: ", "")
         return info
     info["suite"] = str(manifest.get("suite", "?"))
-    created = manifest.get("created_at")
-    if isinstance(created, str):  # an ISO date (older manifests, hand-made runs)
-        try:
-            from datetime import datetime, timezone
-
-            moment = datetime.fromisoformat(created.replace("Z", "+00:00"))
-            created = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-        except ValueError:
-            created = None
-    info["created"] = float(created) if isinstance(created, (int, float)) else None
-    bad, last_update = 0, None
-    known = set()
-    ledger = folder / "ledger"
-    for path in sorted(ledger.glob("*.json")) if ledger.is_dir() else []:
-        if path.name.startswith((".", "_")):
-            continue
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            state = str(entry["state"])
-        except (OSError, ValueError, KeyError, TypeError):
-            bad += 1
-            continue
-        known.add(path.stem)
-        info["states"][state] += 1
-        updated = entry.get("updated_at")
-        if isinstance(updated, (int, float)) and updated > 0:
-            last_update = updated if last_update is None else max(last_update, updated)
+    info["created"] = run.created_at()
+    try:
+        entries, damaged = run.scan_ledger()
+    except (OSError, ValueError) as error:
+        entries, damaged = {}, []
+        info["problem"] = f"unreadable ledger ({type(error).__name__})"
+    updates = [e.updated_at for e in entries.values() if isinstance(e.updated_at, (int, float)) and e.updated_at > 0]
+    last_update = max(updates, default=None)
+    liveness = driver_liveness(run, [last_update] if last_update else [])
+    for entry in entries.values():
+        info["states"][display_state(entry, liveness)] += 1
+    unfinished = sum(n for s, n in info["states"].items() if s not in ("done", "diverged", "failed"))
+    if unfinished and not liveness.alive:
+        info["note"] = f"no driver since {when(liveness.last_seen)}: {resume_command(str(folder))}"
     try:  # cases without a ledger entry yet
-        import pyarrow.parquet as pq
-
-        if (folder / "cases.parquet").is_file():
-            ids = pq.read_table(folder / "cases.parquet", columns=["case_id"]).column("case_id").to_pylist()
-            missing = len(set(map(str, ids)) - known)
-            if missing:
-                info["states"]["no ledger"] += missing
-        elif not known:
-            info["problem"] = "partial run (no cases.parquet, no ledger)"
-    except Exception as error:  # a damaged cases table is reported, not raised
-        info["problem"] = f"damaged cases.parquet ({type(error).__name__})"
-    if bad:
-        info["problem"] = f"{bad} unreadable ledger entr{'y' if bad == 1 else 'ies'}"
+        missing = len(set(run.case_ids()) - set(entries) - set(damaged))
+        if missing:
+            info["states"]["no ledger"] += missing
+    except StorageError as error:  # a damaged or missing cases table is reported, not raised
+        if run.has_cases():
+            info["problem"] = one_line(error).replace(f"{run.location}/", "").split(";")[0]
+        elif not entries and not damaged:
+            info["problem"] = "partial run (no cases table, no ledger)"
+    if damaged:
+        info["problem"] = f"{len(damaged)} unreadable ledger entr{'y' if len(damaged) == 1 else 'ies'}"
     if info["created"] is not None and last_update is not None:
         info["wall_seconds"] = max(0.0, last_update - info["created"])
     return info
@@ -111,6 +102,8 @@ def format_runs(infos: list[dict]) -> str:
         states = info["states"]
         ordered = [s for s in STATE_ORDER if states[s]] + sorted(s for s in states if s not in STATE_ORDER)
         counts = ", ".join(f"{states[s]} {s}" for s in ordered) or "none"
+        if info.get("note"):
+            counts += f"; {info['note']}"
         line = f"{info['run']:<{width}}  {info['suite']:<{suite_width}}  {created:<19}  {wall:>8}  {counts}"
         if info["problem"]:
             line = (f"{info['run']:<{width}}  {info['suite']:<{suite_width}}  {created:<19}  {wall:>8}  "

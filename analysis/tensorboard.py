@@ -15,7 +15,7 @@ What one case's folder holds (``step`` is the global train step unless said othe
 - ``layers/<layer>/<quantity>`` histograms and ``layers/<layer>/<quantity>/{mean,std,min,max}``
   scalars, from ``layer_stats`` where the case logged them (``layer_stats_every``).
 
-Only committed data is read (parts up to the ledger's ``commit_seq``), so the export of a
+Only committed data is read (RunDir.read_case: parts up to the ledger's ``commit_seq``), so the export of a
 live run never shows a step that a crashed driver will log again. What was exported is
 remembered per case in ``tensorboard/.bplab-export.json`` (last train step, last epoch, last
 layer-stats step, histogram phases); a later call appends only what is new, to a new event
@@ -40,13 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+
+from analysis.rundir import RunDir
+from analysis.rundir.layout import TENSORBOARD
 
 STATE_FILE = ".bplab-export.json"
 INSTALL_HINT = "pip install 'bplab[tensorboard]'"
-_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 _EVENTS_RE = re.compile(r"^events\.out\.tfevents\.(\d+)\.bplab$")
 # Per-step columns that are bookkeeping, not curves.
 _NOT_SCALARS = {"split", "epoch", "step", "wall_time", "updates", "layers", "cost", "accuracy"}
@@ -80,12 +79,10 @@ class CaseExport:
 def output_folder(run) -> Path:
     """Where the event files of `run` go: RUN/tensorboard for a local run, else
     ./tensorboard/<run folder name> (TensorBoard reads object stores only through TensorFlow)."""
-    from jobs.storage import RunDir
-
     run = run if isinstance(run, RunDir) else RunDir.open(run)
-    if run.filesystem.type_name == "local":
-        return Path(run.root) / "tensorboard"
-    return Path("tensorboard") / posixpath.basename(run.root.rstrip("/"))
+    if run.is_local:
+        return Path(run.path(TENSORBOARD))
+    return Path(TENSORBOARD) / posixpath.basename(run.root.rstrip("/"))
 
 
 def folder_names(cases: list[tuple[str, str]]) -> dict[str, str]:
@@ -103,10 +100,8 @@ def folder_names(cases: list[tuple[str, str]]) -> dict[str, str]:
 def export(run, out: str | os.PathLike | None = None) -> list[CaseExport]:
     """Append the run's committed data that is not exported yet; one CaseExport per case.
 
-    `run` is a path, URI or jobs.storage.RunDir; `out` overrides the output folder.
+    `run` is a path, URI or analysis.rundir.RunDir; `out` overrides the output folder.
     """
-    from jobs.storage import RunDir
-
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     out_dir = Path(out) if out is not None else output_folder(run)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +113,11 @@ def export(run, out: str | os.PathLike | None = None) -> list[CaseExport]:
     results = []
     for case_id, name in cases:
         entry = ledger.get(case_id)
-        committed = entry.commit_seq if entry is not None else 0
         folder = out_dir / names[case_id]
         # event files deleted by hand: export the case again from the start
         done = dict(state.get(case_id, {})) if any(folder.glob("events.out.tfevents.*")) else {}
         finished = entry is not None and entry.state in ("done", "diverged")
-        result = _export_case(run, case_id, folder, committed, done, finished)
+        result = _export_case(run, case_id, folder, ledger, done, finished)
         result.name = name
         state[case_id] = done
         results.append(result)
@@ -133,11 +127,11 @@ def export(run, out: str | os.PathLike | None = None) -> list[CaseExport]:
 
 
 # ---------------------------------------------------------------------- one case
-def _export_case(run, case_id: str, folder: Path, committed: int, done: dict, finished: bool) -> CaseExport:
+def _export_case(run, case_id: str, folder: Path, ledger: dict, done: dict, finished: bool) -> CaseExport:
     result = CaseExport(name=case_id, folder=str(folder))
     writer = _LazyWriter(folder)
     try:
-        metrics = _read_parts(run, "metrics", case_id, committed)
+        metrics = _read(run, "metrics", case_id, ledger)
         if metrics is not None:
             last_step = done.get("step", -1)
             last_epoch = done.get("epoch", -1)
@@ -149,19 +143,18 @@ def _export_case(run, case_id: str, folder: Path, committed: int, done: dict, fi
             test = metrics[metrics["split"] == "test"]
             if len(test):
                 done["epoch"] = max(last_epoch, int(test["epoch"].max()))
-        stats = _read_parts(run, "layer_stats", case_id, committed)
+        stats = _read(run, "layer_stats", case_id, ledger)
         if stats is not None and len(stats):
             last = done.get("layer_step", -1)
             result.layer_points = _write_layer_stats(writer, stats, last)
             done["layer_step"] = max(last, int(stats["step"].max()))
         phases = set(done.get("phases", []))
+        weights = _read(run, "weights", case_id, ledger)
+        stored = set(weights["phase"].astype(str)) if weights is not None else set()
         for phase, step in (("before", 0), ("after", done.get("step", -1) + 1)):
-            if phase in phases or phase == "after" and not finished:
+            if phase in phases or phase not in stored or phase == "after" and not finished:
                 continue  # (the driver writes the after-histograms just before the last commit)
-            table = _read_file(run, run.path("weights", f"case_id={case_id}", f"part-{phase}.parquet"))
-            if table is None:
-                continue
-            result.histograms += _write_weights(writer, table, step)
+            result.histograms += _write_weights(writer, weights[weights["phase"].astype(str) == phase], step)
             phases.add(phase)
         done["phases"] = sorted(phases)
     finally:
@@ -169,27 +162,10 @@ def _export_case(run, case_id: str, folder: Path, committed: int, done: dict, fi
     return result
 
 
-def _read_file(run, path: str):
-    if run.filesystem.get_file_info(path).type != pafs.FileType.File:
-        return None
-    return pq.read_table(path, filesystem=run.filesystem).to_pandas()
-
-
-def _read_parts(run, dataset: str, case_id: str, committed: int):
-    """The case's committed parts of `dataset` as one frame (None if there are none)."""
-    folder = run.path(dataset, f"case_id={case_id}")
-    selector = pafs.FileSelector(folder, allow_not_found=True)
-    paths = sorted(
-        (int(m.group(1)), info.path)
-        for info in run.filesystem.get_file_info(selector)
-        if (m := _PART_RE.match(info.base_name)) and int(m.group(1)) <= committed
-    )
-    if not paths:
-        return None
-    tables = [pq.read_table(path, filesystem=run.filesystem) for _, path in paths]
-    # parts written before a column existed lack it; their list/string columns are not read here
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.to_pandas()
+def _read(run, dataset: str, case_id: str, ledger: dict):
+    """The case's committed rows of `dataset` as one frame (None if there are none)."""
+    table = run.read_case(dataset, case_id, ledger)
+    return table.to_pandas() if table is not None else None
 
 
 def _write_train(writer, metrics, last_step: int) -> int:
@@ -420,11 +396,10 @@ def command(runs: list[str], serve: bool = True, port: int | None = None) -> int
     import subprocess
     import sys
 
-    from jobs.cli import UsageError
-    from jobs.storage import RunDir
+    from workers.errors import UserError
 
     if port is not None and not 1 <= port <= 65535:
-        raise UsageError(f"tensorboard: --port {port}: must be between 1 and 65535")
+        raise UserError(f"tensorboard: --port {port}: must be between 1 and 65535")
     opened = [RunDir.open(run) for run in runs]  # every run checked before anything is written
     from analysis.load import _run_labels
 

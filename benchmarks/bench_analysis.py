@@ -189,7 +189,7 @@ def case_rows(index: int, case: dict, train_per_epoch: int) -> list[list[dict]]:
 
 def generate(root: Path, n_cases: int, rows_per_case: int, log) -> dict:
     """Write DIR/bplab and DIR/tune; return generation timings."""
-    from jobs.storage import LedgerEntry, RunDir
+    from analysis.rundir import LedgerEntry, RunDir
 
     train_per_epoch = rows_per_case // EPOCHS - 1
     if train_per_epoch < 1:
@@ -233,7 +233,7 @@ def generate(root: Path, n_cases: int, rows_per_case: int, log) -> dict:
                             "train_accuracy": rows[-2]["accuracy"]}
             if epoch == len(epochs) - 1:
                 entry.state = "done"
-            entry = run.commit(case["case_id"], rows, None, entry)
+            entry = run.commit(case["case_id"], entry, tables={"metrics": rows})
         t3 = time.perf_counter()
         seconds["bplab"] += t3 - t2
 
@@ -270,10 +270,10 @@ def generate(root: Path, n_cases: int, rows_per_case: int, log) -> dict:
 
 def compact_copy(root: Path, log) -> float:
     """DIR/bplab-compacted: DIR/bplab (hard-linked) after the driver's own end-of-case step,
-    jobs.storage.RunDir.compact_metrics, for every case: what a finished study looks like.
+    analysis.rundir.RunDir.compact_metrics, for every case: what a finished study looks like.
     analysis.load then reads metrics_compact/ (one file per case). Returns the seconds the
     compaction took (0 if it already existed)."""
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
 
     source, target = root / "bplab", root / COMPACTED
     done = target / ".compacted-by-runddir"

@@ -117,8 +117,8 @@ def case_outputs(index: int, case: dict):
 
 
 def generate(root: Path, n_cases: int, log) -> float:
-    """Write the run directory DIR/cases-<n> through jobs.storage.RunDir; return the seconds."""
-    from jobs.storage import RunDir
+    """Write the run directory DIR/cases-<n> through analysis.rundir.RunDir; return the seconds."""
+    from analysis.rundir import RunDir
 
     if root.exists():
         if not (root / MARKER).exists():
@@ -141,7 +141,7 @@ def generate(root: Path, n_cases: int, log) -> float:
         run.write_boundary(case["case_id"], boundary)
         entry.epoch, entry.step, entry.state = EPOCHS, EPOCHS, "done"
         entry.latest = {"test_accuracy": rows[-1]["accuracy"], "test_epoch": EPOCHS - 1}
-        run.commit(case["case_id"], rows, None, entry)
+        run.commit(case["case_id"], entry, tables={"metrics": rows})
         run.compact_metrics(case["case_id"])
         if (index + 1) % max(1, n_cases // 5) == 0:
             log(f"  generated {index + 1}/{n_cases} cases in {time.perf_counter() - started:.0f} s")

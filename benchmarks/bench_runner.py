@@ -113,8 +113,8 @@ def harness(events_path: str, argv: list[str]) -> int:
     import jobs.cli as cli
     import jobs.driver as driver
     import jobs.plan as plan
-    import jobs.storage as storage
     import jobs.study as study
+    from analysis.rundir import RunDir
 
     events["t_imported"], events["cpu_imported"] = time.time(), cpu()
     calls = events["calls"]
@@ -136,8 +136,9 @@ def harness(events_path: str, argv: list[str]) -> int:
                 calls.append(record)
         return wrapper
 
-    def commit_extra(self, case_id, rows, checkpoint, entry, layer_stats=None):
-        walls = [r["wall_time"] for r in rows or [] if isinstance(r, dict) and r.get("wall_time")]
+    def commit_extra(self, case_id, entry, checkpoint=None, tables=None):
+        rows = (tables or {}).get("metrics") or []
+        walls = [r["wall_time"] for r in rows if isinstance(r, dict) and r.get("wall_time")]
         return {"case": case_id, "rows": len(rows or []), "ckpt_bytes": len(checkpoint) if checkpoint else 0,
                 "last_row_wall": max(walls) if walls else None}
 
@@ -155,11 +156,11 @@ def harness(events_path: str, argv: list[str]) -> int:
     study.connect = wrap("ray_init", connect)
     study.write_report = wrap("report", study.write_report)
     study.manifest = wrap("manifest", study.manifest)
-    storage.RunDir.create = wrap("create", storage.RunDir.create)
-    storage.RunDir.commit = wrap("commit", storage.RunDir.commit, commit_extra)
-    storage.RunDir.write_entry = wrap("write_entry", storage.RunDir.write_entry,
-                                      lambda self, entry: {"case": entry.case_id, "state": entry.state})
-    storage.RunDir.write_histograms = wrap("write_histograms", storage.RunDir.write_histograms)
+    RunDir.create = wrap("create", RunDir.create)
+    RunDir.commit = wrap("commit", RunDir.commit, commit_extra)
+    RunDir.write_entry = wrap("write_entry", RunDir.write_entry,
+                              lambda self, entry: {"case": entry.case_id, "state": entry.state})
+    RunDir.write_histograms = wrap("write_histograms", RunDir.write_histograms)
     driver.Driver.execute = wrap("execute", driver.Driver.execute)
     driver.Driver._launch = wrap("launch", driver.Driver._launch, lambda self, state, *_: {"case": state.planned.case_id})
     driver.Driver._handle = wrap("handle", driver.Driver._handle,
@@ -804,9 +805,9 @@ def realistic_checkpoint(workdir: Path) -> tuple[bytes, list[str]]:
 def part_commit(workdir: Path, rounds: int, rows_per_config: int) -> dict:
     import pandas as pd
 
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
 
-    say("\n== 4. rows per second the driver can commit (jobs.storage.RunDir.commit) ==")
+    say("\n== 4. rows per second the driver can commit (analysis.rundir.RunDir.commit) ==")
     blob, units = realistic_checkpoint(workdir)
     say(f"  checkpoint: allconv9 x0.25 params + Adam state via pack_checkpoint = {len(blob) / 1e6:.2f} MB; "
         f"rows: the trainer's train-row dict ({len(trainer_rows(1, 0, units)[0])} columns)")
@@ -816,7 +817,7 @@ def part_commit(workdir: Path, rounds: int, rows_per_config: int) -> dict:
                  for b, c in configs for v in ("fsync", "nofsync")]
     run = RunDir.create(location, {"suite": "bench-commit", "created_at": time.time()}, case_rows)
     plain = RunDir.open(location)
-    plain._durable = False  # diagnostic only: the same commit without the fsyncs
+    plain._files.durable = False  # diagnostic only: the same commit without the fsyncs
     entries = {row["case_id"]: run.entry(row["case_id"]) for row in case_rows}
     ref_dir = workdir / "commit-ref"
     ref_dir.mkdir(exist_ok=True)
@@ -847,7 +848,8 @@ def part_commit(workdir: Path, rounds: int, rows_per_config: int) -> dict:
                     entry = entries[case_id]
                     entry.step = steps[case_id]
                     t = time.perf_counter()
-                    entries[case_id] = target.commit(case_id, rows, blob if ckpt else None, entry)
+                    entries[case_id] = target.commit(case_id, entry, checkpoint=blob if ckpt else None,
+                                                     tables={"metrics": rows})
                     timings[(batch, ckpt, variant)].append(time.perf_counter() - t)
     fsyncs = {}
     real_fsync = os.fsync
@@ -857,7 +859,8 @@ def part_commit(workdir: Path, rounds: int, rows_per_config: int) -> dict:
         try:
             case_id = f"k{batch}-{'ck' if ckpt else 'no'}-fsync"
             entry = entries[case_id]
-            entries[case_id] = run.commit(case_id, trainer_rows(batch, steps[case_id], units), blob if ckpt else None, entry)
+            entries[case_id] = run.commit(case_id, entry, checkpoint=blob if ckpt else None,
+                                          tables={"metrics": trainer_rows(batch, steps[case_id], units)})
             steps[case_id] += batch
         finally:
             os.fsync = real_fsync

@@ -13,17 +13,17 @@ import sys
 import textwrap
 from pathlib import Path
 
-from jobs.study import UsageError, user_errors as _user_errors  # light: no Ray, no TensorFlow at import
-from workers.errors import one_line as _one_line
+from jobs.options import add_arguments, from_arguments
+from workers.errors import UserError, one_line as _one_line  # light: no Ray, no TensorFlow at import
 
-ROOT = Path(__file__).resolve().parents[1]
+PLAN_OPTIONS = ("suite", "address", "gpus_per_case", "cpus_per_case", "overrides", "only")  # what `bplab plan` takes of `run`'s
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default; None and [] are left to the help text to explain."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default == [] or action.default is argparse.SUPPRESS or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 
@@ -34,43 +34,20 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):  # argparse's own errors: one line, exit 2
-        raise UsageError(f"{self.prog}: {message}")
+        raise UserError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bplab", description="Distributed batch runner for studies of hand-written back propagation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def resources(p):
-        p.add_argument("--gpus-per-case", type=float, default=None, help="GPUs per case (default: 1 if the cluster has GPUs, else 0)")
-        p.add_argument("--cpus-per-case", type=float, default=1.0, help="CPUs per case (TensorFlow's thread pools are sized to it)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a setting of every case, e.g. --set epochs=3 --set data.path=~/data")
-        p.add_argument("--only", nargs="+", default=[], metavar="CASE", help="run only these cases: names, groups or globs ('fast-*')")
-
     run = sub.add_parser("run", help="run a suite (or resume a run)")
-    run.add_argument("suite", nargs="?", help="built-in suite name or a YAML file (optional with --resume)")
-    run.add_argument("--address", default=None, help="Ray address ('auto' inside a cluster); default: start local Ray")
-    run.add_argument("--out", default=None, help="run directory: a path or a pyarrow.fs URI (default runs/SUITE-TIME)")
-    run.add_argument("--resume", default=None, metavar="RUN", help="continue this run: whatever is not done, plus new cases")
-    run.add_argument("--max-retries", type=int, default=2, help="retries per case after a lost worker or node")
-    run.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
-                     help="commit a running case's rows with a checkpoint at most this often (and at its end, and on Ctrl-C)")
-    run.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                     help="also commit every N steps (0, the default: by time only)")
-    run.add_argument("--fresh-worker-per-case", action="store_true",
-                     help="a new worker process for every case (default: workers run cases one after another)")
-    run.add_argument("--worker-max-cases", type=int, default=50, metavar="N", help="recycle a worker after N cases")
-    run.add_argument("--worker-max-memory-mb", type=float, default=0.0, metavar="MB",
-                     help="recycle a worker whose resident memory is above this after a case (0: no limit)")
-    run.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS", help="print the progress table this often (0: never)")
-    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    resources(run)
+    add_arguments(run)  # every option of jobs.options.StudyOptions, its docstring as help
 
     plan = sub.add_parser("plan", help="expand a suite: cases, ids, resources, estimated steps")
-    plan.add_argument("suite")
-    plan.add_argument("--address", default=None, help="check against this Ray cluster (default: cluster.yaml's node types)")
-    resources(plan)
+    add_arguments(plan, PLAN_OPTIONS, required=("suite",), help={
+        "suite": "Built-in suite name or a YAML file",
+        "address": "Check against this Ray cluster (default: cluster.yaml's node types)"})
 
     fetch = sub.add_parser("fetch", help="copy a run from a cluster's head to this machine")
     fetch.add_argument("address", help="the cluster's Ray address (ray://HOST:10001 through `ray dashboard cluster.yaml -p 10001 --remote-port 10001`, or HOST:6379)")
@@ -110,11 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    user_errors = _user_errors()
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except user_errors as error:
+    except UserError as error:
         print(f"bplab: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -146,10 +122,8 @@ def cmd_cases(args) -> int:
 
 def cmd_plan(args) -> int:
     from jobs import plan as plan_module, suites
-    from jobs.study import check_address, check_arguments
 
-    check_arguments(cpus_per_case=args.cpus_per_case, gpus_per_case=args.gpus_per_case)
-    check_address(args.address)
+    from_arguments(args, PLAN_OPTIONS)  # the checks `bplab run` makes of the same options
     suite = suites.select(suites.load_suite(args.suite, args.overrides), args.only)
     plan_module.check_request(args.cpus_per_case, args.gpus_per_case)
     if args.address:  # data, node types and fit as the cluster sees them, from its head
@@ -186,7 +160,7 @@ def cmd_fetch(args) -> int:
     try:
         local = fetch_run(args.run, args.dest)
     except (FileNotFoundError, FileExistsError) as error:
-        raise UsageError(f"fetch: {_one_line(error)}") from None
+        raise UserError(f"fetch: {_one_line(error)}") from None
     finally:
         ray.shutdown()
     print(local)
@@ -194,39 +168,47 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from jobs.study import run_study
+    from jobs.study import Study
 
-    result = run_study(args.suite, args.out, address=args.address, resume=args.resume, only=args.only,
-                       overrides=args.overrides, gpus_per_case=args.gpus_per_case, cpus_per_case=args.cpus_per_case,
-                       max_retries=args.max_retries, commit_every=args.commit_every,
-                       checkpoint_every=args.checkpoint_every, fresh_worker_per_case=args.fresh_worker_per_case,
-                       worker_max_cases=args.worker_max_cases, worker_max_memory_mb=args.worker_max_memory_mb,
-                       progress_every=args.progress_every, report=not args.no_report, command=sys.argv)
-    return result.exit_code
+    return Study(from_arguments(args), command=sys.argv).run().exit_code
 
 
 def cmd_status(args) -> int:
-    from jobs.driver import CaseState, render_view
+    import dataclasses
+
+    from analysis.rundir import RunDir
+    from analysis.rundir.liveness import display_state, driver_liveness, interrupted_line, when
+    from jobs.driver import CaseState, render_losses, render_view
     from jobs.plan import PlannedCase
-    from jobs.storage import RunDir
     from jobs.study import case_from_row
 
     run = RunDir.open(args.run)
     unrepaired = _verify_and_repair(run)
     table = run.cases().set_index("case_id")
     manifest = run.manifest()
+    ledger = run.ledger()
+    liveness = driver_liveness(run, [entry.updated_at for entry in ledger.values()])
     states = []
-    for case_id, entry in run.ledger().items():
+    for case_id, entry in ledger.items():
         row = table.loc[case_id]
         case = case_from_row({**row.to_dict(), "case_id": case_id})
         planned = PlannedCase(case, case_id, row.get("num_cpus", 0), row.get("num_gpus", 0), 0,
                               int(row.get("steps_total", 0)), case.settings.data)
-        states.append(CaseState(planned, entry))
+        shown = display_state(entry, liveness)  # 'running' with no driver alive is 'interrupted'
+        states.append(CaseState(planned, dataclasses.replace(entry, state=shown) if shown != entry.state else entry))
     print(f"run {run.location} (suite {manifest.get('suite')}, commit {str(manifest.get('git_commit'))[:10]})")
     print(render_view(states))
     for state in states:
         if state.entry.reason and state.entry.state != "done":
             print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
+    for line in render_losses(states):
+        print(line)
+    unfinished = sum(state.entry.state not in ("done", "diverged", "failed") for state in states)
+    line = interrupted_line(run.location, liveness, unfinished)
+    if line:
+        print(line)
+    elif liveness.alive:
+        print(f"driver: {liveness.who()}, last seen {when(liveness.last_seen)}")
     return 1 if unrepaired else 0
 
 
@@ -235,7 +217,7 @@ def _verify_and_repair(run) -> bool:
     run, roll the damaged cases back to their last intact commit. True if damage remains."""
     import platform
 
-    from jobs.storage import StorageError
+    from analysis.rundir import StorageError
 
     damage = run.verify()
     if not damage:
@@ -256,12 +238,10 @@ def _verify_and_repair(run) -> bool:
 
 
 def cmd_report(args) -> int:
-    from analysis.report import Progress, ReportError, default_report_dir, write_report
-    from jobs.storage import RunDir
-
     import pyarrow as pa
 
-    from jobs.storage import StorageError
+    from analysis.report import Progress, ReportError, default_report_dir, write_report
+    from analysis.rundir import RunDir, StorageError
     from jobs.study import check_out
 
     runs = [RunDir.open(run) for run in args.runs]  # a one-line error if one is not a run
@@ -269,7 +249,7 @@ def cmd_report(args) -> int:
     check_out(str(out))
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
-        raise UsageError(f"--out {out}: {blocked} is a file, not a folder")
+        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     for run in runs:
         damage = run.verify(checkpoints=False, ledger=False)
         if damage:
@@ -279,7 +259,7 @@ def cmd_report(args) -> int:
         path = write_report(args.runs if len(args.runs) > 1 else args.runs[0], out_dir=out, baseline=args.baseline,
                             progress=Progress(sys.stderr))
     except ReportError as error:
-        raise UsageError(f"report: {error}") from None
+        raise UserError(f"report: {error}") from None
     except (OSError, ValueError, pa.ArrowException) as error:  # a damaged run: one line, never a traceback
         raise StorageError(f"report: {type(error).__name__}: {_one_line(error)[:300]}") from None
     print(path)
@@ -290,7 +270,7 @@ def cmd_runs(args) -> int:
     from analysis.runs import format_runs, list_runs
 
     if not Path(args.folder).is_dir():
-        raise UsageError(f"runs: {args.folder} is not a folder")
+        raise UserError(f"runs: {args.folder} is not a folder")
     print(format_runs(list_runs(args.folder)))
     return 0
 
@@ -301,7 +281,7 @@ def cmd_gradcheck(args) -> int:
     names = list(gradcheck.CHECK_CONFIGS) if args.model == "all" else [args.model]
     for name in names:
         if name not in gradcheck.CHECK_CONFIGS:
-            raise UsageError(f"gradcheck: unknown model {name!r}; expected all or one of {', '.join(gradcheck.CHECK_CONFIGS)}")
+            raise UserError(f"gradcheck: unknown model {name!r}; expected all or one of {', '.join(gradcheck.CHECK_CONFIGS)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return gradcheck.main(names, tolerance=args.tolerance)
 
@@ -314,7 +294,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
     from workers.logs import read_case_log
 
     run = RunDir.open(args.run)
@@ -323,10 +303,10 @@ def cmd_logs(args) -> int:
     name = names.get(args.case, args.case)
     if name not in names.values():
         shown = ", ".join(list(names.values())[:8])
-        raise UsageError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
+        raise UserError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
     text = read_case_log(run, name)
     if text is None:
-        print(f"bplab: case {name} has no output in {run.location}/logs yet", file=sys.stderr)
+        print(f"bplab: case {name} has no output in {run.log_path(name)} yet", file=sys.stderr)
         return 0
     sys.stdout.write(text)
     return 0

@@ -145,8 +145,10 @@ def head_pack_run(run: str) -> tuple[str | None, int | str]:
     path = Path(run).expanduser()
     if not path.is_absolute():
         path = Path.home() / path
-    if not (path / "manifest.json").is_file():
-        return None, f"{path} on {platform.node()} is not a bplab run (no manifest.json)"
+    from analysis.rundir import RunDir
+
+    if not RunDir(str(path)).is_run():
+        return None, f"{path} on {platform.node()} is not a bplab run"
     handle, archive = tempfile.mkstemp(prefix="bplab-fetch-", suffix=".tar.gz")
     os.close(handle)
     with tarfile.open(archive, "w:gz") as tar:

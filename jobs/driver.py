@@ -7,18 +7,28 @@ ledger entry are committed together, so a case restarted from its last commit lo
 step exactly once. A worker that dies is replaced and only its case is retried (a worker
 or a node lost: transient), a bounded number of times, from the last commit; a case that
 fails gets a fresh worker for the next case; one failed case never stops the others.
+
+A lost node (a preempted spot instance) costs each case on it one retry. The GCS takes its
+health-check timeout (~15 s by default) to declare a dead node dead and until then would
+place a replacement back on it, so the driver asks the node's raylet itself: a node whose
+raylet no longer answers is avoided by every new worker (Ray's ``ray.io/node-id`` label)
+until the GCS has settled what became of it, and each loss is classified again then
+(``node_lost`` once the GCS declares the node dead), with the node id and the time kept in
+the case's ledger entry. An actor lost before its case started (creation cancelled with its
+node, unschedulable, died while setting up) is not an attempt: it uses no retry.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 
 from jobs.plan import PlannedCase
-from jobs.storage import LedgerEntry, RunDir
+from analysis.rundir import LedgerEntry, RunDir
 from jobs.view import LiveView
 from workers.actor import classify_exception, first_line
 from workers.logs import CaseLogs
@@ -28,6 +38,11 @@ TERMINAL = ("done", "diverged")
 POLL_SECONDS = 1.0
 LEASE_REFRESH_SECONDS = 10.0
 INTERRUPT_COMMIT_SECONDS = 15.0  # Ctrl-C: how long running cases get to commit before they are stopped
+NODE_LABEL = "ray.io/node-id"  # the label Ray gives every node: its own id
+NODE_SETTLE_SECONDS = 60.0  # a suspect node still alive in the GCS after this long survived (its health check: ~15 s)
+NODE_CHECK_SECONDS = 1.0  # how often the GCS is asked about suspect nodes
+PROBE_SECONDS = 2.0  # a raylet silent this long does not answer
+MAX_UNSTARTED = 10  # actors a case may lose before it starts (not attempts), per session: a broken cluster ends
 
 
 @dataclass
@@ -40,6 +55,7 @@ class WorkerSlot:
     case_id: str | None = None  # the case it runs, None when idle
     cases: int = 0  # cases it has finished
     memory_mb: float = 0.0  # resident memory at its last report
+    node_id: str | None = None  # where it runs, known once its first case started
 
 
 @dataclass
@@ -55,6 +71,7 @@ class CaseState:
     started_at: float = 0.0
     steps_at_start: int = 0
     attempts_at_start: int = 0  # retries are bounded per session, not over the run's life
+    unstarted: int = 0  # actors lost before this case started on them (no attempt), this session
 
 
 class Driver:
@@ -85,6 +102,9 @@ class Driver:
         self.workers_started = 0
         self._remote_class = None
         self.view = LiveView(out, summary_every=progress_every)  # the terminal: summary + running cases
+        # nodes the driver believes gone and the GCS has not settled yet: node_id -> {since, avoid}
+        self.suspects: dict[str, dict] = {}
+        self.last_node_check = 0.0
         self.logs = CaseLogs(run)  # the cases' own output -> RUN/logs/<case>.log
 
     # ------------------------------------------------------------------ workers
@@ -100,7 +120,8 @@ class Driver:
     def _new_worker(self, num_cpus: float, num_gpus: float, resources: dict | None = None) -> WorkerSlot:
         # resources: the training marker of the cluster's training node types (never the head)
         actor = self._worker_class().options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                                             max_restarts=0, max_task_retries=0).remote(num_cpus, num_gpus)
+                                             max_restarts=0, max_task_retries=0,
+                                             **placement_options(self._avoided())).remote(num_cpus, num_gpus)
         worker = WorkerSlot(actor, num_cpus, num_gpus)
         self.workers.append(worker)
         self.workers_started += 1
@@ -148,8 +169,7 @@ class Driver:
         state.poll_ref = worker.actor.poll.remote(POLL_SECONDS)
         self.active[state.start_ref] = (p.case_id, "start")
         self.active[state.poll_ref] = (p.case_id, "poll")
-        state.entry.attempts += 1
-        state.entry.state = "pending"  # waits for its worker until start returns
+        state.entry.state = "pending"  # waits for its worker until start returns; an attempt once it has
         state.entry.node = state.entry.gpu = None  # this attempt's placement comes with start()
         state.entry.info = {k: v for k, v in state.entry.info.items() if k not in ("node_id", "pid", "gpu_ids")}
         state.entry = self.run.write_entry(state.entry)
@@ -190,6 +210,7 @@ class Driver:
                 ready, _ = ray.wait(list(self.active), num_returns=1, timeout=POLL_SECONDS) if self.active else ([], [])
                 for ref in ready:
                     self._take(ref)
+                self._settle_nodes()
                 self._dispatch()
                 now = time.monotonic()
                 if self.lease is not None and now - last_lease >= LEASE_REFRESH_SECONDS:
@@ -197,6 +218,7 @@ class Driver:
                     last_lease = now
                 if self.progress_every:
                     self.view.update(self.cases.values())
+            self._wait_for_nodes()
         except KeyboardInterrupt:
             self._interrupt()
             raise
@@ -227,7 +249,7 @@ class Driver:
             self._say(f"{state.planned.name}: metrics not compacted ({first_line(error)})")
 
     def _fail_case(self, state: CaseState, error: Exception) -> None:
-        from jobs.storage import StorageError
+        from analysis.rundir import StorageError
 
         self._kill(state)
         reason_class = "storage" if isinstance(error, (StorageError, OSError)) else "bug"
@@ -257,6 +279,8 @@ class Driver:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as error:  # start() itself raised: not transient
+            if kind == "start":
+                state.entry.attempts += 1  # the case's own code ran and failed
             cause = getattr(error, "cause", None) or error
             self._finish(state, {"ok": False, "error_type": type(cause).__name__, "error": first_line(cause),
                                  "error_class": classify_exception(cause) if isinstance(cause, BaseException) else "bug",
@@ -271,14 +295,9 @@ class Driver:
         if isinstance(result, dict) and result.get("log"):  # the case's own output, shipped by the actor
             self.logs.append(state.planned.name, result.pop("log"))
         if kind == "start":
-            state.entry.info = {**{k: v for k, v in state.entry.info.items() if k != "traceback"}, **result}
-            state.entry.node = result.get("node_ip") or result.get("hostname")
-            state.entry.gpu = ",".join(result.get("gpu_ids") or []) or None
-            state.entry.state = "running"
-            state.started_at = time.monotonic()
-            state.steps_at_start = state.entry.step
+            self._record_start(state, result)
             state.entry = self.run.write_entry(state.entry)
-            self._say(f"{state.planned.name}: running on {state.entry.node} gpu {state.entry.gpu or '-'} "
+            self._say(f"{state.planned.name}: running on {placement(state.entry.node, state.planned, result)} "
                       f"(attempt {state.entry.attempts}, worker pid {result.get('pid')} case {result.get('worker_cases')}"
                       f"{', resumed at step %d' % state.entry.step if state.entry.commit_seq else ''})"
                       + (f"; WARNING {result['warning']}" if result.get("warning") else ""))
@@ -292,6 +311,21 @@ class Driver:
         else:
             state.poll_ref = state.worker.actor.poll.remote(POLL_SECONDS)
             self.active[state.poll_ref] = (state.planned.case_id, "poll")
+
+    def _record_start(self, state: CaseState, result: dict) -> None:
+        """start() returned: the case runs on its worker, an attempt (written by the caller)."""
+        entry = state.entry
+        entry.attempts += 1
+        entry.info = {**{k: v for k, v in entry.info.items() if k != "traceback"}, **result}
+        entry.node = result.get("node_ip") or result.get("hostname")
+        entry.gpu = ",".join(result.get("gpu_ids") or []) or None
+        entry.state = "running"
+        if entry.losses and entry.losses[-1].get("resumed_at") is None:  # back at work after a loss
+            entry.losses[-1]["resumed_at"] = time.time()
+        if state.worker is not None:
+            state.worker.node_id = result.get("node_id")
+        state.started_at = time.monotonic()
+        state.steps_at_start = entry.step
 
     def _take_report(self, state: CaseState, report) -> None:
         if report.info:  # the trainer's description (model, units, batch, TF version): kept with the case
@@ -320,7 +354,8 @@ class Driver:
                 entry.state, entry.reason_class = "diverged", "diverged"
                 entry.diverged_step = report.progress.get("diverged_step")
                 entry.reason = f"non-finite loss at step {entry.diverged_step}"
-            state.entry = self.run.commit(state.planned.case_id, state.rows, report.checkpoint, entry, state.layer_stats)
+            state.entry = self.run.commit(state.planned.case_id, entry, checkpoint=report.checkpoint,
+                                          tables={"metrics": state.rows, "layer_stats": state.layer_stats})
             state.rows, state.layer_stats = [], []
 
     def _finish(self, state: CaseState, outcome: dict) -> None:
@@ -343,42 +378,168 @@ class Driver:
         self._say_log_tail(state)
 
     def _actor_lost(self, state: CaseState, error) -> None:
-        import ray
-
+        """The case's worker is gone: classify the loss, then retry the case or fail it."""
         worker = state.worker
         if worker is not None and worker in self.workers:
             self.workers.remove(worker)  # dead: never handed another case
         if state.entry.state in TERMINAL:  # died after committing its end: nothing is lost
             self._kill(state)
             return
-        node_id = (state.entry.info or {}).get("node_id")
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        text = " ".join(str(error).split())
-        if getattr(error, "actor_init_failed", False):
-            reason_class = "bug"
-        elif "out of memory" in text.lower() or "memory monitor" in text.lower() or "OutOfMemoryError" in type(error).__name__:
-            reason_class = "oom"
-        elif node_id and node_id not in alive:
-            reason_class = "node_lost"
-        else:
-            reason_class = "worker_died"
+        started = self._case_started(state)
+        node_id = (state.entry.info or {}).get("node_id") if started else (worker.node_id if worker else None)
+        node_state = self._node_state(node_id)
+        reason_class = classify_loss(error, node_state)
         self._kill(state)
         state.rows, state.layer_stats = [], []  # uncommitted: the resumed case regenerates them
         entry = state.entry
+        text = " ".join(str(error).split())
         entry.reason_class, entry.reason = reason_class, (text or type(error).__name__)[:1000]
-        retries_used = entry.attempts - state.attempts_at_start - 1
+        if reason_class in TRANSIENT and node_id:
+            entry.losses.append({"at": time.time(), "node_id": node_id, "node": entry.node if started else None,
+                                 "reason_class": reason_class, "settled": node_state == "dead",
+                                 "attempt": entry.attempts, "counted": started, "step": entry.step,
+                                 "commit_seq": entry.commit_seq, "resumed_at": None})
+            if node_state != "dead":  # the GCS has the last word: re-checked until it settles
+                self._suspect(node_id, avoid=node_state == "unreachable")
         if self.interrupting:
             state.entry = entry
             return
-        if reason_class in TRANSIENT and retries_used < self.max_retries:
-            self._say(f"{state.planned.name}: {reason_class}; retrying from commit {entry.commit_seq} (step {entry.step})")
-            state.entry = entry
-            self.queue.insert(0, state)  # a new worker takes it at the next dispatch
-        else:
-            entry.state = "failed"
+        entry.state = "pending"  # until a new worker starts it (or it fails below)
+        where = f" on node {node_id[:12]} ({node_state})" if node_id else ""
+        if not started:  # not an attempt: the case never began on that worker
+            state.unstarted += 1
+            if reason_class in TRANSIENT and state.unstarted <= MAX_UNSTARTED:
+                self._say(f"{state.planned.name}: worker lost before the case started{where}, not an attempt; "
+                          f"placing it again")
+                state.entry = self.run.write_entry(entry)
+                self.queue.insert(0, state)
+                return
+        elif reason_class in TRANSIENT and entry.attempts - state.attempts_at_start - 1 < self.max_retries:
+            self._say(f"{state.planned.name}: {reason_class}{where}; retrying from commit {entry.commit_seq} "
+                      f"(step {entry.step})")
             state.entry = self.run.write_entry(entry)
-            self._say(f"{state.planned.name}: failed ({reason_class}, {entry.attempts} attempts)")
-            self._say_log_tail(state)
+            self.queue.insert(0, state)  # a new worker takes it at the next dispatch
+            return
+        entry.state = "failed"
+        state.entry = self.run.write_entry(entry)
+        self._say(f"{state.planned.name}: failed ({reason_class}{where}, {entry.attempts} attempts"
+                  + (f", {state.unstarted} workers lost before it started" if state.unstarted else "") + ")")
+        self._say_log_tail(state)
+
+    def _case_started(self, state: CaseState) -> bool:
+        """Did the case begin on its worker (start() returned)? A start result the loop has not
+        taken yet counts: it is recorded now."""
+        import ray
+
+        if state.entry.state == "running":
+            return True
+        ref = state.start_ref
+        if ref is None:
+            return False
+        try:
+            ready, _ = ray.wait([ref], num_returns=1, timeout=0)
+            result = ray.get(ready[0], timeout=0) if ready else None
+        except Exception:  # start() failed with its worker
+            return False
+        if not isinstance(result, dict):
+            return False
+        result.pop("log", None)
+        self._record_start(state, result)
+        return True
+
+    # ------------------------------------------------------------------ lost nodes
+    def _node_state(self, node_id: str | None) -> str:
+        """'dead' (the GCS says so), 'unreachable' (the GCS still counts it alive but its raylet
+        does not answer: a node just lost), 'alive' (its raylet answers) or 'unknown'."""
+        import ray
+
+        if not node_id:
+            return "unknown"
+        try:
+            nodes = ray.nodes()
+        except Exception:
+            return "unknown"
+        return node_state(node_id, nodes, probe_raylet)
+
+    def _suspect(self, node_id: str, avoid: bool) -> None:
+        """Re-check `node_id` with the GCS until it settles; with `avoid`, no new worker goes there."""
+        known = self.suspects.get(node_id)
+        if known is None:
+            self.suspects[node_id] = {"since": time.monotonic(), "avoid": avoid}
+        else:
+            known["avoid"] = known["avoid"] or avoid
+        if avoid:
+            for worker in [w for w in self.workers if w.case_id is None and w.node_id == node_id]:
+                self._release(worker)  # an idle worker there is gone with it
+
+    def _avoided(self) -> list[str]:
+        return sorted(node_id for node_id, suspect in self.suspects.items() if suspect["avoid"])
+
+    def _settle_nodes(self, force: bool = False) -> None:
+        """Ask the GCS about suspect nodes: dead -> their losses are node_lost; still alive past
+        NODE_SETTLE_SECONDS -> the node survived (worker_died) and is used again."""
+        import ray
+
+        now = time.monotonic()
+        if not self.suspects or (not force and now - self.last_node_check < NODE_CHECK_SECONDS):
+            return
+        self.last_node_check = now
+        try:
+            alive = {n["NodeID"]: bool(n.get("Alive")) for n in ray.nodes()}
+        except Exception:
+            return
+        for node_id, suspect in list(self.suspects.items()):
+            if alive.get(node_id, False):
+                if now - suspect["since"] < NODE_SETTLE_SECONDS:
+                    continue
+                final = "worker_died"
+            else:
+                final = "node_lost"
+            del self.suspects[node_id]
+            if suspect["avoid"] or final == "node_lost":
+                self._say(f"node {node_id[:12]}: " + ("dead (the GCS declared it)" if final == "node_lost"
+                                                      else "alive again: new workers may go there"))
+            if suspect["avoid"] and final == "worker_died":
+                self._replace_waiting_workers()
+            for state in self.cases.values():
+                self._settle_losses(state, node_id, final)
+
+    def _replace_waiting_workers(self) -> None:
+        """Workers still waiting to be placed were asked for with the old list of avoided nodes
+        (which no node may satisfy any more): ask again (their cases had not started: no attempt)."""
+        for state in self.cases.values():
+            worker = state.worker
+            if worker is not None and worker.node_id is None and state.entry.state == "pending":
+                self._kill(state)
+                self.queue.insert(0, state)
+
+    def _settle_losses(self, state: CaseState, node_id: str, final: str) -> None:
+        changed = False
+        for loss in state.entry.losses:
+            if loss.get("node_id") == node_id and not loss.get("settled"):
+                loss["reason_class"], loss["settled"], loss["settled_at"] = final, True, time.time()
+                changed = True
+        if not changed:
+            return
+        last = state.entry.losses[-1]
+        if state.entry.state not in TERMINAL and last.get("node_id") == node_id and state.entry.reason_class in TRANSIENT:
+            state.entry.reason_class = final
+        try:
+            state.entry = self.run.write_entry(state.entry)
+        except Exception as error:  # the next write of the entry carries it
+            self._say(f"{state.planned.name}: could not record the node's fate: {first_line(error)}")
+
+    def _wait_for_nodes(self) -> None:
+        """At the end: nodes whose raylet went silent are settled by the GCS before the run ends."""
+        waiting = {node_id: s for node_id, s in self.suspects.items() if s["avoid"]}
+        if not waiting:
+            return
+        deadline = max(s["since"] for s in waiting.values()) + NODE_SETTLE_SECONDS
+        self._say(f"waiting for the GCS to settle {len(waiting)} lost node(s)")
+        while any(s["avoid"] for s in self.suspects.values()) and time.monotonic() < deadline:
+            time.sleep(NODE_CHECK_SECONDS)
+            self._settle_nodes(force=True)
+        self._settle_nodes(force=True)
 
     def _interrupt(self) -> None:
         """Ctrl-C: running cases commit what they have (a checkpoint with their rows, within
@@ -455,8 +616,82 @@ def storage_is_broken(error: BaseException) -> bool:
     return False
 
 
+def classify_loss(error: BaseException, node: str) -> str:
+    """Failure class of a lost actor: `node` is what became of its node (see node_state)."""
+    text = " ".join(str(error).split()).lower()
+    if getattr(error, "actor_init_failed", False):
+        return "bug"
+    if "out of memory" in text or "memory monitor" in text or "OutOfMemoryError" in type(error).__name__:
+        return "oom"
+    if node in ("dead", "unreachable") or getattr(error, "preempted", False):
+        return "node_lost"
+    return "worker_died"
+
+
+def node_state(node_id: str, nodes: list[dict], probe) -> str:
+    """What became of `node_id`, from the GCS's node table `nodes` (ray.nodes()) and, while the
+    GCS still counts it alive, its raylet: 'dead', 'unreachable', 'alive' or 'unknown'.
+
+    `probe(address, port)` -> 'answers' | 'refused' | 'silent'. A raylet that does not answer
+    means a node gone only if the driver reaches another node's raylet (a driver outside the
+    cluster, behind a firewall, reaches none: 'unknown')."""
+    by_id = {n.get("NodeID"): n for n in nodes}
+    node = by_id.get(node_id)
+    if node is None:
+        return "unknown"
+    if not node.get("Alive"):
+        return "dead"
+    answer = probe(node.get("NodeManagerAddress"), node.get("NodeManagerPort"))
+    if answer == "answers":
+        return "alive"
+    others = [n for n in nodes if n.get("Alive") and n.get("NodeID") != node_id]
+    for other in others[:3]:
+        if probe(other.get("NodeManagerAddress"), other.get("NodeManagerPort")) == "answers":
+            return "unreachable"
+    return "unknown"
+
+
+def probe_raylet(address: str | None, port: int | None, timeout: float = PROBE_SECONDS) -> str:
+    """Open a TCP connection to a raylet: 'answers', 'refused' (the host is up, nothing listens)
+    or 'silent' (no reply within `timeout`, or no address)."""
+    if not address or not port:
+        return "silent"
+    try:
+        with socket.create_connection((address, int(port)), timeout=timeout):
+            return "answers"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "silent"
+
+
+def placement_options(avoid: list[str]) -> dict:
+    """Actor options that keep a new worker off the nodes in `avoid` (none: no constraint)."""
+    if not avoid:
+        return {}
+    return {"label_selector": {NODE_LABEL: f"!in({','.join(avoid)})"}}
+
+
+def placement(node: str | None, planned: PlannedCase, info: dict) -> str:
+    """Where a case runs, for its event line: '192.0.2.2, 1 CPU slot' or '10.0.0.3, GPU 0 (Tesla T4)
+    + 1 CPU slot'. ``info``: what the worker's start() returned (gpu_ids, gpu_names, warning)."""
+    cpus = float(planned.num_cpus or 0)
+    slots = f"{cpus:g} CPU slot{'' if cpus == 1 else 's'}"
+    ids = [str(g) for g in info.get("gpu_ids") or []]
+    if not ids:
+        return f"{node or '?'}, {slots}"
+    gpus = float(planned.num_gpus or 0)
+    device = f"GPU{'s' if len(ids) > 1 else ''} {','.join(ids)}"
+    names = sorted(set(info.get("gpu_names") or []))
+    if names:
+        device += f" ({', '.join(names)})"
+    if 0 < gpus < 1:
+        device = f"{gpus:g} of {device}"
+    return f"{node or '?'}, {device} + {slots}"
+
+
 def render_view(states) -> str:
-    lines = [f"{'case':<22} {'state':<9} {'node':<16} {'gpu':<5} {'epoch':>7} {'step':>13} {'test acc':>9} {'ETA':>8}"]
+    lines = [f"{'case':<22} {'state':<11} {'node':<16} {'gpu':<5} {'epoch':>7} {'step':>13} {'test acc':>9} {'ETA':>8}"]
     for s in states:
         e, p = s.entry, s.progress
         epochs = s.planned.case.settings.epochs
@@ -467,10 +702,25 @@ def render_view(states) -> str:
             rate = (step - s.steps_at_start) / (time.monotonic() - s.started_at)
             eta = _duration((total - step) / rate) if rate > 0 else "-"
         accuracy = p.get("test_accuracy", e.latest.get("test_accuracy"))
-        lines.append(f"{s.planned.name:<22} {e.state:<9} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
+        lines.append(f"{s.planned.name:<22} {e.state:<11} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
                      f"{p.get('epoch', e.epoch):>3}/{epochs:<3} {step:>6}/{total:<6} "
                      f"{(f'{accuracy:.4f}' if accuracy is not None else '-'):>9} {eta:>8}")
     return "\n".join(lines)
+
+
+def render_losses(states) -> list[str]:
+    """One line per worker or node a case lost, oldest first (the ledger's `losses`)."""
+    lines = []
+    for s in states:
+        for loss in s.entry.losses:
+            at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(loss.get("at", 0)))
+            back = loss.get("resumed_at")
+            lines.append(f"  {s.planned.name}: {loss.get('reason_class')}: node {str(loss.get('node_id'))[:12]} at {at}, "
+                         + (f"attempt {loss.get('attempt')} at step {loss.get('step')}" if loss.get("counted", True)
+                            else "before the case started (not an attempt)")
+                         + (f", running again {back - loss['at']:.0f} s later" if back else "")
+                         + ("" if loss.get("settled", True) else " (not confirmed by the GCS)"))
+    return lines
 
 
 def _duration(seconds: float) -> str:

@@ -12,11 +12,12 @@ import yaml
 
 from jobs.cluster import HEAD_RESOURCE, TRAINER_RESOURCE, TRAINER_SHARE
 from jobs.suites import Case, Suite
+from workers.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A user-facing planning error (one line)."""
 
 

@@ -1,4 +1,4 @@
-"""Run a study from Python: `run_study(suite, out, address=None, ...)`.
+"""Run a study from Python: `run_study(suite, out, **options)`.
 
 The `bplab run` command is argument parsing plus one call to `run_study`; notebooks,
 scripts and the benchmarks call it directly::
@@ -7,9 +7,11 @@ scripts and the benchmarks call it directly::
     result = run_study("quick", "runs/quick-try", overrides=["epochs=1"])
     result.states        # {case_id: "done" | "diverged" | "failed" | ...}
 
-Everything that can be checked without Ray (the suite, the data, the plan, the output
-location) is checked before Ray starts; a user error raises one of `USER_ERRORS` with a
-one-line message.
+The options are `jobs.options.StudyOptions` (the same as `bplab run`'s flags). Everything
+that can be checked without Ray (the options, the suite, the data, the plan, the output
+location) is checked before Ray starts; a user error raises `workers.errors.UserError` (or a
+subclass) with a one-line message. `Study.run` tells a run in the order it happens; the run directory's lease,
+the Ray session and the autoscaler request are context managers around its middle.
 """
 
 from __future__ import annotations
@@ -21,26 +23,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from jobs.options import StudyOptions
+from workers.errors import UserError, one_line as _one_line
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class UsageError(ValueError):
-    """Bad input to a command or to run_study (one line)."""
-
-
-def user_errors() -> tuple:
-    """The exception classes whose message is a one-line user error (exit code 2)."""
-    from jobs.plan import PlanError
-    from jobs.storage import StorageError
-    from jobs.suites import SuiteError
-    from workers.data import DataError
-    from workers.settings import SettingsError
-
-    return (UsageError, SuiteError, SettingsError, PlanError, StorageError, DataError)
 
 
 @dataclass
@@ -72,12 +63,10 @@ def case_from_row(row: dict):
     return Case(row["name"], row.get("group") or row["name"], settings)
 
 
-def suite_from_run(run, only=(), overrides=()):
+def suite_from_run(run, only=()):
     """The cases of an existing run (for a resume without a suite)."""
     from jobs import suites
 
-    if overrides:
-        raise suites.SuiteError("--set needs a suite: a resumed run keeps the settings it was started with")
     manifest = run.manifest()
     cases = tuple(case_from_row(row) for row in run.cases().to_dict("records"))
     suite = suites.Suite(manifest.get("suite", "resumed"), manifest.get("description", ""), manifest.get("reference"),
@@ -90,156 +79,200 @@ def load_study(suite, *, only=(), overrides=(), run=None):
     from jobs import suites
 
     if suite is None:
-        if run is None:
-            raise UsageError("run: give a SUITE (see `bplab cases`) or --resume RUN")
-        return suite_from_run(run, only, overrides)
+        return suite_from_run(run, only)
     if isinstance(suite, suites.Suite):
-        if overrides:
-            raise UsageError("overrides apply to a suite file or name, not to a Suite object")
         return suites.select(suite, list(only))
     return suites.select(suites.load_suite(str(suite), list(overrides)), list(only))
 
 
-def run_study(suite=None, out: str | os.PathLike | None = None, *, address: str | None = None,
-              resume: str | os.PathLike | None = None, only=(), overrides=(), gpus_per_case: float | None = None,
-              cpus_per_case: float = 1.0, max_retries: int = 2, commit_every: float = 30.0,
-              checkpoint_every: int = 0, fresh_worker_per_case: bool = False, worker_max_cases: int = 50,
-              worker_max_memory_mb: float = 0.0, progress_every: float = 10.0, report: bool = True,
-              command: list | None = None, stream=None) -> StudyResult:
+def run_study(suite=None, out: str | os.PathLike | None = None, *, stream=None, command: list | None = None,
+              **options) -> StudyResult:
     """Run every case of `suite` (or what `resume`'s run has not finished) and return the result.
 
     `suite`: a built-in suite name, a YAML path or a `jobs.suites.Suite`; None with `resume`
     takes the resumed run's own cases. `out`: the run directory (default runs/SUITE-TIME).
-    `address`: a Ray address ('auto' inside a cluster); None starts a private local Ray.
-    `commit_every`: seconds between a running case's commits (rows + checkpoint; also at its
-    end and on Ctrl-C); `checkpoint_every`: also commit every N steps (0: by time only).
-    Workers run cases one after another, each for at most `worker_max_cases` cases and while
-    its resident memory stays under `worker_max_memory_mb` (0: no limit);
-    `fresh_worker_per_case` starts a new process for every case instead.
+    `options`: the other fields of `jobs.options.StudyOptions`, each documented there
+    (address, resume, only, overrides, commit_every, report, ...). `stream` gets the progress
+    lines (default stderr); `command` is recorded in the manifest (default sys.argv).
     """
-    from jobs import plan as plan_module
-    from jobs.storage import RunDir
+    return Study(StudyOptions.of(suite=suite, out=out, **options), stream=stream, command=command).run()
 
-    stream = stream or sys.stderr
-    check_arguments(max_retries=max_retries, checkpoint_every=checkpoint_every, cpus_per_case=cpus_per_case,
-                    gpus_per_case=gpus_per_case, progress_every=progress_every)
-    check_address(address)
-    if not commit_every >= 0 or commit_every == float("inf"):
-        raise UsageError(f"--commit-every {commit_every}: must be a number of seconds >= 0")
-    if worker_max_cases < 1:
-        raise UsageError(f"--worker-max-cases {worker_max_cases}: must be >= 1")
-    if not worker_max_memory_mb >= 0:
-        raise UsageError(f"--worker-max-memory-mb {worker_max_memory_mb}: must be >= 0 (0: no limit)")
-    run = None
-    if resume:
-        run = RunDir.open(resume)
-        if out:
-            raise UsageError("--out and --resume: the resumed run is written where it is")
-    study = load_study(suite, only=only, overrides=overrides, run=run)
-    datasets = plan_module.load_data(study.cases)
-    # impossible requests fail before Ray starts; the GPU default is set once the cluster is known
-    planned = plan_module.make_plan(study, datasets, cpus_per_case=cpus_per_case, gpus_per_case=gpus_per_case or 0.0)
-    if run is not None:  # the run's cases keep the ids they were made with
-        plan_module.adopt_stored_ids(planned, run.cases().to_dict("records"))
-    location = str(out) if out else str(runs_root() / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run is None:
-        check_out(location)
-        RunDir(location).check_new()
 
-    import ray
+class Study:
+    """One run of a study: `run()` reads as what happens, in order."""
 
-    from jobs.driver import TERMINAL, Driver
+    def __init__(self, options: StudyOptions, *, stream=None, command: list | None = None):
+        self.options = options
+        self.stream = stream or sys.stderr
+        self.command = command
 
-    # the lease is taken before Ray starts: a second driver is refused at once, in one line
-    token = f"{platform.node()}:{os.getpid()}:{time.time()}:{os.urandom(4).hex()}"
-    made = None
-    if run is None:
-        made = _missing_folders(location)
-        leased = RunDir(location)
-    else:
-        leased = run
-    try:
-        leased.take_lease(token)
-    except BaseException:
-        _remove_empty(made)
-        raise
-    states: dict = {}
-    view = None
-    try:
-        if run is not None:  # the lease is held: recover() never repairs a run another driver is writing
-            for note in run.recover():
-                print(f"[bplab] recover: {note}", file=stream)
-        connect(address)
-    except BaseException:
-        leased.release_lease(token)
-        _remove_empty(made)
-        raise
-    try:
-        # what the cluster can launch, not only what is alive: a cold autoscaling cluster has its head only
-        view = plan_module.ray_view(address)
-        gpus = plan_module.apply_resources(planned, view, gpus_per_case)
-        full, _ = plan_module.concurrency(planned, view)
-        slots = max(1, full)  # workers the driver keeps: as many as run at once on the fully scaled cluster
+    def say(self, text: str) -> None:
+        print(f"[bplab] {text}", file=self.stream, flush=True)
+
+    def run(self) -> StudyResult:
+        from analysis.rundir import RunDir
+        from jobs import plan as plan_module
+        from jobs.driver import TERMINAL
+
+        o = self.options
+        # 1. what to run, checked without Ray: the run to resume, the suite, its data, the plan
+        old = RunDir.open(o.resume) if o.resume else None
+        study = load_study(o.suite, only=o.only, overrides=o.overrides, run=old)
+        datasets = plan_module.load_data(study.cases)
+        # impossible requests fail now; the GPU default is set once the cluster is known
+        planned = plan_module.make_plan(study, datasets, cpus_per_case=o.cpus_per_case,
+                                        gpus_per_case=o.gpus_per_case or 0.0)
+        if old is not None:  # the run's cases keep the ids they were made with
+            plan_module.adopt_stored_ids(planned, old.cases().to_dict("records"))
+        # 2. where it goes
+        location = old.location if old else str(o.out or runs_root() / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if old is None:
+            check_out(location)
+            RunDir(location).check_new()
+        # 3. the run directory for this driver alone (before Ray: a second driver is refused at once), then Ray
+        # a new run's lease says what it starts: a driver killed before the manifest still leaves word
+        details = None if old else start_details(o.suite, o.only, o.overrides)
+        with driver_lease(old or RunDir(location), self.stream, details) as lease:
+            if old is not None:  # the lease is held: recover() never repairs a run another driver is writing
+                for note in old.recover():
+                    self.say(f"recover: {note}")
+            with ray_session(o.address):
+                # what the cluster can launch, not only what is alive: a cold autoscaling cluster has its head only
+                view = plan_module.ray_view(o.address)
+                gpus = plan_module.apply_resources(planned, view, o.gpus_per_case)
+                full, _ = plan_module.concurrency(planned, view)
+                # 4. the run directory: created, or the resumed one with the suite's new cases added
+                run = old or RunDir.create(location, self.manifest(study, datasets), [p.row() for p in planned])
+                if old is not None:
+                    known = set(old.case_ids())
+                    added = old.add_cases([p.row() for p in planned if p.case_id not in known])
+                    if added:
+                        self.say(f"{len(added)} new case(s) added to {old.location}")
+                ledger = run.ledger()
+                todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
+                self.say(f"run {run.location}{_on_host(run.location, view)}: {len(planned)} cases, {len(todo)} to run, "
+                         f"{plan_module.describe_concurrency(planned, view)} ({gpus:g} GPU, {o.cpus_per_case:g} CPU each)")
+                # 5. the cases, on as many workers as run at once on the fully scaled cluster
+                states = {p.case_id: ledger[p.case_id].state for p in planned}
+                with autoscaler_request(view, todo, full, self.stream):
+                    if todo:
+                        states.update(self.execute(run, todo, datasets, max(1, full), lease))
+        # 6. the report and the summary
+        result = StudyResult(str(run.location), states)
+        if o.report:
+            result.report = write_report(run, self.stream)
+        self.say(f"{run.location}: " + ", ".join(f"{n} {s}" for s, n in sorted(result.counts.items())))
+        return result
+
+    def execute(self, run, todo: list, datasets: dict, slots: int, lease: "Lease") -> dict:
+        """Train the cases `todo` on Ray; case_id -> final state."""
+        import ray
+
+        from jobs.driver import Driver
+
+        o = self.options
+        refs = {spec: ray.put(datasets[spec]) for spec in {p.data_key for p in todo}}  # once per data set
+        driver = Driver(run, todo, refs, max_retries=o.max_retries, checkpoint_every_steps=o.checkpoint_every,
+                        commit_every=o.commit_every, slots=slots, fresh_worker_per_case=o.fresh_worker_per_case,
+                        worker_max_cases=o.worker_max_cases, worker_max_memory_mb=o.worker_max_memory_mb,
+                        progress_every=o.progress_every, out=self.stream, lease=lease.renew)
+        return driver.execute()
+
+    def manifest(self, study, datasets: dict) -> dict:
         fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
-        if run is None:
-            run = RunDir.create(location, {**manifest(study, fingerprints, address=address, overrides=overrides,
-                                                      command=command),
-                                           "data_sets": [d.summary() for d in datasets.values()]},
-                                [p.row() for p in planned])
-        else:
-            known = set(run.case_ids())
-            added = run.add_cases([p.row() for p in planned if p.case_id not in known])
-            if added:
-                print(f"[bplab] {len(added)} new case(s) added to {run.location}", file=stream)
-        ledger = run.ledger()
-        todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
-        print(f"[bplab] run {run.location}{_on_host(run.location, view)}: {len(planned)} cases, {len(todo)} to run, "
-              f"{plan_module.describe_concurrency(planned, view)} ({gpus:g} GPU, {cpus_per_case:g} CPU each)",
-              file=stream, flush=True)
-        if view.autoscaling and todo:  # GPU workers start now, not when the scheduler finds no room
-            from ray.autoscaler.sdk import request_resources
+        return {**manifest(study, fingerprints, address=self.options.address, overrides=self.options.overrides,
+                           command=self.command),
+                "data_sets": [d.summary() for d in datasets.values()]}
 
-            request_resources(bundles=plan_module.resource_bundles(todo, min(len(todo), full)))
-        states = {cid: entry.state for cid, entry in ledger.items() if cid in {p.case_id for p in planned}}
-        if todo:
-            refs = {spec: ray.put(datasets[spec]) for spec in {p.data_key for p in todo}}  # once per data set
-            driver = Driver(run, todo, refs, max_retries=max_retries, checkpoint_every_steps=checkpoint_every,
-                            commit_every=commit_every, slots=slots, fresh_worker_per_case=fresh_worker_per_case,
-                            worker_max_cases=worker_max_cases, worker_max_memory_mb=worker_max_memory_mb,
-                            progress_every=progress_every, out=stream, lease=lambda: _renew(run, token, stream))
-            states.update(driver.execute())
+
+def start_details(suite, only=(), overrides=()) -> dict:
+    """What `bplab run` needs to start this study again: {suite, only, overrides}. The suite is
+    a built-in name as given, or a suite file's absolute path."""
+    from jobs import suites
+
+    if isinstance(suite, suites.Suite):
+        source = Path(suite.source) if suite.source else None
+        name = suite.name if source is None or source.parent == suites.SUITE_DIR else str(source.resolve())
+    else:
+        path = suites.resolve(str(suite))  # already loaded, so it resolves
+        name = str(suite) if path.parent == suites.SUITE_DIR else str(path.resolve())
+    return {"suite": name, "only": [str(x) for x in only], "overrides": [str(x) for x in overrides]}
+
+
+class Lease:
+    """This driver's hold on the run's lease (see driver_lease): taken, renewed and given back
+    through one RunDir."""
+
+    def __init__(self, rundir, stream):
+        self.rundir, self.stream = rundir, stream
+        self.token = f"{platform.node()}:{os.getpid()}:{time.time()}:{os.urandom(4).hex()}"
+
+    def renew(self) -> None:
+        """The driver's heartbeat. Raises LeaseLost when another driver took the run over."""
+        from analysis.rundir import LeaseLost
+
+        try:
+            self.rundir.renew_lease(self.token)
+        except LeaseLost:  # another driver took the run over: stop at once
+            raise
+        except Exception as error:  # a missed heartbeat is not worth stopping the study
+            print(f"[bplab] could not refresh the run's lease: {_one_line(error)}", file=self.stream)
+
+
+@contextmanager
+def driver_lease(rundir, stream, details: dict | None = None):
+    """Hold `rundir`'s lease for the body; give it back at the end. The local folders that
+    taking it created are removed again if they are still empty (no run was created).
+    `details` (a new run's suite and options, see start_details) are kept in the lease."""
+    made = _missing_folders(rundir.location)
+    lease = Lease(rundir, stream)
+    try:
+        rundir.take_lease(lease.token, details=details)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield lease
     finally:
         try:
-            leased.release_lease(token)
+            rundir.release_lease(lease.token)
         except Exception as error:  # the lease goes stale by itself
-            print(f"[bplab] could not release driver.lock: {_one_line(error)}", file=stream)
-        if run is None:  # nothing was created (e.g. the plan does not fit the cluster): leave nothing behind
-            _remove_empty(made)
-        if view is not None and view.autoscaling:
-            try:
-                from ray.autoscaler.sdk import request_resources
+            print(f"[bplab] could not release the run's lease: {_one_line(error)}", file=stream)
+        _remove_empty(made)  # only empty folders: a created run keeps its own
 
-                request_resources(bundles=[])  # idle workers may go again
+
+@contextmanager
+def ray_session(address: str | None):
+    """Connected to Ray at `address` (None: a private local Ray) for the body."""
+    import ray
+
+    connect(address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def autoscaler_request(view, todo: list, at_once: int, stream):
+    """On an autoscaling cluster, ask for the resources of the cases `todo` (at most `at_once`
+    at a time) for the body, so the GPU workers start now and together rather than when the
+    scheduler finds no room; withdrawn at the end, so idle workers may go again."""
+    from jobs import plan as plan_module
+
+    asked = bool(view.autoscaling and todo)
+    if asked:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=plan_module.resource_bundles(todo, min(len(todo), at_once)))
+    try:
+        yield
+    finally:
+        if asked:
+            try:
+                request_resources(bundles=[])
             except Exception as error:
                 print(f"[bplab] could not release the resource request: {_one_line(error)}", file=stream)
-        ray.shutdown()
-    result = StudyResult(str(run.location), states)
-    if report:
-        result.report = write_report(run, stream)
-    counts = result.counts
-    print(f"[bplab] {run.location}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), file=stream)
-    return result
-
-
-def _renew(run, token: str, stream) -> None:
-    from jobs.storage import LeaseLost
-
-    try:
-        run.renew_lease(token)
-    except LeaseLost:  # another driver took the run over: stop at once
-        raise
-    except Exception as error:  # a missed heartbeat is not worth stopping the study
-        print(f"[bplab] could not refresh driver.lock: {_one_line(error)}", file=stream)
 
 
 def write_report(run, stream=None) -> str | None:
@@ -248,10 +281,11 @@ def write_report(run, stream=None) -> str | None:
     try:
         from analysis.report import Progress
         from analysis.report import write_report as write
+        from analysis.rundir import local_path
 
         location = str(run.location)
         out_dir = None
-        if "://" in location and not location.startswith("file://"):  # remote run: the report goes to a local folder
+        if local_path(location) is None:  # remote run: the report goes to a local folder
             out_dir = Path("reports") / location.rstrip("/").rsplit("/", 1)[-1]
         path = write(location, out_dir=out_dir, progress=Progress(stream))  # what it draws, when it takes a while
         print(f"[bplab] report: {path}", file=stream)
@@ -261,86 +295,36 @@ def write_report(run, stream=None) -> str | None:
         return None
 
 
-def check_arguments(*, max_retries=2, checkpoint_every=200, cpus_per_case=1.0, gpus_per_case=None,
-                    progress_every=10.0) -> None:
-    """UsageError (one line) for a numeric argument out of range, NaN or infinite."""
-    import math
-
-    def number(name, value, low, *, integer=False, strict=False, optional=False):
-        if value is None and optional:
-            return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (value > low if strict else value >= low) and (not integer or float(value).is_integer())
-        if not ok:
-            kind = "an integer" if integer else "a finite number"
-            raise UsageError(f"--{name} {_short(value)}: must be {kind} {'>' if strict else '>='} {low:g}")
-
-    number("max-retries", max_retries, 0, integer=True)
-    number("checkpoint-every", checkpoint_every, 0, integer=True)
-    number("cpus-per-case", cpus_per_case, 0, strict=True)
-    number("gpus-per-case", gpus_per_case, 0, optional=True)
-    number("progress-every", progress_every, 0)
-
-
-def check_address(address: str | None, timeout: float = 5.0) -> None:
-    """UsageError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
-
-    'auto', 'local' and None are left to Ray; 'HOST:PORT' and 'ray://HOST:PORT' are probed
-    with a TCP connection first, so an unreachable address fails at once instead of Ray
-    retrying for minutes."""
-    import socket
-
-    if address is None or address in ("auto", "local"):
-        return
-    if not isinstance(address, str) or not address.strip() or len(address) > 1000:
-        raise UsageError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
-    target = address.strip()
-    if "://" in target:
-        scheme, target = target.split("://", 1)
-        if scheme != "ray":
-            raise UsageError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
-    host, _, port_text = target.rstrip("/").rpartition(":")
-    host = host.strip("[]")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"--address {_short(address)}: expected HOST:PORT with a port in 1..65535")
-    try:
-        with socket.create_connection((host, int(port_text)), timeout=timeout):
-            pass
-    except OSError as error:
-        reason = _one_line(error) if not isinstance(error, socket.timeout) else f"no answer in {timeout:g} s"
-        raise UsageError(f"--address {_short(address)}: cannot reach a Ray cluster there ({reason})") from None
-
-
 def check_out(location: str) -> None:
-    """UsageError (one line) if a new run cannot be created at the local path `location`:
+    """UserError (one line) if a new run cannot be created at the local path `location`:
     it is a regular file, lies under one, or its nearest existing folder is not writable."""
-    import re
+    from analysis.rundir import local_path
 
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+    if local_path(location) is None:
         return  # an object store: checked by the first write
-    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    path = Path(local_path(location))
     if path.is_file():
-        raise UsageError(f"--out {_short(location)}: is a regular file, not a folder")
+        raise UserError(f"--out {_short(location)}: is a regular file, not a folder")
     parent = path
     while not parent.exists():
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise UsageError(f"--out {_short(location)}: {_short(str(parent))} is a regular file, not a folder")
+        raise UserError(f"--out {_short(location)}: {_short(str(parent))} is a regular file, not a folder")
     if path.exists() and not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {_short(location)}: the folder is not writable")
+        raise UserError(f"--out {_short(location)}: the folder is not writable")
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {_short(location)}: cannot create it ({_short(str(parent))} is not writable)")
+        raise UserError(f"--out {_short(location)}: cannot create it ({_short(str(parent))} is not writable)")
 
 
 def _missing_folders(location: str) -> list[Path] | None:
     """The local folders that creating `location` would make, deepest first (None: not local)."""
-    import re
+    from analysis.rundir import local_path
 
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", location) and not location.startswith("file://"):
+    if local_path(location) is None:
         return None
-    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser().absolute()
+    path = Path(local_path(location))
     missing = []
     while not path.exists() and path.parent != path:
         missing.append(path)
@@ -381,20 +365,25 @@ def runs_root() -> Path:
 
 
 def _on_host(location: str, view) -> str:
-    if "://" in location or view is None or view.host is None or not (view.types or in_ray_job()):
+    from analysis.rundir import is_uri
+
+    if is_uri(location) or view is None or view.host is None or not (view.types or in_ray_job()):
         return ""
     return f" (on {view.host}; bring it home with `bplab fetch ADDRESS {location}`)"
 
 
 def project_runtime_env() -> dict:
-    """Ships this copy of jobs/ and workers/ with tasks bplab runs on a cluster's head."""
-    return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers")]}
+    """Ships this copy of jobs/, workers/ and analysis/ (the run directory's package) with tasks
+    bplab runs on a cluster's head."""
+    return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers"), str(ROOT / "analysis")]}
 
 
 def connect(address: str | None, runtime_env: dict | None = None) -> None:
     """Connect to Ray at `address`, or start a private local Ray (never a cluster some other
     process started on this machine)."""
     import ray
+
+    from jobs.options import check_address
 
     check_address(address)
     try:
@@ -404,12 +393,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
         else:
             ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise UsageError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
-
-
-def _one_line(error) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+        raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 
 
 def _version(package: str) -> str | None:
@@ -419,10 +403,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git() -> dict:
+def _git(root: Path = ROOT) -> dict:
+    """The checkout's commit and whether it has uncommitted changes (files .gitignore names,
+    such as a virtual environment made inside it, do not count)."""
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):

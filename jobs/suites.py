@@ -15,6 +15,7 @@ Every error is a `SuiteError` naming the file, the case and the field.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import itertools
@@ -29,12 +30,12 @@ from pathlib import Path
 import yaml
 
 from workers import settings as settings_module
-from workers.errors import shorten
+from workers.errors import UserError, shorten
 from workers.settings import CaseSettings, SettingsError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
-SUITE_KEYS = {"name", "description", "reference", "defaults", "grid", "cases"}
-CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # what a run directory accepts
+SUITE_KEYS = tuple(settings_module.SuiteFile.model_fields)
+CASE_NAME = re.compile(settings_module.CASE_NAME_PATTERN)  # what a run directory accepts
 NAME_CHARS = "letters, digits and _ . - only, starting with a letter or digit"
 # Short labels of common grid keys: `bs16`, `act_tanh`, `s1`. seed, lr and width keep the
 # labels cases had before, so runs started then still resume.
@@ -44,7 +45,7 @@ MAX_LABEL = 40  # a longer label is cut and ends with a hash of the exact value
 MAX_GROUP = 100  # the same for a whole group name (a case id adds the seed and 11 characters)
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError):
     """A user-facing suite error (one line)."""
 
 
@@ -52,7 +53,7 @@ class SuiteError(ValueError):
 MAX_SUITE_BYTES = 4_000_000  # the file's size
 MAX_YAML_DEPTH = 64  # nesting of mappings and lists
 MAX_YAML_NODES = 200_000  # values in the document, with every alias counted as a copy of its anchor
-MAX_CASE_NAME = 100  # characters of a case name as written in the file
+MAX_CASE_NAME = settings_module.CASE_NAME_LIMIT  # characters of a case name as written in the file
 MAX_EXPANDED_NAME = 150  # characters of a case name after grid labels are added
 DEFAULT_MAX_CASES = 10_000  # cases after grid expansion; BPLAB_MAX_CASES (or max_cases=) changes it
 MAX_ERROR_CHARS = 300  # an error line never echoes more of a value than this
@@ -269,9 +270,9 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _grid_size(spec, where: str) -> int:
     """The number of points of a grid (the product of its list lengths), without expanding it."""
-    if spec is None:
+    if not spec:  # no grid, or an empty one: one point
         return 1
-    if not isinstance(spec, dict) or not spec:
+    if not isinstance(spec, dict):
         raise SuiteError(f"{where}: expected a mapping of setting -> list of values")
     for key in spec:
         if not isinstance(spec[key], list) or not spec[key]:
@@ -280,7 +281,7 @@ def _grid_size(spec, where: str) -> int:
 
 
 def _grid(spec, where: str) -> list[dict]:
-    if spec is None:
+    if not spec:
         return [{}]
     _grid_size(spec, where)
     keys = list(spec)
@@ -390,32 +391,18 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
         raise SuiteError(f"{where_file}: malformed YAML: nested too deeply") from None
     except (OSError, UnicodeDecodeError) as error:
         raise SuiteError(f"{where_file}: cannot read: {error}") from None
-    if not isinstance(document, dict):
-        raise SuiteError(f"{where_file}: expected a mapping with 'cases', got {type(document).__name__}")
-    unknown = set(document) - SUITE_KEYS
-    if unknown:
-        raise SuiteError(f"{where_file}: unknown top-level key {sorted(unknown)[0]!r}; expected {', '.join(sorted(SUITE_KEYS))}")
-    cases_spec = document.get("cases")
-    if not isinstance(cases_spec, dict) or not cases_spec:
-        raise SuiteError(f"{where_file}: 'cases' must be a non-empty mapping of case name -> settings")
+    if isinstance(document, dict) and isinstance(document.get("cases"), dict):  # `1:` names case "1"
+        document = {**document, "cases": {str(name): spec for name, spec in document["cases"].items()}}
+    check_document(document, where_file)
+    cases_spec = document["cases"]
     defaults = document.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        raise SuiteError(f"{where_file}: 'defaults' must be a mapping")
     parsed_overrides = [parse_override(o, list(cases_spec)) for o in overrides]
     # count the cases before expanding anything: the product of the grids' list lengths
     limit = max_cases() if limit is None else limit
     total = 0
     suite_size = _grid_size(document.get("grid"), f"{where_file}: grid")
     for base_name, spec in cases_spec.items():
-        base_name = str(base_name)
-        where = f"{where_file}: case {_short(base_name, 40)}"
-        if len(base_name) > MAX_CASE_NAME:
-            raise SuiteError(f"{where}: a case name may be at most {MAX_CASE_NAME} characters, not {len(base_name)}")
-        if not CASE_NAME.match(base_name):
-            raise SuiteError(f"{where}: a case name may hold {NAME_CHARS}")
-        if spec is not None and not isinstance(spec, dict):
-            raise SuiteError(f"{where}: expected a mapping of settings, got {_short(repr(spec), 80)}")
-        total += suite_size * _grid_size((spec or {}).get("grid"), f"{where}: grid")
+        total += suite_size * _grid_size((spec or {}).get("grid"), f"{where_file}: case {_short(base_name, 40)}: grid")
     if total > limit:
         raise SuiteError(f"{where_file}: the grids expand to {total} cases, more than the limit of {limit} "
                          "(set BPLAB_MAX_CASES to allow more)")
@@ -423,7 +410,6 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
 
     entries: list[tuple[str, dict, CaseSettings]] = []
     for base_name, spec in cases_spec.items():
-        base_name = str(base_name)
         where = f"{where_file}: case {base_name}"
         spec = dict(spec or {})  # checked above
         case_grid = _grid(spec.pop("grid", None), f"{where}: grid")
@@ -448,11 +434,71 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
                              f"{MAX_EXPANDED_NAME} ({_short(name, 60)})")
     cases = [Case(name=name, group=group, settings=settings) for (name, group), (_, _, settings) in zip(named, entries)]
     suite_name = str(document.get("name") or path.stem)
-    if not CASE_NAME.match(suite_name):
+    if not CASE_NAME.match(suite_name):  # a file name the run directory would refuse
         raise SuiteError(f"{where_file}: name {suite_name!r}: a suite name may hold {NAME_CHARS}")
-    reference = document.get("reference")
-    return Suite(name=suite_name, description=str(document.get("description") or ""),
-                 reference=str(reference) if reference else None, cases=tuple(cases), source=str(path), text=text)
+    return Suite(name=suite_name, description=document.get("description") or "",
+                 reference=document.get("reference") or None, cases=tuple(cases), source=str(path), text=text)
+
+
+def check_document(document, where_file: str) -> None:
+    """SuiteError (one line naming the file, the case and the field) unless `document` (a
+    suite file as YAML read it) is a valid `workers.settings.SuiteFile`: the model the JSON
+    schema (docs/suite.schema.json) is generated from. Rules between settings are checked
+    per expanded case, after defaults, grids and --set are merged."""
+    from pydantic import ValidationError
+
+    try:
+        settings_module.SuiteFile.model_validate(document)
+    except ValidationError as error:
+        raise SuiteError(f"{where_file}: {_document_error(error.errors(include_url=False)[0])}") from None
+
+
+def _document_error(error: dict) -> str:
+    """The first error of a suite document, in the words of the settings errors."""
+    loc, kind, given = list(error["loc"]), error["type"], error.get("input")
+    if not loc:
+        return f"expected a mapping with 'cases', got {type(given).__name__}"
+    top, rest = loc[0], loc[1:]
+    if top == "cases" and rest:
+        name = str(rest[0])
+        where = f"case {_short(name, 40)}"
+        if rest[1:] == ["[key]"]:
+            if kind == "string_too_long":
+                return f"{where}: a case name may be at most {MAX_CASE_NAME} characters, not {len(name)}"
+            return f"{where}: a case name may hold {NAME_CHARS}"
+        if len(rest) == 1:
+            return f"{where}: expected a mapping of settings, got {_short(repr(given), 80)}"
+        if rest[1] == "grid":
+            return f"{where}: {_grid_error(rest[1:], error)}"
+        return f"{where}.{settings_module.error_text({**error, 'loc': tuple(rest[1:])})}"
+    if top == "cases":
+        return "'cases' must be a non-empty mapping of case name -> settings"
+    if top == "defaults" and rest:
+        return f"defaults.{settings_module.error_text({**error, 'loc': tuple(rest)})}"
+    if top == "defaults":
+        return "'defaults' must be a mapping"
+    if top == "grid":
+        return _grid_error(loc, error)
+    if kind == "extra_forbidden":
+        return f"unknown top-level key {_short(repr(top), 80)}; expected {', '.join(sorted(SUITE_KEYS))}"
+    if top == "name" and kind == "string_pattern_mismatch":
+        return f"name {_short(repr(given), 80)}: a suite name may hold {NAME_CHARS}"
+    return f"{top}: {error['msg'][0].lower()}{error['msg'][1:]}, got {_short(repr(given), 80)}"
+
+
+def _grid_error(loc: list, error: dict) -> str:
+    """An error inside a grid (loc starts with 'grid')."""
+    if len(loc) == 1:
+        return "grid: expected a mapping of setting -> list of values"
+    key = _short(str(loc[1]), 60)
+    if error["type"] == "extra_forbidden":
+        known = list(settings_module.CaseFields.model_fields)
+        alias = settings_module.ALIASES.get(str(loc[1]))
+        close = [alias] if alias in known else difflib.get_close_matches(str(loc[1]), known, n=1)
+        return f"grid.{key}: unknown setting" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if len(loc) > 2:  # one of the values, checked as the setting it is a value of
+        return f"grid.{settings_module.error_text({**error, 'loc': tuple(loc[1:])})}"
+    return f"grid.{key}: expected a non-empty list of values"
 
 
 def select(suite: Suite, only: list[str]) -> Suite:

@@ -15,10 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 BIN = Path(sys.executable).parent  # `ray` and `bplab` of this environment (no pyenv shim lookup through HOME)
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -166,3 +169,80 @@ def end_head(tags: list[str], home: Path, base: Path) -> None:
     left = head_pids(tags, home)
     shutil.rmtree(base, ignore_errors=True)
     assert not left, f"Ray processes of the test head still running: {sorted(left)}"
+
+
+def autoscaling_config(gcs_port: int, gpus: int = 1, cpus: int = 1, max_workers: int = 2) -> dict:
+    """Ray's fake multi-node provider as a cold cluster: the head alone (0 GPU), `gpu_worker`
+    nodes (`gpus` GPUs, `cpus` CPUs, the bplab_trainer marker) only when the autoscaler
+    launches them, at most `max_workers`."""
+    empty = {key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                 "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                                 "cluster_synced_files")}
+    return {
+        "cluster_name": "bplab-fake",
+        "max_workers": max_workers,
+        "idle_timeout_minutes": 5,
+        "upscaling_speed": 1.0,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
+        "auth": {},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": cpus, "GPU": gpus, "bplab_trainer": 1000}, "node_config": {},
+                           "min_workers": 0, "max_workers": max_workers},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+        **empty,
+    }
+
+
+@contextmanager
+def autoscaling_head(env_extra: dict | None = None, **config):
+    """A cold autoscaling cluster (autoscaling_config(**config)), token auth on, in a private
+    HOME; yields {base, home, laptop, env, gcs, dashboard}; ended by pid afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="bpas-", dir="/tmp"))  # short: Ray's unix socket paths stay < 108 chars
+    home, temp_dir, laptop = base / "home", base / "ray", base / "laptop"
+    for d in (home, temp_dir, laptop):
+        d.mkdir()
+    ports = free_ports(4)
+    gcs_port, dashboard_port = ports[:2]
+    env = private_env(home, RAY_FAKE_CLUSTER="1", **(env_extra or {}))
+    config_file = base / "autoscaling.yaml"
+    config_file.write_text(yaml.safe_dump(autoscaling_config(gcs_port, **config)))
+    info = {"base": base, "home": home, "laptop": laptop, "env": env, "gcs": f"127.0.0.1:{gcs_port}",
+            "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    tags = [str(base), info["gcs"]]
+    try:
+        make_token(env, home)
+        start_head(env, temp_dir, ports, 1, f"--autoscaling-config={config_file}")
+        yield info
+    finally:
+        end_head(tags, home, base)
+
+
+def fake_node_pids(node_id: str) -> set[int]:
+    """Every process of one fake worker node: its raylet and agents carry the node's id in their
+    environment (the fake provider sets RAY_OVERRIDE_NODE_ID_FOR_TESTING), its workers are their
+    descendants."""
+    table = _procs()
+    marker = f"\nRAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}\n"
+    found = {p for p, (_, _, environ) in table.items() if marker in environ + "\n"}
+    grew = True
+    while grew:
+        children = {p for p, (ppid, _, _) in table.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    return found - {os.getpid()}
+
+
+def kill_fake_node(node_id: str) -> int:
+    """SIGKILL a whole fake node at once (as a preempted VM vanishes); how many processes."""
+    pids = fake_node_pids(node_id)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(pids)

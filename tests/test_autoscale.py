@@ -4,7 +4,7 @@ only when the autoscaler launches them (`min_workers: 0`).
 Ray's fake multi-node provider stands in for the cloud: `RAY_FAKE_CLUSTER=1 ray start --head
 --autoscaling-config=FILE` runs the real autoscaler (v1), which starts "nodes" as local raylets
 with the resources of their node type. Ray 2.60's wheel lacks fake_multi_node/example.yaml, so
-the config is written here; it declares bplab_trainer on the GPU type only, as cluster.yaml does.
+the config is written by tests/raycluster.py; it declares bplab_trainer on the GPU type only, as cluster.yaml does.
 
 Checked, token authentication on, through the README's own commands:
 - `bplab plan quick --address GCS` sees the node types (2 at once fully scaled, 0 now) and
@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from raycluster import BIN, end_head, free_ports, make_token, private_env, run, start_head, tail
+from raycluster import BIN, autoscaling_head, run, tail
 
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.study import source_digest
 
 # one `ray start --head` at a time when the suite runs in parallel (pytest -n 2): see pyproject.toml
@@ -41,50 +39,10 @@ TINY = ["--set", "epochs=1", "--set", "steps_per_epoch=2", "--progress-every", "
 EXCLUDES = {"excludes": [".git", "runs", "reports", "**/__pycache__", ".pytest_cache", "*.egg-info"]}
 
 
-def autoscaling_config(gcs_port: int) -> dict:
-    empty = {key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
-                                 "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
-                                 "cluster_synced_files")}
-    return {
-        "cluster_name": "bplab-fake",
-        "max_workers": 2,
-        "idle_timeout_minutes": 5,
-        "upscaling_speed": 1.0,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
-        "auth": {},
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 1, "GPU": 0}, "node_config": {}, "max_workers": 0},
-            "gpu_worker": {"resources": {"CPU": 1, "GPU": 1, "bplab_trainer": 1000}, "node_config": {},
-                           "min_workers": 0, "max_workers": 2},
-        },
-        "head_node_type": "ray.head.default",
-        "file_mounts": {},
-        "file_mounts_sync_continuously": False,
-        **empty,
-    }
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    base = Path(tempfile.mkdtemp(prefix="bpas-", dir="/tmp"))  # short: Ray's unix socket paths stay < 108 chars
-    home, temp_dir, laptop = base / "home", base / "ray", base / "laptop"
-    for d in (home, temp_dir, laptop):
-        d.mkdir()
-    ports = free_ports(4)
-    gcs_port, dashboard_port = ports[:2]
-    env = private_env(home, RAY_FAKE_CLUSTER="1")
-    config = base / "autoscaling.yaml"
-    config.write_text(yaml.safe_dump(autoscaling_config(gcs_port)))
-    info = {"base": base, "home": home, "laptop": laptop, "env": env, "gcs": f"127.0.0.1:{gcs_port}",
-            "dashboard": f"http://127.0.0.1:{dashboard_port}"}
-    tags = [str(base), info["gcs"]]
-    try:
-        make_token(env, home)
-        start_head(env, temp_dir, ports, 1, f"--autoscaling-config={config}")
+    with autoscaling_head() as info:
         yield info
-    finally:
-        end_head(tags, home, base)
 
 
 def _nodes(cluster) -> list[dict]:

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from workers.settings import CaseSettings, DataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,9 +218,9 @@ def make_existing_run(location: Path) -> RunDir:
     rows = [{"split": "train", "epoch": 0, "step": step, "cost": 2.0 / step, "accuracy": 0.1 * step, "lr": 0.002}
             for step in (1, 2)]
     entry = dataclasses.replace(run.entry(case_id), state="running", attempts=1)
-    entry = run.commit(case_id, rows, b"checkpoint bytes", entry)
+    entry = run.commit(case_id, entry, checkpoint=b"checkpoint bytes", tables={"metrics": rows})
     entry = dataclasses.replace(entry, step=3)
-    run.commit(case_id, [dict(rows[-1], step=3)], b"later checkpoint", entry)
+    run.commit(case_id, entry, checkpoint=b"later checkpoint", tables={"metrics": [dict(rows[-1], step=3)]})
     return run
 
 

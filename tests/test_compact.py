@@ -4,7 +4,7 @@ ignores it once stale, and pandas.read_parquet(RUN/"metrics") never sees it."""
 import pandas as pd
 
 import analysis
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 
 
 def rows(start, count, epoch):
@@ -21,7 +21,7 @@ def make_run(tmp_path):
     for case in cases:
         entry = run.entry(case["case_id"])
         for epoch in range(3):
-            entry = run.commit(case["case_id"], rows(epoch * 5, 5, epoch), b"ckpt", entry)
+            entry = run.commit(case["case_id"], entry, checkpoint=b"ckpt", tables={"metrics": rows(epoch * 5, 5, epoch)})
     return run, [c["case_id"] for c in cases]
 
 
@@ -49,7 +49,7 @@ def test_compacted_cache_gives_the_same_rows(tmp_path):
 def test_a_stale_cache_is_ignored(tmp_path):
     run, (a, b) = make_run(tmp_path)
     run.compact_metrics(a)
-    run.commit(a, rows(15, 5, 3), b"ckpt", run.entry(a))  # a later commit: cache at 3, ledger at 4
+    run.commit(a, run.entry(a), checkpoint=b"ckpt", tables={"metrics": rows(15, 5, 3)})  # a later commit: cache at 3, ledger at 4
     loaded = sorted_metrics(analysis.load(run.location).metrics)
     assert (loaded["case_id"] == a).sum() == 24
     assert loaded[loaded.case_id == a]["step"].max() == 20

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.driver import Driver
 from jobs.plan import PlannedCase
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.suites import Case
 from workers.settings import CaseSettings
 from workers.trainer import Report

@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs.storage import LOCK, RunDir, StorageError
+from analysis.rundir import RunDir, StorageError
+from analysis.rundir.layout import LOCK
 from workers.settings import CaseSettings, DataSpec
 from tests.test_bad_input import assert_refused, make_existing_run, run_main, tree_state, write_suite
 
@@ -44,13 +45,13 @@ def make_run(tmp_path: Path, finished: bool) -> tuple[RunDir, Path]:
     root = tmp_path / "run"
     run = RunDir.create(str(root), {"suite": "faults"}, CASES)
     a = dataclasses.replace(run.entry("aaa111"), state="running", attempts=1)
-    a = run.commit("aaa111", rows(1, 2), b"one", dataclasses.replace(a, step=2))
-    a = run.commit("aaa111", rows(3, 4), None, dataclasses.replace(a, step=4))
-    a = run.commit("aaa111", rows(5, 6), b"three", dataclasses.replace(a, step=6))
+    a = run.commit("aaa111", dataclasses.replace(a, step=2), checkpoint=b"one", tables={"metrics": rows(1, 2)})
+    a = run.commit("aaa111", dataclasses.replace(a, step=4), tables={"metrics": rows(3, 4)})
+    a = run.commit("aaa111", dataclasses.replace(a, step=6), checkpoint=b"three", tables={"metrics": rows(5, 6)})
     if finished:
-        a = run.commit("aaa111", rows(7, 8), None, dataclasses.replace(a, step=8, state="done"))
+        a = run.commit("aaa111", dataclasses.replace(a, step=8, state="done"), tables={"metrics": rows(7, 8)})
         run.compact_metrics("aaa111")
-    run.commit("bbb222", rows(1), b"b-one", dataclasses.replace(run.entry("bbb222"), step=1))
+    run.commit("bbb222", dataclasses.replace(run.entry("bbb222"), step=1), checkpoint=b"b-one", tables={"metrics": rows(1)})
     return run, root
 
 
@@ -94,7 +95,7 @@ def test_torn_latest_checkpoint_falls_back_to_the_commit_before(tmp_path):
     assert steps_of(root, "bbb222") == [1]  # the other case is untouched
     assert again.verify() == [] and again.recover() == []
     # the resumed case commits 2 again, exactly once
-    entry = again.commit("aaa111", rows(3, 4), b"two", entry)
+    entry = again.commit("aaa111", entry, checkpoint=b"two", tables={"metrics": rows(3, 4)})
     assert steps_of(root) == [1, 2, 3, 4] and entry.commit_seq == 2
 
 
@@ -214,7 +215,7 @@ def test_rows_of_a_commit_that_never_reached_the_ledger_are_never_visible(tmp_pa
 
     monkeypatch.setattr(RunDir, "_put_entry", full_disk)
     with pytest.raises(OSError):
-        run.commit("aaa111", rows(7, 8), b"four", dataclasses.replace(entry, step=8))
+        run.commit("aaa111", dataclasses.replace(entry, step=8), checkpoint=b"four", tables={"metrics": rows(7, 8)})
     monkeypatch.undo()
     assert steps_of(root) == [1, 2, 3, 4, 5, 6]  # a plain read sees only committed rows
     import analysis
@@ -235,7 +236,7 @@ def test_commit_killed_after_its_ledger_write_is_rolled_forward(tmp_path, monkey
 
     monkeypatch.setattr(RunDir, "_publish", killed)
     with pytest.raises(KeyboardInterrupt):
-        run.commit("aaa111", rows(7, 8), b"four", dataclasses.replace(entry, step=8, state="done"))
+        run.commit("aaa111", dataclasses.replace(entry, step=8, state="done"), checkpoint=b"four", tables={"metrics": rows(7, 8)})
     monkeypatch.undo()
     assert RunDir.open(str(root)).entry("aaa111").commit_seq == 4  # committed ...
     assert steps_of(root) == [1, 2, 3, 4, 5, 6]  # ... but not yet visible: never a row that is not committed

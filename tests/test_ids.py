@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from jobs import plan, suites
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.study import suite_from_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +77,11 @@ def test_status_shows_an_old_run(old_run, capsys):
     from jobs.cli import main
 
     assert main(["status", str(old_run)]) == 0
-    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
-    assert lines["cut"][1] == "running" and lines["cut"][4:6] == ["2/60", "100/2400"]
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    # its driver was SIGKILLed (the lease's process is gone): running in the ledger, shown interrupted
+    assert lines["cut"][1] == "interrupted" and lines["cut"][4:6] == ["2/60", "100/2400"]
+    assert out.strip().endswith(f"continue with: bplab run --resume {old_run}")
     assert lines["done"][1] == "done" and lines["done"][4:6] == ["2/2", "80/80"]
 
 

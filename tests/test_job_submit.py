@@ -38,7 +38,7 @@ import pytest
 from raycluster import AUTH_VARS, BIN, end_head, free_ports as _free_ports, start_head, \
     make_token, private_env, run as _run, tail as _tail
 
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from jobs.study import source_digest
 
 # one `ray start --head` at a time when the suite runs in parallel (pytest -n 2): see pyproject.toml

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from jobs.storage import LOCK, RunDir, StorageError
+from analysis.rundir import RunDir, StorageError
+from analysis.rundir.layout import LOCK
 
 TAKERS = 16
 

@@ -12,7 +12,7 @@ import pytest
 from jobs import plan, suites
 from jobs.suites import SuiteError
 
-STORAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # jobs.storage._NAME_RE, written out on purpose
+STORAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # analysis.rundir.layout.NAME_RE, written out on purpose
 
 EMBEDDED = {"digits", "moons"}  # data sets bplab carries; the others are files (MNIST, CIFAR-10)
 

@@ -98,7 +98,7 @@ def test_capture_takes_fd_1_and_2_and_keeps_the_tail(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_case_logs_append_cap_and_tail(tmp_path):
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
     from workers.logs import CaseLogs, read_case_log
 
     run = RunDir(tmp_path / "run")
@@ -119,7 +119,7 @@ def test_a_failed_case_shows_its_last_lines(tmp_path):
 
     from jobs import plan, suites
     from jobs.driver import Driver
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
 
     suite = suites.select(suites.load_suite("moons-quick"), ["deep"])
     planned = plan.make_plan(suite, plan.load_data(suite.cases), cpus_per_case=1, gpus_per_case=0)

@@ -227,7 +227,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
 
 
 def test_resume_reruns_a_failed_case(cluster, tmp_path):
-    from jobs.storage import RunDir
+    from analysis.rundir import RunDir
 
     suite = write_suite(tmp_path, "failed", {"ok": {}, "broken": {"seed": 3}}, epochs=1, train=320)
     run = tmp_path / "run"

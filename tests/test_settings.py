@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from jobs import suites
 from workers import settings as settings_module
 from workers.settings import CaseSettings, DataSpec
 
@@ -142,64 +141,7 @@ def test_largest_seed_works_in_numpy_and_tensorflow():
         tf.random.stateless_uniform((2,), seed=tf.constant([seed, 1], dtype))
 
 
-# ---------------------------------------------------------------------- the suite schema
-
-
-@pytest.mark.timeout(30)
-def test_checked_in_schema_is_the_generated_one():
-    assert json.loads((ROOT / "docs" / "suite.schema.json").read_text()) == settings_module.suite_schema(), (
-        "docs/suite.schema.json is stale: regenerate it with `bplab schema > docs/suite.schema.json`")
-
-
-@pytest.mark.timeout(30)
-def test_bplab_schema_prints_it(capsys):
-    from jobs.cli import main
-
-    assert main(["schema"]) == 0
-    assert json.loads(capsys.readouterr().out) == settings_module.suite_schema()
-
-
-def _schema_errors(document) -> list[str]:
-    """Errors of `document` against the published schema (jsonschema if installed, else the pydantic model)."""
-    try:
-        import jsonschema
-    except ImportError:
-        from pydantic import ValidationError
-
-        try:
-            settings_module.SuiteFile.model_validate(document)
-        except ValidationError as error:
-            return [str(e) for e in error.errors()]
-        return []
-    validator = jsonschema.Draft202012Validator(settings_module.suite_schema())
-    return [error.message for error in validator.iter_errors(document)]
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", suites.builtin_names())
-def test_every_builtin_suite_file_validates_against_the_schema(name):
-    import yaml
-
-    document = yaml.safe_load((suites.SUITE_DIR / f"{name}.yaml").read_text())
-    assert _schema_errors(document) == []
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("change", [
-    {"defaults": {"schedule": "sideways"}},
-    {"defaults": {"learning_rate": 0.1}},
-    {"cases": {"a": {"lr": -1}}},
-    {"cases": {"a b": {}}},
-    {"grid": {"epoch": [1, 2]}},
-    {"grid": {"seed": []}},
-    {"default": {}},
-    {"cases": {"a": {"data": {"name": "mnist", "resize": 0}}}},
-])
-def test_the_schema_refuses_what_the_loader_refuses(change):
-    import yaml
-
-    document = {**yaml.safe_load((suites.SUITE_DIR / "quick.yaml").read_text()), **change}
-    assert _schema_errors(document), change
+# The suite schema and the loader's agreement with it: tests/test_suite_schema.py.
 
 
 # ---------------------------------------------------------------------- one registry per kind

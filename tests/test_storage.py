@@ -1,4 +1,4 @@
-"""Tests for jobs.storage: the run directory (ledger, Parquet logs, checkpoints, recovery)."""
+"""Tests for analysis.rundir: the run directory (ledger, Parquet logs, checkpoints, recovery)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.storage import LedgerEntry, RunDir, StorageError
+from analysis.rundir import LedgerEntry, RunDir, StorageError
 
 MANIFEST = {"suite": "demo", "created_by": "test", "options": {"seeds": [1, 2], "resume": False}}
 CASES = [
@@ -38,7 +38,7 @@ def test_create_open_manifest_round_trip(tmp_path):
     assert (root / "manifest.json").is_file() and (root / "cases.parquet").is_file()
     again = RunDir.open(str(root))
     assert again.is_run()
-    assert again.manifest() == MANIFEST
+    assert again.manifest() == {**MANIFEST, "format_version": 2} and again.format_version() == 2
     cases = again.cases()
     assert list(cases["case_id"]) == ["aaa111", "bbb222"]
     assert list(cases["name"]) == ["standard-s1", "unfair-s1"]
@@ -67,7 +67,7 @@ def test_open_plain_folder_is_refused_with_one_line(tmp_path):
 def test_create_over_existing_run_is_refused_and_run_untouched(tmp_path):
     run, root = make_run(tmp_path)
     entry = run.entry("aaa111")
-    run.commit("aaa111", [train_row(0, 1)], b"ckpt", dataclasses_replace(entry, state="running"))
+    run.commit("aaa111", dataclasses_replace(entry, state="running"), checkpoint=b"ckpt", tables={"metrics": [train_row(0, 1)]})
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     with pytest.raises(StorageError, match="already holds a run") as err:
         RunDir.create(str(root), {"suite": "other"}, [{"case_id": "ccc333", "name": "x"}])
@@ -92,12 +92,12 @@ def test_commits_read_whole_with_pandas_and_pyarrow(tmp_path):
     # which would fix lr as a null column (and accuracy as int) without the schema anchor
     test_rows = [{"split": "test", "epoch": 0, "step": 10, "cost": 0.7, "accuracy": 1, "lr": None},
                  {"split": "test", "epoch": 0, "step": 10, "cost": 0.8, "accuracy": 0, "lr": None, "examples": 100}]
-    a = run.commit("aaa111", test_rows, None, a)
-    a = run.commit("aaa111", [train_row(1, 11), train_row(1, 12, lr=0.05)], None, a)
+    a = run.commit("aaa111", a, tables={"metrics": test_rows})
+    a = run.commit("aaa111", a, tables={"metrics": [train_row(1, 11), train_row(1, 12, lr=0.05)]})
     b = run.entry("bbb222")
     # a later file brings a new column (sg_loss) and a row without lr
     b_rows = [train_row(0, 1, sg_loss=0.3), {"split": "train", "epoch": 0, "step": 2, "cost": 0.5, "accuracy": 0.25}]
-    b = run.commit("bbb222", b_rows, None, b)
+    b = run.commit("bbb222", b, tables={"metrics": b_rows})
     assert (a.commit_seq, b.commit_seq) == (2, 1)
 
     expected = ([dict(r, case_id="aaa111") for r in test_rows]
@@ -124,21 +124,21 @@ def test_commits_read_whole_with_pandas_and_pyarrow(tmp_path):
 def test_rows_may_carry_their_own_case_id_only_if_it_matches(tmp_path):
     run, root = make_run(tmp_path)
     a = run.entry("aaa111")
-    a = run.commit("aaa111", [dict(train_row(0, 1), case_id="aaa111")], None, a)
+    a = run.commit("aaa111", a, tables={"metrics": [dict(train_row(0, 1), case_id="aaa111")]})
     assert "case_id" not in pq.read_schema(root / "metrics" / "case_id=aaa111" / "part-000001.parquet").names
     assert pd.read_parquet(root / "metrics")["case_id"].tolist() == ["aaa111"]
     with pytest.raises(StorageError, match="case bbb222"):
-        run.commit("aaa111", [dict(train_row(0, 2), case_id="bbb222")], None, a)
+        run.commit("aaa111", a, tables={"metrics": [dict(train_row(0, 2), case_id="bbb222")]})
     assert run.entry("aaa111").commit_seq == 1
 
 
 def test_type_conflict_is_refused(tmp_path):
     run, _ = make_run(tmp_path)
-    a = run.commit("aaa111", [train_row(0, 1)], None, run.entry("aaa111"))
+    a = run.commit("aaa111", run.entry("aaa111"), tables={"metrics": [train_row(0, 1)]})
     with pytest.raises(StorageError, match="'split'"):
-        run.commit("aaa111", [train_row(0, 2, split=3)], None, a)
+        run.commit("aaa111", a, tables={"metrics": [train_row(0, 2, split=3)]})
     with pytest.raises(StorageError, match="mixes value types"):
-        run.commit("aaa111", [train_row(0, 2, note="x"), train_row(0, 3, note=1.5)], None, a)
+        run.commit("aaa111", a, tables={"metrics": [train_row(0, 2, note="x"), train_row(0, 3, note=1.5)]})
     assert run.entry("aaa111").commit_seq == 1
 
 
@@ -147,8 +147,7 @@ def test_crash_before_ledger_write_is_recovered(tmp_path):
     a = run.entry("aaa111")
     a = dataclasses_replace(a, state="running", attempts=1)
     a = run.write_entry(a)
-    a = run.commit("aaa111", [train_row(0, 1)], b"committed-1", a,
-                   layer_stats=[{"layer": "dense1", "grad_norm": 0.1, "step": 1}])
+    a = run.commit("aaa111", a, checkpoint=b"committed-1", tables={"metrics": [train_row(0, 1)], "layer_stats": [{"layer": "dense1", "grad_norm": 0.1, "step": 1}]})
     # a driver that dies after writing the files of commit 2 but before its ledger write
     metrics_dir = root / "metrics" / "case_id=aaa111"
     stats_dir = root / "layer_stats" / "case_id=aaa111"
@@ -177,7 +176,7 @@ def test_crash_before_ledger_write_is_recovered(tmp_path):
     assert len(pd.read_parquet(root / "metrics")) == 1
     assert len(pd.read_parquet(root / "layer_stats")) == 1
     # the resumed case commits seq 2 again, exactly once
-    run.commit("aaa111", [train_row(0, 2)], b"committed-2", entry)
+    run.commit("aaa111", entry, checkpoint=b"committed-2", tables={"metrics": [train_row(0, 2)]})
     assert pd.read_parquet(root / "metrics")["step"].tolist() == [1, 2]
     assert run.recover() == []
 
@@ -185,15 +184,15 @@ def test_crash_before_ledger_write_is_recovered(tmp_path):
 def test_two_checkpoint_generations_are_kept(tmp_path):
     run, root = make_run(tmp_path)
     ckpt_dir = root / "checkpoints" / "aaa111"
-    a = run.commit("aaa111", [train_row(0, 1)], b"one", run.entry("aaa111"))
+    a = run.commit("aaa111", run.entry("aaa111"), checkpoint=b"one", tables={"metrics": [train_row(0, 1)]})
     assert run.load_checkpoint("aaa111") == b"one"
-    a = run.commit("aaa111", [train_row(0, 2)], None, a)  # a commit without a checkpoint keeps the old one
+    a = run.commit("aaa111", a, tables={"metrics": [train_row(0, 2)]})  # a commit without a checkpoint keeps the old one
     assert a.checkpoint == "checkpoints/aaa111/ckpt-000001.npz"
     assert sorted(os.listdir(ckpt_dir)) == ["ckpt-000001.npz"]
-    a = run.commit("aaa111", [train_row(0, 3)], b"three", a)
+    a = run.commit("aaa111", a, checkpoint=b"three", tables={"metrics": [train_row(0, 3)]})
     assert a.checkpoint == "checkpoints/aaa111/ckpt-000003.npz" and a.commit_seq == 3
     assert sorted(os.listdir(ckpt_dir)) == ["ckpt-000001.npz", "ckpt-000003.npz"]  # latest and the one before
-    a = run.commit("aaa111", [train_row(0, 4)], b"four", a)
+    a = run.commit("aaa111", a, checkpoint=b"four", tables={"metrics": [train_row(0, 4)]})
     assert sorted(os.listdir(ckpt_dir)) == ["ckpt-000003.npz", "ckpt-000004.npz"]
     assert [g["commit_seq"] for g in a.checkpoints] == [4, 3]
     assert RunDir.open(str(root)).load_checkpoint("aaa111") == b"four"
@@ -203,16 +202,16 @@ def test_two_checkpoint_generations_are_kept(tmp_path):
 def test_stale_or_duplicate_commit_is_refused(tmp_path):
     run, root = make_run(tmp_path)
     first = run.entry("aaa111")
-    run.commit("aaa111", [train_row(0, 1)], b"one", first)
+    run.commit("aaa111", first, checkpoint=b"one", tables={"metrics": [train_row(0, 1)]})
     with pytest.raises(StorageError, match="duplicate or stale"):
-        run.commit("aaa111", [train_row(0, 1)], b"one", first)
+        run.commit("aaa111", first, checkpoint=b"one", tables={"metrics": [train_row(0, 1)]})
     with pytest.raises(StorageError, match="only commit"):
         run.write_entry(dataclasses_replace(first, state="failed", reason_class="oom"))
     assert len(pd.read_parquet(root / "metrics")) == 1
     assert run.entry("aaa111").commit_seq == 1
     # a fresh RunDir (no cache) refuses it too
     with pytest.raises(StorageError, match="duplicate or stale"):
-        RunDir.open(str(root)).commit("aaa111", [train_row(0, 1)], None, first)
+        RunDir.open(str(root)).commit("aaa111", first, tables={"metrics": [train_row(0, 1)]})
 
 
 def test_write_entry_validates_and_is_atomic(tmp_path):
@@ -240,9 +239,9 @@ def test_file_uri_works_like_a_path(tmp_path):
     run = RunDir.create(uri, MANIFEST, CASES)
     assert run.filesystem.type_name == "local"
     assert run.root == str(root)
-    run.commit("aaa111", [train_row(0, 1)], b"ckpt", run.entry("aaa111"))
+    run.commit("aaa111", run.entry("aaa111"), checkpoint=b"ckpt", tables={"metrics": [train_row(0, 1)]})
     by_path = RunDir.open(str(root))
-    assert by_path.manifest() == MANIFEST
+    assert by_path.manifest() == {**MANIFEST, "format_version": 2}
     assert by_path.load_checkpoint("aaa111") == b"ckpt"
     assert len(pd.read_parquet(root / "metrics")) == 1
     by_uri = RunDir.open(uri)
@@ -255,8 +254,8 @@ def test_file_uri_works_like_a_path(tmp_path):
 def test_object_store_mode_and_mock_filesystem():
     fs, _ = pafs.FileSystem.from_uri("mock:///")
     run = RunDir.create("bucket/run", MANIFEST, CASES, filesystem=fs, atomic_rename=False)
-    a = run.commit("aaa111", [train_row(0, 1)], b"one", run.entry("aaa111"))
-    run.commit("aaa111", [train_row(0, 2, lr=None)], b"two", a)
+    a = run.commit("aaa111", run.entry("aaa111"), checkpoint=b"one", tables={"metrics": [train_row(0, 1)]})
+    run.commit("aaa111", a, checkpoint=b"two", tables={"metrics": [train_row(0, 2, lr=None)]})
     again = RunDir.open("bucket/run", filesystem=fs)
     assert again.load_checkpoint("aaa111") == b"two"
     files = [i.path for i in fs.get_file_info(pafs.FileSelector("bucket/run", recursive=True))]
@@ -270,7 +269,7 @@ def test_object_store_mode_and_mock_filesystem():
 def test_add_cases_keeps_existing_entries_untouched(tmp_path):
     run, root = make_run(tmp_path)
     a = run.write_entry(dataclasses_replace(run.entry("aaa111"), state="running", attempts=1, node="n1"))
-    a = run.commit("aaa111", [train_row(0, 1)], b"one", dataclasses_replace(a, state="done", epoch=1, step=1))
+    a = run.commit("aaa111", dataclasses_replace(a, state="done", epoch=1, step=1), checkpoint=b"one", tables={"metrics": [train_row(0, 1)]})
     ledger_bytes = (root / "ledger" / "aaa111.json").read_bytes()
     new = [{"case_id": "aaa111", "name": "renamed?", "schedule": "other"},  # existing id: ignored
            {"case_id": "ccc333", "name": "dilated-s2", "schedule": "dilated", "lr": 0.1, "seed": 2,

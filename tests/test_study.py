@@ -38,8 +38,9 @@ def test_run_study_from_python(tmp_path):
 
 
 def test_run_study_refuses_bad_input_before_ray(tmp_path):
-    from jobs.study import UsageError, run_study
+    from jobs.study import run_study
+    from workers.errors import UserError
 
-    with pytest.raises(UsageError, match="max-retries"):
+    with pytest.raises(UserError, match="max-retries"):
         run_study("quick", tmp_path / "x", max_retries=-1)
     assert not (tmp_path / "x").exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jobs import plan, suites
-from jobs.storage import RunDir
+from analysis.rundir import RunDir
 from workers.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """`bplab tensorboard`: event files from the committed Parquet, read back from a live TensorBoard.
 
 A real case is trained in-process (workers.trainer, no Ray) and its two per-epoch reports are
-committed one at a time with jobs.storage as the driver does, so the export sees a live run
+committed one at a time with analysis.rundir as the driver does, so the export sees a live run
 grow. `bplab tensorboard RUN --port P` is started as a user starts it; its scalars and
 histograms are read over TensorBoard's HTTP API and compared with the Parquet files.
 """
@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("tensorboard")
 
 from jobs.cli import main  # noqa: E402
-from jobs.storage import RunDir  # noqa: E402
+from analysis.rundir import RunDir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_tidy import SETTINGS, case_rows, commit_report, train_reports  # noqa: E402

@@ -1,7 +1,7 @@
 """Tidy data: list columns stored as Parquet lists, a typed cases table, older runs still read.
 
 The run here is real: a tiny MLP trained in-process by workers.trainer, its reports committed
-with jobs.storage.RunDir as the driver commits them (no Ray). Every check reads the files
+with analysis.rundir.RunDir as the driver commits them (no Ray). Every check reads the files
 back with plain pyarrow and plain pandas, not only with analysis.load.
 """
 
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.storage import LedgerEntry, RunDir
+from analysis.rundir import LedgerEntry, RunDir
 
 SETTINGS = {"model": "mlp", "hidden": [8, 4], "data": {"name": "moons", "samples": 200}, "batch_size": 16,
             "epochs": 2, "steps_per_epoch": 3, "lr": 0.01, "layer_stats_every": 2, "seed": 3}
@@ -61,7 +61,7 @@ def commit_report(run: RunDir, case_id: str, report) -> None:
     entry.step = int(report.progress.get("step", entry.step))
     entry.epoch = int(report.progress.get("epoch", entry.epoch))
     entry.state = "done" if report.status == "done" else "running"
-    run.commit(case_id, report.rows, report.checkpoint, entry, report.layer_stats)
+    run.commit(case_id, entry, checkpoint=report.checkpoint, tables={"metrics": report.rows, "layer_stats": report.layer_stats})
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +183,14 @@ def test_a_resumed_older_run_keeps_json_strings(tmp_path):
     """New list rows committed to a run whose schema stores updates as strings stay JSON."""
     run = RunDir.create(str(tmp_path / "run"), {}, [{"case_id": "k1", "name": "k"}])
     row = {"split": "train", "epoch": 0, "step": 0, "cost": 1.0}
-    run.commit("k1", [{**row, "updates": "[1, 1]"}], None, run.entry("k1"))
-    run.commit("k1", [{**row, "step": 1, "updates": [2, 2]}], None, run.entry("k1"))
+    run.commit("k1", run.entry("k1"), tables={"metrics": [{**row, "updates": "[1, 1]"}]})
+    run.commit("k1", run.entry("k1"), tables={"metrics": [{**row, "step": 1, "updates": [2, 2]}]})
     table = pq.read_table(tmp_path / "run" / "metrics")
     assert table.column("updates").to_pylist() == ["[1, 1]", "[2, 2]"]
     # a list column whose first commit held only empty lists takes the later element type
     run2 = RunDir.create(str(tmp_path / "run2"), {}, [{"case_id": "k1", "name": "k"}])
-    run2.commit("k1", [{**row, "tags": []}], None, run2.entry("k1"))
-    run2.commit("k1", [{**row, "step": 1, "tags": ["x"]}], None, run2.entry("k1"))
+    run2.commit("k1", run2.entry("k1"), tables={"metrics": [{**row, "tags": []}]})
+    run2.commit("k1", run2.entry("k1"), tables={"metrics": [{**row, "step": 1, "tags": ["x"]}]})
     frame = pd.read_parquet(tmp_path / "run2" / "metrics")
     assert [list(v) for v in frame.sort_values("step")["tags"]] == [[], ["x"]]
     assert np.all(pq.read_schema(tmp_path / "run2" / "metrics" / "0-schema.parquet").field("tags").type

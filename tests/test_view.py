@@ -10,7 +10,7 @@ import pytest
 
 from jobs.driver import CaseState
 from jobs.plan import PlannedCase
-from jobs.storage import LedgerEntry
+from analysis.rundir import LedgerEntry
 from jobs.suites import Case
 from jobs.view import LiveView
 from workers import settings as settings_module

@@ -184,7 +184,7 @@ def import_tensorflow():
 
 
 def classify_exception(error: BaseException) -> str:
-    """Failure class of an exception raised while training (see jobs.storage.FAILURE_CLASSES)."""
+    """Failure class of an exception raised while training (see analysis.rundir.FAILURE_CLASSES)."""
     from workers.settings import SettingsError
 
     name = type(error).__name__

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.errors import one_line as _one_line
+from workers.errors import UserError, one_line as _one_line
 from workers.settings import DataSpec
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """One-line, user-facing: names the file and what was expected."""
 
 

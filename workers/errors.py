@@ -1,6 +1,18 @@
-"""One line of error text, for every message bplab shows or records (a leaf module)."""
+"""The user-error type and one line of error text, for every message bplab shows or records.
+
+A leaf module: every layer (workers, analysis, jobs) may import it, and it imports nothing of
+bplab's.
+"""
 
 from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input from the user: a settings value, a suite file, a plan that does not fit, a run
+    directory that cannot be used, a missing data file, a bad command-line argument. The
+    command line shows its message as one line and exits with code 2; no result already
+    written is touched. Each area subclasses it (SettingsError, SuiteError, PlanError,
+    StorageError, DataError) so a caller can catch one kind."""
 
 
 def one_line(error: BaseException, limit: int = 1000) -> str:

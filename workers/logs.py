@@ -114,7 +114,7 @@ class CaseLogs:
         self._sizes: dict[str, int] = {}
 
     def path(self, name: str) -> str:
-        return self.run.path("logs", f"{name}.log")
+        return self.run.log_path(name)
 
     def append(self, name: str, text: str) -> None:
         """Add `text` to the case's log; never raises (a log is worth less than the run)."""
@@ -134,7 +134,7 @@ class CaseLogs:
     def _write(self, name: str, data: bytes) -> None:
         fs, path = self.run.filesystem, self.path(name)
         if name not in self._sizes:
-            fs.create_dir(self.run.path("logs"), recursive=True)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             info = fs.get_file_info(path)
             self._sizes[name] = info.size if info.type.name == "File" else 0
         size = self._sizes[name] + len(data)
@@ -159,7 +159,7 @@ class CaseLogs:
 
 def read_case_log(run, name: str) -> str | None:
     """The text of RUN/logs/<name>.log, or None when the case wrote none."""
-    fs, path = run.filesystem, run.path("logs", f"{name}.log")
+    fs, path = run.filesystem, run.log_path(name)
     try:
         if fs.get_file_info(path).type.name != "File":
             return None

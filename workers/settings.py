@@ -16,10 +16,11 @@ import os
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StringConstraints,
-                      ValidationError, model_validator)
+                      ValidationError, create_model, model_validator)
 from pydantic_core import PydanticCustomError
 
 from workers import registry
+from workers.errors import UserError
 from workers.registry import GRADIENT_QUIRKS, QUIRK_DOCS, QUIRKS  # noqa: F401 - re-exported
 
 # Names people reach for from other tools, for the did-you-mean hint.
@@ -32,7 +33,7 @@ MAX_RESIZE = RESIZE_LIMIT
 MAX_STEPS = 10**8  # epochs x steps_per_epoch (epochs alone without steps_per_epoch), unless BPLAB_FORCE_LONG=1
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
     """A user-facing settings error; its message is one line naming the field."""
 
 
@@ -125,6 +126,9 @@ class _Settings(BaseModel):
         return out
 
 
+_Labels = _listed_of(Int, json_schema_extra={"uniqueItems": True})  # no label twice (the schema says so too)
+
+
 class DataSpec(_Settings):
     """Which data a case trains on, and how it is prepared."""
 
@@ -133,7 +137,7 @@ class DataSpec(_Settings):
     path: Optional[str] = None
     """Folder or file of the raw data (mnist, cifar10); None looks in the usual places
     (./data/NAME, ~/.keras/datasets)."""
-    classes: Annotated[Optional[_listed_of(Int)], AfterValidator(_unique)] = None
+    classes: Annotated[Optional[_Labels], AfterValidator(_unique)] = None
     """Keep only these labels (relabelled 0..k-1 in the given order); None keeps all."""
     train_size: PositiveOrNone = None
     """Use only the first N training examples (after class filtering); None uses all."""
@@ -371,6 +375,12 @@ def _message(error: dict) -> str:
     return f"{where}: {message}, got {value!r}"
 
 
+def error_text(error: dict) -> str:
+    """One pydantic error of a settings model (its loc relative to the settings) as the
+    one-line 'field: message, got VALUE' that SettingsError shows."""
+    return _message(error)
+
+
 def _first_error(error: ValidationError) -> str:
     return _message(error.errors(include_url=False)[0])
 
@@ -403,9 +413,24 @@ def from_json(values: dict) -> CaseSettings:
 
 # ---------------------------------------------------------------------- the suite file
 
-CASE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+CASE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # what a run directory accepts in a name
+CASE_NAME_LIMIT = 100  # characters of a case name as written in the file (grid labels add to it)
 SettingName = Literal[tuple(CaseFields.model_fields)]
-Grid = dict[SettingName, Annotated[list, Field(min_length=1)]]
+CaseName = Annotated[str, StringConstraints(pattern=CASE_NAME_PATTERN, max_length=CASE_NAME_LIMIT)]
+
+
+def _grid_model() -> type:
+    """A grid: setting -> a non-empty list of values, each checked as that setting (a value of
+    `lr` as an lr); the rules between settings wait for the expanded case."""
+    fields = {}
+    for name, info in CaseFields.model_fields.items():
+        value = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        values = Annotated[list[value], Field(min_length=1)]
+        fields[name] = (Optional[values], Field(None, description=f"Values of {name}: {info.description}"))
+    return create_model("Grid", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+Grid = _grid_model()
 
 
 class SuiteCase(CaseFields):
@@ -423,7 +448,7 @@ class SuiteFile(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, title="bplab suite")
 
     name: Optional[Annotated[str, StringConstraints(pattern=CASE_NAME_PATTERN)]] = None
-    """The suite's name (default: the file's name): letters, digits and _ . + - only."""
+    """The suite's name (default: the file's name): letters, digits and _ . - only."""
     description: Optional[str] = None
     """One paragraph: what the suite studies."""
     reference: Optional[str] = None
@@ -432,9 +457,9 @@ class SuiteFile(BaseModel):
     """Settings shared by every case (a case's own settings win)."""
     grid: Optional[Grid] = None
     """Expand every case over every combination of these values (cartesian)."""
-    cases: Annotated[dict[Annotated[str, StringConstraints(pattern=CASE_NAME_PATTERN)], Optional[SuiteCase]],
+    cases: Annotated[dict[CaseName, Optional[SuiteCase]],
                      Field(min_length=1, json_schema_extra={"additionalProperties": False})]
-    """Case name -> its settings (letters, digits and _ . + - in a name)."""
+    """Case name -> its settings (letters, digits and _ . - in a name of at most 100 characters)."""
 
 
 def suite_schema() -> dict:
