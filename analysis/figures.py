@@ -1,15 +1,15 @@
 """The report's figures: each a function `figure(ctx) -> Figures | None` listed in FIGURES.
 
-A figure function reads what it needs from the report's context (analysis.report.ReportContext:
+A figure function reads what it needs from the report's context (analysis.report_context.ReportContext:
 the loaded runs, the shared tables, the output folder, the options), saves its PNG files in
 ctx.out_dir and returns their captions and names, with the figures it left out on purpose
 (`skipped`: they would carry no information) and notes for the reader; None draws nothing.
 The report's "Figures" section shows them in the order of FIGURES. Adding a figure is one
 function and one entry in FIGURES.
 
-Many cases (ctx.many: more than analysis.report.MANY_CASES): figures that draw cases one by one
+Many cases (ctx.many: more than analysis.report_context.MANY_CASES): figures that draw cases one by one
 (weights, layer statistics, decision boundaries) draw ctx.sample, the first seed of each group
-(an evenly spaced sample of the groups when there are more than SAMPLE_CASES), and curve bands
+(an evenly spaced sample of the groups when there are more than report_context.SAMPLE_CASES), and curve bands
 are the 95 % interval of the mean over seeds, not the min-max of hundreds of them.
 
 Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot, no global
@@ -23,7 +23,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,13 +39,10 @@ from analysis.plots import (
     plot_weight_histograms,
     setting_axis,
 )
+from analysis.report_context import WEIGHT_CASES_PER_FIGURE, ReportContext
 from analysis.tables import step_curves
 
-if TYPE_CHECKING:
-    from analysis.report import ReportContext
 
-WEIGHT_CASES_PER_FIGURE = 8  # rows (cases) of one weights figure; more cases: more figures
-SAMPLE_CASES = 16  # many cases: per-case figures draw at most this many (two weights figures)
 BOUNDARY_PANELS = 15
 
 

@@ -39,7 +39,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from analysis.rundir import DATASETS, RunDir, legacy
-from analysis.rundir import resolve as _resolve
+from analysis.rundir import local_path as _local_path, resolve as _resolve
 
 # The columns each per-row table has, and their types (for empty frames and for columns that
 # one Parquet part holds as all-null): the layout's.
@@ -126,10 +126,8 @@ def resolve(run: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 def local_path(run: str | os.PathLike) -> Path | None:
     """The local folder of a run, or None when it lives on a remote filesystem."""
-    filesystem, path = resolve(run)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        return Path(path)
-    return None
+    path = _local_path(run)
+    return Path(path) if path is not None else None
 
 
 # ---- per-row tables -----------------------------------------------------------------------

@@ -12,23 +12,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from analysis.rundir import RunDir, StorageError
+from analysis.rundir import ENDED, RunDir, StorageError
 from analysis.rundir.layout import MANIFEST
 from analysis.rundir.liveness import display_state, driver_liveness, not_a_run_message, resume_command, when
 from workers.errors import one_line
+from workers.text import duration
 
 STATE_ORDER = ("done", "running", "interrupted", "pending", "failed", "diverged")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 def describe_run(folder: str | os.PathLike) -> dict:
@@ -62,7 +52,7 @@ def describe_run(folder: str | os.PathLike) -> dict:
     liveness = driver_liveness(run, [last_update] if last_update else [])
     for entry in entries.values():
         info["states"][display_state(entry, liveness)] += 1
-    unfinished = sum(n for s, n in info["states"].items() if s not in ("done", "diverged", "failed"))
+    unfinished = sum(n for s, n in info["states"].items() if s not in ENDED)
     if unfinished and not liveness.alive:
         info["note"] = f"no driver since {when(liveness.last_seen)}: {resume_command(str(folder))}"
     try:  # cases without a ledger entry yet
@@ -98,7 +88,7 @@ def format_runs(infos: list[dict]) -> str:
     lines = [f"{'run':<{width}}  {'suite':<{suite_width}}  {'created (UTC)':<19}  {'wall':>8}  cases"]
     for info in infos:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info["created"])) if info["created"] else "-"
-        wall = _duration(info["wall_seconds"]) if info["wall_seconds"] is not None else "-"
+        wall = duration(info["wall_seconds"]) if info["wall_seconds"] is not None else "-"
         states = info["states"]
         ordered = [s for s in STATE_ORDER if states[s]] + sorted(s for s in states if s not in STATE_ORDER)
         counts = ", ".join(f"{states[s]} {s}" for s in ordered) or "none"

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.rundir import RunDir
+from analysis.rundir import FINISHED, RunDir
 from analysis.rundir.layout import TENSORBOARD
 
 STATE_FILE = ".bplab-export.json"
@@ -116,7 +116,7 @@ def export(run, out: str | os.PathLike | None = None) -> list[CaseExport]:
         folder = out_dir / names[case_id]
         # event files deleted by hand: export the case again from the start
         done = dict(state.get(case_id, {})) if any(folder.glob("events.out.tfevents.*")) else {}
-        finished = entry is not None and entry.state in ("done", "diverged")
+        finished = entry is not None and entry.state in FINISHED
         result = _export_case(run, case_id, folder, ledger, done, finished)
         result.name = name
         state[case_id] = done

@@ -726,7 +726,7 @@ def print_overhead(ttfs: dict | None, parallel: dict | None) -> dict:
         say(f"  local, 1 tiny case: driver CPU {fmt(o['driver_cpu_total'])} s in all "
             f"(start-up {fmt(o['driver_cpu_before_execute'])}, execute loop {fmt(o['driver_cpu_execute'])}, report {fmt(o['driver_cpu_report'])}); "
             f"TF imported by the driver: {r[0]['tf_in_driver']}")
-        say(f"  issue's wall formula, (command wall - training span) / cases: {fmt(o['wall_minus_training'])} s "
+        say(f"  wall overhead per case, (command wall - training span) / cases: {fmt(o['wall_minus_training'])} s "
             f"({fmt(o['wall_minus_training_without_report'])} s without the report)")
     if parallel:
         runs = {int(k): v for k, v in parallel["runs"].items()}

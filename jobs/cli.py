@@ -176,7 +176,7 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     import dataclasses
 
-    from analysis.rundir import RunDir
+    from analysis.rundir import ENDED, RunDir
     from analysis.rundir.liveness import display_state, driver_liveness, interrupted_line, when
     from jobs.driver import CaseState, render_losses, render_view
     from jobs.plan import PlannedCase
@@ -203,7 +203,7 @@ def cmd_status(args) -> int:
             print(f"  {state.planned.name}: {state.entry.reason_class}: {state.entry.reason}")
     for line in render_losses(states):
         print(line)
-    unfinished = sum(state.entry.state not in ("done", "diverged", "failed") for state in states)
+    unfinished = sum(state.entry.state not in ENDED for state in states)
     line = interrupted_line(run.location, liveness, unfinished)
     if line:
         print(line)

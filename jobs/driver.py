@@ -1,7 +1,9 @@
+# Long module: the driver's one event loop and every case transition it handles (launch, report, commit, lost worker, retry, finish), in the order they happen.
 """The driver: a pool of long-lived workers, reports collected with ray.wait, commits to the run dir.
 
-The driver is the only writer (DESIGN.md decision 1). It keeps one worker per resource
-slot that fits (DESIGN.md decision 3) and hands each free worker the next pending case.
+The driver is the only writer of the run directory (README, Guarantees). It keeps one
+worker per resource slot that fits (README, Design notes: workers are reused) and hands
+each free worker the next pending case.
 Rows of a case are buffered until a report carries a checkpoint, then rows + checkpoint +
 ledger entry are committed together, so a case restarted from its last commit logs every
 step exactly once. A worker that dies is replaced and only its case is retried (a worker
@@ -27,14 +29,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from analysis.rundir import FINISHED, LedgerEntry, RunDir
 from jobs.plan import PlannedCase
-from analysis.rundir import LedgerEntry, RunDir
 from jobs.view import LiveView
 from workers.actor import classify_exception, first_line
 from workers.logs import CaseLogs
+from workers.text import duration
 
 TRANSIENT = ("worker_died", "node_lost")
-TERMINAL = ("done", "diverged")
 POLL_SECONDS = 1.0
 LEASE_REFRESH_SECONDS = 10.0
 INTERRUPT_COMMIT_SECONDS = 15.0  # Ctrl-C: how long running cases get to commit before they are stopped
@@ -90,7 +92,7 @@ class Driver:
         self.worker_max_memory_mb = worker_max_memory_mb
         self.progress_every = progress_every
         self.out = out
-        self.lease = lease  # called every LEASE_REFRESH_SECONDS: refreshes the run's driver.lock
+        self.lease = lease  # called every LEASE_REFRESH_SECONDS: refreshes the run's lease
         ledger = run.ledger()
         self.cases = {p.case_id: CaseState(p, ledger[p.case_id], attempts_at_start=ledger[p.case_id].attempts)
                       for p in planned}
@@ -99,7 +101,6 @@ class Driver:
         self.workers: list[WorkerSlot] = []
         self.active: dict = {}  # ObjectRef -> (case_id, kind)
         self.interrupting = False
-        self.workers_started = 0
         self._remote_class = None
         self.view = LiveView(out, summary_every=progress_every)  # the terminal: summary + running cases
         # nodes the driver believes gone and the GCS has not settled yet: node_id -> {since, avoid}
@@ -124,7 +125,6 @@ class Driver:
                                              **placement_options(self._avoided())).remote(num_cpus, num_gpus)
         worker = WorkerSlot(actor, num_cpus, num_gpus)
         self.workers.append(worker)
-        self.workers_started += 1
         return worker
 
     def _release(self, worker: WorkerSlot) -> None:
@@ -198,7 +198,7 @@ class Driver:
         import ray
 
         for state in self.cases.values():
-            if state.entry.state in TERMINAL:
+            if state.entry.state in FINISHED:
                 continue
             if state.entry.state == "failed":  # a resumed run tries failed cases again
                 state.entry.reason_class = state.entry.reason = None
@@ -306,7 +306,7 @@ class Driver:
             state.worker.memory_mb = result.get("memory_mb", 0.0)
         for report in result["reports"]:
             self._take_report(state, report)
-        if result["finished"] or state.entry.state in TERMINAL:  # a committed end closes the case at once
+        if result["finished"] or state.entry.state in FINISHED:  # a committed end closes the case at once
             self._finish(state, result["outcome"] or {})
         else:
             state.poll_ref = state.worker.actor.poll.remote(POLL_SECONDS)
@@ -342,7 +342,7 @@ class Driver:
                 self.run.write_histograms(state.planned.case_id, phase, rows)
         if report.boundary:
             self.run.write_boundary(state.planned.case_id, report.boundary)
-        if report.checkpoint is not None or report.status in TERMINAL:
+        if report.checkpoint is not None or report.status in FINISHED:
             entry = state.entry
             entry.epoch = int(report.progress.get("epoch", entry.epoch))
             entry.step = int(report.progress.get("step", entry.step))
@@ -360,7 +360,7 @@ class Driver:
 
     def _finish(self, state: CaseState, outcome: dict) -> None:
         entry = state.entry
-        if entry.state in TERMINAL:
+        if entry.state in FINISHED:
             self._detach(state, reusable=True)
             self._compact(state)
             self._say(f"{state.planned.name}: {entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
@@ -382,7 +382,7 @@ class Driver:
         worker = state.worker
         if worker is not None and worker in self.workers:
             self.workers.remove(worker)  # dead: never handed another case
-        if state.entry.state in TERMINAL:  # died after committing its end: nothing is lost
+        if state.entry.state in FINISHED:  # died after committing its end: nothing is lost
             self._kill(state)
             return
         started = self._case_started(state)
@@ -522,7 +522,7 @@ class Driver:
         if not changed:
             return
         last = state.entry.losses[-1]
-        if state.entry.state not in TERMINAL and last.get("node_id") == node_id and state.entry.reason_class in TRANSIENT:
+        if state.entry.state not in FINISHED and last.get("node_id") == node_id and state.entry.reason_class in TRANSIENT:
             state.entry.reason_class = final
         try:
             state.entry = self.run.write_entry(state.entry)
@@ -548,7 +548,7 @@ class Driver:
         import ray
 
         self.interrupting = True
-        running = [s for s in self.cases.values() if s.worker is not None and s.entry.state not in TERMINAL]
+        running = [s for s in self.cases.values() if s.worker is not None and s.entry.state not in FINISHED]
         try:
             if running:
                 self._say(f"interrupted: committing {len(running)} running case(s) (Ctrl-C again to stop at once)")
@@ -573,11 +573,11 @@ class Driver:
             launched = state.worker is not None or state in running
             if state.worker is not None:
                 self._kill(state)
-            if not launched or state.entry.state in TERMINAL:
+            if not launched or state.entry.state in FINISHED:
                 continue
             try:
                 entry = self.run.entry(state.planned.case_id)  # the ledger's own copy: a commit may have just landed
-                if entry.state not in TERMINAL:
+                if entry.state not in FINISHED:
                     entry.state, entry.reason_class, entry.reason = "pending", "interrupted", "stopped by the user"
                     state.entry = self.run.write_entry(entry)
             except Exception as error:  # recover() on resume puts 'running' back to 'pending' anyway
@@ -597,10 +597,6 @@ class Driver:
         if lines:
             self._say(f"{state.planned.name}: last lines of its output (bplab logs {self.run.location} {state.planned.name}):\n"
                       + "\n".join(f"    | {line[:300]}" for line in lines))
-
-    def print_view(self) -> None:
-        print(render_view(self.cases.values()), file=self.out, flush=True)
-
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
 _STORAGE_TEXTS = ("no space left", "disk quota", "permission denied", "read-only file system", "input/output error")
@@ -700,7 +696,7 @@ def render_view(states) -> str:
         eta = "-"
         if e.state == "running" and s.started_at and step > s.steps_at_start:
             rate = (step - s.steps_at_start) / (time.monotonic() - s.started_at)
-            eta = _duration((total - step) / rate) if rate > 0 else "-"
+            eta = duration((total - step) / rate) if rate > 0 else "-"
         accuracy = p.get("test_accuracy", e.latest.get("test_accuracy"))
         lines.append(f"{s.planned.name:<22} {e.state:<11} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
                      f"{p.get('epoch', e.epoch):>3}/{epochs:<3} {step:>6}/{total:<6} "
@@ -721,8 +717,3 @@ def render_losses(states) -> list[str]:
                          + (f", running again {back - loss['at']:.0f} s later" if back else "")
                          + ("" if loss.get("settled", True) else " (not confirmed by the GCS)"))
     return lines
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -254,13 +254,6 @@ def ray_view(address: str | None) -> ClusterView:
     return ClusterView(where, info["types"], live, autoscaling=info["types"] is not None, host=info["host"])
 
 
-def cluster_yaml_nodes(path: Path = ROOT / "cluster.yaml") -> list[dict]:
-    """[{'name', 'CPU', 'GPU', ...}] per node the cluster-launcher file can bring up at most
-    (the head once, each worker type max_workers times)."""
-    view = cluster_yaml_view(path)
-    return [dict(t, name=f"{path.name}:{t['name']}#{i}") for t in view.types for i in range(t["max"])]
-
-
 def ray_nodes() -> list[dict]:
     """One node dict per alive node of the connected Ray cluster."""
     import ray

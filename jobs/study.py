@@ -110,9 +110,8 @@ class Study:
         print(f"[bplab] {text}", file=self.stream, flush=True)
 
     def run(self) -> StudyResult:
-        from analysis.rundir import RunDir
+        from analysis.rundir import FINISHED, RunDir
         from jobs import plan as plan_module
-        from jobs.driver import TERMINAL
 
         o = self.options
         # 1. what to run, checked without Ray: the run to resume, the suite, its data, the plan
@@ -149,7 +148,7 @@ class Study:
                     if added:
                         self.say(f"{len(added)} new case(s) added to {old.location}")
                 ledger = run.ledger()
-                todo = [p for p in planned if ledger[p.case_id].state not in TERMINAL]
+                todo = [p for p in planned if ledger[p.case_id].state not in FINISHED]
                 self.say(f"run {run.location}{_on_host(run.location, view)}: {len(planned)} cases, {len(todo)} to run, "
                          f"{plan_module.describe_concurrency(planned, view)} ({gpus:g} GPU, {o.cpus_per_case:g} CPU each)")
                 # 5. the cases, on as many workers as run at once on the fully scaled cluster

@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-TERMINAL = ("done", "diverged", "failed")
+from workers.text import duration
+
 MIN_RATE_STEPS = 3  # a case's ETA is shown once it has done this many steps ...
 MIN_RATE_SECONDS = 3.0  # ... over at least this long since the view saw it running
 REDRAW_SECONDS = 0.5
@@ -53,13 +54,6 @@ def case_row(state) -> CaseRow:
         train_loss=progress.get("train_cost", latest.get("train_cost")),
         test_accuracy=progress.get("test_accuracy", latest.get("test_accuracy")),
         node=entry.node, gpu=entry.gpu)
-
-
-def duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class _Rate:

@@ -147,7 +147,8 @@ def test_crash_before_ledger_write_is_recovered(tmp_path):
     a = run.entry("aaa111")
     a = dataclasses_replace(a, state="running", attempts=1)
     a = run.write_entry(a)
-    a = run.commit("aaa111", a, checkpoint=b"committed-1", tables={"metrics": [train_row(0, 1)], "layer_stats": [{"layer": "dense1", "grad_norm": 0.1, "step": 1}]})
+    a = run.commit("aaa111", a, checkpoint=b"committed-1",
+                   tables={"metrics": [train_row(0, 1)], "layer_stats": [{"layer": "dense1", "grad_norm": 0.1, "step": 1}]})
     # a driver that dies after writing the files of commit 2 but before its ledger write
     metrics_dir = root / "metrics" / "case_id=aaa111"
     stats_dir = root / "layer_stats" / "case_id=aaa111"
@@ -269,7 +270,8 @@ def test_object_store_mode_and_mock_filesystem():
 def test_add_cases_keeps_existing_entries_untouched(tmp_path):
     run, root = make_run(tmp_path)
     a = run.write_entry(dataclasses_replace(run.entry("aaa111"), state="running", attempts=1, node="n1"))
-    a = run.commit("aaa111", dataclasses_replace(a, state="done", epoch=1, step=1), checkpoint=b"one", tables={"metrics": [train_row(0, 1)]})
+    a = run.commit("aaa111", dataclasses_replace(a, state="done", epoch=1, step=1), checkpoint=b"one",
+                   tables={"metrics": [train_row(0, 1)]})
     ledger_bytes = (root / "ledger" / "aaa111.json").read_bytes()
     new = [{"case_id": "aaa111", "name": "renamed?", "schedule": "other"},  # existing id: ignored
            {"case_id": "ccc333", "name": "dilated-s2", "schedule": "dilated", "lr": 0.1, "seed": 2,
@@ -345,3 +347,40 @@ def _normalise_records(df: pd.DataFrame) -> list[tuple]:
     df = df.sort_values(["case_id", "step", "split", "cost"]).reset_index(drop=True)
     return [tuple(None if pd.isna(v) else (float(v) if isinstance(v, (int, float)) else v) for v in row)
             for row in df.itertuples(index=False)]
+
+
+@pytest.mark.timeout(60)
+def test_any_registered_dataset_commits_exactly_once_as_rows_columns_or_a_table(tmp_path):
+    """One commit carries metrics as columns, layer_stats as rows and alignment as a pyarrow
+    Table; all three are read back as written (pyarrow, pandas and analysis.load), and the
+    commit is refused a second time like any other."""
+    import numpy as np
+    import pyarrow as pa
+
+    from analysis import load
+
+    run, root = make_run(tmp_path)
+    steps = np.arange(4)
+    metrics = {"split": ["train"] * 4, "epoch": np.zeros(4, np.int32), "step": steps, "cost": 1.0 / (steps + 1)}
+    stats = [{"step": 3, "layer": "l1", "quantity": "weights", "mean": 0.25}]
+    alignment = pa.table({"step": pa.array([0, 0, 3, 3], pa.int32()), "unit": ["l1", "l2", "l1", "l2"],
+                          "quantity": ["cos_fa_bp"] * 4, "value": [0.5, 0.25, 0.75, 1.0]})
+    entry = run.entry("aaa111")
+    new = run.commit("aaa111", entry, tables={"metrics": metrics, "layer_stats": stats, "alignment": alignment})
+    assert new.commit_seq == 1 and new.parts == {"metrics": {"1": 4}, "layer_stats": {"1": 1}, "alignment": {"1": 4}}
+    with pytest.raises(StorageError, match="duplicate or stale"):
+        run.commit("aaa111", entry, tables={"alignment": alignment})
+    with pytest.raises(StorageError, match="not a committed dataset"):
+        run.commit("aaa111", new, tables={"boundary": stats})
+    raw = pq.read_table(root / "alignment" / "case_id=aaa111" / "part-000001.parquet")
+    assert raw.column("value").to_pylist() == [0.5, 0.25, 0.75, 1.0] and raw.schema.field("step").type == pa.int64()
+    assert pd.read_parquet(root / "metrics")["cost"].tolist() == [1.0, 0.5, 1 / 3, 0.25]
+
+    data = load(root)
+    assert list(data.alignment.columns[:3]) == ["case_id", "name", "group"]
+    assert data.alignment["name"].astype(str).unique().tolist() == ["standard-s1"]
+    assert data.alignment.sort_values(["step", "unit"])["value"].tolist() == [0.5, 0.25, 0.75, 1.0]
+    assert data.alignment["step"].dtype == np.int64 and isinstance(data.alignment["unit"].dtype, pd.CategoricalDtype)
+    assert data.layer_stats["mean"].tolist() == [0.25] and data.metrics["step"].tolist() == [0, 1, 2, 3]
+    # a case with no alignment rows yet, and an empty run, give the documented columns
+    assert set(load(root, datasets=[]).alignment.columns) >= {"case_id", "step", "unit", "quantity", "value"}

@@ -1,7 +1,7 @@
 """The Ray actor that runs cases: a thin shell around `workers.trainer.train`.
 
 One long-lived worker per resource slot (one GPU, or its CPUs) runs cases one after
-another (DESIGN.md decision 3): TensorFlow is imported and set up once per worker, with
+another (README, Design notes: workers are reused): TensorFlow is imported and set up once per worker, with
 its thread pools sized to the CPUs Ray gave it and memory growth on, and the traced steps
 of a case structure are kept for the next case of the same structure (StepCache). The
 driver replaces a worker after a failed case and recycles it after N cases or above a

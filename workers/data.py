@@ -1,3 +1,4 @@
+# Long module: one loader per data set (moons, digits, MNIST, CIFAR-10), each with its file checks, official digests and fingerprint, read side by side.
 """Load and prepare the data sets a case trains on (digits, moons, mnist, cifar10).
 
 `load_dataset(spec)` returns a `Dataset` of float32 inputs (images NHWC, vectors (N, D))

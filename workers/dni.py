@@ -1,4 +1,4 @@
-"""Decoupled neural interfaces (synthetic gradients, Jaderberg et al. 2016), EXPERIMENTS.md s3.
+"""Decoupled neural interfaces (synthetic gradients, Jaderberg et al. 2016), docs/experiments.md section 3.
 
 The model, `dni_rnn`, is built in workers.models: a recurrent net unrolled over 2 steps
 (t1, t2), a sigmoid output layer (out), a squared-error loss, and per recurrent step a

@@ -19,7 +19,7 @@ from workers import registry
 
 class _LazyTensorFlow:
     """`tf`, imported on first use: the driver builds models to check their shapes at plan
-    time (Op.output_shape) and must not import TensorFlow (DESIGN.md decision 3)."""
+    time (Op.output_shape) and must not import TensorFlow (README, Design notes)."""
 
     def __getattr__(self, name):
         import tensorflow
@@ -403,7 +403,7 @@ class RNNCell(Op):
     """One unrolled step of a recurrent net that keeps the input alongside its state.
 
     z = [x, h_prev] (h_prev absent on the first step); h = tanh(x wx + h_prev wh + b);
-    y = [x, h], so the next step sees the same image again (EXPERIMENTS.md s3)."""
+    y = [x, h], so the next step sees the same image again (docs/experiments.md section 3)."""
 
     def __init__(self, d_in: int, hidden: int, first: bool):
         self.d_in, self.hidden, self.first = d_in, hidden, first

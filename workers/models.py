@@ -127,7 +127,7 @@ def _loss(settings, kind="softmax"):
 
 # ---------------------------------------------------------------------- allconv9
 
-# (kernel, channels out, init std, pool after) of EXPERIMENTS.md section 1
+# (kernel, channels out, init std, pool after) of docs/experiments.md section 1
 ALLCONV9 = [
     (3, 256, 0.05, False), (3, 256, 0.04, False), (3, 128, 0.06, True),
     (3, 128, 0.04, False), (3, 128, 0.06, False), (3, 64, 0.05, True),
@@ -157,7 +157,7 @@ def _conv_stack(name, settings, input_shape, num_classes, layers, activation) ->
 
 
 def allconv9(settings, input_shape, num_classes) -> Model:
-    """Nine SAME convs, ELU after each, 2 avg-pools, global mean -> logits (EXPERIMENTS.md s1)."""
+    """Nine SAME convs, ELU after each, 2 avg-pools, global mean -> logits (docs/experiments.md section 1)."""
     from workers import layers as L
 
     layers = [(kernel, None if c_out is None else _scaled(settings.width, c_out), ("truncated_normal", std), pool)
@@ -168,7 +168,7 @@ def allconv9(settings, input_shape, num_classes) -> Model:
 
 # ---------------------------------------------------------------------- celu7
 
-# (kernel, pool after) of EXPERIMENTS.md section 2; base width 128 (MNIST), width 2 = 256 (CIFAR-10)
+# (kernel, pool after) of docs/experiments.md section 2; base width 128 (MNIST), width 2 = 256 (CIFAR-10)
 CELU7 = [(5, False), (3, True), (1, True), (3, True), (1, True), (2, True), (1, False)]
 
 
@@ -206,7 +206,7 @@ def mlp(settings, input_shape, num_classes) -> Model:
 
 
 def dcn(settings, input_shape, num_classes) -> Model:
-    """MNIST 'DCN' (EXPERIMENTS.md s4): conv5-32 relu, maxpool, conv5-64 relu, maxpool,
+    """MNIST 'DCN' (docs/experiments.md section 4): conv5-32 relu, maxpool, conv5-64 relu, maxpool,
     dense 1024 relu, dropout, dense -> logits. Biases on every layer (init 0.1)."""
     from workers import layers as L
 
@@ -229,7 +229,7 @@ def dcn(settings, input_shape, num_classes) -> Model:
 
 
 def dni_rnn(settings, input_shape, num_classes) -> Model:
-    """Synthetic-gradient recurrent net of EXPERIMENTS.md s3 (its schedule: workers.dni).
+    """Synthetic-gradient recurrent net of docs/experiments.md section 3 (its schedule: workers.dni).
 
     Unrolled over 2 steps, each fed the same image, with untied weights per step (t1, t2:
     tanh, `hidden` units), then a sigmoid output layer (out) and a squared-error loss. Each

@@ -154,7 +154,3 @@ def learning_rate(settings, epoch: int) -> float:
         return settings.lr / (1.0 + settings.lr_decay * epoch)
     assert settings.lr_schedule == "constant", settings.lr_schedule
     return settings.lr
-
-
-def numpy_state_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

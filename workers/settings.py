@@ -29,7 +29,6 @@ ALIASES = {"learning_rate": "lr", "batch": "batch_size", "num_epochs": "epochs",
 
 SEED_LIMIT = 2 ** 31  # NumPy's default_rng and tf.random's stateless seeds take any int below it
 RESIZE_LIMIT = 1024
-MAX_RESIZE = RESIZE_LIMIT
 MAX_STEPS = 10**8  # epochs x steps_per_epoch (epochs alone without steps_per_epoch), unless BPLAB_FORCE_LONG=1
 
 
@@ -415,7 +414,6 @@ def from_json(values: dict) -> CaseSettings:
 
 CASE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # what a run directory accepts in a name
 CASE_NAME_LIMIT = 100  # characters of a case name as written in the file (grid labels add to it)
-SettingName = Literal[tuple(CaseFields.model_fields)]
 CaseName = Annotated[str, StringConstraints(pattern=CASE_NAME_PATTERN, max_length=CASE_NAME_LIMIT)]
 
 

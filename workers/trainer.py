@@ -41,10 +41,6 @@ class Report:
     info: dict = field(default_factory=dict)
 
 
-class Diverged(RuntimeError):
-    pass
-
-
 def batch_plan(settings, num_train: int) -> tuple[int, int]:
     """(batch size, steps per epoch): full batches only, so every step has one shape.
 

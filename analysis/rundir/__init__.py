@@ -25,10 +25,10 @@ from analysis.rundir.errors import LeaseLost, StorageError
 from analysis.rundir.files import is_uri, local_path, resolve
 from analysis.rundir.layout import DATASETS, FORMAT_VERSION, Dataset
 from analysis.rundir.lease import LEASE_STALE_SECONDS
-from analysis.rundir.ledger import CASE_STATES, FAILURE_CLASSES, FINISHED, LedgerEntry
+from analysis.rundir.ledger import CASE_STATES, ENDED, FAILURE_CLASSES, FINISHED, LedgerEntry
 from analysis.rundir.run import RunDir
 
 __all__ = [
     "RunDir", "LedgerEntry", "StorageError", "LeaseLost", "DATASETS", "Dataset", "FORMAT_VERSION",
-    "CASE_STATES", "FAILURE_CLASSES", "FINISHED", "LEASE_STALE_SECONDS", "is_uri", "local_path", "resolve",
+    "CASE_STATES", "FAILURE_CLASSES", "FINISHED", "ENDED", "LEASE_STALE_SECONDS", "is_uri", "local_path", "resolve",
 ]

@@ -19,6 +19,9 @@ from workers.errors import one_line
 CASE_STATES = ("pending", "running", "done", "failed", "diverged")
 #: States a case never leaves: its result is in (diverged is a result, not a failure).
 FINISHED = ("done", "diverged")
+#: States in which a case is neither running nor waiting to run: finished, or failed (a resume runs
+#: a failed case again); any other state with no driver alive is an interrupted case.
+ENDED = ("done", "diverged", "failed")
 FAILURE_CLASSES = ("oom", "node_lost", "worker_died", "diverged", "bad_settings", "bug", "interrupted", "storage")
 
 

@@ -24,10 +24,11 @@ from typing import Any
 
 from analysis.rundir.layout import LOCK, MANIFEST
 from analysis.rundir.lease import LEASE_STALE_SECONDS
+from analysis.rundir.ledger import ENDED
+from workers.text import duration
 
 #: The states a case is shown in: the ledger's, and ``interrupted`` (started, not finished, no driver alive).
 INTERRUPTED = "interrupted"
-_FINISHED = ("done", "diverged", "failed")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def display_state(entry: Any, liveness: Liveness) -> str:
     a case never started stays ``pending``."""
     get = entry.get if isinstance(entry, Mapping) else lambda name, default=None: getattr(entry, name, default)
     state = str(get("state", "pending"))
-    if liveness.alive or state in _FINISHED:
+    if liveness.alive or state in ENDED:
         return state
     try:
         attempts = int(get("attempts", 0) or 0)
@@ -88,18 +89,7 @@ def when(moment: float | None, now: float | None = None) -> str:
     if moment is None:
         return "at an unknown time"
     ago = max(0.0, (time.time() if now is None else now) - moment)
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(moment))} UTC ({_ago(ago)} ago)"
-
-
-def _ago(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(moment))} UTC ({duration(ago)} ago)"
 
 
 def resume_command(location: str) -> str:

@@ -19,7 +19,7 @@ from analysis.rundir.layout import (
     CHECKPOINTS, CKPT_RE, COMMITTED, COMPACT, COMPACT_RE, DATASETS, PART_RE, STAGED_RE, entry_rel, is_tmp,
     partition, partition_case,
 )
-from analysis.rundir.ledger import LedgerEntry
+from analysis.rundir.ledger import FINISHED, LedgerEntry
 from workers.errors import one_line
 
 
@@ -69,7 +69,7 @@ class RepairMixin:
                 if problem is not None:
                     worst = (seq, f"{self._files.rel(final)} {problem}")
                     break
-        if checkpoints and entry.state not in ("done", "diverged") and entry.checkpoint is not None:
+        if checkpoints and entry.state not in FINISHED and entry.checkpoint is not None:
             gen = entry.checkpoints[0] if entry.checkpoints else None
             seq = int(gen["commit_seq"]) if gen else legacy.checkpoint_seq(entry.checkpoint)
             problem = self._checkpoint_problem(entry.checkpoint, gen["sha256"] if gen else None)
