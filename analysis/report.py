@@ -284,7 +284,8 @@ def reference_section(ctx: ReportContext) -> Section | None:
     title = f"Against the source study (`{reference}`)"
     try:
         comparison = reference_comparison(ctx.table, reference, ctx.cases,
-                                          overrides=ctx.data.manifest.get("overrides") or ())
+                                          overrides=ctx.data.manifest.get("overrides") or (),
+                                          alignment=getattr(ctx.data, "alignment", None))
     except KeyError as error:
         return Section(title, [f"No reference table: {error}"])
     shown = comparison.copy()

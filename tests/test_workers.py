@@ -59,10 +59,10 @@ def last_checkpoint(reports):
 
 
 def assert_same_state(a: bytes, b: bytes):
-    params_a, opt_a, meta_a = unpack_checkpoint(a)
-    params_b, opt_b, meta_b = unpack_checkpoint(b)
+    params_a, opt_a, meta_a, rule_a = unpack_checkpoint(a)
+    params_b, opt_b, meta_b, rule_b = unpack_checkpoint(b)
     assert meta_a == meta_b
-    for unit_a, unit_b in zip(params_a, params_b):
+    for unit_a, unit_b in zip(params_a + rule_a, params_b + rule_b):
         assert unit_a.keys() == unit_b.keys()
         for name in unit_a:
             np.testing.assert_array_equal(unit_a[name], unit_b[name])
@@ -250,10 +250,12 @@ def steps_in(seconds: float) -> int:
 def test_worker_killed_during_its_second_case(one_slot, tmp_path):
     """Commits every 3 s; the kill lands 2.5 s after the victim's second commit. By then the
     trainer's 2-second progress report has brought rows to the driver that no commit holds yet:
-    a driver that kept them for the retried attempt would log those steps twice."""
+    a driver that kept them for the retried attempt would log those steps twice. The victim
+    learns by Kolen-Pollack, so its feedback weights B are part of what the retry restores."""
     steps = steps_in(24.0)  # the victim runs long enough for two commits and the kill (about 14 s here)
-    cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7},
-             "control": {"seed": 7, "lr": 2.0000000001}}
+    rule = {"schedule": "kolen-pollack", "weight_decay": 1e-3}
+    cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7, **rule},
+             "control": {"seed": 7, "lr": 2.0000000001, **rule}}
     suite = write_suite(tmp_path, "kill2", cases, epochs=steps, eval_every=1000)
     run_dir = tmp_path / "run"
     process = bplab(one_slot, str(suite), "--out", str(run_dir), "--commit-every", "3")
@@ -285,3 +287,17 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path):
     # the control differs only by an lr change far below float32 resolution: the same numbers
     pd.testing.assert_frame_equal(mine, control)
     assert math.isclose(mine["accuracy"].iloc[-1], control["accuracy"].iloc[-1])
+    # and the final weights, optimiser state and feedback weights, bit for bit
+    from analysis.rundir import RunDir
+
+    run = RunDir.open(run_dir)
+    final = {name: unpack_checkpoint(run.load_checkpoint(entries[name]["case_id"])) for name in ("victim", "control")}
+    (params, optimizer_state, _, feedback), (params_c, optimizer_c, _, feedback_c) = final["victim"], final["control"]
+    assert feedback and all("w" in unit for unit in feedback)
+    for mine_units, control_units in ((params, params_c), (feedback, feedback_c)):
+        for unit, unit_c in zip(mine_units, control_units):
+            assert unit.keys() == unit_c.keys()
+            for name in unit:
+                np.testing.assert_array_equal(unit[name], unit_c[name])
+    assert optimizer_state.keys() == optimizer_c.keys()
+    assert all(np.array_equal(optimizer_state[k], optimizer_c[k]) for k in optimizer_c)
