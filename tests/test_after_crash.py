@@ -182,7 +182,7 @@ def test_a_folder_holding_only_driver_lock_says_what_happened_and_what_to_type(t
 
 @pytest.mark.timeout(120)
 def test_report_header_has_one_line_per_data_set_and_the_step_axis_starts_at_epoch_1(tmp_path, cli, monkeypatch):
-    import analysis.report as report_module
+    import analysis.figures as figures_module  # where the report's figures are saved
     from tests.test_report import TWO_LR, write_run
     from workers.data import identify, load_dataset
     from workers.settings import DataSpec
@@ -204,14 +204,14 @@ def test_report_header_has_one_line_per_data_set_and_the_step_axis_starts_at_epo
     (run / "manifest.json").write_text(json.dumps(manifest))
 
     axes = {}
-    original = report_module._save
+    original = figures_module._save
 
     def save(fig, out_dir, name, **kwargs):
         axes[name] = [(ax.get_xlabel(), ax.get_xlim(), [t.get_text() for t in ax.get_xticklabels()],
                        list(ax.get_xticks()), [line.get_xdata() for line in ax.get_lines()]) for ax in fig.axes]
         return original(fig, out_dir, name, **kwargs)
 
-    monkeypatch.setattr(report_module, "_save", save)
+    monkeypatch.setattr(figures_module, "_save", save)
     result = cli("report", run)
     assert result.code == 0, result.stderr
     text = (run / "report" / "report.md").read_text()

@@ -21,11 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 from matplotlib.figure import Figure
 
+import analysis.figures as figures_module
 import analysis.report as report_module
 from analysis import load, per_case
 from analysis.plots import plot_weight_histograms, rebin, shared_bins
 from analysis.runs import format_runs, list_runs
-from analysis.tables import display_epoch, flag_cases, setting_labels, step_curves, varying_settings
+from analysis.flags import flag_cases
+from analysis.labels import setting_labels, varying_settings
+from analysis.tables import display_epoch, step_curves
 from jobs.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +96,7 @@ TWO_LR = {
 def capture_figures(monkeypatch):
     """Every figure the report saves: {file name: (legend texts, axes titles)}."""
     seen = {}
-    original_save = report_module._save
+    original_save = figures_module._save
 
     def save(fig, out_dir, name, **kwargs):
         texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
@@ -101,7 +104,7 @@ def capture_figures(monkeypatch):
         seen[name] = (texts, [ax.get_title() for ax in fig.axes])
         return original_save(fig, out_dir, name, **kwargs)
 
-    monkeypatch.setattr(report_module, "_save", save)
+    monkeypatch.setattr(figures_module, "_save", save)
     return seen
 
 
