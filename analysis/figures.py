@@ -331,7 +331,7 @@ def layer_stats_figures(ctx: ReportContext) -> Figures | None:
             out.skipped.append(f"layer statistics of {label.split(': ')[0]}: constant over every step and layer")
             continue
         layers = sorted(set(rows["layer"].astype(str)), key=_natural_key)[:12]
-        quantities = [q for q in ("weights", "biases", "preact", "act") if q in set(rows["quantity"].astype(str))]
+        quantities = [q for q in ("weights", "biases", "feedback", "preact", "act") if q in set(rows["quantity"].astype(str))]
         fig = _figure(figsize=(3 * len(quantities), 2.2 * len(layers)))
         axes = fig.subplots(len(layers), len(quantities), squeeze=False)
         for i, layer in enumerate(layers):

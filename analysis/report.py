@@ -18,7 +18,10 @@ report, not even a heading. Adding a section is one function and one entry in SE
             return None
         return Section("Alignment", [markdown_table(table)], csvs={"alignment": table})
 
-Figures work the same way, listed in analysis.figures.FIGURES and shown under "Figures".
+Section, ReportContext and markdown_table live in analysis.report_context, so a section kept in
+its own module (analysis/alignment.py) imports them from there, and this module imports the
+section: no circle. Figures work the same way, listed in analysis.figures.FIGURES and shown
+under "Figures".
 ctx.progress("what") reports what is being drawn (a line on the terminal of `bplab run`
 and `bplab report` once the report has taken more than a few seconds).
 
@@ -32,7 +35,6 @@ interval of the mean over seeds.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -46,7 +48,7 @@ from analysis.flags import COLLAPSE_MARGIN
 from analysis.labels import setting_text
 from analysis.load import TABLE_COLUMNS, RunData, _run_labels, load, local_path
 from analysis.reference import reference_comparison
-from analysis.report_context import (  # noqa: F401  (Progress, ReportError, ReportOptions: the report's API too)
+from analysis.report_context import (  # noqa: F401  (Progress, ReportError, ...: the report's API too)
     MANY_CASES,
     PER_CASE_DATASETS,
     Progress,
@@ -54,6 +56,7 @@ from analysis.report_context import (  # noqa: F401  (Progress, ReportError, Rep
     ReportError,
     ReportOptions,
     Section,
+    markdown_table,
 )
 from analysis.rundir import DATASETS
 from analysis.stats import against_baseline, factor_table
@@ -70,19 +73,7 @@ ROWS_SHOWN = 200  # longer tables: the first rows in the report, all of them in 
 ROWS_SHOWN_MANY = 50  # lists of cases (not done, flagged) when there are many cases
 
 
-# ---- markdown -----------------------------------------------------------------------------
-
-
-def _cell(value, float_format: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value is pd.NaT:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        text = float_format.format(value)
-        return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
-    text = str(value).replace("|", "\\|").replace("\n", " ")
-    return text
+# ---- tables only the report builds -----------------------------------------------------------
 
 
 def lost_workers(ledger: pd.DataFrame) -> pd.DataFrame:
@@ -101,35 +92,6 @@ def lost_workers(ledger: pd.DataFrame) -> pd.DataFrame:
                              "step": loss.get("step"), "back_after_s": back - loss["at"] if back else None,
                              "counted": loss.get("counted", True)})
     return pd.DataFrame(rows, columns=columns)
-
-
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}", index: bool = False,
-                   max_rows: int | None = None) -> str:
-    """A GitHub-flavoured markdown table (what DataFrame.to_markdown gives, without tabulate).
-
-    Numbers are right-aligned; NaN and None are empty cells; '|' in text is escaped.
-    max_rows: show only the first rows and say how many were left out.
-    """
-    if index:
-        frame = frame.reset_index()
-    columns = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
-    shown = frame if max_rows is None else frame.head(max_rows)
-    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
-               for c in frame.columns]
-    # Float columns holding only whole numbers (counts with NaN for "none") print as integers.
-    whole = {
-        i for i, c in enumerate(frame.columns)
-        if pd.api.types.is_float_dtype(frame[c]) and frame[c].notna().any()
-        and bool(np.all(np.mod(frame[c].dropna().to_numpy(dtype=float), 1) == 0))
-    }
-    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in columns) + " |",
-             "|" + "|".join("---:" if is_number else ":---" for is_number in numeric) + "|"]
-    for row in shown.itertuples(index=False, name=None):
-        cells = [_cell(v, "{:.0f}" if i in whole else float_format) for i, v in enumerate(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    if max_rows is not None and len(frame) > max_rows:
-        lines.append(f"\n*{len(frame) - max_rows} more rows in the CSV.*")
-    return "\n".join(lines)
 
 
 

@@ -1,10 +1,11 @@
 """The report's shared state: what a section reads (ReportContext), what it returns (Section),
-the options and the progress line. Sections and the list of them are in analysis.report;
-figures in analysis.figures.
+markdown_table, the options and the progress line. Sections and the list of them are in
+analysis.report; figures in analysis.figures.
 """
 
 from __future__ import annotations
 
+import math
 import posixpath
 import sys
 import time
@@ -30,6 +31,50 @@ SAMPLE_CASES = 16  # many cases: per-case figures draw at most this many (two we
 PER_CASE_DATASETS = ("weights", "layer_stats", "boundary")
 # More cases than this (what one weights figure holds): the report reads groups.
 MANY_CASES = WEIGHT_CASES_PER_FIGURE
+
+
+# ---- markdown -----------------------------------------------------------------------------
+
+
+def _cell(value, float_format: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value is pd.NaT:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        text = float_format.format(value)
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return text
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}", index: bool = False,
+                   max_rows: int | None = None) -> str:
+    """A GitHub-flavoured markdown table (what DataFrame.to_markdown gives, without tabulate).
+
+    Numbers are right-aligned; NaN and None are empty cells; '|' in text is escaped.
+    max_rows: show only the first rows and say how many were left out.
+    """
+    if index:
+        frame = frame.reset_index()
+    columns = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
+    shown = frame if max_rows is None else frame.head(max_rows)
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+               for c in frame.columns]
+    # Float columns holding only whole numbers (counts with NaN for "none") print as integers.
+    whole = {
+        i for i, c in enumerate(frame.columns)
+        if pd.api.types.is_float_dtype(frame[c]) and frame[c].notna().any()
+        and bool(np.all(np.mod(frame[c].dropna().to_numpy(dtype=float), 1) == 0))
+    }
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in columns) + " |",
+             "|" + "|".join("---:" if is_number else ":---" for is_number in numeric) + "|"]
+    for row in shown.itertuples(index=False, name=None):
+        cells = [_cell(v, "{:.0f}" if i in whole else float_format) for i, v in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if max_rows is not None and len(frame) > max_rows:
+        lines.append(f"\n*{len(frame) - max_rows} more rows in the CSV.*")
+    return "\n".join(lines)
 
 
 class ReportError(ValueError):

@@ -153,6 +153,10 @@ BAD_INPUTS = {
     "beta2 = 1": (_suite_case(defaults={"beta2": 1.0}), ["beta2"]),
     "dropout 1.5": (_suite_case(defaults={"dropout": 1.5}), ["dropout"]),
     "unknown model": (_suite_case(defaults={"model": "resnet50"}), ["model", "resnet50"]),
+    "a learning rule on a model without feedback weights": (
+        _suite_case(defaults={"model": "dni_rnn", "hidden": [3], "data": {"name": "digits", "classes": [0, 1]}},
+                    cases={"a": {"schedule": "kolen-pollack"}}),
+        ["case a", "kolen-pollack", "dni_rnn", "no feedback hook"]),
     "unknown optimizer": (_suite_case(defaults={"optimizer": "adagrad"}), ["optimizer", "adagrad"]),
     "unknown quirk": (_suite_case(defaults={"quirks": ["elu_derivative_three"]}), ["quirks", "elu_derivative_three"]),
     "unknown data set": (_suite_case(defaults={"data": {"name": "imagenet"}}), ["data.name", "imagenet"]),
