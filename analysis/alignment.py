@@ -2,20 +2,21 @@
 
 Pure functions over `analysis.load(run).alignment` (one row per case x measured step x unit x
 quantity; the quantities are defined in workers/alignment.py): a table per group and layer, a
-plot that takes an `ax`, and `section`, the report's part, which returns its markdown and
-tables (its figures written to the report's folder), or None when no case measured alignment.
+plot that takes an `ax`, `section` (the report's part: its markdown, tables and figures, or
+None when no case measured alignment) and `report_section`, its entry in the report's list.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from analysis.figures import _figure, _save
 from analysis.load import case_keys
-from analysis.tables import ci_half_width
+from analysis.report_context import ReportContext, Section, markdown_table
+from analysis.stats import ci_half_width
 
 SKIPPED = ("No case measured alignment (`alignment_every: 0`, the default), so this report cannot say how far "
            "each layer's update was from the true gradient.")
@@ -111,28 +112,26 @@ def plot_angle_vs_accuracy(ax, table: pd.DataFrame, quantity: str = "signal_angl
     return ax
 
 
-@dataclass
-class Section:
-    """A report section: its markdown lines, tables to write as CSV and figures written."""
-
-    markdown: list = field(default_factory=list)
-    csvs: dict = field(default_factory=dict)
-    figures: list = field(default_factory=list)
+TITLE = "Alignment with the true gradient"
 
 
-def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame, out_dir: Path | None, *,
-            markdown_table, new_figure=None, save=None) -> Section | None:
-    """The report's alignment section, or None when no case measured alignment (the report
-    then says so with SKIPPED). The report hands in its way of writing a table
-    (`markdown_table(frame, max_rows=)`) and, to draw, of making and saving a figure
-    (`new_figure(figsize=)`, `save(fig, out_dir, name) -> file name`); figures go to `out_dir`."""
+def report_section(ctx: ReportContext) -> Section:
+    """The report's entry (analysis.report.SECTIONS): `section`, or SKIPPED under the heading."""
+    alignment = ctx.data.alignment
+    part = section(alignment, ctx.table, ctx.cases, ctx.out_dir, figures=ctx.options.figures)
+    return part if part is not None else Section(TITLE, [SKIPPED])
+
+
+def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame, out_dir: Path | None,
+            figures: bool = True) -> Section | None:
+    """The alignment section (tables.per_case's `per_case`, the cases table), or None when no
+    case measured alignment. Figures (PNG) go to `out_dir`."""
     if alignment is None or not len(alignment):
         return None
-    out = Section()
+    out = Section(TITLE)
     measured = alignment[_keys(alignment)].astype(str).drop_duplicates()
-    md = out.markdown
-    md += ["## Alignment with the true gradient", "",
-           f"{len(measured)} cases measured, every `alignment_every` steps, how far each layer's update was from the "
+    md = out.lines
+    md += [f"{len(measured)} cases measured, every `alignment_every` steps, how far each layer's update was from the "
            "true gradient of the training loss at the parameters and batch the step started from "
            "(workers/alignment.py). signal: the gradient the schedule handed the optimiser for the layer, summed "
            "over the stages that updated it; angle in degrees (0: the true gradient's direction), norm ratio = "
@@ -154,13 +153,13 @@ def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame
             md.append(f"Across the {len(valid)} cases, the Pearson correlation of the mean signal angle (over layers, "
                       f"last epoch) with the final test accuracy is {r:.2f}.")
             md.append("")
-    if new_figure is not None and save is not None and out_dir is not None:
+    if figures and out_dir is not None:
         labels = sorted(groups.unique())
         run_of = alignment["run"].astype(str) if "run" in alignment else None
         panels = [(label, alignment[groups == label]) for label in labels]
         columns = min(3, len(panels))
         rows_n = -(-len(panels) // columns)
-        fig = new_figure(figsize=(4.2 * columns, 3.2 * rows_n))
+        fig = _figure(figsize=(4.2 * columns, 3.2 * rows_n))
         axes = np.atleast_1d(fig.subplots(rows_n, columns, squeeze=False)).ravel()
         for ax, (label, rows) in zip(axes, panels):
             plot_layer_angles(ax, rows)
@@ -169,12 +168,10 @@ def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         out.figures.append(("signal angle per layer over steps (seeds as a band)",
-                            save(fig, Path(out_dir), "alignment_angles.png")))
+                            _save(fig, Path(out_dir), "alignment_angles.png")))
         if schedules > 1 and len(out.csvs.get("alignment_vs_accuracy", [])):
-            fig = new_figure(figsize=(5, 3.6))
+            fig = _figure(figsize=(5, 3.6))
             plot_angle_vs_accuracy(fig.subplots(), out.csvs["alignment_vs_accuracy"])
             out.figures.append(("signal angle vs final test accuracy, one point per case",
-                                save(fig, Path(out_dir), "alignment_vs_accuracy.png")))
-        for caption, name in out.figures:
-            md += [f"### {caption}", "", f"![]({name})", ""]
+                                _save(fig, Path(out_dir), "alignment_vs_accuracy.png")))
     return out

@@ -497,16 +497,15 @@ def test_section_is_skipped_without_measurements_and_draws_with_them(tmp_path):
     import pandas as pd
 
     from analysis.alignment import section
-    from analysis.report import _figure, _save, markdown_table
 
-    assert section(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), tmp_path, markdown_table=markdown_table) is None
+    assert section(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), tmp_path) is None
     frame = fake_alignment()
     cases = frame.drop_duplicates("case_id")[["case_id", "name", "group"]].assign(
         schedule=lambda f: f["group"].map({"back": "unfair-back", "std": "standard"}))
     per_case = cases.assign(final_test_acc=[0.5, 0.6, 0.9, 0.95])
-    part = section(frame, per_case, cases, tmp_path, markdown_table=markdown_table, new_figure=_figure, save=_save)
-    text = "\n".join(part.markdown)
-    assert "## Alignment with the true gradient" in text and "| back | 0 | l1 | 2 | 134 | 6.3531 |" in text
+    part = section(frame, per_case, cases, tmp_path)
+    text = "\n".join(part.lines)
+    assert part.title == "Alignment with the true gradient" and "| back | 0 | l1 | 2 | 134 | 6.3531 |" in text
     assert (tmp_path / "alignment_angles.png").stat().st_size > 0
     assert (tmp_path / "alignment_vs_accuracy.png").stat().st_size > 0
     versus = part.csvs["alignment_vs_accuracy"].set_index("name")
