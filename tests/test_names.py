@@ -91,6 +91,16 @@ PINNED_IDS.update({
               "h50-act_tanh-b437c82de6", "h50-act_sigmoid-ea05305853", "h50-act_relu-80127eb1cd",
               "deep-act_tanh-2419ab0dfc", "deep-act_sigmoid-466eb842fa", "deep-act_relu-de8e8bf3b7"],
     "moons-quick": ["tanh-h3-706312a773", "relu-h50-6a2d3e4aa5", "deep-f72374abef"],
+    "feedback-quick": ["bp-e47571560c", "fa-a8da29166f", "dfa-5d01688b13", "sign-db56be01ee",
+                       "sign-frsf-dd54c17e1c", "kp-1f80354133"],
+    "feedback": ["bp-s1-b631c6f800", "bp-s2-923c4a29a8", "bp-s3-87e9851b03", "bp-s4-1663d280a0",
+                 "bp-s5-428f4d116c", "fa-s1-e876d42822", "fa-s2-a833602b20", "fa-s3-89b3b41a19",
+                 "fa-s4-2a75c290ce", "fa-s5-f45451c0c2", "dfa-s1-d2b6cb1837", "dfa-s2-ee937b439a",
+                 "dfa-s3-82e330c1f2", "dfa-s4-bc12c4260a", "dfa-s5-ceecff0a8e", "sign-s1-2e1c0dbc28",
+                 "sign-s2-e9ae1d43d5", "sign-s3-2f55923abd", "sign-s4-91c51d6245", "sign-s5-70034cf472",
+                 "kp-s1-d3a76945ce", "kp-s2-7c43be8ca0", "kp-s3-7755dfa607", "kp-s4-9065913fe6",
+                 "kp-s5-1b4b791b72", "kp-wd-s1-52ca4fcc99", "kp-wd-s2-f08383efbd", "kp-wd-s3-096540edc0",
+                 "kp-wd-s4-644d1a2cd3", "kp-wd-s5-35a7669cfd"],
 })
 
 def ids_of(suite) -> list[str]:
