@@ -177,9 +177,15 @@ def legacy_case_id(name: str, settings_json: dict, data_fingerprint: str) -> str
 def check_schedule_fits(settings, model) -> None:
     """SettingsError if the schedule cannot run on this model at this input shape (no
     TensorFlow): the dilated skip needs unit i's output and unit i+1's output to have the
-    same channels and a whole-number spatial ratio."""
+    same channels and a whole-number spatial ratio; a learning rule needs units whose
+    weights it can replace in the backward (workers.rules.check_fits)."""
+    from workers import rules
     from workers.schedules import dilated_units
     from workers.settings import SettingsError
+
+    reason = rules.check_fits(settings, model)
+    if reason is not None:
+        raise SettingsError(reason)
 
     if "dilated" not in settings.schedule:
         return

@@ -72,7 +72,7 @@ def test_dilation_rate_decays_with_the_epoch():
 
 
 def test_rnn_cell_and_take_last_gradients_match_autodiff():
-    from tests.test_layers import check_op
+    from tests.helpers import check_op
 
     rng = np.random.default_rng(3)
     check_op(L.RNNCell(6, 3, first=True), (4, 6), {"wx": rng.normal(size=(6, 3)), "b": rng.normal(size=(3,))})

@@ -6,10 +6,7 @@ its ids, shows in `bplab status`, and `bplab run --resume` finishes `cut` under 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +15,7 @@ import pytest
 from jobs import plan, suites
 from analysis.rundir import RunDir
 from jobs.study import suite_from_run
+from tests.helpers import bplab
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "run-v1"
@@ -88,10 +86,8 @@ def test_status_shows_an_old_run(old_run, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_resume_finishes_an_old_run_under_its_old_ids(old_run):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     before = {p: p.read_bytes() for p in (old_run / "metrics" / f"case_id={OLD_IDS['done']}").glob("part-*")}
-    result = subprocess.run([sys.executable, "-m", "jobs", "run", "--resume", str(old_run), "--progress-every", "0",
-                             "--no-report"], env=env, cwd=old_run.parent, capture_output=True, text=True, timeout=280)
+    result = bplab("run", "--resume", old_run, "--progress-every", "0", "--no-report", cwd=old_run.parent, timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "new case" not in result.stderr
     cases = pd.read_parquet(old_run / "cases.parquet")
@@ -111,6 +107,5 @@ def test_resume_finishes_an_old_run_under_its_old_ids(old_run):
         mine = metrics[metrics["case_id"] == OLD_IDS[name]]
         assert sorted(mine[mine.split == "train"]["step"]) == list(range(steps)), name
         assert (mine.split == "test").sum() == tests, name
-    status = subprocess.run([sys.executable, "-m", "jobs", "status", str(old_run)], env=env, capture_output=True,
-                            text=True, timeout=120)
+    status = bplab("status", old_run, timeout=120)
     assert status.returncode == 0 and status.stdout.count(" done ") == 2, status.stdout

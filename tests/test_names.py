@@ -36,6 +36,16 @@ PINNED_IDS = {
     "dni": ["mnist-synthetic-791283a205", "mnist-bptt-babacc1464", "mnist-autodiff-ff4e6e23ca",
             "digits-synthetic-86a342e3ce", "digits-bptt-57172d1f44", "digits-autodiff-15a9080009"],
     "dni-quick": ["synthetic-c31f087fb9", "bptt-2f08a94c8e", "autodiff-030f7cc402"],
+    # the learning-rule suites (docs/learning-rules.md), pinned when they were added
+    "feedback": ["bp-s1-e374d2cb7c", "bp-s2-b73858ed45", "bp-s3-66a8fd5483", "bp-s4-d189297185", "bp-s5-2825d1ed16",
+                 "fa-s1-59802b96f9", "fa-s2-dfe3f9a8c4", "fa-s3-2a2138ae87", "fa-s4-44f4cef765", "fa-s5-df3a8c5b8a",
+                 "dfa-s1-beedb94a21", "dfa-s2-a1dc9a42aa", "dfa-s3-83167487f4", "dfa-s4-efd030b4cc", "dfa-s5-9aa47354f5",
+                 "sign-s1-10c6331f54", "sign-s2-1cd5f6bf39", "sign-s3-7e26854188", "sign-s4-7dfa079c95",
+                 "sign-s5-369f4e93df", "kp-s1-d446012e11", "kp-s2-1794fc4355", "kp-s3-0eaa4df934", "kp-s4-c8f6df80ed",
+                 "kp-s5-e65759864e", "kp-wd-s1-80dc537300", "kp-wd-s2-d0a713c63a", "kp-wd-s3-e2e733a212",
+                 "kp-wd-s4-34ba6b0456", "kp-wd-s5-c0c71d8634"],
+    "feedback-quick": ["bp-67ed2474c9", "fa-d47b99d6ce", "dfa-da36a509a4", "sign-3b2d40cecf", "sign-frsf-cf0c37afce",
+                       "kp-ca2e64b52d"],
     "moons": ["h3-act_tanh-b1035506b5", "h3-act_sigmoid-57393bd89d", "h3-act_relu-637b0bcd3a", "h5-act_tanh-7ac9eda646",
               "h5-act_sigmoid-2af4454daf", "h5-act_relu-6061b523ba", "h8-act_tanh-81c05a39bf",
               "h8-act_sigmoid-e6aedb9850", "h8-act_relu-797d8c18fc", "h50-act_tanh-faf2538e48",
@@ -220,3 +230,4 @@ cases:
     assert [c.name for c in suites.select(suite, ["fast-bs16"]).cases] == ["fast-bs16-s1", "fast-bs16-s2"]
     assert [c.name for c in suites.select(suite, ["fast*"]).cases] == ["fast-bs16-s1", "fast-bs64-s1", "fast-bs16-s2",
                                                                        "fast-bs64-s2"]
+

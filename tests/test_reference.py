@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.tables import reference_comparison
+from analysis.reference import reference_comparison
 from jobs import plan as plan_module, suites
 from workers import data as data_module
 from workers.data import load_dataset
@@ -130,3 +130,38 @@ def test_a_run_on_other_mnist_format_data_reports_not_comparable(tmp_path):
     assert comparison["diff"].isna().all()
     per_case = pd.read_csv(run / "report" / "per_case.csv")
     assert per_case["data_official"].tolist() == [False]
+
+
+@pytest.mark.timeout(60)
+def test_the_feedback_suite_is_compared_like_with_like_with_akrouts_repository(official_double):
+    """feedback's bp, fa and kp groups (five seeds each) as planned keep every setting the
+    repository fixed; kp-wd does not count as kp; the error-signal angles come from the
+    alignment rows of the hidden unit at the last measured epoch."""
+    suite = suites.load_suite("feedback", [f"data.path={official_double}"])
+    planned = plan_module.make_plan(suite, plan_module.load_data(suite.cases), cpus_per_case=1, gpus_per_case=0)
+    cases = pd.DataFrame([p.row() for p in planned])
+    table = per_case_of(cases, 0.97)
+    fa_ids = cases.loc[cases["group"] == "fa", "case_id"].tolist()
+    alignment = pd.DataFrame([
+        {"case_id": case_id, "epoch": epoch, "step": epoch * 10, "unit": unit, "layer": f"l{unit + 1}",
+         "quantity": quantity, "value": value}
+        for n, case_id in enumerate(fa_ids)
+        for epoch, hidden_angle in ((398, 80.0), (399, 30.0 + n))
+        for unit, quantity, value in ((0, "error_angle", hidden_angle), (1, "error_angle", 0.0), (1, "signal_angle", 0.0))])
+    comparison = reference_comparison(table, "feedback", cases, alignment=alignment).set_index("case")
+    assert list(comparison.index) == ["bp", "fa", "kp"]
+    assert comparison["comparable"].all(), comparison["why_not"].tolist()
+    assert (comparison["n"] == 5).all()
+    assert comparison.loc["kp", "diff"] == pytest.approx(0.97 - 0.9845)
+    assert comparison.loc["fa", "source_error_angle"] == pytest.approx(34.91)
+    assert comparison.loc["fa", "run_error_angle"] == pytest.approx(32.0)  # mean of 30..34: the last epoch, hidden unit only
+    assert math.isnan(comparison.loc["kp", "run_error_angle"]) and math.isnan(comparison.loc["bp", "source_error_angle"])
+    changed = planned_cases_of_feedback(official_double, ["fa.feedback_init=xavier"])
+    why = reference_comparison(per_case_of(changed), "feedback", changed).set_index("case").loc["fa", "why_not"]
+    assert "feedback_init" in why
+
+
+def planned_cases_of_feedback(folder: Path, overrides=()):
+    suite = suites.select(suites.load_suite("feedback", [f"data.path={folder}", *overrides]), ["fa"])
+    planned = plan_module.make_plan(suite, plan_module.load_data(suite.cases), cpus_per_case=1, gpus_per_case=0)
+    return pd.DataFrame([p.row() for p in planned])

@@ -25,9 +25,9 @@ from analysis.rundir import RunDir
 from workers.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-FILE_DATA = ("adversarial", "adversarial-source", "dcn", "dni", "unfair", "unfair-source")  # MNIST or CIFAR-10 files
+FILE_DATA = ("adversarial", "adversarial-source", "dcn", "dni", "unfair", "unfair-source", "feedback")  # MNIST or CIFAR-10 files
 EMBEDDED = ("quick", "moons", "moons-quick", "dni-quick", "dcn-quick", "adversarial-quick", "adversarial-source-quick",
-            "unfair-source-quick")
+            "unfair-source-quick", "feedback-quick")
 SHORT = ["--set", "epochs=1", "--set", "steps_per_epoch=1"]
 
 # One Ray for every run: the CLI's own connect and shutdown are bypassed, nothing else.

@@ -28,8 +28,7 @@ pytest.importorskip("tensorboard")
 from jobs.cli import main  # noqa: E402
 from analysis.rundir import RunDir  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_tidy import SETTINGS, case_rows, commit_report, train_reports  # noqa: E402
+from tests.helpers import SETTINGS, case_rows, commit_report, train_reports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

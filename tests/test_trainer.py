@@ -92,8 +92,8 @@ def test_resume_from_mid_epoch_checkpoint_is_bit_identical(schedule, augment):
     position = unpack_checkpoint(checkpoint)[2]["position"]
     assert position == {"epoch": 0, "step_in_epoch": 6, "global_step": 6}
     _, rest = run(case, resume=checkpoint, checkpoint_every_steps=3)
-    params_whole, optimizer_whole, _ = final_params(whole)
-    params_resumed, optimizer_resumed, _ = final_params(rest)
+    params_whole, optimizer_whole, _, _ = final_params(whole)
+    params_resumed, optimizer_resumed, _, _ = final_params(rest)
     for a, b in zip(params_whole, params_resumed):
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])

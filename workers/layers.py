@@ -3,9 +3,11 @@
 Every op has `forward(x, params, ctx) -> (y, cache)` and, right below it,
 `backward(d_y, cache, need_d_x=True, need_grads=True) -> (d_x, grads)`; `grads` maps a
 parameter name to d_<param> (empty for an op without parameters, or with need_grads=False;
-d_x is None with need_d_x=False). An op names its parameters (`param_names`) and which of
+d_x is None with need_d_x=False). An op names its parameters (`param_names`), which of
 them are weights (`weight_names`: weight decay and the weight statistics use these; biases
-are the rest). The docstring of each op is its equation. Ops are dtype-generic (the
+are the rest) and which weights carry the gradient down (`feedback_names`): a learning rule
+may hand such an op's backward `feedback={name: B}`, and d_x is then computed with B in place
+of that weight, while the weight gradients stay input x error (workers.rules). The docstring of each op is its equation. Ops are dtype-generic (the
 gradient tests run them in float64). Source-study mistakes are constructor flags, off
 by default (see workers.settings.QUIRK_DOCS).
 """
@@ -44,6 +46,7 @@ class Op:
 
     param_names: tuple[str, ...] = ()
     weight_names: tuple[str, ...] = ()  # the subset of param_names that are weights (not biases)
+    feedback_names: tuple[str, ...] = ()  # the weights d_x is computed with (backward takes feedback= for them)
 
     def output_shape(self, in_shape: tuple) -> tuple:
         return in_shape
@@ -64,7 +67,12 @@ class Op:
 
 
 class Conv2D(Op):
-    """y = conv(x, w) (+ b); w: (k, k, c_in, c_out), x/y NHWC."""
+    """y = conv(x, w) (+ b); w: (k, k, c_in, c_out), x/y NHWC.
+
+    d_w = Conv2DBackpropFilter(x, d_y); d_x = Conv2DBackpropInput(w, d_y), or with
+    feedback={"w": B} (B of w's shape) Conv2DBackpropInput(B, d_y)."""
+
+    feedback_names = ("w",)
 
     def __init__(self, kernel: int, c_in: int, c_out: int, stride: int = 1, padding: str = "SAME", bias: bool = False):
         assert padding in ("SAME", "VALID"), padding
@@ -90,7 +98,7 @@ class Conv2D(Op):
             y = y + params["b"]
         return y, (x, params["w"])
 
-    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True, feedback=None):
         x, w = cache
         strides = [1, self.stride, self.stride, 1]
         grads = {}
@@ -101,8 +109,9 @@ class Conv2D(Op):
                 grads["b"] = tf.reduce_sum(d_y, axis=[0, 1, 2])
         d_x = None
         if need_d_x:  # the lowest updated layer of an unfair stage skips this (it is not used)
+            carrier = feedback["w"] if feedback else w  # the weights that carry the gradient down
             d_x = tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=tf.shape(x), filter=w, out_backprop=d_y, strides=strides, padding=self.padding)
+                input_sizes=tf.shape(x), filter=carrier, out_backprop=d_y, strides=strides, padding=self.padding)
         return d_x, grads
 
     def __repr__(self):
@@ -110,7 +119,11 @@ class Conv2D(Op):
 
 
 class Dense(Op):
-    """y = x @ w (+ b); x: (B, d_in), w: (d_in, d_out)."""
+    """y = x @ w (+ b); x: (B, d_in), w: (d_in, d_out).
+
+    d_w = x^T d_y; d_x = d_y w^T, or with feedback={"w": B} (B of w's shape) d_y B^T."""
+
+    feedback_names = ("w",)
 
     def __init__(self, d_in: int, d_out: int, bias: bool = True):
         self.d_in, self.d_out, self.bias = d_in, d_out, bias
@@ -132,14 +145,15 @@ class Dense(Op):
             y = y + params["b"]
         return y, (x, params["w"])
 
-    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True, feedback=None):
         x, w = cache
         grads = {}
         if need_grads:
             grads["w"] = tf.matmul(x, d_y, transpose_a=True)  # (d_in, d_out)
             if self.bias:
                 grads["b"] = tf.reduce_sum(d_y, axis=0)
-        d_x = tf.matmul(d_y, w, transpose_b=True) if need_d_x else None  # (B, d_in)
+        carrier = feedback["w"] if feedback else w  # the weights that carry the gradient down
+        d_x = tf.matmul(d_y, carrier, transpose_b=True) if need_d_x else None  # (B, d_in)
         return d_x, grads
 
     def __repr__(self):

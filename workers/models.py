@@ -36,6 +36,12 @@ class Unit:
         op = self.param_op
         return op.weight_names if op is not None else ()
 
+    @property
+    def feedback_names(self) -> tuple[str, ...]:
+        """The weights that carry the gradient down (a learning rule's feedback weights replace them)."""
+        op = self.param_op
+        return op.feedback_names if op is not None else ()
+
     def param_shapes(self) -> dict:
         op = self.param_op
         return {**(op.param_shapes() if op is not None else {}), **self.extra}
@@ -81,6 +87,18 @@ class Model:
         return "\n".join(lines)
 
 
+def fans(shape) -> tuple[int, int]:
+    """(fan_in, fan_out) of a weight: a dense (d_in, d_out), or a kernel (k, k, c_in, c_out)
+    times its receptive field (as Glorot and PyTorch count them)."""
+    receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+def draw_weights(rng, kind: str, shape) -> np.ndarray:
+    """Random weights of `shape` by a scale-free kind: xavier (Glorot uniform) or normal_fan_sum."""
+    return _draw(rng, kind, 0.0, tuple(shape))
+
+
 def _draw(rng, kind, value, shape):
     if kind == "truncated_normal":  # like tf.truncated_normal: redraw beyond 2 std
         out = rng.standard_normal(shape)
@@ -92,10 +110,12 @@ def _draw(rng, kind, value, shape):
     if kind == "normal":
         return rng.standard_normal(shape) * value
     if kind == "xavier":  # Glorot uniform over fan_in + fan_out
-        receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-        fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+        fan_in, fan_out = fans(shape)
         limit = np.sqrt(6.0 / (fan_in + fan_out))
         return rng.uniform(-limit, limit, shape)
+    if kind == "normal_fan_sum":  # N(0, 1 / (fan_in + fan_out)): Akrout et al.'s repository
+        fan_in, fan_out = fans(shape)
+        return rng.standard_normal(shape) * np.sqrt(1.0 / (fan_in + fan_out))
     if kind == "constant":
         return np.full(shape, value, dtype=np.float64)
     raise AssertionError(f"unknown init {kind}")
@@ -106,6 +126,8 @@ def _init_for(settings, default: tuple) -> tuple:
         return ("xavier", 0.0)
     if settings.init == "normal":
         return ("normal", settings.init_std)
+    if settings.init == "normal_fan_sum":
+        return ("normal_fan_sum", 0.0)
     return default
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 # workers.models.MODELS
 MODELS = ("allconv9", "mlp", "celu7", "dcn", "dni_rnn")
+# workers.rules.RULES: learning rules, each a schedule whose backward hands down something
+# else than d_y W^T (one module each in workers/rules/, see docs/learning-rules.md)
+RULES = ("feedback-alignment", "direct-feedback", "sign-symmetry", "kolen-pollack")
 # workers.schedules.SCHEDULES
 SCHEDULES = (
     "standard",
@@ -19,6 +22,7 @@ SCHEDULES = (
     "dilated",
     "adversarial+dilated",
     "synthetic",
+    *RULES,
 )
 # workers.optimizers.OPTIMIZERS
 OPTIMIZERS = ("sgd", "momentum", "adam", "amsgrad")
@@ -30,7 +34,11 @@ STANDARDIZE = ("none", "per_pixel", "global")
 # workers.layers.ACTIVATIONS ("default" in the settings: the model's own)
 ACTIVATIONS = ("tanh", "sigmoid", "relu", "elu", "celu")
 # workers.models._init_for ("default" in the settings: the model's own)
-INITS = ("xavier", "normal")
+INITS = ("xavier", "normal", "normal_fan_sum")
+# workers.rules.initial_state: how random feedback weights are drawn
+FEEDBACK_INITS = ("xavier", "normal_fan_sum")
+# workers.rules.sign_symmetry: BioTorch's sign-concordant feedback variants
+SIGN_FEEDBACK = ("usf", "frsf", "brsf")
 # workers.schedules.get_schedule: hand-written backward, or tf.GradientTape
 ENGINES = ("manual", "autodiff")
 

@@ -5,13 +5,15 @@ name from SCHEDULES. It calls `step.forward`, `step.net.backward` and `step.upda
 the Stepper counts forward passes, stages and per-unit updates while the step is
 traced, so the counts logged are the ones the schedule really performed. Adding a
 schedule touches this file and its name in workers.registry.SCHEDULES (which the
-settings validate against without importing TensorFlow). Whether a schedule fits a
-model's shapes is checked at plan time (jobs.plan.check_schedule_fits).
+settings validate against without importing TensorFlow); a learning rule (feedback
+weights in the backward) is a module of workers/rules/ instead, and its schedule comes
+from there. Whether a schedule fits a model's shapes is checked at plan time
+(jobs.plan.check_schedule_fits).
 """
 
 from __future__ import annotations
 
-from workers import dni, registry
+from workers import dni, registry, rules
 
 
 def dilation_rate(settings, epoch: int) -> float:
@@ -166,6 +168,7 @@ SCHEDULES = {
     "dilated": dilated,
     "adversarial+dilated": adversarial_dilated,
     "synthetic": synthetic,
+    **{name: rules.schedule(name) for name in rules.RULES},  # learning rules: workers/rules/
 }
 assert tuple(SCHEDULES) == registry.SCHEDULES, "a schedule registered here but not in workers.registry (or the reverse)"
 

@@ -83,6 +83,8 @@ Standardize = Literal[registry.STANDARDIZE]
 ModelName = Literal[registry.MODELS]
 ActivationName = Literal[("default", *registry.ACTIVATIONS)]
 InitName = Literal[("default", *registry.INITS)]
+FeedbackInitName = Literal[registry.FEEDBACK_INITS]
+SignFeedbackName = Literal[registry.SIGN_FEEDBACK]
 ScheduleName = Literal[registry.SCHEDULES]
 EngineName = Literal[registry.ENGINES]
 OptimizerName = Literal[registry.OPTIMIZERS]
@@ -179,7 +181,8 @@ class CaseFields(_Settings):
     the model's own (mlp and dni_rnn: tanh, dcn: relu)."""
     init: InitName = "default"
     """Weight initialisation: 'default' (the model's own, e.g. allconv9's truncated normal
-    stds), 'xavier' (Glorot uniform) or 'normal' (N(0, init_std))."""
+    stds), 'xavier' (Glorot uniform), 'normal' (N(0, init_std)) or 'normal_fan_sum'
+    (N(0, 1/(fan_in+fan_out)), Akrout et al.'s repository)."""
     init_std: _float(gt=0) = 0.05
     """Standard deviation for init: normal."""
     dropout: _float(ge=0, lt=1) = 0.0
@@ -192,7 +195,8 @@ class CaseFields(_Settings):
     original once, so it has twice as many steps."""
     schedule: ScheduleName = "standard"
     """Which layers are updated in each stage of a step: standard, unfair-back,
-    unfair-front, adversarial, dilated, adversarial+dilated, synthetic."""
+    unfair-front, adversarial, dilated, adversarial+dilated, synthetic; or a learning rule
+    (docs/learning-rules.md): feedback-alignment, direct-feedback, sign-symmetry, kolen-pollack."""
     engine: EngineName = "manual"
     """manual (hand-written backward) or autodiff (tf.GradientTape, standard schedule only)."""
     optimizer: OptimizerName = "adam"
@@ -239,6 +243,13 @@ class CaseFields(_Settings):
     full-batch case has one step per epoch, the moons source evaluated every 1,000)."""
     quirks: _listed_of(QuirkName) = ()
     """Source-study mistakes to reproduce, by name (see QUIRK_DOCS); none by default."""
+    feedback_init: FeedbackInitName = "xavier"
+    """Learning rules: how random feedback weights are drawn from the seed: 'xavier' (Glorot
+    uniform over the weight's fan_in + fan_out) or 'normal_fan_sum' (N(0, 1/(fan_in+fan_out)),
+    Akrout et al.'s repository); direct-feedback's matrices count classes and output size."""
+    sign_feedback: SignFeedbackName = "usf"
+    """sign-symmetry only: B = sqrt(2/(fan_in+fan_out)) sign(W) ('usf'), |M| sign(W) with M
+    fixed random ('frsf') or |R| sign(W) with R redrawn every step ('brsf'), BioTorch's names."""
 
 
 def _rule(field: str, message: str) -> PydanticCustomError:
@@ -256,6 +267,8 @@ class CaseSettings(CaseFields):
         if self.engine == "autodiff" and gradient_quirks:
             raise _rule("quirks", f"{gradient_quirks[0]} changes a hand-written backward; "
                         "engine autodiff differentiates the forward pass and would ignore it")
+        if self.sign_feedback != "usf" and self.schedule != "sign-symmetry":
+            raise _rule("sign_feedback", f"only the sign-symmetry schedule reads it, not {self.schedule!r}")
         if self.schedule == "synthetic" and self.model != "dni_rnn":
             raise _rule("schedule", f"synthetic gradients need model dni_rnn, not {self.model!r}")
         if self.augment and self.batch_size == 1:

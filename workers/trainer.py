@@ -63,9 +63,12 @@ def epoch_order(seed: int, epoch: int, num_train: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0xDA7A]).permutation(num_train)
 
 
-def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, settings) -> bytes:
+def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, settings,
+                    rule_state: list[dict] | None = None) -> bytes:
+    """One .npz: param/UNIT/NAME, opt/KEY, feedback/UNIT/NAME (a learning rule's state) and meta."""
     arrays = {f"param/{i}/{name}": value for i, unit in enumerate(params) for name, value in unit.items()}
     arrays.update({f"opt/{key}": value for key, value in optimizer_state.items()})
+    arrays.update({f"feedback/{i}/{name}": value for i, unit in enumerate(rule_state or ()) for name, value in unit.items()})
     meta = {"position": position, "settings": settings.to_dict()}
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=list).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -73,11 +76,12 @@ def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, s
     return buffer.getvalue()
 
 
-def unpack_checkpoint(blob: bytes) -> tuple[list[dict], dict, dict]:
-    """(params per unit, optimiser state, meta) from pack_checkpoint's bytes."""
+def unpack_checkpoint(blob: bytes) -> tuple[list[dict], dict, dict, list[dict]]:
+    """(params per unit, optimiser state, meta, rule state per unit) from pack_checkpoint's bytes."""
     with np.load(io.BytesIO(blob), allow_pickle=False) as archive:
         meta = json.loads(archive["meta"].tobytes().decode())
         params: dict[int, dict] = {}
+        rule_state: dict[int, dict] = {}
         optimizer_state = {}
         for key in archive.files:
             if key.startswith("param/"):
@@ -85,13 +89,19 @@ def unpack_checkpoint(blob: bytes) -> tuple[list[dict], dict, dict]:
                 params.setdefault(int(index), {})[name] = archive[key]
             elif key.startswith("opt/"):
                 optimizer_state[key[4:]] = archive[key]
-    return [params[i] for i in sorted(params)], optimizer_state, meta
+            elif key.startswith("feedback/"):
+                _, index, name = key.split("/", 2)
+                rule_state.setdefault(int(index), {})[name] = archive[key]
+    return [params[i] for i in sorted(params)], optimizer_state, meta, [rule_state.get(i, {}) for i in sorted(params)]
 
 
-def weight_histograms(model, params: list[dict], phase: str) -> list[dict]:
+def weight_histograms(model, params: list[dict], phase: str, rule_state: list[dict] | None = None) -> list[dict]:
+    """Histogram rows per unit and parameter; a learning rule's state as param feedback_NAME."""
     rows = []
-    for unit, unit_params in zip(model.units, params):
-        for name, value in unit_params.items():
+    rule_state = rule_state or [{} for _ in model.units]
+    for unit, unit_params, unit_state in zip(model.units, params, rule_state):
+        shown = {**unit_params, **{f"feedback_{name}": value for name, value in unit_state.items()}}
+        for name, value in shown.items():
             counts, edges = np.histogram(np.asarray(value, dtype=np.float64), bins=HISTOGRAM_BINS)
             for index, count in enumerate(counts):
                 rows.append({"phase": phase, "layer": unit.name, "param": name, "bin": index,
@@ -120,7 +130,8 @@ def decision_boundary(net, x_train, steps: int = 120) -> dict:
 
 def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
     """Mean/std/min/max/histogram of weights, biases, pre-activations and activations of
-    every unit on one batch (what the original watched in TensorBoard)."""
+    every unit on one batch (what the original watched in TensorBoard); a learning rule's
+    feedback weights as quantity feedback, its other state as feedback_NAME."""
     from workers.layers import Context
 
     ctx = Context(training=False)
@@ -139,6 +150,11 @@ def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
             add(unit.name, "weights", np.concatenate([variables[n].numpy().ravel() for n in unit.weight_names]))
         if "b" in variables:
             add(unit.name, "biases", variables["b"].numpy())
+        if net.feedback[index]:
+            add(unit.name, "feedback", np.concatenate([net.feedback[index][n].numpy().ravel() for n in sorted(net.feedback[index])]))
+        for name, var in net.rule_state[index].items():
+            if name not in net.feedback[index]:
+                add(unit.name, f"feedback_{name}", var.numpy())
         for op in unit.ops:
             x, _ = op.forward(x, variables, ctx)
             if op.param_names:
@@ -150,7 +166,7 @@ def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
 # Settings that never reach a traced step: they are NumPy-side (initial weights, data order,
 # augmentation, when to log) or enter the step as a tensor (learning rate, skip rate, seed).
 # Every other setting is read while tracing, so it is part of a case's structure.
-PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std",
+PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std", "feedback_init",
                    "steps_per_epoch", "layer_stats_every", "eval_every", "dilation_rate", "dilation_decay", "data")
 CHUNK_SECONDS = 0.25  # aim for calls this long: tiny steps run many to a call, big ones one or a few
 CHUNK_BYTES = 32 << 20  # at most this much stacked input per call
@@ -200,11 +216,13 @@ class Steps:
                  tf_dtype):
         import tensorflow as tf
 
-        from workers import optimizers, schedules
+        from workers import optimizers, rules, schedules
         from workers.layers import Context
 
         self.model = model
-        self.net = net = _make_net(model, model.init_params(0, dtype=tf_dtype.as_numpy_dtype), tf_dtype)
+        placeholder = model.init_params(0, dtype=tf_dtype.as_numpy_dtype)  # load() sets each case's values
+        self.net = net = _make_net(model, placeholder, tf_dtype,
+                                   rules.initial_state(settings, model, placeholder, 0, tf_dtype.as_numpy_dtype))
         self.optimizer = optimizer = optimizers.make_optimizer(settings, net)
         schedule = schedules.get_schedule(settings)
         self.traced = traced = {}
@@ -276,9 +294,12 @@ class Steps:
 
         self.train_chunk, self.test_step = train_chunk, test_step
 
-    def load(self, params: list[dict], optimizer_state: dict | None) -> None:
-        """This case's weights and optimiser state (zeros for a new case) into the variables."""
+    def load(self, params: list[dict], optimizer_state: dict | None, rule_state: list[dict] | None = None) -> None:
+        """This case's weights, optimiser state (zeros for a new case) and learning-rule state
+        (workers.rules.initial_state for a new case) into the variables."""
         self.net.assign(params)
+        if rule_state is not None:
+            self.net.assign_rule_state(rule_state)
         state = optimizer_state
         if state is None:
             state = {key: np.zeros_like(value) for key, value in self.optimizer.state().items()}
@@ -298,7 +319,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     """
     import tensorflow as tf
 
-    from workers import models, optimizers, schedules
+    from workers import models, optimizers, rules, schedules
 
     tf.config.experimental.enable_op_determinism()
     tf_dtype = tf.as_dtype(dtype)
@@ -319,18 +340,19 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if resume is not None:
-        params, optimizer_state, meta = unpack_checkpoint(resume)
+        params, optimizer_state, meta, rule_state = unpack_checkpoint(resume)
         assert meta["settings"] == json.loads(json.dumps(settings.to_dict(), default=list)), "checkpoint of other settings"
         position = meta["position"]
     else:
         params, optimizer_state = model.init_params(settings.seed, dtype=np.dtype(dtype)), None
+        rule_state = rules.initial_state(settings, model, params, settings.seed, np.dtype(dtype))
     key = structure_key(settings, x_train.shape[1:], data.num_classes, step_shape, x_test.shape, in_loop_eval, dtype)
 
     def build():
         return Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype)
 
     steps = (cache or StepCache()).get(key, build)
-    steps.load(params, optimizer_state)
+    steps.load(params, optimizer_state, rule_state)
     net, optimizer, traced = steps.net, steps.optimizer, steps.traced
     unit_names = [unit.name for unit in model.units]
     test_x = tf.constant(x_test if in_loop_eval else x_test[:0])
@@ -381,7 +403,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     pending = Report(info={"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch,
                            "model": model.describe(), "tensorflow": tf.__version__})
     if resume is None:
-        pending.histograms = weight_histograms(model, params, "before")
+        pending.histograms = weight_histograms(model, params, "before", rule_state)
     global_step = position["global_step"]
     assert global_step == position["epoch"] * steps_per_epoch + position["step_in_epoch"], position
     latest: dict = {}
@@ -450,10 +472,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         if (finished or now - last_commit >= commit_every or (commit_requested is not None and commit_requested())
                 or (checkpoint_every_steps and global_step % checkpoint_every_steps == 0)):
             where = {"epoch": epoch_done, "step_in_epoch": in_epoch, "global_step": global_step}
-            pending.checkpoint = pack_checkpoint(net.numpy_params(), optimizer.state(), where, settings)
+            pending.checkpoint = pack_checkpoint(net.numpy_params(), optimizer.state(), where, settings,
+                                                 net.numpy_rule_state())
             last_commit = now
         if finished:
-            pending.histograms.extend(weight_histograms(model, net.numpy_params(), "after"))
+            pending.histograms.extend(weight_histograms(model, net.numpy_params(), "after", net.numpy_rule_state()))
             if x_train.ndim == 2 and x_train.shape[1] == 2:
                 pending.boundary = decision_boundary(net, x_train)
             pending.status = "done"
@@ -463,7 +486,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     return {"status": "done", "epoch": settings.epochs, "step": global_step, **latest}
 
 
-def _make_net(model, params, tf_dtype):
+def _make_net(model, params, tf_dtype, rule_state=None):
     from workers.engine import Net
 
-    return Net(model, params, dtype=tf_dtype)
+    return Net(model, params, dtype=tf_dtype, rule_state=rule_state)
