@@ -6,7 +6,6 @@ its ids, shows in `bplab status`, and `bplab run --resume` finishes `cut` under 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,7 @@ import pytest
 from jobs import plan, suites
 from analysis.rundir import RunDir
 from jobs.study import suite_from_run
-from tests.helpers import bplab
+from tests.helpers import bplab, copy_old_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "run-v1"
@@ -24,9 +23,7 @@ OLD_IDS = {"done": "done-a1392ffdd5", "cut": "cut-d5305ba059"}  # as the fixture
 
 @pytest.fixture
 def old_run(tmp_path) -> Path:
-    copy = tmp_path / "run-v1"
-    shutil.copytree(FIXTURE, copy)
-    return copy
+    return copy_old_run(tmp_path)
 
 
 def planned_for(study):
