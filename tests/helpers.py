@@ -6,6 +6,7 @@
 - `wait_for(...)`: poll a condition while a background `bplab` lives;
 - `run_main(...)`, `assert_refused(...)`: `jobs.cli.main` in-process with `ray` stubbed out, and
   the shape of a refused input (one line, exit 2, Ray untouched);
+- `copy_old_run(...)`: a run written by an earlier bplab (tests/fixtures/run-v1);
 - `case_row(...)`, `tree_state(...)`, `make_existing_run(...)`, `write_run(...)`: run directories;
   `case_rows`, `train_reports`, `commit_report`: a run of real trainer reports, committed as the
   driver commits them;
@@ -269,6 +270,27 @@ TWO_LR = {
     "slow": {"settings": {"lr": 0.001}, "test": [.3, .5], "train": [[.2, .3], [.4, .5]]},
     "fast": {"settings": {"lr": 0.002}, "test": [.6, .8], "train": [[.4, .6], [.7, .9]]},
 }
+
+
+OLD_RUN = ROOT / "tests" / "fixtures" / "run-v1"  # written by an earlier bplab (tests/fixtures/make_run_v1.py)
+
+
+def copy_old_run(folder: Path) -> Path:
+    """A copy of tests/fixtures/run-v1 in `folder`. Its dead driver's lease names a pid on the
+    host that made it; on a host of that name the pid is what tells a live driver, and another
+    process may hold that pid now, so the copy's lease names a pid known to be dead."""
+    import platform
+    import shutil
+
+    copy = folder / "run-v1"
+    shutil.copytree(OLD_RUN, copy)
+    lock = copy / "driver.lock"
+    record = json.loads(lock.read_text())
+    if record.get("host") == platform.node():
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        lock.write_text(json.dumps({**record, "pid": child.pid}))
+    return copy
 
 
 # ---------------------------------------------------------------------- a run from real reports

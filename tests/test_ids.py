@@ -6,7 +6,6 @@ its ids, shows in `bplab status`, and `bplab run --resume` finishes `cut` under 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +14,7 @@ import pytest
 from jobs import plan, suites
 from analysis.rundir import RunDir
 from jobs.study import suite_from_run
-from tests.helpers import bplab
+from tests.helpers import bplab, copy_old_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "run-v1"
@@ -24,9 +23,7 @@ OLD_IDS = {"done": "done-a1392ffdd5", "cut": "cut-d5305ba059"}  # as the fixture
 
 @pytest.fixture
 def old_run(tmp_path) -> Path:
-    copy = tmp_path / "run-v1"
-    shutil.copytree(FIXTURE, copy)
-    return copy
+    return copy_old_run(tmp_path)
 
 
 def planned_for(study):
@@ -109,3 +106,40 @@ def test_resume_finishes_an_old_run_under_its_old_ids(old_run):
         assert (mine.split == "test").sum() == tests, name
     status = bplab("status", old_run, timeout=120)
     assert status.returncode == 0 and status.stdout.count(" done ") == 2, status.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_written_before_a_setting_existed_resumes():
+    """A checkpoint stores the settings it was made with; one written before the newest setting
+    existed lacks it, and resumes as the case it is (the setting at its default); a checkpoint
+    of other settings is still refused."""
+    import io
+
+    import numpy as np
+
+    from workers.data import load_dataset
+    from workers.settings import CaseFields, from_dict
+    from workers.trainer import train
+
+    settings = from_dict({"model": "mlp", "hidden": [4], "data": {"name": "moons", "samples": 100}, "batch_size": 0,
+                          "optimizer": "sgd", "lr": 0.5, "epochs": 4})
+    data = load_dataset(settings.data)
+    reports = []
+    train(settings, data, reports.append, report_every_seconds=1e9, commit_every=1e9, checkpoint_every_steps=2,
+          max_chunk=1)
+    blob = next(report.checkpoint for report in reports if report.checkpoint is not None)
+    with np.load(io.BytesIO(blob)) as archive:
+        arrays = dict(archive)
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    newest = list(CaseFields.model_fields)[-1]
+    del meta["settings"][newest]  # as the code before that setting wrote it
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    old = buffer.getvalue()
+    resumed = []
+    train(settings, data, resumed.append, resume=old, report_every_seconds=1e9, commit_every=1e9, max_chunk=1)
+    steps = [row["step"] for report in resumed for row in report.rows if row["split"] == "train"]
+    assert steps == [2, 3] and resumed[-1].status == "done"
+    with pytest.raises(AssertionError, match="checkpoint of other settings"):
+        train(settings.model_copy(update={"lr": 0.25}), data, lambda report: None, resume=old)

@@ -11,7 +11,6 @@ parts each ledger entry records as committed, nothing more.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -20,15 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.rundir import FORMAT_VERSION, RunDir, StorageError
+from tests.helpers import copy_old_run
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run-v1"
 
 
 @pytest.fixture
 def old_run(tmp_path) -> Path:
-    copy = tmp_path / "run-v1"
-    shutil.copytree(FIXTURE, copy)
-    return copy
+    return copy_old_run(tmp_path)
 
 
 def committed_rows(run: Path) -> dict[str, pa.Table]:

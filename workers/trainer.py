@@ -361,7 +361,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if resume is not None:
         params, optimizer_state, meta, rule_state = unpack_checkpoint(resume)
-        assert meta["settings"] == json.loads(json.dumps(settings.to_dict(), default=list)), "checkpoint of other settings"
+        # stored settings read back as from a cases table: a setting added since the checkpoint
+        # was written is at the value it ran with (workers.settings.from_json)
+        from workers.settings import from_json
+
+        assert from_json(meta["settings"]) == settings, "checkpoint of other settings"
         position = meta["position"]
     else:
         params, optimizer_state = model.init_params(settings.seed, dtype=np.dtype(dtype)), None
