@@ -20,23 +20,12 @@ from analysis.plots import (
     plot_weight_histograms,
     shared_bins,
 )
-from analysis.reference import REFERENCES, reference_table
+from analysis.flags import flag_cases
+from analysis.labels import setting_labels, varying_settings
+from analysis.reference import REFERENCES, reference_comparison, reference_table
 from analysis.report import markdown_table, write_report
-from analysis.tables import (
-    against_baseline,
-    ci_half_width,
-    display_epoch,
-    epoch_summary,
-    factor_table,
-    flag_cases,
-    per_case,
-    reference_comparison,
-    seed_summary,
-    setting_labels,
-    step_curves,
-    update_counts,
-    varying_settings,
-)
+from analysis.stats import against_baseline, ci_half_width, factor_table, seed_summary
+from analysis.tables import display_epoch, epoch_summary, per_case, step_curves, update_counts
 
 __all__ = [
     "load", "RunData", "case_keys", "PER_CASE_COLUMNS", "TABLE_COLUMNS",

@@ -6,12 +6,14 @@ No pyplot here (no global figure state, no backend choice): make an axes with
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis.tables import ci_half_width
+from analysis.labels import as_sequence, is_number, setting_text
+from analysis.stats import ci_half_width
 
 _LEGEND_LIMIT = 20  # more lines than this: no legend (it would cover the plot)
 
@@ -22,7 +24,7 @@ def _labels_of(table: pd.DataFrame, by: str | Sequence[str]) -> pd.Series:
     missing = [c for c in by if c not in table]
     if missing:
         raise ValueError(f"column(s) {missing} not in the table; pass cases to the table function to add settings")
-    if "run" in table and "run" not in by and "label" not in by:  # (tables.setting_labels names the run)
+    if "run" in table and "run" not in by and "label" not in by:  # (labels.setting_labels names the run)
         by = ["run", *by]
     parts = [table[c].astype(str) for c in by]
     label = parts[0]
@@ -42,6 +44,13 @@ def _run_style(table: pd.DataFrame, rows: pd.DataFrame) -> str:
     return _RUN_STYLES[runs.index(str(rows["run"].iloc[0])) % len(_RUN_STYLES)]
 
 
+def _many_colors(n: int) -> np.ndarray:
+    """n RGBA colours along viridis: lines too many to tell apart by a legend, told apart by order."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](np.linspace(0, 0.95, max(n, 1)))[:n]
+
+
 def _finish_legend(ax, n_lines: int) -> None:
     if 0 < n_lines <= _LEGEND_LIMIT:
         ax.legend(fontsize="small")
@@ -54,34 +63,65 @@ def plot_curves(ax, epoch_table: pd.DataFrame, metric: str = "test_accuracy", by
 
     x is the epoch, numbered from 1 (epochs completed). epoch_table comes from
     tables.epoch_summary(metrics, cases) (which adds group and the settings); by="label"
-    with a column from tables.setting_labels names the settings in the legend.
+    with a column from labels.setting_labels names the settings in the legend.
     """
     table = epoch_table[epoch_table[metric].notna()] if metric in epoch_table else None
     if table is None:
         raise ValueError(f"metric {metric!r} not in the epoch table; columns: {', '.join(epoch_table.columns)}")
     from matplotlib.ticker import MaxNLocator  # here: keeps `import analysis` free of matplotlib
 
+    if band not in ("minmax", "ci", None):
+        raise ValueError(f"band must be 'minmax', 'ci' or None, not {band!r}")
     labels = _labels_of(table, by)
-    n_lines = 0
+    # one grouped pass for every line (a groupby per line costs a millisecond each: hundreds of groups)
+    stats = table.groupby([labels.rename("_label"), table["epoch"]], sort=True)[metric].agg(
+        ["mean", "min", "max", "std", "count"])
+    names = stats.index.get_level_values(0).to_numpy()
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.array([], dtype=int)
+    bounds = list(zip(starts, [*starts[1:], len(names)]))
+    many = len(bounds) > _LEGEND_LIMIT  # no legend: every line in one LineCollection, bands in one PolyCollection
     few_epochs = table["epoch"].nunique() <= 30  # then mark the points (a one-epoch case shows)
-    for label, rows in table.groupby(labels, sort=True):
-        per_epoch = rows.groupby("epoch")[metric]
-        mean = per_epoch.mean()
-        x = mean.index.to_numpy()
-        (line,) = ax.plot(x, mean.to_numpy(), _run_style(table, rows), label=str(label), linewidth=1.5,
-                          marker="o" if few_epochs else None, markersize=3)
-        n_lines += 1
-        if band == "minmax":
-            low, high = per_epoch.min().to_numpy(), per_epoch.max().to_numpy()
-        elif band == "ci":
-            half = ci_half_width(per_epoch.std(ddof=1).to_numpy(), per_epoch.count().to_numpy())
-            low, high = mean.to_numpy() - half, mean.to_numpy() + half
-        elif band is None:
-            continue
+    x_all = stats.index.get_level_values(1).to_numpy(dtype=float)
+    mean_all = stats["mean"].to_numpy(dtype=float)
+    if band == "minmax":
+        low_all, high_all = stats["min"].to_numpy(dtype=float), stats["max"].to_numpy(dtype=float)
+    elif band == "ci":
+        half = ci_half_width(stats["std"].to_numpy(dtype=float), stats["count"].to_numpy())
+        low_all, high_all = mean_all - half, mean_all + half
+    colors = _many_colors(len(bounds)) if many else None
+    segments, polygons, polygon_colors = [], [], []
+    label_values = labels.to_numpy()
+    for index, (start, stop) in enumerate(bounds):
+        x, mean = x_all[start:stop], mean_all[start:stop]
+        if many:
+            segments.append(np.column_stack([x, mean]))
+            color = colors[index]
         else:
-            raise ValueError(f"band must be 'minmax', 'ci' or None, not {band!r}")
-        if np.any(np.nan_to_num(high - low) > 0):
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            label = names[start]
+            style = _run_style(table, table[label_values == label].head(1)) if "run" in table else "-"
+            (line,) = ax.plot(x, mean, style, label=str(label), linewidth=1.5,
+                              marker="o" if few_epochs else None, markersize=3)
+            color = line.get_color()
+        if band is None:
+            continue
+        low, high = low_all[start:stop], high_all[start:stop]
+        if not np.any(np.nan_to_num(high - low) > 0):
+            continue
+        if many:
+            ok = np.isfinite(low) & np.isfinite(high)
+            if ok.sum() >= 2:
+                polygons.append(np.column_stack([np.r_[x[ok], x[ok][::-1]], np.r_[low[ok], high[ok][::-1]]]))
+                polygon_colors.append(color)
+        else:
+            ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+    if many:
+        from matplotlib.collections import LineCollection, PolyCollection
+
+        if polygons:
+            ax.add_collection(PolyCollection(polygons, facecolors=polygon_colors, alpha=0.08, linewidths=0))
+        ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.9, alpha=0.8))
+        ax.autoscale_view()
+    n_lines = len(bounds)
     ax.set_xlabel("epoch (from 1)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric.replace("_", " "))
@@ -158,6 +198,14 @@ def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "gr
     labels = _labels_of(step_table, by)
     groups = list(step_table.groupby(labels, sort=True))
     raw = len(groups) <= 6 if raw is None else raw
+    if len(groups) > _LEGEND_LIMIT:  # no legend: the smoothed lines in one LineCollection
+        from matplotlib.collections import LineCollection
+
+        segments = [np.column_stack([rows["epoch"].to_numpy(dtype=float), rows["smoothed"].to_numpy(dtype=float)])
+                    for _, rows in groups]
+        ax.add_collection(LineCollection(segments, colors=_many_colors(len(groups)), linewidths=0.9, alpha=0.8))
+        ax.autoscale_view()
+        groups = []
     for label, rows in groups:
         x = rows["epoch"].to_numpy(dtype=float)
         (line,) = ax.plot(x, rows["smoothed"].to_numpy(dtype=float), _run_style(step_table, rows), label=str(label),
@@ -167,7 +215,7 @@ def plot_step_curves(ax, step_table: pd.DataFrame, by: str | Sequence[str] = "gr
     ax.set_xlabel("epoch (from 1; per step)")
     _epoch_axis(ax, float(np.nanmax(step_table["epoch"].to_numpy(dtype=float))) if len(step_table) else 1.0)
     ax.grid(True, axis="y", alpha=0.3)
-    _finish_legend(ax, len(groups))
+    _finish_legend(ax, len(groups))  # none when drawn as one collection
     return ax
 
 
@@ -278,4 +326,94 @@ def plot_boundary_grid(ax, grid: pd.DataFrame, x: np.ndarray | None = None, y: n
         ax.scatter(x[:, 0], x[:, 1], c=y, cmap="RdBu_r", edgecolors="k", linewidths=0.3, s=10)
     ax.set_xlabel("x0")
     ax.set_ylabel("x1")
+    return ax
+
+
+# ---- sweeps ----------------------------------------------------------------------------------
+
+
+def _list_order(text: str):
+    """Order of list settings on an axis: smallest total first, then fewer entries."""
+    values = as_sequence(text)
+    if isinstance(values, list) and all(is_number(v) for v in values):
+        return (0, float(sum(values)), len(values), text)
+    return (1, 0.0, 0, text)
+
+
+def setting_axis(values: pd.Series | Sequence) -> tuple[np.ndarray, dict]:
+    """Positions for a setting's values and how to label its axis: numbers as they are, with
+    {"log": True} when every value is positive and they span a decade or more (max/min >= 10);
+    anything else (lists such as hidden sizes, names) as ordered categories 0, 1, 2, ... with
+    {"ticks": [their texts]}, lists by total size."""
+    raw = [as_sequence(v) for v in values]
+    if len(raw) and all(is_number(v) for v in raw):
+        x = np.asarray(raw, dtype=float)
+        return x, {"log": bool(np.all(x > 0) and x.max() / x.min() >= 10)}
+    texts = [setting_text(v) for v in raw]
+    order = sorted(set(texts), key=_list_order)
+    position = {text: i for i, text in enumerate(order)}
+    return np.array([position[text] for text in texts], dtype=float), {"ticks": order}
+
+
+def parallel_positions(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """(positions, axes): each column of `frame` mapped onto [0, 1] for parallel coordinates.
+
+    Numbers: (v - min) / (max - min), on log10(v) when setting_axis says log; categories: their
+    position / (count - 1). A column with one value sits at 0.5. axes[column] has "log",
+    "low"/"high" (numbers) or "ticks" (categories) for labelling.
+    """
+    positions, axes = {}, {}
+    for column in columns:
+        x, axis = setting_axis(frame[column])
+        if "ticks" in axis:
+            span = max(len(axis["ticks"]) - 1, 1)
+            positions[column] = x / span if len(axis["ticks"]) > 1 else np.full(len(x), 0.5)
+            axes[column] = {"log": False, "ticks": axis["ticks"]}
+            continue
+        t = np.log10(x) if axis["log"] else x
+        low, high = float(np.nanmin(t)), float(np.nanmax(t))
+        positions[column] = (t - low) / (high - low) if high > low else np.full(len(x), 0.5)
+        axes[column] = {"log": axis["log"], "low": float(np.nanmin(x)), "high": float(np.nanmax(x)),
+                        "values": sorted(set(x.tolist()))}
+    return pd.DataFrame(positions, index=frame.index), axes
+
+
+def plot_parallel_coordinates(ax, frame: pd.DataFrame, columns: Sequence[str], color_by: str | None = None,
+                              cmap: str = "viridis"):
+    """Parallel coordinates: one vertical axis per column (parallel_positions), one line per row
+    of `frame`, all drawn as one LineCollection (fast for thousands of rows), coloured by
+    `color_by` (the best on top)."""
+    from matplotlib.collections import LineCollection
+
+    columns = list(columns)
+    positions, axes = parallel_positions(frame, columns)
+    order = np.argsort(frame[color_by].to_numpy(dtype=float), kind="stable") if color_by else np.arange(len(frame))
+    points = positions[columns].to_numpy(dtype=float)[order]
+    x = np.arange(len(columns), dtype=float)
+    segments = np.stack([np.broadcast_to(x, points.shape), points], axis=-1)  # (rows, columns, 2)
+    lines = LineCollection(segments, linewidths=0.8, alpha=0.6 if len(frame) < 200 else 0.3, cmap=cmap)
+    if color_by:
+        lines.set_array(frame[color_by].to_numpy(dtype=float)[order])
+    ax.add_collection(lines)
+    for i, column in enumerate(columns):
+        ax.axvline(i, color="0.2", linewidth=0.8)
+        axis = axes[column]
+        if "ticks" in axis:
+            ticks = axis["ticks"]
+            shown = ticks if len(ticks) <= 12 else ticks[::math.ceil(len(ticks) / 12)]
+            marks = [(ticks.index(t) / max(len(ticks) - 1, 1) if len(ticks) > 1 else 0.5, t) for t in shown]
+        else:
+            values = axis["values"]
+            if len(values) > 6:
+                values = [values[0], values[len(values) // 2], values[-1]]
+            low, high = axis["low"], axis["high"]
+            scale = (lambda v: np.log10(v)) if axis["log"] else (lambda v: v)
+            marks = [((scale(v) - scale(low)) / (scale(high) - scale(low)) if high > low else 0.5, f"{v:g}")
+                     for v in values]
+        for y, text in marks:
+            ax.text(i + 0.04, y, text, fontsize=7, va="center", ha="left", color="0.15")
+    ax.set_xlim(-0.2, len(columns) - 0.6)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(x, [c + (" (log)" if axes[c]["log"] else "") for c in columns], fontsize="small")
+    ax.set_yticks([])
     return ax

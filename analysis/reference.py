@@ -7,13 +7,19 @@ rules' table (`feedback`, docs/learning-rules.md) also has error-signal angles i
 
 SOURCE_SETTINGS holds, per source case, the settings the source fixed (flat names, as in the
 cases table). A run's case is compared with the source only when it trained on the official
-data and every one of these settings is unchanged (`comparability`).
+data and every one of these settings is unchanged (`comparability`); `reference_comparison`
+puts a run's per-case table next to the source's figures on those terms.
 """
 
 from __future__ import annotations
 
 import json
 import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.tables import as_str_keys, attach
 
 _FIELDS = ("source_final_test", "source_best_test", "source_train", "note")
 
@@ -189,3 +195,87 @@ def comparability(row: dict, reference: str, case: str, overrides=()) -> list[st
     if changed:
         reasons.append("settings differ: " + ", ".join(changed))
     return reasons
+
+
+def final_hidden_error_angle(alignment: pd.DataFrame | None) -> pd.Series:
+    """Per case_id: the mean error_angle (degrees) over the hidden units (every unit but the
+    top one) at the case's last measured epoch; empty without alignment rows."""
+    if alignment is None or not len(alignment) or "quantity" not in alignment:
+        return pd.Series(dtype=float)
+    rows = alignment.assign(case_id=alignment["case_id"].astype(str), quantity=alignment["quantity"].astype(str))
+    top = rows.groupby("case_id")["unit"].transform("max")
+    rows = rows[(rows["quantity"] == "error_angle") & (rows["unit"] < top)]
+    if not len(rows):
+        return pd.Series(dtype=float)
+    rows = rows[rows["epoch"] == rows.groupby("case_id")["epoch"].transform("max")]
+    return rows.groupby("case_id")["value"].mean()
+
+
+def reference_comparison(
+    per_case_table: pd.DataFrame, reference: str, cases: pd.DataFrame | None = None, overrides=(),
+    alignment: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """This run next to the source study's figures (analysis.reference), one row per source case.
+
+    A source case matches the run's cases of that group (else that name); several seeds are
+    averaged. Source cases the run lacks are kept with NaN. Columns: case, source_final_test,
+    run_final_test, diff (run - source), source_best_test, run_best_test, source_train,
+    run_train, n (matched cases), state (their states), note; with `cases` also comparable
+    and why_not. With `cases`, like is compared with like only: a case is comparable when it
+    trained on the official data and kept every setting the source fixed
+    (analysis.reference.comparability); otherwise its diff is left empty and why_not gives the
+    reasons (overrides, the run's --set list, are named there). Where the source measured an
+    error-signal angle (analysis.reference.error_angles), source_error_angle and
+    run_error_angle (the cases' final hidden error angle from `alignment`, the run's
+    alignment rows; NaN without them) are added.
+    """
+    source = reference_table(reference)
+    angles = error_angles(reference)
+    run_angles = final_hidden_error_angle(alignment) if angles else pd.Series(dtype=float)
+    table = attach(per_case_table, cases, ["name", "group"])
+    checked = cases is not None and "case_id" in cases
+    by_id = as_str_keys(cases).drop_duplicates("case_id").set_index("case_id") if checked else None
+    runs = list(dict.fromkeys(table["run"])) if "run" in table else [None]
+    rows = []
+    for run in runs:
+        in_run = table if run is None else table[table["run"] == run]
+        for case, figures in source.items():
+            matched = in_run[in_run["group"] == case]
+            if matched.empty:
+                matched = in_run[in_run["name"] == case]
+            row = {} if run is None else {"run": run}
+            row.update({
+                "case": case,
+                "source_final_test": figures["source_final_test"],
+                "run_final_test": matched["final_test_acc"].mean() if len(matched) else np.nan,
+                "source_best_test": figures["source_best_test"],
+                "run_best_test": matched["best_test_acc"].mean() if len(matched) else np.nan,
+                "source_train": figures["source_train"],
+                "run_train": matched["final_train_acc"].mean() if len(matched) else np.nan,
+                "n": len(matched),
+                "state": ",".join(sorted(set(matched["state"].astype(str)))) if "state" in matched else "",
+                "note": figures.get("note", ""),
+            })
+            if angles:
+                ids = matched["case_id"].astype(str) if "case_id" in matched else pd.Series(dtype=str)
+                measured = run_angles.reindex(ids).dropna()
+                row["source_error_angle"] = angles.get(case, np.nan)
+                row["run_error_angle"] = measured.mean() if len(measured) else np.nan
+            if checked:
+                reasons = []
+                for case_id in matched["case_id"].astype(str) if "case_id" in matched else []:
+                    if case_id in by_id.index:
+                        for reason in comparability(by_id.loc[case_id].to_dict(), reference, case, overrides):
+                            if reason not in reasons:
+                                reasons.append(reason)
+                row["comparable"] = bool(len(matched)) and not reasons
+                row["why_not"] = "; ".join(reasons) if reasons else ("" if len(matched) else "not in this run")
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    for column in ("source_final_test", "source_best_test", "source_train"):
+        out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
+    diff = out["run_final_test"] - out["source_final_test"]
+    if checked:
+        diff = diff.where(out["comparable"].astype(bool))  # never a diff between two different experiments
+    out.insert(out.columns.get_loc("run_final_test") + 1, "diff", diff)
+    return out

@@ -1,50 +1,66 @@
-# Long module: write_report with the figure builders only it calls.
 """The run report: report.md with tables and PNG figures, plus every table as CSV.
 
-Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas, no pyplot, no global
-backend state), so this works headless and in threads.
+The report is a list of sections (SECTIONS), written in order. A section is a function
+
+    def section(ctx: ReportContext) -> Section | None
+
+It reads what it needs from `ctx`: ctx.data (the loaded runs, analysis.load.RunData),
+ctx.out_dir (where files go), ctx.options (ReportOptions: baseline, reference, ...) and the
+tables every section shares, each computed once on first use (ctx.table: the per-case table;
+ctx.epochs, ctx.groups: the per-group table with 95 % intervals, ctx.settings, ctx.labels,
+ctx.flags, ctx.many, ...). It returns a Section (its heading, its markdown lines, the tables it
+adds as CSV and the figures it saved in ctx.out_dir) or None, which leaves nothing in the
+report, not even a heading. Adding a section is one function and one entry in SECTIONS:
+
+    def alignment_section(ctx):
+        table = ...  # from ctx.data
+        if not len(table):
+            return None
+        return Section("Alignment", [markdown_table(table)], csvs={"alignment": table})
+
+Section, ReportContext and markdown_table live in analysis.report_context, so a section kept in
+its own module (analysis/alignment.py) imports them from there, and this module imports the
+section: no circle. Figures work the same way, listed in analysis.figures.FIGURES and shown
+under "Figures".
+ctx.progress("what") reports what is being drawn (a line on the terminal of `bplab run`
+and `bplab report` once the report has taken more than a few seconds).
+
+Many cases (more than MANY_CASES; below it nothing changes): the report reads groups (the
+cases that differ only by seed). The per-case table goes to per_case.csv only and the report
+shows the per-group table with 95 % intervals; per-case figures draw the first seed of each
+group (or an evenly spaced sample of the groups, named in the report); curve bands are the 95 %
+interval of the mean over seeds.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import math
 import os
-import re
+import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis.load import TABLE_COLUMNS, RunData, _run_labels, case_keys, load, local_path
-from analysis.plots import (
-    plot_boundary_grid,
-    plot_curves,
-    plot_layer_stats,
-    plot_step_curves,
-    plot_update_counts,
-    plot_weight_histograms,
+from analysis.alignment import report_section as alignment_section
+from analysis.figures import FIGURES, Figures, safe_name
+from analysis.flags import COLLAPSE_MARGIN
+from analysis.labels import setting_text
+from analysis.load import TABLE_COLUMNS, RunData, _run_labels, load, local_path
+from analysis.reference import reference_comparison
+from analysis.report_context import (  # noqa: F401  (Progress, ReportError, ...: the report's API too)
+    MANY_CASES,
+    PER_CASE_DATASETS,
+    Progress,
+    ReportContext,
+    ReportError,
+    ReportOptions,
+    Section,
+    markdown_table,
 )
-from analysis.tables import (
-    COLLAPSE_MARGIN,
-    against_baseline,
-    epoch_summary,
-    factor_table,
-    flag_cases,
-    per_case,
-    reference_comparison,
-    seed_summary,
-    setting_labels,
-    step_curves,
-    update_counts,
-    varying_settings,
-)
-
-
-class ReportError(ValueError):
-    """A report that cannot be written as asked (e.g. a baseline no run has); one line."""
+from analysis.rundir import DATASETS
+from analysis.stats import against_baseline, factor_table
 
 # The metrics columns the report reads (skips forward_passes, stages, ...).
 REPORT_COLUMNS = (*TABLE_COLUMNS, "updates", "layers")
@@ -54,22 +70,11 @@ _PER_CASE_SHOWN = [
     "best_epoch", "final_train_acc", "gap", "epochs_to_target", "steps_per_sec", "wall_seconds",
     "data.name", "data_official", "data_digest",  # which data each case trained on
 ]
-WEIGHT_CASES_PER_FIGURE = 8  # rows (cases) of one weights figure; more cases: more figures
+ROWS_SHOWN = 200  # longer tables: the first rows in the report, all of them in the CSV
+ROWS_SHOWN_MANY = 50  # lists of cases (not done, flagged) when there are many cases
 
 
-# ---- markdown -----------------------------------------------------------------------------
-
-
-def _cell(value, float_format: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value is pd.NaT:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        text = float_format.format(value)
-        return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0000"
-    text = str(value).replace("|", "\\|").replace("\n", " ")
-    return text
+# ---- tables only the report builds -----------------------------------------------------------
 
 
 def lost_workers(ledger: pd.DataFrame) -> pd.DataFrame:
@@ -90,237 +95,298 @@ def lost_workers(ledger: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}", index: bool = False,
-                   max_rows: int | None = None) -> str:
-    """A GitHub-flavoured markdown table (what DataFrame.to_markdown gives, without tabulate).
 
-    Numbers are right-aligned; NaN and None are empty cells; '|' in text is escaped.
-    max_rows: show only the first rows and say how many were left out.
+
+# ---- the sections ----------------------------------------------------------------------------
+
+
+def header_section(ctx: ReportContext) -> Section:
+    """The title, where the runs come from, how many cases in which state, what differs."""
+    data, table = ctx.data, ctx.table
+    title = ", ".join(str(m.get("suite", "?")) for m in data.manifests.values()) or "run"
+    lines = [f"# bplab report: {title}", "", *_header(data), ""]
+    counts = table["state"].value_counts()
+    lines.append(f"{len(table)} cases: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + ".")
+    if ctx.settings:
+        lines.append("Settings that differ between cases: " + ", ".join(f"`{c}`" for c in ctx.settings)
+                     + " (in the tables and in every legend).")
+    return Section(None, lines)
+
+
+def partial_section(ctx: ReportContext) -> Section | None:
+    """The cases that are not done, under a banner."""
+    table = ctx.table
+    not_done = table[~table["complete"]]
+    if not len(not_done):
+        return None
+    shown = [c for c in [*ctx.keys, "name", "state", "reason_class", "reason", "epochs"] if c in not_done]
+    return Section(None, [
+        f"> **PARTIAL RUN**: {len(not_done)} of {len(table)} cases are not done. Their numbers are "
+        "incomplete; seed summaries, factor and baseline tables leave them out.", "",
+        markdown_table(not_done[shown], max_rows=ROWS_SHOWN_MANY if ctx.many else None)],
+        csvs={"not_done": not_done[shown]})
+
+
+_DEFINITIONS = ("Epochs are numbered from 1 (epoch 1 = the first pass over the training set), here, in the CSVs "
+                "and in the figures. final = last epoch logged; train accuracy = mean over the last epoch's batches; "
+                "gap = train - test; steps/s = (train steps - 1) / wall-time span of the train steps; "
+                "flag: see below.")
+
+
+def per_case_section(ctx: ReportContext) -> Section:
+    """The per-case table (every case in per_case.csv); with many cases the report shows the
+    per-group table with 95 % intervals instead."""
+    table, keys, settings = ctx.table, ctx.keys, ctx.settings
+    flags = ctx.flags
+    shown_table = table.merge(flags[[*keys, "flag"]], on=keys, how="left") if len(flags) else table.assign(flag="")
+    shown_table["flag"] = shown_table["flag"].fillna("")
+    # a setting named like a result column (epochs: planned vs logged) is shown as "epochs (setting)"
+    setting_columns = {c: f"{c} (setting)" if c in shown_table else c for c in settings}
+    if settings:
+        shown_table = shown_table.merge(ctx.case_settings.rename(columns=setting_columns), on=keys, how="left")
+    # settings_json (every setting as JSON) is in cases.parquet: repeated on every epoch row it
+    # was most of the CSV's bytes
+    csvs = {"per_case": shown_table, "epoch_summary": ctx.epochs.drop(columns=["settings_json"], errors="ignore")}
+    if ctx.many:
+        groups = ctx.groups
+        csvs["per_group"] = groups
+        return Section("Per group", [
+            f"{len(table)} cases in {len(groups)} groups (a group: the cases that differ only by seed). Every case is "
+            f"in [per_case.csv](per_case.csv); per group: cases, n (done cases, the ones summarised), and the mean "
+            f"with its 95 % t interval (mean ± t(0.975, n-1) · sd / √n; none for n < 2) of the final test accuracy, "
+            f"the best test accuracy and the final train accuracy. " + _DEFINITIONS, "",
+            markdown_table(_interval_view(groups, ctx.group_columns, ctx.group_settings), max_rows=ROWS_SHOWN)],
+            csvs=csvs)
+    columns = [c for c in _PER_CASE_SHOWN if c in shown_table]
+    at = columns.index("seed") + 1 if "seed" in columns else len(columns)
+    columns[at:at] = [setting_columns[c] for c in settings]
+    return Section("Per case", [_DEFINITIONS, "", markdown_table(shown_table[columns], max_rows=ROWS_SHOWN)],
+                   csvs=csvs)
+
+
+def _interval_view(groups: pd.DataFrame, by: list[str], settings: list[str]) -> pd.DataFrame:
+    """The per-group table as the report shows it: mean and "low – high" per summary column."""
+    view = groups[[*by, *settings, "cases", "n"]].copy()
+    for column in settings:
+        view[column] = view[column].map(setting_text)
+    for column, name in (("final_test_acc", "final test acc"), ("best_test_acc", "best test acc"),
+                         ("final_train_acc", "final train acc")):
+        if f"{column}_mean" not in groups:
+            continue
+        view[name] = groups[f"{column}_mean"]
+        low, high = groups[f"{column}_low"], groups[f"{column}_high"]
+        view[f"{name} 95 % interval"] = [f"{a:.4f} – {b:.4f}" if np.isfinite(a) and np.isfinite(b) else ""
+                                         for a, b in zip(low, high)]
+    return view
+
+
+def flags_section(ctx: ReportContext) -> Section:
+    flags = ctx.flags
+    lines = [f"diverged: the loss became non-finite (the case stopped there). collapsed: the best test accuracy "
+             f"was at least chance + (1 - chance) / 2 and the final one is at most chance + {COLLAPSE_MARGIN:g} "
+             f"(chance = 1 / number of classes).", ""]
+    if not len(flags):
+        return Section("Diverged or collapsed", [*lines, "None."])
+    lines.append(markdown_table(flags, max_rows=ROWS_SHOWN_MANY if ctx.many else None))
+    return Section("Diverged or collapsed", lines, csvs={"flagged": flags})
+
+
+def lost_workers_section(ctx: ReportContext) -> Section | None:
+    """The workers and nodes cases lost (the ledger's `losses`)."""
+    losses = lost_workers(ctx.data.ledger)
+    if not len(losses):
+        return None
+    return Section("Lost workers and nodes", [
+        "Each worker a case lost: node_lost once the GCS declared its node dead, worker_died when the "
+        "node lived on. An attempt resumed from its last commit (step); one that had not started its "
+        "case used no retry. back after = seconds until the case ran again.", "",
+        markdown_table(losses, float_format="{:.0f}", max_rows=ROWS_SHOWN)], csvs={"lost_workers": losses})
+
+
+def seeds_section(ctx: ReportContext) -> Section | None:
+    """Mean, sd and 95 % interval over the seeds of each group (with many cases the per-group
+    table already shows them: the CSV only)."""
+    if not ctx.several_seeds:
+        return None
+    if ctx.many:
+        return Section(None, csvs={"seed_summary": ctx.seeds})
+    return Section("Across seeds", [
+        "Mean, sample sd and half-width of the 95 % t interval over the done cases of each group.", "",
+        markdown_table(ctx.seeds, max_rows=ROWS_SHOWN)], csvs={"seed_summary": ctx.seeds})
+
+
+def factor_section(ctx: ReportContext) -> Section | None:
+    cases = ctx.cases
+    if not (all(c in cases for c in ("schedule", "augment")) and cases["schedule"].nunique() > 1
+            and cases["augment"].nunique() > 1):
+        return None
+    flat = _flatten_pivot(factor_table(ctx.table, cases, rows="schedule", columns="augment"))
+    return Section("Schedule x augmentation", ["Mean final test accuracy of the done cases.", "",
+                                               markdown_table(flat)], csvs={"factor_table": flat})
+
+
+def baseline_section(ctx: ReportContext) -> Section | None:
+    baseline = ctx.options.baseline
+    if baseline is None:
+        return None
+    table, name = ctx.table, ctx.baseline_name
+    differences = against_baseline(table, ctx.cases, name, baseline_run=ctx.baseline_run)
+    differences["baseline"] = baseline  # as given: RUN:CASE keeps its run
+    each_run = ("run" in table and ctx.baseline_run is None
+                and table.loc[(table["group"] == name) | (table["name"] == name), "run"].nunique() > 1)
+    return Section(f"Against the baseline `{baseline}`", [
+        "Final test accuracy minus the baseline's at the same seed; mean and 95 % t half-width over seeds."
+        + (" Each run is compared with its own baseline." if each_run else ""), "",
+        markdown_table(differences, max_rows=ROWS_SHOWN)], csvs={"against_baseline": differences})
+
+
+def reference_section(ctx: ReportContext) -> Section | None:
+    reference = ctx.options.reference or ctx.data.manifest.get("reference")
+    if not reference:
+        return None
+    title = f"Against the source study (`{reference}`)"
+    try:
+        comparison = reference_comparison(ctx.table, reference, ctx.cases,
+                                          overrides=ctx.data.manifest.get("overrides") or (),
+                                          alignment=getattr(ctx.data, "alignment", None))
+    except KeyError as error:
+        return Section(title, [f"No reference table: {error}"])
+    shown = comparison.copy()
+    if "comparable" in shown:
+        shown["comparable"] = shown["comparable"].map(lambda ok: "yes" if ok else "not comparable")
+    return Section(title, [
+        "Source figures from docs/experiments.md; run values are means over seeds; diff = run - source, "
+        "given only where like is compared with like: the official data set and every setting the "
+        "source fixed unchanged. Otherwise the row is marked not comparable, with the reasons.", "",
+        markdown_table(shown)], csvs={"reference_comparison": comparison})
+
+
+def updates_table_section(ctx: ReportContext) -> Section | None:
+    """Layer updates per step (the CSV; the figure is analysis.figures.update_figure)."""
+    return Section(None, csvs={"update_counts": ctx.updates}) if len(ctx.updates) else None
+
+
+def figures_section(ctx: ReportContext) -> Section | None:
+    """Every figure of analysis.figures.FIGURES, with what was left out and why."""
+    if not ctx.options.figures:
+        return None
+    made = Figures()
+    for draw in FIGURES:
+        result = draw(ctx)
+        if result is not None:
+            made.drawn += result.drawn
+            made.skipped += result.skipped
+            made.notes += result.notes
+    if ctx.many and any(name.startswith(("weights", "decision_boundaries")) for _, name in made.drawn):
+        groups = len(ctx.table.drop_duplicates(ctx.group_columns))
+        which = "the first seed of each group" if len(ctx.sample) == groups else \
+            f"the first seed of {len(ctx.sample)} of the {groups} groups, evenly spaced in group order"
+        made.notes.insert(0, f"With {len(ctx.table)} cases, per-case figures (weights, decision boundaries) show "
+                             f"{which}: " + ", ".join(label.split(": ")[0] for _, label in ctx.sample) + ".")
+    if not (made.drawn or made.skipped or made.notes):
+        return None
+    lines = [f"- {note}" for note in made.notes] + [f"- not drawn, no information: {reason}." for reason in made.skipped]
+    return Section("Figures", lines, figures=made.drawn)
+
+
+# The report, in order. A section is a function (ctx) -> Section | None (module docstring).
+SECTIONS: list[Callable[[ReportContext], Section | None]] = [
+    header_section,
+    partial_section,
+    per_case_section,
+    flags_section,
+    lost_workers_section,
+    seeds_section,
+    factor_section,
+    baseline_section,
+    reference_section,
+    updates_table_section,
+    alignment_section,
+    figures_section,
+]
+
+
+# ---- writing it --------------------------------------------------------------------------------
+
+
+def render(sections: Iterable[Section]) -> tuple[list[str], dict[str, pd.DataFrame]]:
+    """The markdown lines and the CSV tables of `sections` (None entries leave nothing)."""
+    md: list[str] = []
+    csvs: dict[str, pd.DataFrame] = {}
+    for section in sections:
+        if section is None:
+            continue
+        if section.title:
+            md += [f"## {section.title}", ""]
+        md += section.lines
+        if section.lines and section.lines[-1] != "":
+            md.append("")
+        for caption, name in section.figures:
+            md += [f"### {caption}", "", f"![]({name})", ""]
+        csvs.update(section.csvs)
+    return md, csvs
+
+
+def write_report(
+    run: str | os.PathLike | Iterable[str | os.PathLike] | RunData,
+    out_dir: str | os.PathLike | None = None,
+    baseline: str | None = None,
+    target_accuracy: float | None = None,
+    reference: str | None = None,
+    max_figure_cases: int | None = 4,
+    figures: bool = True,
+    many_cases: int = MANY_CASES,
+    progress: Callable[[str], None] | None = None,
+    sections: Sequence[Callable[[ReportContext], Section | None]] | None = None,
+) -> Path:
+    """Write report.md, its PNG figures and every table as CSV; return the report's path.
+
+    run: a run directory (path or pyarrow.fs URI), several, or an already loaded RunData.
+    out_dir: default RUN/report (RUN/report-vs-BASELINE with a baseline) for one run on the
+        local filesystem; required otherwise.
+    baseline: a group (or case) name, or RUN:NAME for one in a given run of several: adds
+        each group's seed-paired difference to it. ReportError, before anything is written,
+        when no run has it.
+    target_accuracy: adds epochs_to_target to the per-case table.
+    reference: a reference table name (analysis.reference); default manifest["reference"].
+    max_figure_cases: layer-statistics figures for at most this many cases (None: all);
+        weight histograms are drawn for every case (with many cases: the module docstring).
+    figures: False writes the tables only (no PNGs; much faster).
+    many_cases: more cases than this and the report reads groups (module docstring).
+    progress: called with what is being drawn (e.g. Progress(sys.stderr)).
+    sections: default SECTIONS.
     """
-    if index:
-        frame = frame.reset_index()
-    columns = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
-    shown = frame if max_rows is None else frame.head(max_rows)
-    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
-               for c in frame.columns]
-    # Float columns holding only whole numbers (counts with NaN for "none") print as integers.
-    whole = {
-        i for i, c in enumerate(frame.columns)
-        if pd.api.types.is_float_dtype(frame[c]) and frame[c].notna().any()
-        and bool(np.all(np.mod(frame[c].dropna().to_numpy(dtype=float), 1) == 0))
-    }
-    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in columns) + " |",
-             "|" + "|".join("---:" if is_number else ":---" for is_number in numeric) + "|"]
-    for row in shown.itertuples(index=False, name=None):
-        cells = [_cell(v, "{:.0f}" if i in whole else float_format) for i, v in enumerate(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-    if max_rows is not None and len(frame) > max_rows:
-        lines.append(f"\n*{len(frame) - max_rows} more rows in the CSV.*")
-    return "\n".join(lines)
+    loaded = isinstance(run, RunData)
+    # weights, layer statistics and decision boundaries: read per case, for the cases the figures draw
+    data = run if loaded else load(run, metrics_columns=REPORT_COLUMNS, weights=False, layer_stats=False,
+                                   datasets=[d for d in DATASETS if d not in PER_CASE_DATASETS])
+    options = ReportOptions(baseline=baseline, target_accuracy=target_accuracy, reference=reference,
+                            max_figure_cases=max_figure_cases, figures=figures, many_cases=many_cases)
+    # a bad baseline: ReportError here, before anything is written
+    ctx = ReportContext(data, options, progress=progress, per_case_files=not loaded)
+    if out_dir is None:
+        folder = local_path(next(iter(data.paths.values()))) if len(data.paths) == 1 else None
+        if folder is None:
+            raise ValueError("write_report: give out_dir (the run is remote, or there are several runs)")
+        out_dir = default_report_dir([folder], baseline)
+    out_dir = Path(out_dir)
+    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ReportError(f"cannot write the report to {out_dir}: {blocked} is a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.out_dir = out_dir
+
+    md, csvs = render(section(ctx) for section in (SECTIONS if sections is None else sections))
+    ctx.progress(f"writing {len(csvs)} tables as CSV")
+    for name, frame in csvs.items():
+        frame.to_csv(out_dir / f"{name}.csv", index=False)
+    md += ["## Files", "", "Tables as CSV: " + ", ".join(f"[{n}.csv]({n}.csv)" for n in csvs) + "."]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return path
 
 
-# ---- figures ------------------------------------------------------------------------------
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "case"
-
-
-def _natural_key(text: str):
-    """l2 before l10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
-
-
-def _figure(**kwargs):
-    """A new matplotlib Figure (Agg canvas when saved; no pyplot state). matplotlib is
-    imported here so that `import analysis` stays light."""
-    from matplotlib.figure import Figure
-
-    return Figure(**kwargs)
-
-
-def _save(fig, out_dir: Path, name: str, title_inches: float = 0.35, bottom_inches: float = 0.55) -> str:
-    # Fixed margins, in inches: tight_layout measures every tick label and doubled the
-    # report's time.
-    width, height = fig.get_size_inches()
-    if bottom_inches > 0.55:  # room for a legend below: the figure grows, the axes keep their size
-        height += bottom_inches - 0.55
-        fig.set_size_inches(width, height)
-    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=bottom_inches / height,
-                        top=1 - title_inches / height, wspace=0.35, hspace=0.6)
-    fig.savefig(out_dir / name, dpi=80)
-    return name
-
-
-def _legend_below(fig, ax, n_lines: int) -> float:
-    """A figure legend under the axes; returns the inches it needs at the bottom."""
-    handles, labels = ax.get_legend_handles_labels()
-    if not handles or len(handles) > _LEGEND_ROWS_LIMIT:
-        return 0.0
-    width = fig.get_size_inches()[0]
-    longest = max(len(label) for label in labels)
-    columns = max(1, min(len(labels), int(width / (0.9 + 0.075 * longest))))
-    rows = math.ceil(len(labels) / columns)
-    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize="small", frameon=False)
-    return 0.22 * rows + 0.1
-
-
-_LEGEND_ROWS_LIMIT = 20
-
-
-def _curve_figures(epochs: pd.DataFrame, steps: dict[str, pd.DataFrame], out_dir: Path, seeds: bool,
-                   skipped: list[str]) -> list[tuple[str, str]]:
-    """Per-epoch curves of each metric (mean over seeds, min-max band when there are several
-    seeds); the train metrics also per step, smoothed, in a panel next to it."""
-    figures = []
-    for metric in ("test_accuracy", "train_accuracy", "test_cost", "train_cost"):
-        if metric not in epochs or epochs[metric].notna().sum() == 0:
-            continue
-        values = epochs[metric].dropna()
-        per_step = steps.get(metric)
-        if values.nunique() <= 1 and (per_step is None or per_step["value"].nunique() <= 1):
-            skipped.append(f"{metric.replace('_', ' ')}: {values.iloc[0]:.4g} in every epoch of every case")
-            continue
-        # one step per epoch (full batch): the per-step curve would repeat the per-epoch one
-        several_steps = "steps" in epochs and bool((epochs["steps"] > 1).any())
-        panels = 2 if per_step is not None and len(per_step) and several_steps else 1
-        fig = _figure(figsize=(6.5 * panels, 4.5))
-        axes = np.atleast_1d(fig.subplots(1, panels, sharey=True, squeeze=False)).ravel()
-        plot_curves(axes[0], epochs, metric=metric, by="label", band="minmax" if seeds else None)
-        axes[0].set_title("per epoch" + (" (band: min-max over seeds)" if seeds else ""), fontsize="medium")
-        if panels == 2:
-            plot_step_curves(axes[1], per_step, by="label")
-            axes[1].set_title("per step (smoothed: EMA; faint: raw mean over seeds)", fontsize="medium")
-        n_lines = len(axes[0].get_lines())
-        for ax in axes:
-            if ax.get_legend():
-                ax.get_legend().remove()
-        bottom = _legend_below(fig, axes[0], n_lines)
-        fig.suptitle(metric.replace("_", " "), fontsize="medium")
-        figures.append((metric.replace("_", " "), _save(fig, out_dir, f"curves_{metric}.png", title_inches=0.6,
-                                                         bottom_inches=0.55 + bottom)))
-    return figures
-
-
-def _weight_figures(weights: pd.DataFrame, cases: Sequence[tuple], keys: list[str],
-                    out_dir: Path) -> list[tuple[str, str]]:
-    """Weights before vs after training on shared bins: one row per case, one column per
-    layer, WEIGHT_CASES_PER_FIGURE cases per figure (so every case gets one)."""
-    w = weights[weights["param"].astype(str) == "w"]
-    if w.empty:
-        return []
-    key_text = w[keys[0]].astype(str)
-    for column in keys[1:]:
-        key_text = key_text + "\x1f" + w[column].astype(str)
-    by_case = {k: rows for k, rows in w.groupby(key_text.to_numpy(), sort=False)}
-    drawn = [(key, label, by_case["\x1f".join(map(str, key))]) for key, label in cases
-             if "\x1f".join(map(str, key)) in by_case]
-    layers = sorted(set(w["layer"].astype(str)), key=_natural_key)
-    figures = []
-    pages = [drawn[i:i + WEIGHT_CASES_PER_FIGURE] for i in range(0, len(drawn), WEIGHT_CASES_PER_FIGURE)]
-    for number, page in enumerate(pages, start=1):
-        fig = _figure(figsize=(max(2.2 * len(layers) + 0.8, 5.5), 1.7 * len(page) + 0.5))
-        axes = fig.subplots(len(page), len(layers), squeeze=False)
-        for i, (key, label, rows) in enumerate(page):
-            present = set(rows["layer"].astype(str))
-            for j, layer in enumerate(layers):
-                ax = axes[i, j]
-                if layer not in present:
-                    ax.set_axis_off()
-                    continue
-                plot_weight_histograms(ax, rows, key[-1], layer, "w", run=key[0] if len(key) == 2 else None,
-                                       legend=(i == 0 and j == 0), title=(i == 0))
-                ax.set_xlabel("")
-                ax.set_ylabel(label.split(": ")[0] if j == 0 else "", fontsize="small")  # settings: per-case table
-        name = "weights.png" if len(pages) == 1 else f"weights_{number}.png"
-        caption = "weights before vs after" + ("" if len(pages) == 1 else f" ({number} of {len(pages)})")
-        fig.suptitle("weights before (blue) vs after (orange) training, same bins in each panel\n"
-                     "rows: cases (counts), columns: layers", fontsize="small")
-        width, height = fig.get_size_inches()
-        fig.subplots_adjust(left=0.75 / width, right=1 - 0.1 / width, bottom=0.35 / height,
-                            top=1 - 0.8 / height, wspace=0.3, hspace=0.45)
-        fig.savefig(out_dir / name, dpi=70)
-        figures.append((caption, name))
-    return figures
-
-
-def _layer_stats_figures(layer_stats: pd.DataFrame, cases: Sequence[tuple], keys: list[str],
-                         out_dir: Path, skipped: list[str] | None = None) -> list[tuple[str, str]]:
-    figures = []
-    for key, label in cases:
-        mask = np.ones(len(layer_stats), dtype=bool)
-        for column, value in zip(keys, key):
-            mask &= (layer_stats[column].astype(str) == str(value)).to_numpy()
-        rows = layer_stats[mask]
-        if rows.empty:
-            continue
-        if skipped is not None and all(rows[c].nunique() <= 1 for c in ("mean", "std", "min", "max")):
-            skipped.append(f"layer statistics of {label.split(': ')[0]}: constant over every step and layer")
-            continue
-        layers = sorted(set(rows["layer"].astype(str)), key=_natural_key)[:12]
-        quantities = [q for q in ("weights", "biases", "preact", "act") if q in set(rows["quantity"].astype(str))]
-        fig = _figure(figsize=(3 * len(quantities), 2.2 * len(layers)))
-        axes = fig.subplots(len(layers), len(quantities), squeeze=False)
-        for i, layer in enumerate(layers):
-            for j, quantity in enumerate(quantities):
-                plot_layer_stats(axes[i, j], rows, key[-1], layer, quantity, run=key[0] if len(key) == 2 else None)
-        fig.suptitle(f"layer statistics (mean ± std, min/max dotted): {label}", fontsize="medium")
-        name = f"layer_stats_{_safe_name(label.split(': ')[0])}.png"  # the case, without its settings
-        figures.append((f"layer statistics {label}", _save(fig, out_dir, name, title_inches=0.6)))
-    return figures
-
-
-def _boundary_figures(data: RunData, table: pd.DataFrame, out_dir: Path, limit: int = 15,
-                      notes: list[str] | None = None) -> list[tuple[str, str]]:
-    """Decision boundaries of the 2-D classifiers (stored by the trainer at the end of a case)."""
-    import json as json_module
-
-    panels = []
-    grid = data.boundary  # (every registered dataset is a frame of the RunData)
-    keys = [k for k in ("run", "case_id") if k in grid and k in table]
-    cells_of = {key: cells for key, cells in grid.groupby([grid[k].astype(str) for k in keys], observed=True,
-                                                          sort=False)} if len(grid) else {}
-    for row in table.itertuples():
-        key = tuple(str(getattr(row, k)) for k in keys)
-        cells = cells_of.get(key)
-        if cells is not None and len(cells):
-            panels.append((row, cells))
-    if not panels:
-        return []
-    if len(panels) > limit and notes is not None:
-        notes.append(f"Decision boundaries are drawn for the first {limit} of the {len(panels)} cases that stored one.")
-    panels = panels[:limit]
-    columns = min(5, len(panels))
-    lines = -(-len(panels) // columns)
-    fig = _figure(figsize=(3.2 * columns, 3.0 * lines))
-    axes = np.atleast_1d(fig.subplots(lines, columns)).ravel()
-    settings_json = {}
-    if "settings_json" in data.cases:
-        settings_json = dict(zip(data.cases["case_id"].astype(str), data.cases["settings_json"]))
-    points = {}
-    for ax, (row, cells) in zip(axes, panels):
-        x = y = None
-        stored = settings_json.get(str(row.case_id))
-        if stored:
-            if stored not in points:
-                try:  # the training points, regenerated from the case's data settings (moons: no files)
-                    from workers import settings as settings_module
-                    from workers.data import load_dataset
-
-                    dataset = load_dataset(settings_module.from_json(json_module.loads(stored)).data)
-                    points[stored] = (dataset.x_train, dataset.y_train)
-                except Exception:  # the figure is still useful without the points
-                    points[stored] = (None, None)
-            x, y = points[stored]
-        plot_boundary_grid(ax, cells, x, y)
-        ax.set_title(str(row.name), fontsize=9)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle("decision boundaries (p(class 1); black line p = 0.5)")
-    return [("decision boundaries", _save(fig, out_dir, "decision_boundaries.png", title_inches=0.5))]
-
-
-# ---- the report ---------------------------------------------------------------------------
+# ---- helpers -----------------------------------------------------------------------------------
 
 
 def _header(data: RunData) -> list[str]:
@@ -395,280 +461,18 @@ def _flatten_pivot(pivot: pd.DataFrame) -> pd.DataFrame:
     return flat.reset_index()
 
 
-def _figure_cases(table: pd.DataFrame, labels: pd.Series, limit: int | None) -> list[tuple[tuple, str]]:
-    """The cases to draw (all, or the first `limit`): one per group first (first seed), done
-    cases first; each with its label (name and the settings that tell it apart)."""
-    keys = case_keys(table)
-    table = table.assign(_label=labels.to_numpy())
-    if limit is None:  # every case, in table order (run, group, seed)
-        chosen = table.sort_values([c for c in ("run", "group", "seed") if c in table], kind="stable")
-    else:
-        ordered = table.sort_values(["complete", "group", "seed"], ascending=[False, True, True], kind="stable")
-        firsts = ordered.drop_duplicates("group" if "run" not in table else ["run", "group"])
-        rest = ordered.drop(firsts.index)
-        chosen = pd.concat([firsts, rest]).head(limit)
-    return [(tuple(row[k] for k in keys), str(row["_label"])) for _, row in chosen.iterrows()]
-
-
-def _parse_baseline(table: pd.DataFrame, baseline: str) -> tuple[str, str | None]:
-    """(group or case name, run label or None) for --baseline CASE or RUN:CASE; ReportError
-    (one line) when no run has it."""
-    runs = [str(r) for r in dict.fromkeys(table["run"])] if "run" in table else []
-    name, run = baseline, None
-    if ":" in baseline:
-        prefix, rest = baseline.rsplit(":", 1)
-        if runs and prefix in runs:
-            name, run = rest, prefix
-        elif not runs:
-            name = rest  # one run: RUN:CASE names it; the case must still be there
-    rows = table if run is None else table[table["run"].astype(str) == run]
-    if not (rows["group"].astype(str).eq(name).any() or rows["name"].astype(str).eq(name).any()):
-        groups = sorted(set(rows["group"].dropna().astype(str)))
-        where = f" in run {run}" if run else ""
-        hint = f"; runs: {', '.join(runs)}" if runs and run is None and ":" in baseline else ""
-        raise ReportError(f"--baseline {baseline}: no case or group {name!r}{where}; groups: "
-                          f"{', '.join(groups) or 'none'}{hint}")
-    return name, run
-
-
 def default_report_dir(runs: Sequence[str | os.PathLike], baseline: str | None = None) -> Path:
     """Where `bplab report` writes when --out is not given: RUN/report for one local run
     (RUN/report-vs-BASELINE with a baseline, so the plain report is never replaced), else
     reports/RUN1+RUN2... (with -vs-BASELINE) under the current folder."""
-    suffix = f"-vs-{_safe_name(baseline)}" if baseline else ""
+    suffix = f"-vs-{safe_name(baseline)}" if baseline else ""
     runs = list(runs)
     folder = local_path(runs[0]) if len(runs) == 1 else None
     if folder is not None:
         return folder / f"report{suffix}"
-    name = "+".join(_safe_name(label) for label in _run_labels(runs))
+    name = "+".join(safe_name(label) for label in _run_labels(runs))
     if len(name) > 100:  # long lists of runs: a short, stable name
         import hashlib
 
         name = name[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return Path("reports") / f"{name}{suffix}"
-
-
-def write_report(
-    run: str | os.PathLike | Iterable[str | os.PathLike] | RunData,
-    out_dir: str | os.PathLike | None = None,
-    baseline: str | None = None,
-    target_accuracy: float | None = None,
-    reference: str | None = None,
-    max_figure_cases: int | None = 4,
-    figures: bool = True,
-) -> Path:
-    """Write report.md, its PNG figures and every table as CSV; return the report's path.
-
-    run: a run directory (path or pyarrow.fs URI), several, or an already loaded RunData.
-    out_dir: default RUN/report (RUN/report-vs-BASELINE with a baseline) for one run on the
-        local filesystem; required otherwise.
-    baseline: a group (or case) name, or RUN:NAME for one in a given run of several: adds
-        each group's seed-paired difference to it. ReportError, before anything is written,
-        when no run has it.
-    target_accuracy: adds epochs_to_target to the per-case table.
-    reference: a reference table name (analysis.reference); default manifest["reference"].
-    max_figure_cases: layer-statistics figures for at most this many cases (None: all);
-        weight histograms are drawn for every case.
-    figures: False writes the tables only (no PNGs; much faster).
-    """
-    data = run if isinstance(run, RunData) else load(run, metrics_columns=REPORT_COLUMNS)
-    cases = data.cases
-    keys = case_keys(cases) if len(cases.columns) else case_keys(data.metrics)
-    epochs = epoch_summary(data.metrics, cases)
-    table = per_case(data.metrics, cases, target_accuracy=target_accuracy)
-    baseline_name = baseline_run = None
-    if baseline is not None:
-        baseline_name, baseline_run = _parse_baseline(table, baseline)
-    if out_dir is None:
-        folder = local_path(next(iter(data.paths.values()))) if len(data.paths) == 1 else None
-        if folder is None:
-            raise ValueError("write_report: give out_dir (the run is remote, or there are several runs)")
-        out_dir = default_report_dir([folder], baseline)
-    out_dir = Path(out_dir)
-    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
-    if blocked is not None:
-        raise ReportError(f"cannot write the report to {out_dir}: {blocked} is a file")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # What tells the cases apart: named in the per-case table and in every legend.
-    settings = varying_settings(cases) if len(cases) else []
-    labels = setting_labels(table, cases, by="name", settings=settings) if len(table) else pd.Series([], dtype=str)
-    flags = flag_cases(table, cases) if len(table) else pd.DataFrame(columns=[*keys, "flag"])
-    shown_table = table.merge(flags[[*keys, "flag"]], on=keys, how="left") if len(flags) else table.assign(flag="")
-    shown_table["flag"] = shown_table["flag"].fillna("")
-    # a setting named like a result column (epochs: planned vs logged) is shown as "epochs (setting)"
-    setting_columns = {c: f"{c} (setting)" if c in shown_table else c for c in settings}
-    if settings:
-        shown_table = shown_table.merge(
-            cases.assign(**{k: cases[k].astype(str) for k in keys})[[*keys, *settings]].drop_duplicates(keys)
-            .rename(columns=setting_columns), on=keys, how="left")
-    csvs = {"per_case": shown_table, "epoch_summary": epochs}
-
-    title = ", ".join(str(m.get("suite", "?")) for m in data.manifests.values()) or "run"
-    md = [f"# bplab report: {title}", ""]
-    md += _header(data)
-    md.append("")
-
-    counts = table["state"].value_counts()
-    md.append(f"{len(table)} cases: " + ", ".join(f"{n} {state}" for state, n in counts.items()) + ".")
-    if settings:
-        md.append("Settings that differ between cases: " + ", ".join(f"`{c}`" for c in settings)
-                  + " (in the tables and in every legend).")
-    md.append("")
-    not_done = table[~table["complete"]]
-    if len(not_done):
-        md.append(f"> **PARTIAL RUN**: {len(not_done)} of {len(table)} cases are not done. Their numbers are "
-                  "incomplete; seed summaries, factor and baseline tables leave them out.")
-        md.append("")
-        shown = [c for c in [*keys, "name", "state", "reason_class", "reason", "epochs"] if c in not_done]
-        md.append(markdown_table(not_done[shown]))
-        md.append("")
-        csvs["not_done"] = not_done[shown]
-
-    md += ["## Per case", ""]
-    md.append("Epochs are numbered from 1 (epoch 1 = the first pass over the training set), here, in the CSVs "
-              "and in the figures. final = last epoch logged; train accuracy = mean over the last epoch's batches; "
-              "gap = train - test; steps/s = (train steps - 1) / wall-time span of the train steps; "
-              "flag: see below.")
-    md.append("")
-    columns = [c for c in _PER_CASE_SHOWN if c in shown_table]
-    at = columns.index("seed") + 1 if "seed" in columns else len(columns)
-    columns[at:at] = [setting_columns[c] for c in settings]
-    md.append(markdown_table(shown_table[columns], max_rows=200))
-    md.append("")
-
-    md += ["## Diverged or collapsed", ""]
-    md.append(f"diverged: the loss became non-finite (the case stopped there). collapsed: the best test accuracy "
-              f"was at least chance + (1 - chance) / 2 and the final one is at most chance + {COLLAPSE_MARGIN:g} "
-              f"(chance = 1 / number of classes).")
-    md.append("")
-    if len(flags):
-        csvs["flagged"] = flags
-        md.append(markdown_table(flags))
-    else:
-        md.append("None.")
-    md.append("")
-
-    losses = lost_workers(data.ledger)
-    if len(losses):
-        csvs["lost_workers"] = losses
-        md += ["## Lost workers and nodes", "",
-               "Each worker a case lost: node_lost once the GCS declared its node dead, worker_died when the "
-               "node lived on. An attempt resumed from its last commit (step); one that had not started its "
-               "case used no retry. back after = seconds until the case ran again.", "",
-               markdown_table(losses, float_format="{:.0f}"), ""]
-
-    group_keys = [*(["run"] if "run" in table else []), "group"]
-    group_sizes = table.groupby(group_keys).size()
-    several_seeds = bool(len(group_sizes) and group_sizes.max() >= 2)
-    if several_seeds:
-        seeds = seed_summary(table)
-        csvs["seed_summary"] = seeds
-        md += ["## Across seeds", "",
-               "Mean, sample sd and half-width of the 95 % t interval over the done cases of each group.", ""]
-        md.append(markdown_table(seeds, max_rows=200))
-        md.append("")
-
-    if all(c in cases for c in ("schedule", "augment")) and cases["schedule"].nunique() > 1 \
-            and cases["augment"].nunique() > 1:
-        pivot = factor_table(table, cases, rows="schedule", columns="augment")
-        csvs["factor_table"] = _flatten_pivot(pivot)
-        md += ["## Schedule x augmentation", "", "Mean final test accuracy of the done cases.", ""]
-        md.append(markdown_table(_flatten_pivot(pivot)))
-        md.append("")
-
-    if baseline is not None:
-        differences = against_baseline(table, cases, baseline_name, baseline_run=baseline_run)
-        differences["baseline"] = baseline  # as given: RUN:CASE keeps its run
-        csvs["against_baseline"] = differences
-        md += [f"## Against the baseline `{baseline}`", "",
-               "Final test accuracy minus the baseline's at the same seed; mean and 95 % t half-width over seeds."
-               + (" Each run is compared with its own baseline." if "run" in table and baseline_run is None
-                  and table.loc[(table["group"] == baseline_name) | (table["name"] == baseline_name), "run"].nunique() > 1
-                  else ""), ""]
-        md.append(markdown_table(differences))
-        md.append("")
-
-    reference = reference or data.manifest.get("reference")
-    if reference:
-        md += [f"## Against the source study (`{reference}`)", ""]
-        try:
-            comparison = reference_comparison(table, reference, cases, overrides=data.manifest.get("overrides") or (),
-                                              alignment=getattr(data, "alignment", None))
-        except KeyError as error:
-            md += [f"No reference table: {error}", ""]
-        else:
-            csvs["reference_comparison"] = comparison
-            md.append("Source figures from docs/experiments.md; run values are means over seeds; diff = run - source, "
-                      "given only where like is compared with like: the official data set and every setting the "
-                      "source fixed unchanged. Otherwise the row is marked not comparable, with the reasons.")
-            md.append("")
-            shown = comparison.copy()
-            if "comparable" in shown:
-                shown["comparable"] = shown["comparable"].map(lambda ok: "yes" if ok else "not comparable")
-            md.append(markdown_table(shown))
-            md.append("")
-
-    drawn: list[tuple[str, str]] = []  # (caption, file name)
-    skipped: list[str] = []  # figures that would carry no information, and why
-    notes: list[str] = []
-    updates = update_counts(data.metrics, cases)
-    if len(updates):
-        csvs["update_counts"] = updates
-    if figures and len(epochs):
-        group_rows = epochs.drop_duplicates([*keys, "group"]) if "group" in epochs else epochs.drop_duplicates(keys)
-        group_labels = setting_labels(group_rows, cases, by="group" if "group" in epochs else "case_id",
-                                      settings=[c for c in settings if c != "seed"])
-        label_of = dict(zip(group_rows[keys].astype(str).agg("\x1f".join, axis=1), group_labels))
-        epochs_drawn = epochs.assign(label=epochs[keys].astype(str).agg("\x1f".join, axis=1).map(label_of))
-        steps = {}
-        for metric in ("train_accuracy", "train_cost"):
-            curve = step_curves(data.metrics, cases, metric=metric, by="group")
-            if len(curve):
-                key_columns = [*(["run"] if "run" in curve else []), "group"]
-                group_label = dict(zip(group_rows[key_columns].astype(str).agg("\x1f".join, axis=1), group_labels))
-                steps[metric] = curve.assign(label=curve[key_columns].astype(str).agg("\x1f".join, axis=1)
-                                             .map(group_label))
-        drawn += _curve_figures(epochs_drawn, steps, out_dir, several_seeds, skipped)
-    if figures and len(updates):
-        if updates["mean_updates"].round(9).nunique() <= 1:
-            skipped.append(f"layer updates per step: {updates['mean_updates'].iloc[0]:g} for every layer of every case")
-        else:
-            fig = _figure(figsize=(8, 4))
-            ax = fig.subplots()
-            plot_update_counts(ax, updates, by="schedule" if "schedule" in updates else "group")
-            ax.set_title("layer updates per step")
-            drawn.append(("updates per layer", _save(fig, out_dir, "update_counts.png")))
-    if figures and len(data.weights):
-        drawn += _weight_figures(data.weights, _figure_cases(table, labels, None), keys, out_dir)
-    if figures and len(data.layer_stats):
-        logged = set(_as_keys(data.layer_stats, keys).itertuples(index=False, name=None))
-        mask = np.array([key in logged for key in table[keys].astype(str).itertuples(index=False, name=None)],
-                        dtype=bool)
-        chosen = _figure_cases(table[mask], pd.Series(labels.to_numpy()[mask]), max_figure_cases)
-        drawn += _layer_stats_figures(data.layer_stats, chosen, keys, out_dir, skipped)
-        if len(chosen) < mask.sum():
-            notes.append(f"Layer statistics are drawn for {len(chosen)} of the {mask.sum()} cases that logged "
-                         f"them (one per group first); every value is in RUN/layer_stats.")
-    if figures:
-        drawn += _boundary_figures(data, table, out_dir, notes=notes)
-    if drawn or skipped or notes:
-        md += ["## Figures", ""]
-        md += [f"- {note}" for note in notes]
-        md += [f"- not drawn, no information: {reason}." for reason in skipped]
-        if notes or skipped:
-            md.append("")
-        for caption, name in drawn:
-            md += [f"### {caption}", "", f"![]({name})", ""]
-
-    for name, frame in csvs.items():
-        frame.to_csv(out_dir / f"{name}.csv", index=False)
-    md += ["## Files", "", "Tables as CSV: " + ", ".join(f"[{n}.csv]({n}.csv)" for n in csvs) + "."]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return path
-
-
-def _as_keys(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """The distinct case keys of a per-row frame, as str."""
-    return frame[keys].astype(str).drop_duplicates()

@@ -1,4 +1,3 @@
-# Long module: every comparison table, with the group-by, statistics and labels they share.
 """Comparison tables: pure functions, DataFrame in, DataFrame out.
 
 Keys: a case is identified by `case_id`, or by (`run`, `case_id`) when frames from several
@@ -23,27 +22,27 @@ Definitions (per case):
   of one step. examples_per_sec is the same with examples (sum of `examples` over steps).
 - wall_seconds: last minus first wall_time over all the case's rows.
 - epochs: epochs with a test row; last_epoch: the highest epoch with any row; steps: train rows.
-- flag (flag_cases): "diverged" when the ledger says so (a non-finite loss); "collapsed"
+- flag (analysis.flags.flag_cases): "diverged" when the ledger says so (a non-finite loss); "collapsed"
   when the best test accuracy was at least chance + (1 - chance) / 2 and the final one is at
   most chance + 0.05 (chance = 1 / number of classes).
 - state / complete: the ledger state; complete = state is "done". Cases that are not done
-  keep their (partial) numbers here, and the summaries (seed_summary, factor_table,
-  against_baseline) leave them out by default.
+  keep their (partial) numbers here, and the summaries (analysis.stats: seed_summary,
+  factor_table, against_baseline) leave them out by default.
 
-The per-row work is one grouped pass over the metrics (see `_aggregate`), vectorised with
-numpy; everything after that is on per-epoch tables a few thousand rows long.
+The per-row work is one grouped pass over the metrics (analysis.groupby.aggregate), vectorised
+with numpy; everything after that is on per-epoch tables a few thousand rows long.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
+from analysis.groupby import aggregate
 from analysis.load import case_keys
-from analysis.reference import comparability, error_angles, reference_table
+from analysis.rundir import legacy
 
 SUMMARY_COLUMNS = ("final_test_acc", "best_test_acc", "final_train_acc")
 
@@ -56,172 +55,10 @@ def display_epoch(epoch):
     return epoch + EPOCH_BASE
 
 
-# ---- a grouped pass over many rows --------------------------------------------------------
+# ---- keys and case columns ------------------------------------------------------------------
 
 
-def _key_codes(series: pd.Series) -> tuple[np.ndarray, np.ndarray, int]:
-    """(codes, values, offset): per row, code + offset indexes `values`; code -1 + offset = missing.
-
-    Categoricals give their codes (no copy); dense integer columns give the raw values with
-    offset -min (no copy); anything else is factorised.
-    """
-    if isinstance(series.dtype, pd.CategoricalDtype):
-        return series.cat.codes.to_numpy(), np.asarray(series.cat.categories.astype(object)), 0
-    if pd.api.types.is_integer_dtype(series.dtype) and not pd.api.types.is_extension_array_dtype(series.dtype):
-        values = series.to_numpy()
-        if len(values) == 0:
-            return values, np.array([], dtype=np.int64), 0
-        low, high = int(values.min()), int(values.max())
-        if high - low < 4 * len(values) + 1024:  # dense range: the value itself is the code
-            return values, np.arange(low, high + 1), -low
-    codes, uniques = pd.factorize(series, sort=True)
-    return codes, np.asarray(uniques, dtype=object), 0
-
-
-def _numeric_values(series: pd.Series) -> np.ndarray:
-    """The column as a numpy array without copying it when possible: float64 (NaN for
-    nulls) or plain integers; anything else is converted to float64."""
-    if series.dtype == np.float64 or (
-        pd.api.types.is_integer_dtype(series.dtype) and not pd.api.types.is_extension_array_dtype(series.dtype)
-    ):
-        return series.to_numpy()
-    return series.to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-_CHUNK_ROWS = 1 << 20  # rows per pass: small temporaries that stay in cache and get reused
-
-
-def _aggregate(
-    frame: pd.DataFrame,
-    keys: Sequence[str],
-    specs: dict[str, tuple[str, str]],
-    where: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """Group `frame` by `keys` and aggregate: specs = {out: (column, how)}.
-
-    how: sum, mean, count (non-null), size (rows), min, max, first, last (by row order,
-    skipping nulls). Nulls are skipped like pandas does; rows with a null key are dropped.
-    `where` (bool per row) restricts the rows.
-    Equivalent to frame[where].groupby(keys, observed=True).agg(...), but built from numpy
-    bincount / ufunc.at on one int64 group code per row, in chunks of rows: on 10 M rows
-    several times faster than pandas' multi-key grouper, no sort, no copy of the rows (rows
-    left out go to a dummy slot dropped at the end) and no 10 M-row temporaries.
-    """
-    if where is not None:
-        where = np.asarray(where, dtype=bool)
-        if where.sum() < len(frame) // 2:  # few rows: copying them is cheaper
-            needed = list(dict.fromkeys([*keys, *[c for c, how in specs.values() if how != "size"]]))
-            frame, where = frame.loc[where, needed], None
-    n = len(frame)
-    key_codes = [_key_codes(frame[key]) for key in keys]
-    radices = [max(len(values), 1) for _, values, _ in key_codes]
-    assert float(np.prod(radices, dtype=float)) < 2**62, "group key overflow"
-    total = int(np.prod(radices, dtype=float))
-    has_missing = any(len(codes) and codes.min() + offset < 0 for codes, _, offset in key_codes)
-    columns = {column: _numeric_values(frame[column]) for column, how in specs.values() if how != "size"}
-    # min() is NaN when any value is: a null check without a per-row temporary.
-    has_nan = {
-        column: v.dtype.kind == "f" and bool(len(v)) and bool(np.isnan(v.min())) for column, v in columns.items()
-    }
-
-    def codes_of(chunk: slice) -> np.ndarray:
-        """The group code of each row in `chunk`; `total` for rows left out."""
-        combined = np.zeros(chunk.stop - chunk.start, dtype=np.int64)
-        invalid = None if where is None else ~where[chunk]
-        for (codes, _, offset), size in zip(key_codes, radices):
-            part = codes[chunk]
-            if has_missing:
-                missing = part + offset < 0
-                invalid = missing if invalid is None else invalid | missing
-            combined *= size
-            combined += part
-            if offset:
-                combined += offset
-        if invalid is not None:
-            combined[invalid] = total
-        return combined
-
-    dense = total < max(n // 4, 1 << 16)
-    if dense:  # the code is the slot; empty slots are dropped at the end
-        slots = total + 1
-        chunks = [slice(start, min(start + _CHUNK_ROWS, n)) for start in range(0, n, _CHUNK_ROWS)]
-        ids_of = codes_of
-    else:  # sparse codes: number the groups first (one pass over all rows)
-        all_ids, uniques = pd.factorize(codes_of(slice(0, n)), sort=True)
-        uniques = np.asarray(uniques, dtype=np.int64)
-        slots = len(uniques) + (0 if len(uniques) and uniques[-1] == total else 1)
-        chunks = [slice(0, n)]
-        ids_of = lambda chunk: all_ids[chunk]  # noqa: E731
-    dummy = slots - 1
-
-    rows_counted = np.zeros(slots, dtype=np.int64)
-    state: dict[str, dict[str, np.ndarray]] = {}
-    for name, (column, how) in specs.items():
-        if how in ("sum", "mean", "count"):
-            state[name] = {"sum": np.zeros(slots), "count": np.zeros(slots, dtype=np.int64)}
-        elif how in ("min", "max"):
-            state[name] = {"value": np.full(slots, np.nan)}
-        elif how in ("first", "last"):
-            state[name] = {"pick": np.full(slots, -1 if how == "last" else n, dtype=np.int64)}
-        elif how != "size":
-            raise ValueError(f"_aggregate: unknown aggregation {how!r}")
-    for chunk in chunks:
-        ids = ids_of(chunk)
-        rows_counted += np.bincount(ids, minlength=slots)
-        rows = None
-        for name, (column, how) in specs.items():
-            if how == "size":
-                continue
-            values = columns[column][chunk].astype(np.float64, copy=False)  # ints: per chunk
-            nan = np.isnan(values) if has_nan[column] else None
-            ids_ok = ids if nan is None else np.where(nan, dummy, ids)
-            if how in ("sum", "mean", "count"):
-                state[name]["count"] += np.bincount(ids_ok, minlength=slots)
-                if how != "count":
-                    weights = values if nan is None else np.where(nan, 0.0, values)
-                    state[name]["sum"] += np.bincount(ids_ok, weights=weights, minlength=slots)
-            elif how in ("min", "max"):
-                (np.fmin if how == "min" else np.fmax).at(state[name]["value"], ids_ok, values)
-            else:
-                rows = np.arange(chunk.start, chunk.stop) if rows is None else rows
-                (np.maximum if how == "last" else np.minimum).at(state[name]["pick"], ids_ok, rows)
-
-    if dense:
-        group_codes = np.flatnonzero(rows_counted[:total])
-        select = group_codes
-    else:
-        group_codes = uniques[uniques < total]
-        select = np.arange(len(group_codes))
-    out = {}
-    remaining = group_codes.copy()
-    for key_name, size, (_, values, _) in zip(reversed(keys), reversed(radices), reversed(key_codes)):
-        code = remaining % size
-        remaining //= size
-        out[key_name] = values[code] if len(values) else np.array([], dtype=object)
-    out = {k: out[k] for k in keys}
-    for name, (column, how) in specs.items():
-        if how == "size":
-            out[name] = rows_counted[select]
-        elif how == "count":
-            out[name] = state[name]["count"][select]
-        elif how == "sum":
-            out[name] = state[name]["sum"][select]
-        elif how == "mean":
-            count, total_sum = state[name]["count"][select], state[name]["sum"][select]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[name] = np.where(count > 0, total_sum / np.maximum(count, 1), np.nan)
-        elif how in ("min", "max"):
-            out[name] = state[name]["value"][select]
-        else:
-            pick = state[name]["pick"][select]
-            found = (pick >= 0) & (pick < n)
-            result = np.full(len(pick), np.nan)
-            result[found] = columns[column][pick[found]]
-            out[name] = result
-    return pd.DataFrame(out)
-
-
-def _as_str_keys(frame: pd.DataFrame) -> pd.DataFrame:
+def as_str_keys(frame: pd.DataFrame) -> pd.DataFrame:
     """case_id (and run) as plain str, so small tables from different sources merge."""
     frame = frame.copy()
     for key in ("run", "case_id"):
@@ -258,18 +95,18 @@ def _epoch_table(metrics: pd.DataFrame, lean: bool = False) -> pd.DataFrame:
         specs["lr"] = ("lr", "last")
     if "examples" in metrics:
         specs["examples"] = ("examples", "sum")
-    train = _aggregate(metrics, [*keys, "epoch"], specs, where=_split_mask(metrics, "train"))
+    train = aggregate(metrics, [*keys, "epoch"], specs, where=_split_mask(metrics, "train"))
     test_specs = {"test_cost": ("cost", "last"), "test_accuracy": ("accuracy", "last"),
                   "test_time": ("wall_time", "max")}
     if "step" in metrics:
         test_specs["test_step"] = ("step", "max")
-    test = _aggregate(metrics, [*keys, "epoch"], test_specs, where=_split_mask(metrics, "test"))
+    test = aggregate(metrics, [*keys, "epoch"], test_specs, where=_split_mask(metrics, "test"))
     train = train.rename(columns={
         "cost_mean": "train_cost", "accuracy_mean": "train_accuracy", "rows": "steps",
         "t_first": "_t_first", "t_last": "_t_last",
     })
     table = train.merge(test, on=[*keys, "epoch"], how="outer")
-    table = _as_str_keys(table).sort_values([*keys, "epoch"], kind="stable").reset_index(drop=True)
+    table = as_str_keys(table).sort_values([*keys, "epoch"], kind="stable").reset_index(drop=True)
     table["steps"] = table["steps"].fillna(0).astype(np.int64)
     # Global step count at the end of the epoch: the test row's step, else last train step + 1.
     for name in ("test_step", "step_max"):
@@ -294,7 +131,7 @@ def _with_cases(table: pd.DataFrame, cases: pd.DataFrame | None, keys: list[str]
     """Merge case columns (all, or `columns`) onto `table` by the case keys, case columns first."""
     if cases is None or "case_id" not in cases:
         return table
-    cases = _as_str_keys(cases)
+    cases = as_str_keys(cases)
     join = [k for k in keys if k in cases]
     if "case_id" not in join:
         return table
@@ -371,11 +208,11 @@ def per_case(
 
     # Every known case is a row, with or without metrics.
     if cases is not None and "case_id" in cases:
-        cases_str = _as_str_keys(cases)
+        cases_str = as_str_keys(cases)
         join = [k for k in keys if k in cases_str]
         table = cases_str[join].drop_duplicates().merge(table, on=join, how="outer")
     if ledger is not None and "case_id" in ledger and len(ledger):
-        ledger_str = _as_str_keys(ledger)
+        ledger_str = as_str_keys(ledger)
         join = [k for k in keys if k in ledger_str]
         table = table.merge(ledger_str[join].drop_duplicates(), on=join, how="outer")
         state = ledger_str[join + [c for c in ("name", "state", "reason_class", "reason") if c in ledger_str]]
@@ -406,108 +243,17 @@ def per_case(
     return table[order].sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-# ---- what tells cases apart ----------------------------------------------------------------
-
-# Columns of the cases table that are not settings (ids, resources, ledger state).
-NOT_SETTINGS = frozenset({
-    "run", "case_id", "name", "group", "seed", "num_cpus", "num_gpus", "steps_total", "settings_json",
-    "state", "reason_class", "reason", "complete",
-})
-
-
-def _setting_text(value) -> str:
-    """A setting as people write it: 0.002, True, [50, 50], None."""
-    if isinstance(value, (float, np.floating)):
-        return "None" if np.isnan(value) else f"{value:g}"
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if value is None or value is pd.NA:
-        return "None"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_setting_text(v) for v in value) + "]"
-    return str(value)
-
-
-def varying_settings(cases: pd.DataFrame, include_seed: bool = False) -> list[str]:
-    """The settings (columns of the cases table) whose value differs between cases, in table
-    order; seed only with include_seed. Several runs: differences across runs count too."""
-    columns = [c for c in cases.columns if c not in NOT_SETTINGS or (include_seed and c == "seed")]
-    return [c for c in columns if cases[c].map(_setting_text).nunique() > 1]
-
-
-def setting_labels(table: pd.DataFrame, cases: pd.DataFrame | None = None, by: str = "group",
-                   settings: Sequence[str] | None = None) -> pd.Series:
-    """Per row of `table`: its `by` value followed by the settings that differ between cases,
-    e.g. "mid: lr=0.002" or "b: schedule=unfair-back augment=True"; with a run column
-    (several runs), "RUN/b: ...". settings: default varying_settings(cases)."""
-    settings = list(varying_settings(table if cases is None else cases) if settings is None else settings)
-    if settings and cases is not None:  # the values from cases (a table may hold a same-named result)
-        keys = case_keys(table)
-        values = _as_str_keys(cases)[[*keys, *settings]].drop_duplicates(keys)
-        table = _as_str_keys(table[[*keys, by]]).merge(values, on=keys, how="left")
-    label = table[by].astype(str)
-    if "run" in table:
-        label = table["run"].astype(str) + "/" + label
-    if settings:
-        parts = [c + "=" + table[c].map(_setting_text) for c in settings]
-        text = parts[0]
-        for part in parts[1:]:
-            text = text + " " + part
-        label = label + ": " + text
-    return label.rename("label")
-
-
-# ---- cases that went wrong ----------------------------------------------------------------
-
-# Classes of the built-in data sets (when the case keeps all of them).
-DATA_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "moons": 2}
-COLLAPSE_MARGIN = 0.05  # final accuracy within this of chance counts as back at chance
-
-
-def chance_accuracy(cases: pd.DataFrame) -> pd.Series:
-    """1 / number of classes per row of the cases table (NaN when unknown): data.classes if
-    set, else the data set's own classes."""
-    def classes(row) -> float:
-        kept = row.get("data.classes")
-        if isinstance(kept, str) and kept.strip() not in ("", "None", "null"):
-            kept = json.loads(kept)
-        if isinstance(kept, np.ndarray):
-            kept = kept.tolist()
-        if isinstance(kept, (list, tuple)) and len(kept):
-            return float(len(kept))
-        return float(DATA_CLASSES.get(str(row.get("data.name")), np.nan))
-
-    if len(cases) == 0:
-        return pd.Series([], dtype=float, name="chance")
-    return (1.0 / cases.apply(classes, axis=1).astype(float)).rename("chance")
-
-
-def flag_cases(per_case_table: pd.DataFrame, cases: pd.DataFrame | None = None,
-               chance: float | pd.Series | None = None) -> pd.DataFrame:
-    """The cases that diverged or collapsed (definitions in the module docstring), one row
-    each: keys, name, state, flag, chance, best_test_acc, best_epoch, final_test_acc, reason.
-
-    chance: one number for every case, or per row of per_case_table; default from
-    cases' data settings (chance_accuracy)."""
-    table = _attach(per_case_table, cases, ["name", "state"]) if cases is not None else per_case_table
-    if chance is None:
-        if cases is None:
-            raise ValueError("flag_cases: pass cases (for the number of classes) or chance")
-        known = _as_str_keys(cases)
-        known = known.assign(chance=chance_accuracy(known).to_numpy())
-        join = case_keys(table)
-        table = _as_str_keys(table).drop(columns=["chance"], errors="ignore").merge(
-            known[join + ["chance"]].drop_duplicates(join), on=join, how="left")
-    else:
-        table = table.assign(chance=chance.to_numpy() if isinstance(chance, pd.Series) else float(chance))
-    best, final, chance_values = table["best_test_acc"], table["final_test_acc"], table["chance"]
-    collapsed = (best >= chance_values + (1 - chance_values) / 2) & (final <= chance_values + COLLAPSE_MARGIN)
-    diverged = table["state"].astype(str).eq("diverged") if "state" in table else pd.Series(False, index=table.index)
-    table = table.assign(flag=np.where(diverged, "diverged", np.where(collapsed.fillna(False), "collapsed", "")))
-    columns = [*case_keys(table), "name", "state", "flag", "chance", "best_test_acc", "best_epoch",
-               "final_test_acc", "reason"]
-    out = table[table["flag"] != ""]
-    return out[[c for c in columns if c in out]].reset_index(drop=True)
+def attach(table: pd.DataFrame, cases: pd.DataFrame | None, needed: Iterable[str]) -> pd.DataFrame:
+    """table plus the `needed` columns it lacks, taken from cases by case key."""
+    missing = [c for c in needed if c not in table]
+    if not missing:
+        return table
+    if cases is None:
+        raise ValueError(f"columns {missing} are not in the table; pass cases")
+    absent = [c for c in missing if c not in cases]
+    if absent:
+        raise ValueError(f"columns {absent} are in neither the table nor cases")
+    return _with_cases(as_str_keys(table), cases, case_keys(table), columns=missing)
 
 
 # ---- per-step curves ----------------------------------------------------------------------
@@ -531,7 +277,7 @@ def step_curves(metrics: pd.DataFrame, cases: pd.DataFrame | None = None, metric
     if metrics.empty:
         return empty
     rows = metrics.loc[_split_mask(metrics, "train"), [*keys, "epoch", "step", column]]
-    rows = _as_str_keys(rows.dropna(subset=[column]))
+    rows = as_str_keys(rows.dropna(subset=[column]))
     if rows.empty:
         return empty
     if by not in rows:
@@ -553,262 +299,12 @@ def step_curves(metrics: pd.DataFrame, cases: pd.DataFrame | None = None, metric
         parts.append(curve)
     return pd.concat(parts, ignore_index=True)[[*group_columns, "step", "epoch", "value", "smoothed"]]
 
-
-# ---- across seeds and factors -------------------------------------------------------------
-
-
-def ci_half_width(sd: float | np.ndarray, n: int | np.ndarray, level: float = 0.95):
-    """Half-width of the t confidence interval of a mean: t(1-(1-level)/2, n-1) * sd / sqrt(n); NaN for n < 2."""
-    # stdtrit(df, p) is scipy.stats.t.ppf(p, df); scipy.special imports ~10x faster than scipy.stats.
-    from scipy.special import stdtrit
-
-    n = np.asarray(n, dtype=float)
-    sd = np.asarray(sd, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t = stdtrit(np.where(n >= 2, n - 1, np.nan), 1 - (1 - level) / 2)
-        result = np.where(n >= 2, t * sd / np.sqrt(n), np.nan)
-    return result if result.ndim else float(result)
-
-
-def _by_list(table: pd.DataFrame, by: str | Sequence[str]) -> list[str]:
-    by = [by] if isinstance(by, str) else list(by)
-    if "run" in table and "run" not in by:
-        by = ["run", *by]  # several runs: summarise each run's groups separately
-    return by
-
-
-def _complete_rows(table: pd.DataFrame, complete_only: bool) -> pd.DataFrame:
-    """Leave out the cases whose state is known and not done (pending, running, failed,
-    diverged): their numbers are partial. 'unknown' (no ledger entry, or a table built
-    without one) stays in, so per_case(pd.read_parquet(...), ...) still summarises."""
-    if complete_only and "state" in table:
-        return table[table["state"].isin(["done", "unknown"]) | table["state"].isna()]
-    return table
-
-
-def seed_summary(
-    per_case_table: pd.DataFrame,
-    by: str | Sequence[str] = "group",
-    columns: Iterable[str] = SUMMARY_COLUMNS,
-    complete_only: bool = True,
-    level: float = 0.95,
-) -> pd.DataFrame:
-    """Per group (cases differing only by seed): n and, per column, mean, sd and ci95.
-
-    ci95 is the half-width t(0.975, n-1) * sd / sqrt(n) with sd the sample standard
-    deviation (ddof 1) and n the column's non-null count; NaN when n < 2. With
-    complete_only, cases whose state is not done are left out (their numbers are partial).
-    With several runs, groups are summarised per run.
-    """
-    by = _by_list(per_case_table, by)
-    columns = [c for c in columns if c in per_case_table]
-    table = _complete_rows(per_case_table, complete_only)
-    grouped = table.groupby(by, sort=True, dropna=False)
-    # Groups with no complete case stay, with n = 0 (never silently dropped).
-    every_group = per_case_table.groupby(by, sort=True, dropna=False).size().index
-    out = grouped.size().rename("n").reindex(every_group, fill_value=0).to_frame()
-    for column in columns:
-        values = grouped[column]
-        count = values.count().reindex(every_group, fill_value=0)
-        out[f"{column}_mean"] = values.mean()
-        out[f"{column}_sd"] = values.std(ddof=1)
-        out[f"{column}_ci95"] = ci_half_width(out[f"{column}_sd"].to_numpy(), count.to_numpy(), level)
-    return out.reset_index()
-
-
-def _attach(table: pd.DataFrame, cases: pd.DataFrame | None, needed: Iterable[str]) -> pd.DataFrame:
-    """table plus the `needed` columns it lacks, taken from cases by case key."""
-    missing = [c for c in needed if c not in table]
-    if not missing:
-        return table
-    if cases is None:
-        raise ValueError(f"columns {missing} are not in the table; pass cases")
-    absent = [c for c in missing if c not in cases]
-    if absent:
-        raise ValueError(f"columns {absent} are in neither the table nor cases")
-    return _with_cases(_as_str_keys(table), cases, case_keys(table), columns=missing)
-
-
-def factor_table(
-    per_case_table: pd.DataFrame,
-    cases: pd.DataFrame | None = None,
-    rows: str | Sequence[str] = "schedule",
-    columns: str | Sequence[str] = "augment",
-    value: str = "final_test_acc",
-    complete_only: bool = True,
-) -> pd.DataFrame:
-    """Mean of `value` for each combination of `rows` x `columns` settings (a pivot)."""
-    rows_list = [rows] if isinstance(rows, str) else list(rows)
-    columns_list = [columns] if isinstance(columns, str) else list(columns)
-    table = _complete_rows(_attach(per_case_table, cases, rows_list + columns_list), complete_only)
-    return table.pivot_table(index=rows_list, columns=columns_list, values=value, aggfunc="mean", observed=True)
-
-
-def against_baseline(
-    per_case_table: pd.DataFrame,
-    cases: pd.DataFrame | None,
-    baseline: str,
-    value: str = "final_test_acc",
-    complete_only: bool = True,
-    detail: bool = False,
-    level: float = 0.95,
-    baseline_run: str | None = None,
-) -> pd.DataFrame:
-    """Each group's difference to the baseline, paired by seed.
-
-    baseline: a group name, else a case name. For every other case, diff = its value minus
-    the baseline's value at the same seed (and run); a case whose seed the baseline lacks
-    gets NaN. Per group: n_pairs, mean value and baseline over the pairs, diff_mean, diff_sd
-    and diff_ci95 (t half-width, NaN for fewer than 2 pairs). detail=True returns the
-    per-case pairs instead.
-    Several runs: with baseline_run, or when only one run has the baseline, every case of
-    every run is paired (by seed) with that run's baseline; when several runs have it, each
-    run is compared with its own.
-    """
-    table = _attach(per_case_table, cases, ["name", "group", "seed"])
-    every_group = table.groupby(_by_list(table, "group"), sort=True, dropna=False).size().index
-    table = _complete_rows(table, complete_only)
-    is_base = table["group"] == baseline
-    if not is_base.any():
-        is_base = table["name"] == baseline
-    if not is_base.any():
-        known = sorted(set(table["group"].dropna().astype(str)))
-        raise ValueError(f"baseline {baseline!r} is neither a group nor a case name; groups: {', '.join(known)}")
-    across_runs = False
-    if "run" in table:
-        if baseline_run is None and table.loc[is_base, "run"].nunique() == 1 and table["run"].nunique() > 1:
-            baseline_run = str(table.loc[is_base, "run"].iloc[0])
-        if baseline_run is not None:
-            is_base &= table["run"].astype(str) == str(baseline_run)
-            if not is_base.any():
-                raise ValueError(f"baseline {baseline!r} is not in run {baseline_run!r}")
-            across_runs = True
-    pair_on = (["run"] if "run" in table and not across_runs else []) + ["seed"]
-    base = table[is_base].groupby(pair_on, dropna=False)[value].mean().rename("baseline_value").reset_index()
-    others = table[~is_base].merge(base, on=pair_on, how="left")
-    others["value"] = others[value]
-    others["diff"] = others["value"] - others["baseline_value"]
-    keys = case_keys(table)
-    if detail:
-        front = [*keys, "name", "group", "seed", "value", "baseline_value", "diff"]
-        return others[front].reset_index(drop=True)
-    by = _by_list(others, "group")
-    paired = others.assign(
-        value=others["value"].where(others["diff"].notna()),
-        baseline_value=others["baseline_value"].where(others["diff"].notna()),
-    )
-    grouped = paired.groupby(by, sort=True, dropna=False)
-    out = pd.DataFrame({
-        "n_pairs": grouped["diff"].count(),
-        "value_mean": grouped["value"].mean(),
-        "baseline_mean": grouped["baseline_value"].mean(),
-        "diff_mean": grouped["diff"].mean(),
-        "diff_sd": grouped["diff"].std(ddof=1),
-    })
-    # Every group but the baseline's is a row, also with no complete case (n_pairs 0, NaN).
-    base_keys = set(table.loc[is_base, _by_list(table, "group")].itertuples(index=False, name=None))
-    other_keys = set(others[by].itertuples(index=False, name=None))
-    keep = [g for g in every_group if (g if isinstance(g, tuple) else (g,)) not in base_keys
-            or (g if isinstance(g, tuple) else (g,)) in other_keys]
-    out = out.reindex(pd.Index(keep, name=out.index.name) if out.index.nlevels == 1
-                      else pd.MultiIndex.from_tuples(keep, names=out.index.names))
-    out["n_pairs"] = out["n_pairs"].fillna(0).astype(np.int64)
-    out["diff_ci95"] = ci_half_width(out["diff_sd"].to_numpy(), out["n_pairs"].to_numpy(), level)
-    out.insert(0, "baseline", baseline)
-    return out.reset_index()
-
-
-def final_hidden_error_angle(alignment: pd.DataFrame | None) -> pd.Series:
-    """Per case_id: the mean error_angle (degrees) over the hidden units (every unit but the
-    top one) at the case's last measured epoch; empty without alignment rows."""
-    if alignment is None or not len(alignment) or "quantity" not in alignment:
-        return pd.Series(dtype=float)
-    rows = alignment.assign(case_id=alignment["case_id"].astype(str), quantity=alignment["quantity"].astype(str))
-    top = rows.groupby("case_id")["unit"].transform("max")
-    rows = rows[(rows["quantity"] == "error_angle") & (rows["unit"] < top)]
-    if not len(rows):
-        return pd.Series(dtype=float)
-    rows = rows[rows["epoch"] == rows.groupby("case_id")["epoch"].transform("max")]
-    return rows.groupby("case_id")["value"].mean()
-
-
-def reference_comparison(
-    per_case_table: pd.DataFrame, reference: str, cases: pd.DataFrame | None = None, overrides=(),
-    alignment: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """This run next to the source study's figures (analysis.reference), one row per source case.
-
-    A source case matches the run's cases of that group (else that name); several seeds are
-    averaged. Source cases the run lacks are kept with NaN. Columns: case, source_final_test,
-    run_final_test, diff (run - source), source_best_test, run_best_test, source_train,
-    run_train, n (matched cases), state (their states), note; with `cases` also comparable
-    and why_not. With `cases`, like is compared with like only: a case is comparable when it
-    trained on the official data and kept every setting the source fixed
-    (analysis.reference.comparability); otherwise its diff is left empty and why_not gives the
-    reasons (overrides, the run's --set list, are named there). Where the source measured an
-    error-signal angle (analysis.reference.error_angles), source_error_angle and
-    run_error_angle (the cases' final hidden error angle from `alignment`, the run's
-    alignment rows; NaN without them) are added.
-    """
-    source = reference_table(reference)
-    angles = error_angles(reference)
-    run_angles = final_hidden_error_angle(alignment) if angles else pd.Series(dtype=float)
-    table = _attach(per_case_table, cases, ["name", "group"])
-    checked = cases is not None and "case_id" in cases
-    by_id = _as_str_keys(cases).drop_duplicates("case_id").set_index("case_id") if checked else None
-    runs = list(dict.fromkeys(table["run"])) if "run" in table else [None]
-    rows = []
-    for run in runs:
-        in_run = table if run is None else table[table["run"] == run]
-        for case, figures in source.items():
-            matched = in_run[in_run["group"] == case]
-            if matched.empty:
-                matched = in_run[in_run["name"] == case]
-            row = {} if run is None else {"run": run}
-            row.update({
-                "case": case,
-                "source_final_test": figures["source_final_test"],
-                "run_final_test": matched["final_test_acc"].mean() if len(matched) else np.nan,
-                "source_best_test": figures["source_best_test"],
-                "run_best_test": matched["best_test_acc"].mean() if len(matched) else np.nan,
-                "source_train": figures["source_train"],
-                "run_train": matched["final_train_acc"].mean() if len(matched) else np.nan,
-                "n": len(matched),
-                "state": ",".join(sorted(set(matched["state"].astype(str)))) if "state" in matched else "",
-                "note": figures.get("note", ""),
-            })
-            if angles:
-                ids = matched["case_id"].astype(str) if "case_id" in matched else pd.Series(dtype=str)
-                measured = run_angles.reindex(ids).dropna()
-                row["source_error_angle"] = angles.get(case, np.nan)
-                row["run_error_angle"] = measured.mean() if len(measured) else np.nan
-            if checked:
-                reasons = []
-                for case_id in matched["case_id"].astype(str) if "case_id" in matched else []:
-                    if case_id in by_id.index:
-                        for reason in comparability(by_id.loc[case_id].to_dict(), reference, case, overrides):
-                            if reason not in reasons:
-                                reasons.append(reason)
-                row["comparable"] = bool(len(matched)) and not reasons
-                row["why_not"] = "; ".join(reasons) if reasons else ("" if len(matched) else "not in this run")
-            rows.append(row)
-    out = pd.DataFrame(rows)
-    for column in ("source_final_test", "source_best_test", "source_train"):
-        out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
-    diff = out["run_final_test"] - out["source_final_test"]
-    if checked:
-        diff = diff.where(out["comparable"].astype(bool))  # never a diff between two different experiments
-    out.insert(out.columns.get_loc("run_final_test") + 1, "diff", diff)
-    return out
-
-
 # ---- schedules --------------------------------------------------------------------------
 
 
 def _as_list(value) -> list:
-    """A list column's value: a tuple as analysis.load gives it, or a JSON string (a frame
-    read directly from an older run's Parquet)."""
-    return json.loads(value) if isinstance(value, str) else list(value)
+    """A list column's value as a list (older runs' JSON text too: analysis.rundir.legacy)."""
+    return list(legacy.as_list(value))
 
 
 def update_counts(metrics: pd.DataFrame, cases: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -831,7 +327,7 @@ def update_counts(metrics: pd.DataFrame, cases: pd.DataFrame | None = None) -> p
     if layers.isna().any():
         layers = layers.astype(object).where(layers.notna(), "")
         metrics = metrics.assign(layers=layers)
-    combos = _aggregate(metrics, [*keys, "updates", "layers"], {"steps": ("", "size")}, where=where)
+    combos = aggregate(metrics, [*keys, "updates", "layers"], {"steps": ("", "size")}, where=where)
     records = []
     parsed: dict[tuple[str, str], tuple[list, list]] = {}
     for row in combos.itertuples(index=False):  # one per distinct (case, updates, layers)
@@ -852,5 +348,5 @@ def update_counts(metrics: pd.DataFrame, cases: pd.DataFrame | None = None) -> p
         total=("total", "sum"), steps=("steps", "sum")
     )
     out["mean_updates"] = out["total"] / out["steps"]
-    out = _as_str_keys(out[columns]).sort_values([*keys, "layer_index"], kind="stable").reset_index(drop=True)
+    out = as_str_keys(out[columns]).sort_values([*keys, "layer_index"], kind="stable").reset_index(drop=True)
     return _with_cases(out, cases, keys, columns=["name", "group", "seed", "schedule"])

@@ -30,6 +30,9 @@ directory against the same rows stored the way Ray Tune stores trial results.
                 driver's end-of-case compaction (RunDir.compact_metrics) of every case: what
                 a finished study looks like. "bplab" is the same study before it (parts only,
                 as while the cases are still running)
+   - bplab-arrow: bplab-compacted with analysis.groupby.aggregate replaced by
+                `aggregate_arrow` (below: the same contract on pyarrow's Table.group_by),
+                so "table" compares the two group-by engines on the same 10 M rows
    and reports the median seconds (wall and CPU), peak RSS and the ratios to bplab.
 3. Checks that the per-case tables agree (ints exactly, floats to 1e-9 relative: pandas'
    default CSV/JSON float parsers are not always correctly rounded).
@@ -62,8 +65,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("bplab", "tune-csv", "tune-json", "bplab-compacted")
+VARIANTS = ("bplab", "tune-csv", "tune-json", "bplab-compacted", "bplab-arrow")
 COMPACTED = "bplab-compacted"  # DIR/bplab-compacted: the run with one metrics part per case
+ARROW = "bplab-arrow"  # bplab-compacted with pyarrow's Table.group_by as the group-by engine
 EPOCHS = 10
 SCHEDULES = ("standard", "unfair-back", "unfair-front", "dilated", "adversarial")
 LAYERS = [f"l{i}" for i in range(1, 10)]  # allconv9's unit names
@@ -294,15 +298,70 @@ def pa_concat(tables):
     return pa.concat_tables(tables).combine_chunks()
 
 
+def aggregate_arrow(frame, keys, specs, where=None):
+    """analysis.groupby.aggregate's contract on pyarrow's Table.group_by (the variant
+    bplab-arrow swaps it in): the selected rows and columns go to one Arrow table (nulls for
+    NaN, categoricals as dictionaries), one group_by(keys).aggregate(...) call with the
+    hash kernels (use_threads=False: first/last need the row order), back to pandas."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    if where is not None:
+        frame = frame.loc[np.asarray(where, dtype=bool)]
+    needed = list(dict.fromkeys([*keys, *[c for c, how in specs.values() if how != "size"]]))
+    columns = {}
+    for name in needed:
+        series = frame[name]
+        if isinstance(series.dtype, pd.CategoricalDtype) or name in keys:
+            columns[name] = pa.array(series, from_pandas=True)
+        else:
+            columns[name] = pa.array(series.to_numpy(dtype=np.float64, na_value=np.nan), from_pandas=True)
+    table = pa.table(columns) if columns else pa.table({"_": pa.nulls(len(frame))})
+    kernels = {"sum": "sum", "mean": "mean", "count": "count", "min": "min", "max": "max", "first": "first",
+               "last": "last"}
+    aggregations, names = [], []
+    for out, (column, how) in specs.items():
+        if how == "size":
+            aggregations.append(([], "count_all"))
+        else:
+            aggregations.append((column, kernels[how]))
+        names.append(out)
+    grouped = table.group_by(list(keys), use_threads=False).aggregate(aggregations)
+    # result columns: the keys and the aggregations ("<column>_<kernel>", "count_all"), in order
+    result = {key: grouped.column(key).to_pandas() for key in keys}
+    positions = [i for i, column in enumerate(grouped.column_names) if column not in keys]
+    for index, name in zip(positions, names):
+        values = grouped.column(index).to_pandas()
+        how = specs[name][1]
+        result[name] = values.to_numpy(dtype=np.int64) if how in ("count", "size") else \
+            values.to_numpy(dtype=np.float64, na_value=np.nan)
+    out = pd.DataFrame(result)
+    for key in keys:
+        if isinstance(out[key].dtype, pd.CategoricalDtype):
+            out[key] = out[key].astype(object)
+    mask = np.ones(len(out), dtype=bool)
+    for key in keys:
+        mask &= out[key].notna().to_numpy()  # rows with a null key are dropped, as the numpy engine does
+    return out[mask].reset_index(drop=True)
+
+
 def work_bplab(root: Path, folder: str = "bplab"):
     import analysis
 
+    if folder == ARROW:  # the compacted study, tabulated with pyarrow's group-by engine
+        import analysis.tables
+
+        analysis.tables.aggregate = aggregate_arrow
+        folder = COMPACTED
     t0 = time.perf_counter()
     data = analysis.load(root / folder, metrics_columns=analysis.PER_CASE_COLUMNS)
     t1 = time.perf_counter()
+    cpu1 = cpu_seconds()
     table = analysis.per_case(data.metrics, data.cases)
     t2 = time.perf_counter()
-    return table, {"read_s": t1 - t0, "table_s": t2 - t1, "rows": len(data.metrics)}
+    return table, {"read_s": t1 - t0, "table_s": t2 - t1, "table_cpu_s": cpu_seconds() - cpu1,
+                   "rows": len(data.metrics)}
 
 
 def tune_trials(root: Path) -> list[Path]:
@@ -514,7 +573,7 @@ def main(argv=None) -> int:
         apparent = sum((t / fname).stat().st_size for t in tune_trials(root))
         sizes[f"tune/{fname}"] = {"apparent": apparent}
     sizes["bplab/metrics"] = dict(zip(("apparent", "allocated", "files"), du_bytes(root / "bplab" / "metrics")))
-    if COMPACTED in args.variants and not args.generate_only:
+    if (COMPACTED in args.variants or ARROW in args.variants) and not args.generate_only:
         meta["compaction_seconds"] = compact_copy(root, log)
         sizes[f"{COMPACTED}/metrics"] = dict(zip(("apparent", "allocated", "files"),
                                                  du_bytes(root / COMPACTED / "metrics")))
@@ -539,7 +598,7 @@ def main(argv=None) -> int:
                     tables[variant] = pandas.read_pickle(out)
                 log(f"  round {round_index + 1} {variant:<15} {info['seconds']:7.2f} s  cpu {info['cpu_s']:7.2f} s  "
                     f"(read {info['read_s']:.2f} + "
-                    f"table {info['table_s']:.2f}; imports {info['import_s']:.2f}; peak RSS "
+                    f"table {info['table_s']:.2f} (cpu {info.get('table_cpu_s', float('nan')):.2f}); imports {info['import_s']:.2f}; peak RSS "
                     f"{info['peak_rss_mb']:.0f} MB; load1 {info['load1']:.2f})")
         checks = compare(tables)
     for variant, check in checks.items():
@@ -556,6 +615,7 @@ def main(argv=None) -> int:
             "median_s": median, "min_s": min(r["seconds"] for r in runs), "max_s": max(r["seconds"] for r in runs),
             "median_read_s": statistics.median(r["read_s"] for r in runs),
             "median_table_s": statistics.median(r["table_s"] for r in runs),
+            "median_table_cpu_s": statistics.median(r.get("table_cpu_s", float("nan")) for r in runs),
             "median_import_s": statistics.median(r["import_s"] for r in runs),
             "median_cpu_s": statistics.median(r["cpu_s"] for r in runs),
             "median_load1": statistics.median(r["load1"] for r in runs),
@@ -566,11 +626,11 @@ def main(argv=None) -> int:
         }
     meta["uptime_end"] = uptime()
     log("")
-    log(f"{'variant':<15} {'median s':>9} {'min':>7} {'max':>7} {'read':>7} {'table':>7} {'x bplab':>8} "
-        f"{'cpu s':>7} {'cpu x':>6} {'peak RSS':>9}")
+    log(f"{'variant':<15} {'median s':>9} {'min':>7} {'max':>7} {'read':>7} {'table':>7} {'tbl cpu':>7} "
+        f"{'x bplab':>8} {'cpu s':>7} {'cpu x':>6} {'peak RSS':>9}")
     for variant, s in summary.items():
         log(f"{variant:<15} {s['median_s']:9.2f} {s['min_s']:7.2f} {s['max_s']:7.2f} {s['median_read_s']:7.2f} "
-            f"{s['median_table_s']:7.2f} {s['ratio_to_bplab']:8.1f} {s['median_cpu_s']:7.2f} "
+            f"{s['median_table_s']:7.2f} {s['median_table_cpu_s']:7.2f} {s['ratio_to_bplab']:8.1f} {s['median_cpu_s']:7.2f} "
             f"{s['cpu_ratio_to_bplab']:6.1f} {s['peak_rss_mb']:7.0f}MB")
     goal = 3.0
     log(f"bplab goal <= {goal:.0f} s: {'met' if base <= goal else f'MISSED by {base - goal:.2f} s ({base / goal:.2f}x)'}")

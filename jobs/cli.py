@@ -240,7 +240,7 @@ def _verify_and_repair(run) -> bool:
 def cmd_report(args) -> int:
     import pyarrow as pa
 
-    from analysis.report import ReportError, default_report_dir, write_report
+    from analysis.report import Progress, ReportError, default_report_dir, write_report
     from analysis.rundir import RunDir, StorageError
     from jobs.study import check_out
 
@@ -256,7 +256,8 @@ def cmd_report(args) -> int:
             raise StorageError(f"{run.location}: {damage[0][2]}; `bplab status {run.location}` repairs it "
                                "(the case goes back to its last intact commit)")
     try:
-        path = write_report(args.runs if len(args.runs) > 1 else args.runs[0], out_dir=out, baseline=args.baseline)
+        path = write_report(args.runs if len(args.runs) > 1 else args.runs[0], out_dir=out, baseline=args.baseline,
+                            progress=Progress(sys.stderr))
     except ReportError as error:
         raise UserError(f"report: {error}") from None
     except (OSError, ValueError, pa.ArrowException) as error:  # a damaged run: one line, never a traceback

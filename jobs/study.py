@@ -283,6 +283,7 @@ def write_report(run, stream=None) -> str | None:
     """Write the run's report; a report problem never loses the run's results."""
     stream = stream or sys.stderr
     try:
+        from analysis.report import Progress
         from analysis.report import write_report as write
         from analysis.rundir import local_path
 
@@ -290,7 +291,7 @@ def write_report(run, stream=None) -> str | None:
         out_dir = None
         if local_path(location) is None:  # remote run: the report goes to a local folder
             out_dir = Path("reports") / location.rstrip("/").rsplit("/", 1)[-1]
-        path = write(location, out_dir=out_dir)
+        path = write(location, out_dir=out_dir, progress=Progress(stream))  # what it draws, when it takes a while
         print(f"[bplab] report: {path}", file=stream)
         return str(path)
     except Exception as error:

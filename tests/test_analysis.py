@@ -430,7 +430,7 @@ def test_update_counts(data):
 
 def test_aggregate_matches_pandas_groupby():
     """The numpy grouped pass behind the tables agrees with pandas, nulls included."""
-    from analysis.tables import _aggregate
+    from analysis.groupby import aggregate
 
     rng = np.random.default_rng(0)
     n = 5000
@@ -445,7 +445,7 @@ def test_aggregate_matches_pandas_groupby():
     specs = {"mean": ("value", "mean"), "sum": ("value", "sum"), "count": ("value", "count"), "rows": ("", "size"),
              "low": ("value", "min"), "high": ("step", "max"), "first": ("value", "first"),
              "last": ("value", "last")}
-    ours = _aggregate(frame, ["case_id", "epoch"], specs, where=where).sort_values(["case_id", "epoch"])
+    ours = aggregate(frame, ["case_id", "epoch"], specs, where=where).sort_values(["case_id", "epoch"])
     theirs = frame[where].groupby(["case_id", "epoch"], observed=True).agg(
         mean=("value", "mean"), sum=("value", "sum"), count=("value", "count"), rows=("value", "size"),
         low=("value", "min"), high=("step", "max"), first=("value", "first"), last=("value", "last"),

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.tables import reference_comparison
+from analysis.reference import reference_comparison
 from jobs import plan as plan_module, suites
 from workers import data as data_module
 from workers.data import load_dataset

@@ -37,6 +37,7 @@ class Report:
     checkpoint: bytes | None = None
     histograms: list = field(default_factory=list)
     layer_stats: list = field(default_factory=list)
+    alignment: list = field(default_factory=list)  # rows of measured steps (workers.alignment.rows)
     boundary: dict = field(default_factory=dict)  # 2-D data: columns of class-1 probability on a grid, at the end
     status: str = "running"  # running | done | diverged
     progress: dict = field(default_factory=dict)
@@ -225,7 +226,7 @@ def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
 # augmentation, when to log) or enter the step as a tensor (learning rate, skip rate, seed).
 # Every other setting is read while tracing, so it is part of a case's structure.
 PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std", "feedback_init",
-                   "steps_per_epoch", "layer_stats_every", "eval_every", "dilation_rate", "dilation_decay", "data")
+                   "steps_per_epoch", "layer_stats_every", "eval_every", "alignment_every", "dilation_rate", "dilation_decay", "data")
 CHUNK_SECONDS = 0.25  # aim for calls this long: tiny steps run many to a call, big ones one or a few
 CHUNK_BYTES = 32 << 20  # at most this much stacked input per call
 MAX_CHUNK = 2000
@@ -258,10 +259,18 @@ def compile_plan(settings, model, device: str, total_steps: int, resumed: str | 
     checkpoint from before this choice existed ran the graph), so its numbers continue
     bit-identically. If XLA cannot compile a structure that `auto` sent to it, the case runs
     the graph and says so (train(): info["compile_why"] and the case's log)."""
+    measures = bool(getattr(settings, "alignment_every", 0))
+    if settings.compile == "xla" and measures:
+        from workers.settings import SettingsError
+
+        raise SettingsError("compile: xla does not measure alignment (alignment_every): its measured steps run "
+                            "the traced graph; use compile: graph or auto")
     if settings.compile != "auto":
         return settings.compile, "asked"
     if resumed is not None:
         return resumed, "resumed as it ran"
+    if measures:  # a measured step is the graph's: the steps between stay the graph's too
+        return "graph", "auto: alignment measured (alignment_every)"
     convolutional = any(type(op).__name__ == "Conv2D" for unit in model.units for op in unit.ops)
     if device != "cpu":
         return "graph", f"auto: {device} (XLA not measured there)"
@@ -383,13 +392,16 @@ class Steps:
     tensor; K is a run-time length, so one trace serves any K and every step runs the same
     graph whatever the chunking), evaluating the whole test set after the steps flagged
     when the test set is small (`in_loop_eval`). `test_step` evaluates one test chunk.
+    `measured_chunk` is the same loop with a workers.alignment.Probe in each step, which
+    also returns the steps' measurements (keys in `traced["alignment_keys"]`); it is traced
+    only when a case measures, so `train_chunk` stays the step without it.
     """
 
     def __init__(self, settings, model, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
                  tf_dtype, compile_mode: str = "graph"):
         import tensorflow as tf
 
-        from workers import optimizers, rules, schedules
+        from workers import alignment, optimizers, rules, schedules
         from workers.layers import Context
 
         self.model = model
@@ -411,19 +423,41 @@ class Steps:
             cost = loss_fn.logged_cost(output, y_onehot, "test") * tf.cast(tf.shape(x)[0], tf_dtype)
             return cost, loss_fn.correct(output, labels)
 
-        def train_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
+        chunk_signature = [
+            tf.TensorSpec([None, *step_shape], tf_dtype),  # (K, B, ...): the K steps' inputs
+            tf.TensorSpec([None, step_shape[0]], tf.int64),  # (K, B) labels
+            tf.TensorSpec([None], tf_dtype),  # (K,) learning rate of each step
+            tf.TensorSpec([None], tf_dtype),  # (K,) dilated skip rate of each step
+            tf.TensorSpec([], tf.int64),  # the case's seed
+            tf.TensorSpec([], tf.int64),  # global step of the first of the K steps
+            tf.TensorSpec([None], tf.bool),  # (K,) evaluate the test set after this step
+            tf.TensorSpec([None, *test_shape[1:]], tf_dtype),  # the test set (empty unless in_loop_eval)
+            tf.TensorSpec([None], tf.int64),
+        ]
+
+        def train_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test,
+                        measure=False):
             """The first `count` of the K stacked steps (K = len(xs); count = K on the graph path)."""
             k = tf.shape(xs)[0]
 
             def arrays(dtype):
                 return tf.TensorArray(dtype, size=k)
 
-            def body(i, losses, costs, corrects, extras, test_costs, test_corrects):
+            def body(i, losses, costs, corrects, extras, test_costs, test_corrects, *measured):
                 step_seed = tf.stack([seed, first_step + tf.cast(i, tf.int64)])
                 y_onehot = tf.one_hot(labels[i], num_classes, dtype=tf_dtype)
-                stepper = schedules.Stepper(net, optimizer, Context(training=True, seed=step_seed), lrs[i], settings,
-                                            skip_rates[i])
-                loss, output = schedule(stepper, xs[i], y_onehot)
+                ctx = Context(training=True, seed=step_seed)
+                x = xs[i]  # one tensor: the probe knows the schedule's first forward of the batch by it
+                probe = alignment.Probe(net, x, y_onehot, ctx) if measure else None
+                stepper = schedules.Stepper(net, optimizer, ctx, lrs[i], settings, skip_rates[i], probe=probe)
+                net.probe = probe
+                try:
+                    loss, output = schedule(stepper, x, y_onehot)
+                finally:
+                    net.probe = None
+                if measure:  # read after the schedule: the parameters it left
+                    traced["alignment_keys"], values = probe.finish()
+                    measured = (measured[0].write(i, values),)
                 names = sorted(stepper.extras)
                 traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes,
                               stages=stepper.stages, extra_names=names)
@@ -444,25 +478,16 @@ class Steps:
                     test_cost, test_correct = tf.zeros([], tf_dtype), tf.zeros([], tf.float32)
                 return (i + 1, losses.write(i, loss), costs.write(i, cost),
                         corrects.write(i, loss_fn.correct(output, labels[i])), extras.write(i, extra),
-                        test_costs.write(i, test_cost), test_corrects.write(i, test_correct))
+                        test_costs.write(i, test_cost), test_corrects.write(i, test_correct), *measured)
 
             start = (tf.constant(0), arrays(tf_dtype), arrays(tf_dtype), arrays(tf.float32), arrays(tf_dtype),
                      arrays(tf_dtype), arrays(tf.float32))
+            if measure:
+                start += (arrays(tf.float64),)  # (K, measurements)
             # parallel_iterations=1: step i+1 starts once step i has updated the variables
             _, *out = tf.while_loop(lambda i, *_: i < count, body, start, parallel_iterations=1)
             return tuple(array.stack() for array in out)
 
-        chunk_signature = [
-            tf.TensorSpec([None, *step_shape], tf_dtype),  # (K, B, ...): the K steps' inputs
-            tf.TensorSpec([None, step_shape[0]], tf.int64),  # (K, B) labels
-            tf.TensorSpec([None], tf_dtype),  # (K,) learning rate of each step
-            tf.TensorSpec([None], tf_dtype),  # (K,) dilated skip rate of each step
-            tf.TensorSpec([], tf.int64),  # the case's seed
-            tf.TensorSpec([], tf.int64),  # global step of the first of the K steps
-            tf.TensorSpec([None], tf.bool),  # (K,) evaluate the test set after this step
-            tf.TensorSpec([None, *test_shape[1:]], tf_dtype),  # the test set (empty unless in_loop_eval)
-            tf.TensorSpec([None], tf.int64),
-        ]
         test_signature = [tf.TensorSpec([None, *test_shape[1:]], tf_dtype), tf.TensorSpec([None], tf.int64)]
         self.compile_mode = compile_mode
         self.compiled_once = False  # a chunk has run (XLA has compiled this structure)
@@ -485,10 +510,16 @@ class Steps:
 
             self.train_chunk = traced_chunk
             self.test_step = tf.function(evaluate_on, autograph=False, input_signature=test_signature)
+            # the same steps with the measurement compiled in; traced on its first call only
+            self.measured_chunk = tf.function(
+                lambda xs, *args: train_chunk(tf.shape(xs)[0], xs, *args, measure=True), autograph=False,
+                input_signature=chunk_signature)
 
     def run_chunk(self, xs: np.ndarray, labels: np.ndarray, lrs: np.ndarray, skip_rates: np.ndarray, seed: int,
-                  first_step: int, eval_flags: np.ndarray, x_test, y_test, capacity: int = 0) -> tuple[np.ndarray, ...]:
-        """Run the K = len(xs) steps; (losses, costs, corrects, extras, test costs, test corrects), K each.
+                  first_step: int, eval_flags: np.ndarray, x_test, y_test, capacity: int = 0,
+                  measure: bool = False) -> tuple[np.ndarray, ...]:
+        """Run the K = len(xs) steps; (losses, costs, corrects, extras, test costs, test corrects), K each,
+        and with `measure` (the graph path only) the steps' alignment measurements.
 
         The graph path takes the K steps as they are (K is a run-time length: one trace for
         every K). An XLA executable is compiled for one shape, so the compiled path pads K to
@@ -500,7 +531,7 @@ class Steps:
         tf_dtype = self.net_dtype
         scalars = (tf.constant(seed, tf.int64), tf.constant(first_step, tf.int64))
         if self.compile_mode != "xla":
-            out = self.train_chunk(tf.constant(xs), tf.constant(labels), tf.constant(lrs, tf_dtype),
+            out = (self.measured_chunk if measure else self.train_chunk)(tf.constant(xs), tf.constant(labels), tf.constant(lrs, tf_dtype),
                                    tf.constant(skip_rates, tf_dtype), *scalars, tf.constant(eval_flags, tf.bool),
                                    x_test, y_test)
             return tuple(value.numpy() for value in out)
@@ -548,7 +579,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     """
     import tensorflow as tf
 
-    from workers import models, optimizers, rules, schedules
+    from workers import alignment, models, optimizers, rules, schedules
 
     tf.config.experimental.enable_op_determinism()
     tf_dtype = tf.as_dtype(dtype)
@@ -571,10 +602,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     meta = None
     if resume is not None:
         params, optimizer_state, meta, rule_state = unpack_checkpoint(resume)
+        # stored settings read back as from a cases table: a setting added since the checkpoint
+        # was written is at the value it ran with (workers.settings.from_json)
         from workers.settings import from_json
 
-        # (a checkpoint stored before a setting existed lacks it: its ids count it as unset)
-        assert from_json(meta["settings"]).changed() == settings.changed(), "checkpoint of other settings"
+        assert from_json(meta["settings"]) == settings, "checkpoint of other settings"
         position = meta["position"]
     else:
         params, optimizer_state = model.init_params(settings.seed, dtype=np.dtype(dtype)), None
@@ -627,11 +659,18 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             total_correct += float(correct)
         return total_cost / len(x_test), total_correct / len(x_test)
 
+    measure_every = settings.alignment_every
+
+    def measured(step: int) -> bool:
+        return bool(measure_every) and step % measure_every == 0
+
     def chunk_end(step: int, limit: int) -> int:
         """Where the chunk from `step` must stop: commits, layer statistics and (outside the
-        loop) evaluations happen between calls."""
+        loop) evaluations happen between calls; a measured step is a call of its own."""
+        if measured(step):
+            return step + 1
         end = min(total_steps, step + limit)
-        for every in (checkpoint_every_steps, settings.layer_stats_every):
+        for every in (checkpoint_every_steps, settings.layer_stats_every, measure_every):
             if every:
                 end = min(end, (step // every + 1) * every)
         if not in_loop_eval:
@@ -717,11 +756,12 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         skips = np.array([schedules.dilation_rate(settings, e) for e in epochs])
         started = time.perf_counter()
         wall_start = time.time()
+        measuring = measured(global_step)
         out = None
         while out is None:
             try:
                 out = steps.run_chunk(xs, labels, lrs, skips, settings.seed, global_step, np.array(flags, bool), test_x,
-                                      test_y, capacity)
+                                      test_y, capacity, measure=measuring)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
                 if steps.compile_mode != "xla" or steps.compiled_once:
                     raise
@@ -731,12 +771,16 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 pending.info = {**{k: v for k, v in pending.info.items() if k != "xla_flags"}, "compile": compile_mode,
                                 "compile_why": compile_why}
         steps.compiled_once = True
-        losses, costs, corrects, extras, test_costs, test_corrects = out
+        losses, costs, corrects, extras, test_costs, test_corrects, *measurements = out
         seconds = (time.perf_counter() - started) / len(xs)
-        limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
-        if steps.compile_mode == "xla":
-            limit = min(limit, capacity)
-            steps.seconds_per_step = seconds
+        if measuring:  # one step; its time is not the training's, so it does not size the next chunk
+            pending.alignment.extend(alignment.rows(traced["alignment_keys"], measurements[0][0], global_step,
+                                                    epochs[0], unit_names))
+        else:
+            limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
+            if steps.compile_mode == "xla":
+                limit = min(limit, capacity)
+                steps.seconds_per_step = seconds
         flags_array = np.array(flags, bool)
         bad = np.flatnonzero(~np.isfinite(losses))
         if len(bad):  # the rows up to the first non-finite loss, that one included
