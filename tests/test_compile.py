@@ -126,6 +126,9 @@ def test_auto_resolves_by_its_rule():
     assert settings(compile="auto").digest() == settings().digest() != settings(compile="xla").digest()
     with pytest.raises(settings_module.SettingsError, match="compile"):
         settings(compile="jit")
+    assert plan(alignment_every=10) == ("graph", "auto: alignment measured (alignment_every)")
+    with pytest.raises(settings_module.SettingsError, match="^case.compile: xla does not measure alignment"):
+        settings(compile="xla", alignment_every=10)
 
 
 @pytest.mark.timeout(300)

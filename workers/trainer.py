@@ -259,12 +259,7 @@ def compile_plan(settings, model, device: str, total_steps: int, resumed: str | 
     checkpoint from before this choice existed ran the graph), so its numbers continue
     bit-identically. If XLA cannot compile a structure that `auto` sent to it, the case runs
     the graph and says so (train(): info["compile_why"] and the case's log)."""
-    measures = bool(getattr(settings, "alignment_every", 0))
-    if settings.compile == "xla" and measures:
-        from workers.settings import SettingsError
-
-        raise SettingsError("compile: xla does not measure alignment (alignment_every): its measured steps run "
-                            "the traced graph; use compile: graph or auto")
+    measures = bool(settings.alignment_every)  # compile: xla with it is refused by the settings
     if settings.compile != "auto":
         return settings.compile, "asked"
     if resumed is not None:
