@@ -253,9 +253,9 @@ def compile_plan(settings, model, device: str, total_steps: int, resumed: str | 
     at least XLA_MIN_STEPS steps; the traced graph otherwise. Dense and recurrent models are
     bound by the cost of each op, which XLA fuses away (several times faster per step), but
     compiling a structure takes about a second or more on a CPU, which a short case never earns
-    back; convolutional models on a CPU spend their time in oneDNN's convolutions, which XLA
-    does not make faster; on a GPU XLA was not measured (benchmarks/README.md, "Compiled
-    chunks"). A resumed case runs the way its checkpoint says it ran (`resumed`; a
+    back; convolutional models on a CPU spend their time in oneDNN's convolutions, and XLA's
+    compile of allconv9 did not finish in 20 minutes on a 2-core CPU; on a GPU XLA was not
+    measured (benchmarks/README.md, "Compiled chunks"). A resumed case runs the way its checkpoint says it ran (`resumed`; a
     checkpoint from before this choice existed ran the graph), so its numbers continue
     bit-identically. If XLA cannot compile a structure that `auto` sent to it, the case runs
     the graph and says so (train(): info["compile_why"] and the case's log)."""
