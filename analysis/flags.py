@@ -4,12 +4,12 @@ chance + COLLAPSE_MARGIN; chance = 1 / number of classes)."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
 
 from analysis.load import case_keys
+from analysis.rundir import legacy
 from analysis.tables import as_str_keys, attach
 
 # Classes of the built-in data sets (when the case keeps all of them).
@@ -21,12 +21,8 @@ def chance_accuracy(cases: pd.DataFrame) -> pd.Series:
     """1 / number of classes per row of the cases table (NaN when unknown): data.classes if
     set, else the data set's own classes."""
     def classes(row) -> float:
-        kept = row.get("data.classes")
-        if isinstance(kept, str) and kept.strip() not in ("", "None", "null"):
-            kept = json.loads(kept)
-        if isinstance(kept, np.ndarray):
-            kept = kept.tolist()
-        if isinstance(kept, (list, tuple)) and len(kept):
+        kept = legacy.as_list(row.get("data.classes"))  # (older runs: JSON text)
+        if isinstance(kept, list) and len(kept):
             return float(len(kept))
         return float(DATA_CLASSES.get(str(row.get("data.name")), np.nan))
 

@@ -7,13 +7,13 @@ The report uses one label per line in every legend and names the same settings i
 
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from analysis.load import case_keys
+from analysis.rundir import legacy
 from analysis.tables import as_str_keys
 
 # Columns of the cases table that are not settings (ids, resources, ledger state).
@@ -72,17 +72,9 @@ def is_number(value) -> bool:
 
 
 def as_sequence(value):
-    """A list setting as a list (numpy arrays, tuples and JSON text "[64, 64]"); anything else as it is."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
+    """A list setting as a list (numpy arrays, tuples, and older runs' JSON text "[64, 64]",
+    see analysis.rundir.legacy); anything else as it is."""
+    return legacy.as_list(value)
 
 
 def numeric_settings(cases: pd.DataFrame, settings: Sequence[str]) -> list[str]:

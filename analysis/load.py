@@ -56,7 +56,7 @@ LEDGER_COLUMNS = [
     "case_id", "name", "state", "reason_class", "reason", "diverged_step", "epoch", "step",
     "commit_seq", "attempts", "node", "gpu", "updated_at",
 ]
-# The state a case gets when cases.parquet lists it but the ledger has no file for it.
+# The state a case gets when the cases table lists it but the ledger has no entry for it.
 NO_LEDGER_STATE = "unknown"
 # The datasets that are RunData fields of their own; every other registered one is in `more`.
 _FIELDS = ("metrics", "weights", "layer_stats")

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.alignment import report_section as alignment_section
 from analysis.figures import FIGURES, Figures, safe_name
 from analysis.flags import COLLAPSE_MARGIN
 from analysis.labels import setting_text
@@ -300,6 +301,7 @@ SECTIONS: list[Callable[[ReportContext], Section | None]] = [
     baseline_section,
     reference_section,
     updates_table_section,
+    alignment_section,
     figures_section,
 ]
 

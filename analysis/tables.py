@@ -35,7 +35,6 @@ with numpy; everything after that is on per-epoch tables a few thousand rows lon
 
 from __future__ import annotations
 
-import json
 from typing import Iterable
 
 import numpy as np
@@ -43,6 +42,7 @@ import pandas as pd
 
 from analysis.groupby import aggregate
 from analysis.load import case_keys
+from analysis.rundir import legacy
 
 SUMMARY_COLUMNS = ("final_test_acc", "best_test_acc", "final_train_acc")
 
@@ -303,9 +303,8 @@ def step_curves(metrics: pd.DataFrame, cases: pd.DataFrame | None = None, metric
 
 
 def _as_list(value) -> list:
-    """A list column's value: a tuple as analysis.load gives it, or a JSON string (a frame
-    read directly from an older run's Parquet)."""
-    return json.loads(value) if isinstance(value, str) else list(value)
+    """A list column's value as a list (older runs' JSON text too: analysis.rundir.legacy)."""
+    return list(legacy.as_list(value))
 
 
 def update_counts(metrics: pd.DataFrame, cases: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -8,12 +8,17 @@ What one case's folder holds (``step`` is the global train step unless said othe
 - ``train/loss``, ``train/accuracy``, ``train/lr``, ``train/examples_per_sec`` and any other
   numeric per-step column (schedule extras): one point per train step.
 - ``epoch/test_loss``, ``epoch/test_accuracy``, ``epoch/train_loss``, ``epoch/train_accuracy``:
-  one point per epoch with a test row, at step = the metrics' ``epoch`` value; the train
-  values are the means over that epoch's train steps.
+  one point per epoch with a test row, at step = the epoch counted from 1 (the metrics'
+  ``epoch`` + 1, as the report and the live view number epochs); the train values are the
+  means over that epoch's train steps.
 - ``weights/<layer>/<param>``: histograms of the weights before training (step 0) and after
   (step = the case's last train step + 1), on the bins the run stored.
 - ``layers/<layer>/<quantity>`` histograms and ``layers/<layer>/<quantity>/{mean,std,min,max}``
   scalars, from ``layer_stats`` where the case logged them (``layer_stats_every``).
+- ``alignment/<quantity>/<layer>`` scalars at each measured step (``alignment_every``): the
+  signal's cosine, angle and norm ratio to the true gradient, the update's cosine, the error
+  and feedback angles, the synthetic-gradient cosine and error (workers/alignment.py);
+  undefined values (NaN) are left out.
 
 Only committed data is read (RunDir.read_case: parts up to the ledger's ``commit_seq``), so the export of a
 live run never shows a step that a crashed driver will log again. What was exported is
@@ -70,10 +75,11 @@ class CaseExport:
     epochs: int = 0
     histograms: int = 0
     layer_points: int = 0
+    alignment_points: int = 0
 
     @property
     def added(self) -> int:
-        return self.train_steps + self.epochs + self.histograms + self.layer_points
+        return self.train_steps + self.epochs + self.histograms + self.layer_points + self.alignment_points
 
 
 def output_folder(run) -> Path:
@@ -148,6 +154,11 @@ def _export_case(run, case_id: str, folder: Path, ledger: dict, done: dict, fini
             last = done.get("layer_step", -1)
             result.layer_points = _write_layer_stats(writer, stats, last)
             done["layer_step"] = max(last, int(stats["step"].max()))
+        measured = _read(run, "alignment", case_id, ledger)
+        if measured is not None and len(measured):
+            last = done.get("alignment_step", -1)
+            result.alignment_points = _write_alignment(writer, measured, last)
+            done["alignment_step"] = max(last, int(measured["step"].max()))
         phases = set(done.get("phases", []))
         weights = _read(run, "weights", case_id, ledger)
         stored = set(weights["phase"].astype(str)) if weights is not None else set()
@@ -187,7 +198,7 @@ def _write_epochs(writer, metrics, last_epoch: int) -> int:
         if means is not None and row.epoch in means.index:
             values["epoch/train_loss"] = means.at[row.epoch, "cost"]
             values["epoch/train_accuracy"] = means.at[row.epoch, "accuracy"]
-        writer.scalars(int(row.epoch), _wall(row), values)
+        writer.scalars(int(row.epoch) + 1, _wall(row), values)
     return len(test)
 
 
@@ -209,6 +220,14 @@ def _write_layer_stats(writer, stats, last_step: int) -> int:
         counts, edges = _as_list(row.hist), _as_list(row.edges)
         if counts is not None and edges is not None and len(edges) == len(counts) + 1:
             writer.histogram(tag, int(row.step), None, edges, np.asarray(counts))
+    return len(new)
+
+
+def _write_alignment(writer, measured, last_step: int) -> int:
+    new = measured[(measured["step"] > last_step) & np.isfinite(measured["value"].astype(float))]
+    for step, rows in new.sort_values("step", kind="stable").groupby("step", sort=True):
+        writer.scalars(int(step), None, {f"alignment/{row.quantity}/{row.layer}": float(row.value)
+                                         for row in rows.itertuples(index=False)})
     return len(new)
 
 

@@ -69,6 +69,7 @@ class CaseState:
     poll_ref: object = None
     rows: list = field(default_factory=list)
     layer_stats: list = field(default_factory=list)
+    alignment: list = field(default_factory=list)
     progress: dict = field(default_factory=dict)
     started_at: float = 0.0
     steps_at_start: int = 0
@@ -163,7 +164,7 @@ class Driver:
         settings_json = json.loads(json.dumps(p.case.settings.to_dict(), default=list))
         worker.case_id = p.case_id
         state.worker = worker
-        state.rows, state.layer_stats = [], []
+        state.rows, state.layer_stats, state.alignment = [], [], []
         state.start_ref = worker.actor.start.remote(p.case_id, settings_json, self.data_refs[p.data_key], resume,
                                                     self.checkpoint_every_steps, self.commit_every)
         state.poll_ref = worker.actor.poll.remote(POLL_SECONDS)
@@ -332,6 +333,7 @@ class Driver:
             state.entry.info = {**state.entry.info, "trainer": report.info}  # written by the next commit
         state.rows.extend(report.rows)
         state.layer_stats.extend(report.layer_stats)
+        state.alignment.extend(report.alignment)
         if report.progress:
             state.progress = report.progress
         if report.histograms:
@@ -355,8 +357,9 @@ class Driver:
                 entry.diverged_step = report.progress.get("diverged_step")
                 entry.reason = f"non-finite loss at step {entry.diverged_step}"
             state.entry = self.run.commit(state.planned.case_id, entry, checkpoint=report.checkpoint,
-                                          tables={"metrics": state.rows, "layer_stats": state.layer_stats})
-            state.rows, state.layer_stats = [], []
+                                          tables={"metrics": state.rows, "layer_stats": state.layer_stats,
+                                                  "alignment": state.alignment})
+            state.rows, state.layer_stats, state.alignment = [], [], []
 
     def _finish(self, state: CaseState, outcome: dict) -> None:
         entry = state.entry
@@ -390,7 +393,7 @@ class Driver:
         node_state = self._node_state(node_id)
         reason_class = classify_loss(error, node_state)
         self._kill(state)
-        state.rows, state.layer_stats = [], []  # uncommitted: the resumed case regenerates them
+        state.rows, state.layer_stats, state.alignment = [], [], []  # uncommitted: the resumed case regenerates them
         entry = state.entry
         text = " ".join(str(error).split())
         entry.reason_class, entry.reason = reason_class, (text or type(error).__name__)[:1000]

@@ -9,7 +9,7 @@
 - The report header: one line per data set; the per-step panels' axis is numbered from 1.
 - The event line of a CPU case names its CPU slots; a venv in the checkout is not "dirty".
 
-The commands run in-process (tests/test_bad_input.py's run_main, `ray` stubbed out); one slow
+The commands run in-process (tests.helpers.run_main, `ray` stubbed out); one slow
 test SIGKILLs real `bplab run` processes, once in their first seconds and once mid-case.
 """
 from __future__ import annotations
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from analysis.rundir.liveness import when
 from analysis.rundir import RunDir
 from analysis.rundir.layout import LOCK
-from tests.test_bad_input import assert_refused, make_existing_run, run_main, tree_state
+from analysis.rundir.liveness import when
+from tests.helpers import (TWO_LR, assert_refused, bplab, make_existing_run, run_main, start_bplab, tree_state,
+                           wait_for, write_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE_ID = "a-0123456789"  # make_existing_run's one case, left running
@@ -183,7 +184,6 @@ def test_a_folder_holding_only_driver_lock_says_what_happened_and_what_to_type(t
 @pytest.mark.timeout(120)
 def test_report_header_has_one_line_per_data_set_and_the_step_axis_starts_at_epoch_1(tmp_path, cli, monkeypatch):
     import analysis.figures as figures_module  # where the report's figures are saved
-    from tests.test_report import TWO_LR, write_run
     from workers.data import identify, load_dataset
     from workers.settings import DataSpec
 
@@ -309,24 +309,6 @@ def test_a_venv_inside_the_checkout_is_not_an_uncommitted_change(tmp_path):
 # ---------------------------------------------------------------------- real drivers, really killed
 
 
-def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _bplab(*args, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs", *map(str, args)], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _start(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """`bplab ...` in its own session (so whatever it leaves behind can be stopped), stderr to `log`."""
-    handle = open(log, "w")
-    return subprocess.Popen([sys.executable, "-m", "jobs", *argv], cwd=cwd, env=_env(), stdout=handle,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def _kill(process: subprocess.Popen) -> None:
     """SIGKILL the driver alone (as the OOM killer or a lost terminal would), reap it."""
     os.kill(process.pid, signal.SIGKILL)
@@ -339,18 +321,6 @@ def _stop_leftovers(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _wait_for(check, what: str, timeout: float, process: subprocess.Popen, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if process.poll() is not None:
-            break
-        time.sleep(0.02)
-    raise AssertionError(f"never saw {what}; bplab exited {process.poll()}:\n{log.read_text()[-3000:]}")
 
 
 def _running_with_a_commit(location: Path):
@@ -370,14 +340,14 @@ def test_drivers_killed_early_and_mid_case_are_explained_and_continued(tmp_path)
     common = ["--checkpoint-every", "2", "--progress-every", "0", "--no-report"]
 
     # 1. killed in its first seconds: the lease is taken, the run not created yet
-    first = _start([*typed, *common], tmp_path, tmp_path / "first.log")
+    first = start_bplab(*typed, *common, cwd=tmp_path, log=tmp_path / "first.log", new_session=True)
     try:
-        _wait_for(lambda: (out / LOCK).is_file(), LOCK, 120, first, tmp_path / "first.log")
+        wait_for(lambda: (out / LOCK).is_file(), 120, LOCK, first, log=tmp_path / "first.log", every=0.02)
         _kill(first)
     finally:
         _stop_leftovers(first)
     assert sorted(p.name for p in out.iterdir()) == [LOCK], "the run was created before the kill"
-    resumed = _bplab("run", "--resume", out, cwd=tmp_path)
+    resumed = bplab("run", "--resume", out, cwd=tmp_path)
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
     assert len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr
     message = resumed.stderr.strip()
@@ -386,10 +356,10 @@ def test_drivers_killed_early_and_mid_case_are_explained_and_continued(tmp_path)
     assert command == "bplab " + " ".join(typed), message
 
     # 2. the command it gives, killed mid-case after a commit
-    second = _start([*command.split()[1:], *common], tmp_path, tmp_path / "second.log")
+    second = start_bplab(*command.split()[1:], *common, cwd=tmp_path, log=tmp_path / "second.log", new_session=True)
     try:
-        _wait_for(lambda: _running_with_a_commit(out), "a running case with a commit", 300, second,
-                  tmp_path / "second.log")
+        wait_for(lambda: _running_with_a_commit(out), 300, "a running case with a commit", second,
+                 log=tmp_path / "second.log", every=0.02)
         _kill(second)
         killed_at = time.time()
     finally:
@@ -398,7 +368,7 @@ def test_drivers_killed_early_and_mid_case_are_explained_and_continued(tmp_path)
     assert re.search(r"\] a: running on \S+, 1 CPU slot \(attempt 1", events), events[-2000:]
     assert " gpu -" not in events
 
-    status = _bplab("status", out, cwd=tmp_path)
+    status = bplab("status", out, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert case_line(status.stdout)[1] == "interrupted", status.stdout
     last = status.stdout.strip().splitlines()[-1]
@@ -406,11 +376,11 @@ def test_drivers_killed_early_and_mid_case_are_explained_and_continued(tmp_path)
     seen = re.search(r"last seen (\S+ \S+) UTC", last).group(1)
     assert abs(time.mktime(time.strptime(seen, "%Y-%m-%d %H:%M:%S")) - time.mktime(time.gmtime(killed_at))) < 15
     assert last.endswith(f"continue with: bplab run --resume {out}"), last
-    listing = _bplab("runs", tmp_path / "runs", cwd=tmp_path)
+    listing = bplab("runs", tmp_path / "runs", cwd=tmp_path)
     assert "1 interrupted" in listing.stdout and f"bplab run --resume {out}" in listing.stdout, listing.stdout
 
     # 3. the command status gives finishes the case
-    done = _bplab(*last.split("continue with: ", 1)[1].split()[1:], *common[2:], cwd=tmp_path)
+    done = bplab(*last.split("continue with: ", 1)[1].split()[1:], *common[2:], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    status = _bplab("status", out, cwd=tmp_path)
+    status = bplab("status", out, cwd=tmp_path)
     assert case_line(status.stdout)[1] == "done" and "--resume" not in status.stdout, status.stdout

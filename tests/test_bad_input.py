@@ -5,8 +5,8 @@ unknown key, wrong type, malformed YAML, missing data folder, more GPUs per case
 has, unknown case in `--only`, a `--resume` of a folder that is not a run, ...): each a one-line
 error, exit 2, no actor started, no result already written touched."
 
-Every bad input runs `jobs.cli.main(argv)` in-process (cwd a fresh tmp folder) with `ray`
-replaced in sys.modules by a stub whose every attribute (ray.init, ray.put, ...) is logged and
+Every bad input runs `jobs.cli.main(argv)` in-process (tests.helpers.run_main: cwd a fresh tmp
+folder) with `ray` replaced in sys.modules by a stub whose every attribute (ray.init, ray.put, ...) is logged and
 raises: the inputs must be refused before Ray is touched. A subset (SUBPROCESS, about a third)
 also runs the real command, `python -m jobs ...`, in a subprocess: there the exit code and the
 whole stderr are the process's, and a `sitecustomize` put on PYTHONPATH wraps `ray.init` and
@@ -20,30 +20,18 @@ folder.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import yaml
 
-from jobs.cli import main
-from analysis.rundir import RunDir
-from workers.settings import CaseSettings, DataSpec
+from tests.helpers import (QUICK_CASES, QUICK_DEFAULTS, Result, assert_refused, make_existing_run, run_main, tree_state,
+                           write_suite)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# The defaults of the built-in `quick` suite (jobs/suites/quick.yaml), one epoch, two cases.
-QUICK_DEFAULTS = {
-    "model": "allconv9", "width": 0.25, "init": "xavier", "data": {"name": "digits"}, "optimizer": "adam",
-    "lr": 0.002, "beta1": 0.9, "beta2": 0.9, "epsilon": 1.0e-8, "batch_size": 16, "epochs": 1, "seed": 678,
-}
-QUICK_CASES = {"a": {"schedule": "standard", "augment": False}, "b": {"schedule": "unfair-back", "augment": True}}
 
 GUARD = '''\
 """Test hook of tests/test_bad_input.py: log (and, if asked, forbid) ray.init and actor creation."""
@@ -110,14 +98,6 @@ def guard_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@dataclasses.dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-    ray_log: list[str]
-
-
 def run_cli(args, cwd: Path, guard_dir: Path, *, forbid_ray: bool = True, timeout: float = 120) -> Result:
     env = dict(os.environ)
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # what a user who just installed bplab has
@@ -133,95 +113,6 @@ def run_cli(args, cwd: Path, guard_dir: Path, *, forbid_ray: bool = True, timeou
                           text=True, timeout=timeout)
     ray_log = log.read_text().split() if log.exists() else []
     return Result(proc.returncode, proc.stdout, proc.stderr, ray_log)
-
-
-class _RayStub(types.ModuleType):
-    """Stands in for `ray` in-process: any use is logged and raises."""
-
-    def __init__(self, log: list):
-        super().__init__("ray")
-        self.__dict__["_log"] = log
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        self._log.append(f"ray.{name}")
-        raise RuntimeError(f"bad-input test guard: ray.{name} was used, so the input was not refused up front")
-
-
-def run_main(args, cwd: Path, monkeypatch, capsys) -> Result:
-    """jobs.cli.main(args) in this process, cwd = `cwd`, with `ray` stubbed out."""
-    ray_log: list = []
-    monkeypatch.setitem(sys.modules, "ray", _RayStub(ray_log))
-    monkeypatch.chdir(cwd)
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-        trace = ""
-    except BaseException as error:  # noqa: BLE001 - shown as the subprocess would show it
-        import traceback
-
-        code = error.code if isinstance(error, SystemExit) else 1
-        trace = "".join(traceback.format_exception(error))
-    out, err = capsys.readouterr()
-    return Result(code, out, err + trace, ray_log)
-
-
-def assert_refused(result: Result, *names: str) -> str:
-    """Exit 2, stderr exactly one 'bplab: error:' line naming every one of `names`, Ray never started."""
-    shown = f"exit {result.code}\n--- stderr ---\n{result.stderr}\n--- stdout ---\n{result.stdout[-2000:]}"
-    assert result.ray_log == [], f"Ray was used before the input was refused ({result.ray_log})\n{shown}"
-    assert "Traceback" not in result.stderr, shown
-    assert result.code == 2, shown
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected exactly one line on stderr\n{shown}"
-    line = lines[0]
-    assert line.startswith("bplab: error: "), shown
-    for name in names:
-        assert name in line, f"the error does not name {name!r}: {line}"
-    return line
-
-
-def write_suite(folder: Path, *, defaults: dict | None = None, cases: dict | None = None, extra: dict | None = None,
-                text: str | None = None, name: str = "bad.yaml") -> Path:
-    path = folder / name
-    if text is None:
-        document = {"name": "bad", "description": "a copy of quick with one thing broken",
-                    "defaults": {**QUICK_DEFAULTS, **(defaults or {})},
-                    "cases": QUICK_CASES if cases is None else cases, **(extra or {})}
-        text = yaml.safe_dump(document, sort_keys=False)
-    path.write_text(text)
-    return path
-
-
-def tree_state(root: Path) -> dict:
-    """Every file and folder under root: sha256 and mtime of files, just presence of folders."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_dir():
-            state[rel] = "dir"
-        else:
-            stat = path.stat()
-            state[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), stat.st_size, stat.st_mtime_ns)
-    return state
-
-
-def make_existing_run(location: Path) -> RunDir:
-    """A run as `bplab run` leaves it: one case of the quick suite, two committed reports (metrics, checkpoint)."""
-    settings = CaseSettings(model="allconv9", width=0.25, init="xavier", data=DataSpec("digits"), lr=0.002,
-                            beta2=0.9, batch_size=16, epochs=1, seed=678)
-    case_id = "a-0123456789"
-    row = {"case_id": case_id, "name": "a", "group": "a", "num_cpus": 1.0, "num_gpus": 0.0, "steps_total": 90,
-           "settings_json": json.dumps(settings.to_dict(), default=list), **settings.flat()}
-    run = RunDir.create(str(location), {"suite": "quick", "description": "an existing run", "suite_text": ""}, [row])
-    rows = [{"split": "train", "epoch": 0, "step": step, "cost": 2.0 / step, "accuracy": 0.1 * step, "lr": 0.002}
-            for step in (1, 2)]
-    entry = dataclasses.replace(run.entry(case_id), state="running", attempts=1)
-    entry = run.commit(case_id, entry, checkpoint=b"checkpoint bytes", tables={"metrics": rows})
-    entry = dataclasses.replace(entry, step=3)
-    run.commit(case_id, entry, checkpoint=b"later checkpoint", tables={"metrics": [dict(rows[-1], step=3)]})
-    return run
 
 
 # ---------------------------------------------------------------------- the bad inputs
@@ -262,6 +153,10 @@ BAD_INPUTS = {
     "beta2 = 1": (_suite_case(defaults={"beta2": 1.0}), ["beta2"]),
     "dropout 1.5": (_suite_case(defaults={"dropout": 1.5}), ["dropout"]),
     "unknown model": (_suite_case(defaults={"model": "resnet50"}), ["model", "resnet50"]),
+    "a learning rule on a model without feedback weights": (
+        _suite_case(defaults={"model": "dni_rnn", "hidden": [3], "data": {"name": "digits", "classes": [0, 1]}},
+                    cases={"a": {"schedule": "kolen-pollack"}}),
+        ["case a", "kolen-pollack", "dni_rnn", "no feedback hook"]),
     "unknown optimizer": (_suite_case(defaults={"optimizer": "adagrad"}), ["optimizer", "adagrad"]),
     "unknown quirk": (_suite_case(defaults={"quirks": ["elu_derivative_three"]}), ["quirks", "elu_derivative_three"]),
     "unknown data set": (_suite_case(defaults={"data": {"name": "imagenet"}}), ["data.name", "imagenet"]),
@@ -319,6 +214,11 @@ BAD_INPUTS = {
 }
 
 BAD_INPUTS.update({
+    "--commit-every -1": (lambda tmp: ["run", write_suite(tmp), "--commit-every", "-1"], ["--commit-every", "-1"]),
+    "--worker-max-cases 0": (lambda tmp: ["run", write_suite(tmp), "--worker-max-cases", "0"], ["--worker-max-cases"]),
+    "--worker-max-memory-mb -5": (lambda tmp: ["run", write_suite(tmp), "--worker-max-memory-mb", "-5"],
+                                  ["--worker-max-memory-mb"]),
+    "--progress-every nan": (lambda tmp: ["run", write_suite(tmp), "--progress-every", "nan"], ["--progress-every", "nan"]),
     "--cpus-per-case 0": (lambda tmp: ["run", write_suite(tmp), "--cpus-per-case", "0"], ["--cpus-per-case"]),
     "lr: .inf": (_suite_case(defaults={"lr": float("inf")}), ["lr"]),
 })
@@ -420,9 +320,23 @@ def test_bad_input_is_refused_up_front(label, mode, tmp_path, cli):
     assert not (cwd / "runs").exists(), "a run folder was created for a bad input"
 
 
-def test_at_least_twenty_bad_inputs():
-    assert len(BAD_INPUTS) + len(EXISTING_RUN_INPUTS) >= 24
-    assert len(SUBPROCESS) >= 5 and set(SUBPROCESS) <= set(BAD_INPUTS)
+@pytest.mark.timeout(60)
+def test_every_numeric_option_of_run_has_a_bad_value_here(tmp_path):
+    """An option added to jobs.options.StudyOptions that takes a number gets a bad value in the
+    table above (and SUBPROCESS names only entries of it)."""
+    from jobs.options import StudyOptions, _scalar_type, flag_of
+
+    assert set(SUBPROCESS) <= set(BAD_INPUTS)
+    given = set()
+    for number, (make, _) in enumerate(BAD_INPUTS.values()):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        argv = [str(word) for word in make(folder)]
+        if argv[0] == "run":
+            given |= {word for word in argv if word.startswith("--")}
+    numeric = {flag_of(name) for name, info in StudyOptions.model_fields.items()
+               if _scalar_type(info.annotation) in (int, float)}
+    assert numeric and numeric <= given, f"no bad value tried for {sorted(numeric - given)}"
 
 
 def test_typo_learning_rate_gets_a_did_you_mean_hint(tmp_path, cli):

@@ -1,16 +1,6 @@
 """CLI smoke tests of the commands that need no Ray: cases, plan, gradcheck."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def bplab(*args):
-    return subprocess.run([sys.executable, "-m", "jobs", *args], env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+from tests.helpers import bplab
 
 
 def test_cases_lists_suites_and_their_cases():

@@ -1,25 +1,37 @@
 """The documentation users read stays true: every setting and suite in the README, the
 README's test command is what CI runs."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from jobs import suites
-from workers.settings import QUIRKS, CaseSettings, DataSpec, field_docs
+from workers.settings import QUIRKS, CaseSettings, DataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+def readme_settings_rows() -> dict[str, tuple[str, str]]:
+    """The README's settings tables: `name` -> (default as shown, meaning)."""
+    return {m.group(1): (m.group(2), m.group(3).replace("\\|", "|"))  # a table cell writes | as \|
+            for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| `([^`]*)` \| (.*) \|$", README, re.M)}
+
+
 @pytest.mark.timeout(60)
-def test_every_setting_has_a_docstring_and_is_in_the_readme():
+def test_the_readme_tables_show_every_setting_with_its_default_and_docstring():
+    rows = readme_settings_rows()
     for cls, prefix in ((CaseSettings, ""), (DataSpec, "data.")):
-        docs = field_docs(cls)
-        assert set(docs) == set(cls.model_fields), "a field without a docstring"
-        assert all(docs.values()), f"a field without a docstring: {[name for name, doc in docs.items() if not doc]}"
-        for name in docs:
-            assert f"`{prefix}{name}`" in README, f"{prefix}{name} missing from README"
+        for name, info in cls.model_fields.items():
+            doc = " ".join((info.description or "").split())
+            assert doc, f"{prefix}{name}: a field without a docstring"
+            assert f"{prefix}{name}" in rows, f"{prefix}{name} missing from the README's settings tables"
+            default = info.get_default(call_default_factory=True)
+            shown = default.name if isinstance(default, DataSpec) else str(default)
+            assert rows[f"{prefix}{name}"] == (shown, doc), f"{prefix}{name}: the README says otherwise"
+    assert set(rows) - {f"{p}{n}" for cls, p in ((CaseSettings, ""), (DataSpec, "data.")) for n in cls.model_fields} \
+        == set(), "a README row for a setting that does not exist"
     for quirk in QUIRKS:
         assert f"`{quirk}`" in README
 
@@ -52,3 +64,17 @@ def test_comments_and_docs_speak_to_a_reader_of_the_repository():
                           if pattern.search(line)]
     found += [f"README.md:{n}" for n, line in enumerate(README.splitlines(), 1) if pattern.search(line)]
     assert not found, f"text that refers to a task instead of the code: {found}"
+
+
+@pytest.mark.timeout(30)
+def test_no_test_imports_another_test_file():
+    """What tests share lives in tests/helpers.py (or tests/raycluster.py for `ray start` heads)."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {name}" for name in names if name.split(".")[-1].startswith("test_")]
+    assert not found, found

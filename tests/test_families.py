@@ -72,7 +72,7 @@ def test_dilation_rate_decays_with_the_epoch():
 
 
 def test_rnn_cell_and_take_last_gradients_match_autodiff():
-    from tests.test_layers import check_op
+    from tests.helpers import check_op
 
     rng = np.random.default_rng(3)
     check_op(L.RNNCell(6, 3, first=True), (4, 6), {"wx": rng.normal(size=(6, 3)), "b": rng.normal(size=(3,))})
@@ -321,8 +321,13 @@ def test_quick_suite_runs_end_to_end_on_local_ray(suite, tmp_path):
     metrics = pd.read_parquet(run / "metrics")
     assert metrics["case_id"].astype(str).nunique() == len(expected)
     assert not metrics.duplicated(["case_id", "step", "split"]).any()
+    aligned = pd.read_parquet(run / "alignment")  # both suites measure alignment
+    assert aligned["case_id"].astype(str).nunique() == len(expected)
+    assert not aligned.duplicated(["case_id", "step", "unit", "quantity"]).any()
     if suite == "moons-quick":
         assert (run / "report" / "decision_boundaries.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert len(pd.read_parquet(run / "layer_stats")) > 0
+        assert (run / "report" / "alignment_angles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if suite == "dni-quick":
         assert metrics["synthetic_error"].notna().any()
+        assert {"sg_cosine", "sg_relative_error", "error_angle"} <= set(aligned["quantity"].astype(str))

@@ -2,7 +2,7 @@
 between their steps, a second driver, an unreachable cluster, a full disk.
 
 Runs are made with RunDir directly (no Ray); the CLI commands (`status`, `report`, `run`) run
-in-process with `ray` stubbed out (tests/test_bad_input.py's guard), so none may start Ray.
+in-process with `ray` stubbed out (tests.helpers.run_main), so none may start Ray.
 """
 from __future__ import annotations
 
@@ -22,17 +22,11 @@ import pytest
 from analysis.rundir import RunDir, StorageError
 from analysis.rundir.layout import LOCK
 from workers.settings import CaseSettings, DataSpec
-from tests.test_bad_input import assert_refused, make_existing_run, run_main, tree_state, write_suite
+from tests.helpers import assert_refused, bplab, case_row, make_existing_run, run_main, tree_state, write_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-def case_row(case_id: str, name: str) -> dict:
-    """A cases-table row as `bplab run` writes it (status and report read the settings from it)."""
-    settings = CaseSettings(model="mlp", data=DataSpec("moons"), epochs=1)
-    return {"case_id": case_id, "name": name, "group": name, "num_cpus": 1.0, "num_gpus": 0.0, "steps_total": 8,
-            "settings_json": json.dumps(settings.to_dict(), default=list), **settings.flat()}
-
-
-CASES = [case_row("aaa111", "a"), case_row("bbb222", "b")]
+SETTINGS = CaseSettings(model="mlp", data=DataSpec("moons"), epochs=1)
+CASES = [case_row("aaa111", "a", SETTINGS), case_row("bbb222", "b", SETTINGS)]
 
 
 def rows(*steps):
@@ -320,7 +314,7 @@ def test_storage_error_stops_launching_new_cases_and_says_so_once(tmp_path, monk
     from jobs import driver as driver_module
     from jobs.plan import PlannedCase
     from jobs.suites import Case
-    run = RunDir.create(str(tmp_path / "run"), {"suite": "faults"}, CASES + [case_row("ccc333", "c")])
+    run = RunDir.create(str(tmp_path / "run"), {"suite": "faults"}, CASES + [case_row("ccc333", "c", SETTINGS)])
     settings = CaseSettings(data=DataSpec("digits"))
     planned = [PlannedCase(Case(c, c, settings), cid, 1.0, 0.0, 10, 10, settings.data)
                for cid, c in (("aaa111", "a"), ("bbb222", "b"), ("ccc333", "c"))]
@@ -347,18 +341,11 @@ def test_storage_error_stops_launching_new_cases_and_says_so_once(tmp_path, monk
 # ---------------------------------------------------------------------- one real run through the CLI
 
 
-def _bplab(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "jobs", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=400)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_real_run_with_a_torn_part_is_repaired_and_resumed_to_the_same_rows(tmp_path):
     out = tmp_path / "run"
-    first = _bplab("run", "quick", "--only", "a", "--set", "epochs=1", "--set", "steps_per_epoch=4",
+    first = bplab("run", "quick", "--only", "a", "--set", "epochs=1", "--set", "steps_per_epoch=4",
                    "--checkpoint-every", "2", "--progress-every", "0", "--no-report", "--out", out, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (out / LOCK).exists()
@@ -368,14 +355,14 @@ def test_real_run_with_a_torn_part_is_repaired_and_resumed_to_the_same_rows(tmp_
     assert len(parts) == 2, parts
     cut(parts[-1])
 
-    report = _bplab("report", out, cwd=tmp_path)
+    report = bplab("report", out, cwd=tmp_path)
     assert report.returncode == 2 and "Traceback" not in report.stderr
     assert len(report.stderr.strip().splitlines()) == 1 and parts[-1].name in report.stderr
 
-    status = _bplab("status", out, cwd=tmp_path)
+    status = bplab("status", out, cwd=tmp_path)
     assert status.returncode == 0 and "rolled back to commit 1" in status.stdout, status.stdout + status.stderr
 
-    resumed = _bplab("run", "--resume", out, "--progress-every", "0", "--no-report", cwd=tmp_path)
+    resumed = bplab("run", "--resume", out, "--progress-every", "0", "--no-report", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = pd.read_parquet(out / "metrics")[columns].sort_values(["split", "step"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(again, original)  # every row once, the same numbers

@@ -6,10 +6,6 @@ its ids, shows in `bplab status`, and `bplab run --resume` finishes `cut` under 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +14,7 @@ import pytest
 from jobs import plan, suites
 from analysis.rundir import RunDir
 from jobs.study import suite_from_run
+from tests.helpers import bplab, copy_old_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "run-v1"
@@ -26,9 +23,7 @@ OLD_IDS = {"done": "done-a1392ffdd5", "cut": "cut-d5305ba059"}  # as the fixture
 
 @pytest.fixture
 def old_run(tmp_path) -> Path:
-    copy = tmp_path / "run-v1"
-    shutil.copytree(FIXTURE, copy)
-    return copy
+    return copy_old_run(tmp_path)
 
 
 def planned_for(study):
@@ -88,10 +83,8 @@ def test_status_shows_an_old_run(old_run, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_resume_finishes_an_old_run_under_its_old_ids(old_run):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     before = {p: p.read_bytes() for p in (old_run / "metrics" / f"case_id={OLD_IDS['done']}").glob("part-*")}
-    result = subprocess.run([sys.executable, "-m", "jobs", "run", "--resume", str(old_run), "--progress-every", "0",
-                             "--no-report"], env=env, cwd=old_run.parent, capture_output=True, text=True, timeout=280)
+    result = bplab("run", "--resume", old_run, "--progress-every", "0", "--no-report", cwd=old_run.parent, timeout=280)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "new case" not in result.stderr
     cases = pd.read_parquet(old_run / "cases.parquet")
@@ -111,6 +104,42 @@ def test_resume_finishes_an_old_run_under_its_old_ids(old_run):
         mine = metrics[metrics["case_id"] == OLD_IDS[name]]
         assert sorted(mine[mine.split == "train"]["step"]) == list(range(steps)), name
         assert (mine.split == "test").sum() == tests, name
-    status = subprocess.run([sys.executable, "-m", "jobs", "status", str(old_run)], env=env, capture_output=True,
-                            text=True, timeout=120)
+    status = bplab("status", old_run, timeout=120)
     assert status.returncode == 0 and status.stdout.count(" done ") == 2, status.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_written_before_a_setting_existed_resumes():
+    """A checkpoint stores the settings it was made with; one written before the newest setting
+    existed lacks it, and resumes as the case it is (the setting at its default); a checkpoint
+    of other settings is still refused."""
+    import io
+
+    import numpy as np
+
+    from workers.data import load_dataset
+    from workers.settings import CaseFields, from_dict
+    from workers.trainer import train
+
+    settings = from_dict({"model": "mlp", "hidden": [4], "data": {"name": "moons", "samples": 100}, "batch_size": 0,
+                          "optimizer": "sgd", "lr": 0.5, "epochs": 4})
+    data = load_dataset(settings.data)
+    reports = []
+    train(settings, data, reports.append, report_every_seconds=1e9, commit_every=1e9, checkpoint_every_steps=2,
+          max_chunk=1)
+    blob = next(report.checkpoint for report in reports if report.checkpoint is not None)
+    with np.load(io.BytesIO(blob)) as archive:
+        arrays = dict(archive)
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    newest = list(CaseFields.model_fields)[-1]
+    del meta["settings"][newest]  # as the code before that setting wrote it
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    old = buffer.getvalue()
+    resumed = []
+    train(settings, data, resumed.append, resume=old, report_every_seconds=1e9, commit_every=1e9, max_chunk=1)
+    steps = [row["step"] for report in resumed for row in report.rows if row["split"] == "train"]
+    assert steps == [2, 3] and resumed[-1].status == "done"
+    with pytest.raises(AssertionError, match="checkpoint of other settings"):
+        train(settings.model_copy(update={"lr": 0.25}), data, lambda report: None, resume=old)

@@ -5,41 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import TOL, check_op, rel_error
 from workers import layers as L
 
 pytestmark = pytest.mark.timeout(120)  # per test; a test's own mark wins
-
-TOL = 1e-6
-
-
-def rel_error(manual, reference) -> float:
-    manual, reference = np.asarray(manual), np.asarray(reference)
-    assert manual.shape == reference.shape, (manual.shape, reference.shape)
-    scale = max(np.abs(reference).max(), np.abs(manual).max(), 1e-12)
-    return float(np.abs(manual - reference).max() / scale)
-
-
-def check_op(op, x_shape, params=None, seed=0, ctx=None):
-    """Manual d_x and d_params of `op` vs the tape's, for loss = sum(y * upstream)."""
-    rng = np.random.default_rng(seed)
-    x = tf.constant(rng.normal(size=x_shape) + 0.1, dtype=tf.float64)
-    params = {k: tf.Variable(v, dtype=tf.float64) for k, v in (params or {}).items()}
-    ctx = ctx or L.Context(training=True, seed=tf.constant([7, 3], tf.int64))
-    y, cache = op.forward(x, params, ctx)
-    upstream = tf.constant(rng.normal(size=y.shape), dtype=tf.float64)
-    d_x, grads = op.backward(upstream, cache)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y_ref, _ = op.forward(x, params, ctx)
-        objective = tf.reduce_sum(y_ref * upstream)
-    names = sorted(params)
-    ref = tape.gradient(objective, [x] + [params[n] for n in names])
-    assert np.abs(ref[0].numpy()).max() > 0, "degenerate check: zero input gradient"
-    assert rel_error(d_x, ref[0]) <= TOL, f"{op}: d_x"
-    assert sorted(grads) == names
-    for name, reference in zip(names, ref[1:]):
-        assert rel_error(grads[name], reference) <= TOL, f"{op}: d_{name}"
-
 
 @pytest.mark.parametrize("kernel", [1, 2, 3, 5])
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])

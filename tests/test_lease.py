@@ -70,7 +70,7 @@ def test_renewal_only_by_the_owner_and_takeover_only_when_expired(tmp_path):
     with pytest.raises(StorageError, match="lost"):
         run.renew_lease("dead")
 
-    # another host: live while its heartbeat is fresh, expired after stale_seconds
+    # another host: live while its heartbeat is fresh, expired after LEASE_STALE_SECONDS
     (tmp_path / "run" / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "remote",
                                                      "heartbeat": time.time()}))
     with pytest.raises(StorageError, match="elsewhere"):

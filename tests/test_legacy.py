@@ -11,7 +11,6 @@ parts each ledger entry records as committed, nothing more.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -20,15 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.rundir import FORMAT_VERSION, RunDir, StorageError
+from tests.helpers import copy_old_run
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run-v1"
 
 
 @pytest.fixture
 def old_run(tmp_path) -> Path:
-    copy = tmp_path / "run-v1"
-    shutil.copytree(FIXTURE, copy)
-    return copy
+    return copy_old_run(tmp_path)
 
 
 def committed_rows(run: Path) -> dict[str, pa.Table]:
@@ -125,3 +123,20 @@ def test_a_run_from_a_newer_bplab_is_refused_in_one_line(old_run, capsys):
     assert main(["status", str(old_run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "newer bplab" in err
+
+
+@pytest.mark.timeout(60)
+def test_tables_take_older_runs_list_text_through_the_legacy_reader():
+    """A frame read straight from an older run's Parquet holds lists as JSON text; the tables
+    read them as lists (analysis.rundir.legacy.as_list), like the tuples analysis.load gives."""
+    from analysis.flags import chance_accuracy
+    from analysis.labels import as_sequence
+    from analysis.tables import update_counts
+
+    raw = pd.DataFrame({"case_id": ["k1"] * 2, "split": ["train"] * 2, "step": [0, 1],
+                        "updates": ["[1, 2]", "[3, 2]"], "layers": ['["a", "b"]'] * 2})
+    counts = update_counts(raw)
+    assert counts["layer"].tolist() == ["a", "b"] and counts["mean_updates"].tolist() == [2.0, 2.0]
+    cases = pd.DataFrame({"data.name": ["digits", "digits", "moons"], "data.classes": ["[3, 5, 8]", None, "null"]})
+    assert chance_accuracy(cases).tolist() == pytest.approx([1 / 3, 1 / 10, 1 / 2])
+    assert as_sequence("[64, 64]") == [64, 64] and as_sequence((8,)) == [8] and as_sequence("relu") == "relu"

@@ -40,6 +40,38 @@ def test_gradcheck_fails_on_a_missing_gradient(monkeypatch, capsys):
 
 
 @pytest.mark.timeout(300)
+def test_gradcheck_fails_on_a_zero_gradient(monkeypatch, capsys):
+    """A layer that returns zeros instead of its gradient fails: by hand, the relative error of
+    an all-zero gradient is max|0 - g| / max|g| = 1 for the units it reaches, whatever g is."""
+    from workers import layers as L
+
+    real_dense, real_tanh = L.Dense.backward, L.Tanh.backward
+
+    def zero_weight_gradient(self, d_y, cache, need_d_x=True, need_grads=True):
+        d_x, grads = real_dense(self, d_y, cache, need_d_x=need_d_x, need_grads=need_grads)
+        return d_x, {**grads, "w": grads["w"] * 0.0} if grads else grads
+
+    monkeypatch.setattr(L.Dense, "backward", zero_weight_gradient)
+    errors = gradcheck.check_model("mlp")  # l1, l2, l3 are Dense (tanh between them)
+    assert errors["l1"] == errors["l2"] == errors["l3"] == 1.0 and errors["input"] <= 1e-6
+    assert gradcheck.main(["mlp"]) == 1
+    assert "max relative error 1.00e+00  FAIL" in capsys.readouterr().out
+
+    # a zero input gradient from an activation: every unit below it and the input get nothing
+    monkeypatch.setattr(L.Dense, "backward", real_dense)
+
+    def zero_input_gradient(self, d_y, cache, need_d_x=True, need_grads=True):
+        d_x, grads = real_tanh(self, d_y, cache, need_d_x=need_d_x, need_grads=need_grads)
+        return d_x * 0.0, grads
+
+    monkeypatch.setattr(L.Tanh, "backward", zero_input_gradient)
+    errors = gradcheck.check_model("mlp")
+    assert errors["l3"] <= 1e-6  # the top layer's gradient does not pass through a tanh
+    assert errors["l1"] == errors["l2"] == errors["input"] == 1.0
+    assert gradcheck.main(["mlp"]) == 1
+
+
+@pytest.mark.timeout(300)
 def test_gradcheck_detects_a_wrong_backward():
     # The source's ELU derivative (2 for x > 0) is a wrong gradient: gradcheck must flag it.
     errors = gradcheck.check_model("allconv9", overrides={"quirks": ("elu_derivative_two",)})

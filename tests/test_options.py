@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import types
 from pathlib import Path
 
@@ -16,10 +15,10 @@ from jobs import study as study_module
 from jobs.cli import build_parser
 from jobs.options import StudyOptions, from_arguments
 from jobs.study import run_study
+from tests.helpers import copy_old_run
 from workers.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "run-v1"
 
 # Every option, as a command line gives it and as Python gives it (values other than the defaults).
 BY_HAND = {
@@ -107,8 +106,7 @@ def test_a_start_that_fails_after_the_lease_leaves_nothing_behind(tmp_path, monk
 
 @pytest.mark.timeout(60)
 def test_a_resume_that_fails_after_the_lease_gives_the_lease_back(tmp_path, monkeypatch):
-    run = tmp_path / "run-v1"
-    shutil.copytree(FIXTURE, run)
+    run = copy_old_run(tmp_path)
     monkeypatch.setattr(study_module, "connect", _fail_connect)
     stream = io.StringIO()
     with pytest.raises(UserError, match="cannot connect"):

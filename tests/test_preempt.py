@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from raycluster import BIN, autoscaling_head, kill_fake_node, run, tail
 
+from tests.helpers import ledger, wait_for
 from workers import settings as settings_module
 from workers.data import load_dataset
 from workers.trainer import train
@@ -59,29 +60,6 @@ def steps_for(seconds: float) -> int:
     started = time.perf_counter()
     train(case, data, lambda report: None)
     return max(10_000, int(3000 / (time.perf_counter() - started) * seconds) // 1000 * 1000)
-
-
-def ledger(run_dir: Path) -> dict:
-    out = {}
-    for path in (run_dir / "ledger").glob("*.json"):
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        out[entry["name"]] = entry
-    return out
-
-
-def wait_for(predicate, timeout, what, process):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if process.poll() is not None:
-            raise AssertionError(f"driver exited ({process.returncode}) before {what}:\n{tail(process.stdout.read())}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def running_past(run_dir: Path, names, dead: set, seq: dict):

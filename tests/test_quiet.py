@@ -12,13 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import bplab
+
 ROOT = Path(__file__).resolve().parents[1]
 BANNERS = ("onednn", "tensorflow binary is optimized", "cuda", "absl", "ray_dedup", "dedup", "cpu_feature_guard")
-
-
-def bplab(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=env or {**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ and reports the two runs together.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -16,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from matplotlib.figure import Figure
 
@@ -30,66 +27,9 @@ from analysis.flags import flag_cases
 from analysis.labels import setting_labels, varying_settings
 from analysis.tables import display_epoch, step_curves
 from jobs.cli import build_parser, main
+from tests.helpers import TWO_LR, bplab, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-METRICS_TYPES = pa.schema([
-    ("split", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()), ("cost", pa.float64()),
-    ("accuracy", pa.float64()), ("lr", pa.float64()), ("examples", pa.int64()), ("wall_time", pa.float64()),
-    ("updates", pa.string()), ("layers", pa.string()),
-])
-
-
-def write_run(root: Path, cases: dict, suite: str = "lr-sweep", created: float = 1.7e9) -> Path:
-    """A run directory as the driver leaves it.
-
-    cases: name -> dict(settings=..., test=[acc per epoch], train=[[acc per step] per epoch],
-    state="done", seed=1, group=name, updates=[per layer]).
-    """
-    root.mkdir(parents=True)
-    (root / "ledger").mkdir()
-    (root / "manifest.json").write_text(json.dumps({"suite": suite, "created_at": created}))
-    rows = []
-    for number, (name, spec) in enumerate(cases.items()):
-        case_id = f"id{number:03d}"
-        settings = {"model": "mlp", "lr": 0.001, "schedule": "standard", "augment": False, "data.name": "digits",
-                    "data.classes": None, "epochs": len(spec["test"]), **spec.get("settings", {})}
-        rows.append({"case_id": case_id, "name": name, "group": spec.get("group", name), "seed": spec.get("seed", 1),
-                     "num_cpus": 1.0, "num_gpus": 0.0, "settings_json": "{}", **settings})
-        state = spec.get("state", "done")
-        (root / "ledger" / f"{case_id}.json").write_text(json.dumps({
-            "case_id": case_id, "name": name, "state": state, "commit_seq": 1, "epoch": 0, "step": 0,
-            "updated_at": created + 60 * (number + 1), "reason_class": None, "reason": None}))
-        metric_rows, step = [], 0
-        for epoch, accuracies in enumerate(spec["train"]):
-            for accuracy in accuracies:
-                metric_rows.append({"split": "train", "epoch": epoch, "step": step, "cost": 1 - accuracy,
-                                    "accuracy": accuracy, "lr": settings["lr"], "examples": 10,
-                                    "wall_time": created + step, "updates": json.dumps(spec.get("updates", [1, 1])),
-                                    "layers": json.dumps(["l1", "l2"])})
-                step += 1
-            metric_rows.append({"split": "test", "epoch": epoch, "step": step, "cost": 1 - spec["test"][epoch],
-                                "accuracy": spec["test"][epoch], "wall_time": created + step + 0.5})
-        folder = root / "metrics" / f"case_id={case_id}"
-        folder.mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(metric_rows, schema=METRICS_TYPES), folder / "part-000001.parquet")
-        folder = root / "weights" / f"case_id={case_id}"
-        folder.mkdir(parents=True)
-        histograms = []
-        for phase, (low, width, counts) in {"before": (-0.1, 0.05, [1, 3, 3, 1]),
-                                            "after": (-0.4, 0.2, [2, 2, 2, 2])}.items():
-            histograms += [{"phase": phase, "layer": layer, "param": "w", "bin": b, "left": low + width * b,
-                            "right": low + width * (b + 1), "count": count}
-                           for layer in ("l1", "l2") for b, count in enumerate(counts)]
-        pq.write_table(pa.Table.from_pylist(histograms), folder / "part-before.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), root / "cases.parquet")
-    return root
-
-
-TWO_LR = {
-    "slow": {"settings": {"lr": 0.001}, "test": [.3, .5], "train": [[.2, .3], [.4, .5]]},
-    "fast": {"settings": {"lr": 0.002}, "test": [.6, .8], "train": [[.4, .6], [.7, .9]]},
-}
 
 
 @pytest.fixture
@@ -351,17 +291,15 @@ cases:
 def test_real_runs_listed_and_reported_together(tmp_path):
     suite = tmp_path / "tiny.yaml"
     suite.write_text(TINY_SUITE)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
-    def bplab(*args):
-        return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True, timeout=420,
-                              cwd=tmp_path, env=env)
+    def in_tmp(*args):
+        return bplab(*args, cwd=tmp_path, timeout=420)
 
     for name, epochs in (("first", "1"), ("second", "2")):
-        done = bplab("run", str(suite), "--out", f"runs/{name}", "--set", f"epochs={epochs}", "--set",
-                     "steps_per_epoch=2", "--progress-every", "0")
+        done = in_tmp("run", str(suite), "--out", f"runs/{name}", "--set", f"epochs={epochs}", "--set",
+                      "steps_per_epoch=2", "--progress-every", "0")
         assert done.returncode == 0, done.stderr[-3000:]
-    listing = bplab("runs")
+    listing = in_tmp("runs")
     assert listing.returncode == 0, listing.stderr
     lines = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
     assert set(lines) == {"first", "second"} and all("2 done" in line and "tiny-lr" in line for line in lines.values())
@@ -369,7 +307,7 @@ def test_real_runs_listed_and_reported_together(tmp_path):
     one = pd.read_csv(tmp_path / "runs" / "first" / "report" / "per_case.csv")
     assert dict(zip(one["name"], one["lr"])) == {"low": 0.001, "high": 0.01}
 
-    both = bplab("report", "runs/first", "runs/second", "--baseline", "first:low")
+    both = in_tmp("report", "runs/first", "runs/second", "--baseline", "first:low")
     assert both.returncode == 0, both.stderr
     out = tmp_path / "reports" / "first+second-vs-first_low"
     table = pd.read_csv(out / "per_case.csv")
@@ -384,6 +322,6 @@ def test_real_runs_listed_and_reported_together(tmp_path):
     second = table[table["run"] == "second"]
     for row in second.itertuples():
         assert row.final_test_acc == pytest.approx(final[str(row.case_id)])
-    bad = bplab("report", "runs/first", "--baseline", "nope")
+    bad = in_tmp("report", "runs/first", "--baseline", "nope")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and not (tmp_path / "runs/first/report-vs-nope").exists()
     assert math.isfinite(table["final_test_acc"].sum())

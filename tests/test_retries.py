@@ -9,7 +9,6 @@ ledger keeps each loss, classified node_lost once the GCS has declared the node 
 from __future__ import annotations
 
 import io
-import json
 import sys
 import types
 
@@ -24,6 +23,7 @@ from jobs.driver import Driver, classify_loss, node_state, placement_options
 from jobs.plan import PlannedCase
 from analysis.rundir import RunDir
 from jobs.suites import Case
+from tests.helpers import case_row
 from workers.settings import CaseSettings, DataSpec
 from workers.trainer import Report
 
@@ -198,8 +198,7 @@ def make_driver(tmp_path, monkeypatch, scripts, max_retries=2, **cluster):
     monkeypatch.setattr(driver_module, "probe_raylet", fake.probe)
     monkeypatch.setattr(driver_module, "POLL_SECONDS", 0.0)
     settings = CaseSettings(model="mlp", data=DataSpec("moons"), epochs=STEPS)
-    row = {"case_id": "a-0001", "name": "a", "group": "a", "num_cpus": 1.0, "num_gpus": 1.0, "steps_total": STEPS,
-           "settings_json": json.dumps(settings.to_dict(), default=list), **settings.flat()}
+    row = case_row("a-0001", "a", settings, steps_total=STEPS, num_gpus=1.0)
     run = RunDir.create(str(tmp_path / "run"), {"suite": "retries"}, [row])
     planned = [PlannedCase(Case("a", "a", settings), "a-0001", 1.0, 1.0, STEPS, STEPS, settings.data)]
     out = io.StringIO()
@@ -297,7 +296,7 @@ def test_an_actor_whose_constructor_failed_is_not_retried(tmp_path, monkeypatch)
 def test_status_and_the_report_name_the_lost_nodes(tmp_path, monkeypatch, capsys):
     from analysis.load import load
     from analysis.report import lost_workers, write_report
-    from tests.test_bad_input import run_main
+    from tests.helpers import run_main
 
     scripts = [("die", N1, unavailable, 1), ("cancel", cancelled), ("die", N2, unavailable, 2), ("finish", N0)]
     driver, fake, run, out = make_driver(tmp_path, monkeypatch, scripts, alive=(N0,), answering=(N0,))

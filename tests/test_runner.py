@@ -6,67 +6,24 @@ ending with every case done and every (case, step, split) row present exactly on
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.helpers import bplab, ledger, local_cluster, start_bplab, wait_for, write_suite
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
 
-SUITE = """
-name: {name}
-defaults:
-  model: allconv9
-  width: 0.25
-  init: xavier
-  lr: 0.002
-  batch_size: 16
-  epochs: {epochs}
-  data: {{name: digits, train_size: {train}, test_size: 200}}
-cases:
-{cases}
-"""
+DIGITS = {"model": "allconv9", "width": 0.25, "init": "xavier", "lr": 0.002, "batch_size": 16}
 
 
-def write_suite(tmp_path, name, cases: dict, epochs=2, train=640) -> Path:
-    body = "\n".join(f"  {case}: {json.dumps(values)}" for case, values in cases.items())
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(SUITE.format(name=name, epochs=epochs, train=train, cases=body))
-    return path
-
-
-def bplab(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs", *args], env=ENV, cwd=kwargs.pop("cwd", ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def ledger(run: Path) -> dict:
-    out = {}
-    for path in (run / "ledger").glob("*.json"):
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        out[entry["name"]] = entry
-    return out
-
-
-def wait_for(predicate, timeout, what, process=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"driver exited ({process.returncode}) before {what}:\n{process.stdout.read()[-3000:]}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def digits_suite(tmp_path, name, cases: dict, epochs=2, train=640) -> Path:
+    """A suite of small allconv9 cases on `train` digits."""
+    return write_suite(tmp_path, cases=cases, base=DIGITS, name=f"{name}.yaml",
+                       defaults={"epochs": epochs, "data": {"name": "digits", "train_size": train, "test_size": 200}})
 
 
 def finish(process, timeout=600) -> str:
@@ -92,7 +49,7 @@ def check_rows_exactly_once(run: Path, expect_cases: int):
 def test_cli_quick_end_to_end(tmp_path):
     """The README's main job, as a user runs it (local Ray, embedded data)."""
     run = tmp_path / "quick"
-    output = finish(bplab("run", "quick", "--out", str(run), "--progress-every", "0", cwd=tmp_path))
+    output = finish(start_bplab("run", "quick", "--out", str(run), "--progress-every", "0", cwd=tmp_path))
     states = {name: entry["state"] for name, entry in ledger(run).items()}
     assert states == {name: "done" for name in "abcdef"}, output[-3000:]
     metrics, cases = check_rows_exactly_once(run, 6)
@@ -103,7 +60,7 @@ def test_cli_quick_end_to_end(tmp_path):
     assert all(acc > 0.5 for acc in accuracy.values()), accuracy
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["suite"] == "quick" and manifest["data_fingerprints"]["digits"]
-    status = subprocess.run([sys.executable, "-m", "jobs", "status", str(run)], env=ENV, capture_output=True, text=True)
+    status = bplab("status", run)
     assert status.returncode == 0 and status.stdout.count(" done ") == 6
     # the report `bplab run` wrote: every case, the same final accuracy as the raw Parquet, valid PNGs
     report = (run / "report" / "report.md").read_text()
@@ -129,21 +86,15 @@ def test_cli_quick_end_to_end(tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
-    for _ in range(3):
-        cluster.add_node(num_cpus=2, num_gpus=2)
-    cluster.wait_for_nodes()
-    yield cluster
-    cluster.shutdown()
+    with local_cluster(3, head_cpus=0, cpus=2, gpus=2) as cluster:
+        yield cluster
 
 
 def test_six_cases_at_once_on_distinct_gpus(cluster, tmp_path):
-    suite = write_suite(tmp_path, "six", {f"c{i}": {"seed": i} for i in range(6)}, epochs=4, train=1280)
+    suite = digits_suite(tmp_path, "six", {f"c{i}": {"seed": i} for i in range(6)}, epochs=4, train=1280)
     run = tmp_path / "run"
-    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
-                    "--cpus-per-case", "1", "--progress-every", "0", "--no-report")
+    process = start_bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                          "--cpus-per-case", "1", "--progress-every", "0", "--no-report")
     wait_for(lambda: len(ledger(run)) == 6 and all(e["state"] == "running" for e in ledger(run).values()),
              240, "all six cases running at the same time", process)
     finish(process)
@@ -158,10 +109,10 @@ def test_six_cases_at_once_on_distinct_gpus(cluster, tmp_path):
 
 
 def test_actor_killed_mid_case_resumes_to_the_same_numbers(cluster, tmp_path):
-    suite = write_suite(tmp_path, "kill", {"victim": {}, "control": {}}, epochs=4, train=960)
+    suite = digits_suite(tmp_path, "kill", {"victim": {}, "control": {}}, epochs=4, train=960)
     run = tmp_path / "run"
-    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
-                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    process = start_bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                          "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
     victim = wait_for(lambda: (lambda e: e if e and e["state"] == "running" and e["commit_seq"] >= 2 else None)(ledger(run).get("victim")),
                       240, "the victim's second commit", process)
     os.kill(victim["info"]["pid"], signal.SIGKILL)
@@ -180,21 +131,21 @@ def test_actor_killed_mid_case_resumes_to_the_same_numbers(cluster, tmp_path):
 
 
 def test_driver_killed_then_resume_runs_only_unfinished(cluster, tmp_path):
-    suite = write_suite(tmp_path, "driver", {"quick1": {"epochs": 1, "data": {"name": "digits", "train_size": 160}},
+    suite = digits_suite(tmp_path, "driver", {"quick1": {"epochs": 1, "data": {"name": "digits", "train_size": 160}},
                                              "slow1": {"seed": 1}, "slow2": {"seed": 2}}, epochs=10, train=960)
     run = tmp_path / "run"
-    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
-                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    process = start_bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                          "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
     wait_for(lambda: (lambda l: l.get("quick1", {}).get("state") == "done" and l.get("slow1", {}).get("commit_seq", 0) >= 1)(ledger(run)),
              240, "one case done and another committed", process)
-    second = subprocess.run([sys.executable, "-m", "jobs", "run", "--resume", str(run), "--address", cluster.address],
-                            env=ENV, capture_output=True, text=True, timeout=120)
+    second = bplab("run", "--resume", run, "--address", cluster.address, timeout=120)
     assert second.returncode == 2 and "is being run by pid" in second.stderr, second.stderr  # one driver per run
     process.kill()  # SIGKILL: no cleanup at all
     process.wait()
     before = ledger(run)
     assert before["quick1"]["state"] == "done" and before["slow1"]["state"] == "running"
-    resumed = bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0", "--no-report")
+    resumed = start_bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0",
+                          "--no-report")
     output = finish(resumed)
     after = ledger(run)
     unfinished = [name for name, entry in before.items() if entry["state"] != "done"]
@@ -209,10 +160,10 @@ def test_driver_killed_then_resume_runs_only_unfinished(cluster, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
-    suite = write_suite(tmp_path, "interrupt", {"one": {}, "two": {"seed": 2}}, epochs=8, train=960)
+    suite = digits_suite(tmp_path, "interrupt", {"one": {}, "two": {"seed": 2}}, epochs=8, train=960)
     run = tmp_path / "run"
-    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
-                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    process = start_bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                          "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
     wait_for(lambda: all(e["state"] == "running" and e["commit_seq"] >= 1 for e in ledger(run).values()) and len(ledger(run)) == 2,
              240, "both cases committed", process)
     process.send_signal(signal.SIGINT)
@@ -221,7 +172,8 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
     assert "resume with" in output
     stopped = ledger(run)
     assert all(e["state"] == "pending" and e["reason_class"] == "interrupted" for e in stopped.values())
-    output = finish(bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0", "--no-report"))
+    output = finish(start_bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0",
+                                "--no-report"))
     assert all(e["state"] == "done" for e in ledger(run).values())
     check_rows_exactly_once(run, 2)
 
@@ -229,16 +181,17 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
 def test_resume_reruns_a_failed_case(cluster, tmp_path):
     from analysis.rundir import RunDir
 
-    suite = write_suite(tmp_path, "failed", {"ok": {}, "broken": {"seed": 3}}, epochs=1, train=320)
+    suite = digits_suite(tmp_path, "failed", {"ok": {}, "broken": {"seed": 3}}, epochs=1, train=320)
     run = tmp_path / "run"
-    finish(bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
-                 "--progress-every", "0", "--no-report"))
+    finish(start_bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                       "--progress-every", "0", "--no-report"))
     store = RunDir.open(str(run))
     broken = next(e for e in store.ledger().values() if e.name == "broken")
     done_before = next(e for e in store.ledger().values() if e.name == "ok")
     broken.state, broken.reason_class, broken.reason = "failed", "oom", "as if it had run out of memory"
     store.write_entry(broken)
-    output = finish(bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0", "--no-report"))
+    output = finish(start_bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0",
+                                "--no-report"))
     assert "1 to run" in output
     after = {e.name: e for e in RunDir.open(str(run)).ledger().values()}
     assert after["broken"].state == "done" and after["broken"].attempts == broken.attempts + 1
@@ -247,10 +200,10 @@ def test_resume_reruns_a_failed_case(cluster, tmp_path):
 
 
 def test_node_removed_mid_study(cluster, tmp_path):
-    suite = write_suite(tmp_path, "node", {f"n{i}": {"seed": i} for i in range(4)}, epochs=5, train=960)
+    suite = digits_suite(tmp_path, "node", {f"n{i}": {"seed": i} for i in range(4)}, epochs=5, train=960)
     run = tmp_path / "run"
-    process = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
-                    "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
+    process = start_bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
+                          "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
     target = wait_for(lambda: next((e for e in ledger(run).values() if e["state"] == "running" and e["commit_seq"] >= 1), None),
                       240, "a case with a commit", process)
     node = next(n for n in cluster.worker_nodes if n.node_id == target["info"]["node_id"])

@@ -363,8 +363,8 @@ def test_any_registered_dataset_commits_exactly_once_as_rows_columns_or_a_table(
     steps = np.arange(4)
     metrics = {"split": ["train"] * 4, "epoch": np.zeros(4, np.int32), "step": steps, "cost": 1.0 / (steps + 1)}
     stats = [{"step": 3, "layer": "l1", "quantity": "weights", "mean": 0.25}]
-    alignment = pa.table({"step": pa.array([0, 0, 3, 3], pa.int32()), "unit": ["l1", "l2", "l1", "l2"],
-                          "quantity": ["cos_fa_bp"] * 4, "value": [0.5, 0.25, 0.75, 1.0]})
+    alignment = pa.table({"step": pa.array([0, 0, 3, 3], pa.int32()), "layer": ["l1", "l2", "l1", "l2"],
+                          "unit": [0, 1, 0, 1], "quantity": ["signal_cosine"] * 4, "value": [0.5, 0.25, 0.75, 1.0]})
     entry = run.entry("aaa111")
     new = run.commit("aaa111", entry, tables={"metrics": metrics, "layer_stats": stats, "alignment": alignment})
     assert new.commit_seq == 1 and new.parts == {"metrics": {"1": 4}, "layer_stats": {"1": 1}, "alignment": {"1": 4}}
@@ -380,7 +380,8 @@ def test_any_registered_dataset_commits_exactly_once_as_rows_columns_or_a_table(
     assert list(data.alignment.columns[:3]) == ["case_id", "name", "group"]
     assert data.alignment["name"].astype(str).unique().tolist() == ["standard-s1"]
     assert data.alignment.sort_values(["step", "unit"])["value"].tolist() == [0.5, 0.25, 0.75, 1.0]
-    assert data.alignment["step"].dtype == np.int64 and isinstance(data.alignment["unit"].dtype, pd.CategoricalDtype)
+    assert data.alignment["step"].dtype == np.int64 and isinstance(data.alignment["layer"].dtype, pd.CategoricalDtype)
+    assert data.alignment["unit"].dtype == np.int64
     assert data.layer_stats["mean"].tolist() == [0.25] and data.metrics["step"].tolist() == [0, 1, 2, 3]
     # a case with no alignment rows yet, and an empty run, give the documented columns
-    assert set(load(root, datasets=[]).alignment.columns) >= {"case_id", "step", "unit", "quantity", "value"}
+    assert set(load(root, datasets=[]).alignment.columns) >= {"case_id", "step", "layer", "unit", "quantity", "value"}

@@ -28,8 +28,7 @@ pytest.importorskip("tensorboard")
 from jobs.cli import main  # noqa: E402
 from analysis.rundir import RunDir  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_tidy import SETTINGS, case_rows, commit_report, train_reports  # noqa: E402
+from tests.helpers import SETTINGS, case_rows, commit_report, train_reports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,10 +117,10 @@ def test_scalars_and_histograms_read_back_over_http(live, capfd):
         loss = wait_for(port, "train/loss", 6)
         assert [p[1] for p in loss] == list(range(6))
         assert logged_steps(root / "tensorboard" / "mlp-a", "train/loss") == list(range(6))  # nothing twice
-        assert logged_steps(root / "tensorboard" / "mlp-a", "epoch/test_accuracy") == [0, 1]
+        assert logged_steps(root / "tensorboard" / "mlp-a", "epoch/test_accuracy") == [1, 2]  # epochs from 1
         np.testing.assert_allclose([p[2] for p in loss], train["cost"].to_numpy(np.float32), rtol=1e-6)
         accuracy = wait_for(port, "epoch/test_accuracy", 2)
-        assert [p[1] for p in accuracy] == test["epoch"].tolist()
+        assert [p[1] for p in accuracy] == (test["epoch"] + 1).tolist()
         np.testing.assert_allclose([p[2] for p in accuracy], test["accuracy"].to_numpy(np.float32), rtol=1e-6)
         train_means = train.groupby("epoch")["accuracy"].mean()
         np.testing.assert_allclose([p[2] for p in wait_for(port, "epoch/train_accuracy", 2)],
@@ -141,6 +140,13 @@ def test_scalars_and_histograms_read_back_over_http(live, capfd):
         points = wait_for(port, "layers/l1/act/mean", 3)
         assert [p[1] for p in points] == mean["step"].tolist() == [0, 2, 4]
         np.testing.assert_allclose([p[2] for p in points], mean["mean"].to_numpy(np.float32), rtol=1e-6)
+        # alignment per layer at the measured steps (alignment_every=2: steps 0, 2, 4)
+        aligned = pd.read_parquet(root / "alignment")
+        for quantity in ("signal_angle", "update_cosine"):
+            stored = aligned[(aligned["layer"] == "l2") & (aligned["quantity"] == quantity)].sort_values("step")
+            points = wait_for(port, f"alignment/{quantity}/l2", 3)
+            assert [p[1] for p in points] == stored["step"].tolist() == [0, 2, 4]
+            np.testing.assert_allclose([p[2] for p in points], stored["value"].to_numpy(np.float32), rtol=1e-6, atol=1e-6)
     finally:
         os.killpg(server.pid, signal.SIGINT)  # as Ctrl-C would: bplab stops its TensorBoard
         try:

@@ -17,51 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.rundir import LedgerEntry, RunDir
-
-SETTINGS = {"model": "mlp", "hidden": [8, 4], "data": {"name": "moons", "samples": 200}, "batch_size": 16,
-            "epochs": 2, "steps_per_epoch": 3, "lr": 0.01, "layer_stats_every": 2, "seed": 3}
-
-
-def case_rows(cases: dict) -> list[dict]:
-    """cases.parquet rows as jobs.plan.PlannedCase.row() builds them."""
-    from workers import settings as settings_module
-
-    rows = []
-    for index, (name, values) in enumerate(cases.items()):
-        settings = settings_module.from_dict(values)
-        rows.append({"case_id": f"c{index}", "name": name, "group": name.split("-")[0], "num_cpus": 1.0,
-                     "num_gpus": 0.0, "steps_total": 6,
-                     "settings_json": json.dumps(settings.to_dict(), default=list), **settings.flat()})
-    return rows
-
-
-def train_reports(values: dict) -> list:
-    """The Reports workers.trainer.train hands its callback (one per epoch here)."""
-    from workers import settings as settings_module
-    from workers.data import load_dataset
-    from workers.trainer import batch_plan, train
-
-    settings = settings_module.from_dict(values)
-    data = load_dataset(settings.data)
-    reports = []
-    _, steps_per_epoch = batch_plan(settings, len(data.x_train))  # one commit per epoch, not by time
-    train(settings, data, reports.append, report_every_seconds=1e9, commit_every=1e9,
-          checkpoint_every_steps=steps_per_epoch, max_chunk=1)
-    return reports
-
-
-def commit_report(run: RunDir, case_id: str, report) -> None:
-    """What jobs.driver.Driver does with one report (histograms, then the commit)."""
-    by_phase: dict = {}
-    for row in report.histograms:
-        by_phase.setdefault(row["phase"], []).append(row)
-    for phase, rows in by_phase.items():
-        run.write_histograms(case_id, phase, rows)
-    entry = run.entry(case_id)
-    entry.step = int(report.progress.get("step", entry.step))
-    entry.epoch = int(report.progress.get("epoch", entry.epoch))
-    entry.state = "done" if report.status == "done" else "running"
-    run.commit(case_id, entry, checkpoint=report.checkpoint, tables={"metrics": report.rows, "layer_stats": report.layer_stats})
+from tests.helpers import SETTINGS, case_rows, commit_report, train_reports
 
 
 @pytest.fixture(scope="module")

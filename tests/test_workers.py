@@ -7,7 +7,6 @@ another (same rows as a worker per case), a failed case does not poison the next
 a worker SIGKILLed during its second case is replaced and that case resumed exactly once.
 """
 
-import json
 import math
 import os
 import signal
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import ledger, local_cluster, start_bplab, write_suite
 from workers import settings as settings_module
 from workers.data import load_dataset
 from workers.trainer import StepCache, train, unpack_checkpoint
@@ -142,47 +142,22 @@ def test_commits_are_paced_by_time():
 
 # ---------------------------------------------------------------------- on local Ray
 
-SUITE = """
-name: {name}
-defaults: {defaults}
-cases:
-{cases}
-"""
-
-
-def write_suite(tmp_path, name, cases: dict, **defaults) -> Path:
-    body = "\n".join(f"  {case}: {json.dumps(values)}" for case, values in cases.items())
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(SUITE.format(name=name, defaults=json.dumps({**MOONS, **defaults}), cases=body))
-    return path
+def moons_suite(tmp_path, name, cases: dict, **defaults) -> Path:
+    """A suite of MOONS cases (`defaults` over MOONS)."""
+    return write_suite(tmp_path, cases=cases, defaults=defaults, base=MOONS, name=f"{name}.yaml")
 
 
 @pytest.fixture(scope="module")
 def one_slot():
     """A Ray cluster with one CPU: one worker slot, so every case goes to the same worker."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    cluster.wait_for_nodes()
-    yield cluster.address
-    cluster.shutdown()
+    with local_cluster(head_cpus=1) as cluster:
+        yield cluster.address
 
 
-def bplab(address, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs", "run", *args, "--address", address, "--cpus-per-case", "1",
-                             "--progress-every", "0", "--no-report"], env=ENV, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def ledger(run_dir: Path) -> dict:
-    out = {}
-    for path in (run_dir / "ledger").glob("*.json"):
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        out[entry["name"]] = entry
-    return out
+def run_on(address, *args) -> subprocess.Popen:
+    """`bplab run ARGS` on the cluster at `address`, one CPU a case, quiet, no report."""
+    return start_bplab("run", *args, "--address", address, "--cpus-per-case", "1", "--progress-every", "0",
+                       "--no-report")
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
@@ -208,9 +183,9 @@ def files_per_case(run_dir: Path) -> dict:
 def test_one_worker_runs_cases_in_turn_and_a_failure_does_not_poison(one_slot, tmp_path):
     cases = {"bad": {"augment": True},  # fails in the worker: augmentation needs images
              "g1": {"seed": 1}, "g2": {"seed": 2, "activation": "relu"}, "g3": {"seed": 3}}
-    suite = write_suite(tmp_path, "turns", cases, epochs=300)
+    suite = moons_suite(tmp_path, "turns", cases, epochs=300)
     reused_dir, fresh_dir = tmp_path / "reused", tmp_path / "fresh"
-    process = bplab(one_slot, str(suite), "--out", str(reused_dir))
+    process = run_on(one_slot, str(suite), "--out", str(reused_dir))
     output, _ = process.communicate(timeout=800)
     assert process.returncode == 1, output[-3000:]  # the bad case failed, the others did not
     entries = ledger(reused_dir)
@@ -223,8 +198,8 @@ def test_one_worker_runs_cases_in_turn_and_a_failure_does_not_poison(one_slot, t
     assert [entries[name]["info"]["worker_cases"] for name in ("g1", "g2", "g3")] == [1, 2, 3]
     assert max(files_per_case(reused_dir).values()) <= 2  # commits by time: 300 steps, not 300 files
 
-    fresh_suite = write_suite(tmp_path, "fresh", {k: v for k, v in cases.items() if k != "bad"}, epochs=300)
-    process = bplab(one_slot, str(fresh_suite), "--out", str(fresh_dir), "--fresh-worker-per-case")
+    fresh_suite = moons_suite(tmp_path, "fresh", {k: v for k, v in cases.items() if k != "bad"}, epochs=300)
+    process = run_on(one_slot, str(fresh_suite), "--out", str(fresh_dir), "--fresh-worker-per-case")
     output, _ = process.communicate(timeout=800)
     assert process.returncode == 0, output[-3000:]
     fresh = ledger(fresh_dir)
@@ -251,14 +226,16 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path):
     """Commits every 3 s; the kill lands 2.5 s after the victim's second commit. By then the
     trainer's 2-second progress report has brought rows to the driver that no commit holds yet:
     a driver that kept them for the retried attempt would log those steps twice. The victim
-    learns by Kolen-Pollack, so its feedback weights B are part of what the retry restores."""
+    learns by Kolen-Pollack, so its feedback weights B are part of what the retry restores. The
+    victim and its control also measure alignment every 1,000 steps: those rows, too, are logged
+    once each and equal the control's."""
     steps = steps_in(24.0)  # the victim runs long enough for two commits and the kill (about 14 s here)
-    rule = {"schedule": "kolen-pollack", "weight_decay": 1e-3}
+    rule = {"schedule": "kolen-pollack", "weight_decay": 1e-3, "alignment_every": 1000}
     cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7, **rule},
              "control": {"seed": 7, "lr": 2.0000000001, **rule}}
-    suite = write_suite(tmp_path, "kill2", cases, epochs=steps, eval_every=1000)
+    suite = moons_suite(tmp_path, "kill2", cases, epochs=steps, eval_every=1000)
     run_dir = tmp_path / "run"
-    process = bplab(one_slot, str(suite), "--out", str(run_dir), "--commit-every", "3")
+    process = run_on(one_slot, str(suite), "--out", str(run_dir), "--commit-every", "3")
     deadline = time.monotonic() + 600
     victim = None
     while time.monotonic() < deadline and victim is None:
@@ -301,3 +278,15 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path):
                 np.testing.assert_array_equal(unit[name], unit_c[name])
     assert optimizer_state.keys() == optimizer_c.keys()
     assert all(np.array_equal(optimizer_state[k], optimizer_c[k]) for k in optimizer_c)
+    aligned = pd.read_parquet(run_dir / "alignment")
+    aligned["name"] = aligned["case_id"].astype(str).map(dict(pd.read_parquet(run_dir / "cases.parquet")[["case_id", "name"]].values))
+    assert not aligned.duplicated(["case_id", "step", "unit", "quantity"]).any(), "an alignment row was logged twice"
+    columns = ["step", "unit", "quantity", "value"]
+
+    def measured(name):
+        rows = aligned[aligned.name == name][columns].astype({"quantity": str})
+        return rows.sort_values(columns[:3]).reset_index(drop=True)
+
+    assert sorted(set(measured("victim")["step"])) == list(range(0, steps, 1000))
+    pd.testing.assert_frame_equal(measured("victim"), measured("control"))
+    assert {"signal_angle", "error_angle", "feedback_angle", "feedback_ratio"} <= set(measured("victim")["quantity"])

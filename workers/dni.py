@@ -33,6 +33,7 @@ def synthetic_step(step, x, y_onehot):
         g_hat = tf.matmul(state, variables["sg_w"]) + variables["sg_b"]
         d_y = tf.concat([tf.zeros_like(y[:, :-hidden]), g_hat], axis=1)  # no gradient for the carried image
         _, grads = net.backward_unit(index, d_y, cache, need_d_x=False, need_grads=True)
+        step.saw_error(index, d_y, first_column=d_y.shape[1] - hidden)
         step.update({index: grads}, lr=tf.constant(settings.recurrent_lr, dtype))
         acts.append(y)
         caches.append(cache)
@@ -46,6 +47,7 @@ def synthetic_step(step, x, y_onehot):
     batch = tf.cast(tf.shape(x)[0], dtype)
     for index in reversed(recurrent):
         state, g_hat = predictions[index]
+        step.interface(index, g_hat, true_d[:, -hidden:])
         error = g_hat - true_d[:, -hidden:]  # (B, hidden)
         errors.append(tf.reduce_mean(tf.reduce_sum(error * error, axis=1)))
         variables = net.variables[index]

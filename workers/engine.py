@@ -44,6 +44,9 @@ class Net:
         # The feedback weights proper: the entries named after a weight that carries the gradient down.
         self.feedback = [{name: var for name, var in state.items() if name in unit.feedback_names}
                          for unit, state in zip(model.units, self.rule_state)]
+        # A measured step's workers.alignment.Probe: told the error each unit receives in
+        # backward (None: nothing is measured, and backward is exactly what it was).
+        self.probe = None
 
     @property
     def depth(self) -> int:
@@ -131,6 +134,8 @@ class Net:
                 incoming = incoming + skip_rate * upsample_to(skip, incoming.shape)
             need_d_x = (index > down_to and index - 1 not in direct) or (index == down_to and need_input_grad)
             need_grads = want_grads is None or index in want_grads
+            if self.probe is not None and need_grads:
+                self.probe.saw_error(index, incoming)
             feedback = self.feedback[index] if use_feedback else None
             d_x, unit_grads = self.backward_unit(index, incoming, caches[index], need_d_x, need_grads, feedback)
             if need_grads:

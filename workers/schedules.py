@@ -30,9 +30,10 @@ def dilated_units(depth: int) -> tuple:
 class Stepper:
     """What a schedule works with: the net, the optimiser and counters of what it did."""
 
-    def __init__(self, net, optimizer, ctx, lr, settings, skip_rate=None):
+    def __init__(self, net, optimizer, ctx, lr, settings, skip_rate=None, probe=None):
         self.net, self.optimizer, self.ctx, self.lr, self.settings = net, optimizer, ctx, lr, settings
         self.skip_rate = skip_rate
+        self.probe = probe  # a measured step's workers.alignment.Probe (None: not measured)
         self.updates = [0] * net.depth
         self.forward_passes = 0
         self.units_forwarded = 0
@@ -43,7 +44,10 @@ class Stepper:
     def forward(self, x, start: int = 0, acts=None, caches=None):
         self.forward_passes += 1
         self.units_forwarded += self.net.depth - start
-        return self.net.forward(x, self.ctx, start=start, acts=acts, caches=caches)
+        acts, caches = self.net.forward(x, self.ctx, start=start, acts=acts, caches=caches)
+        if self.probe is not None:
+            self.probe.observe_forward(x, start, acts, caches)
+        return acts, caches
 
     def loss(self, output, y_onehot):
         return self.net.loss_and_gradient(output, y_onehot)
@@ -52,8 +56,21 @@ class Stepper:
         """Apply one optimiser step to each unit in `grads` (one stage), at `lr` or the step's."""
         self.stages += 1
         for index in sorted(grads):
+            if self.probe is not None:
+                self.probe.record_update(index, grads[index])
             self.optimizer.apply(index, grads[index], self.lr if lr is None else lr)
             self.updates[index] += 1
+
+
+    def saw_error(self, index: int, error, first_column: int = 0) -> None:
+        """A schedule that computes a unit's error outside Net.backward says so here (measured steps only)."""
+        if self.probe is not None:
+            self.probe.saw_error(index, error, first_column)
+
+    def interface(self, index: int, predicted, target) -> None:
+        """A synthetic gradient and the true gradient through time that arrived for it (measured steps only)."""
+        if self.probe is not None:
+            self.probe.interface(index, predicted, target)
 
 
 def standard(step: Stepper, x, y_onehot):

@@ -250,6 +250,10 @@ class CaseFields(_Settings):
     sign_feedback: SignFeedbackName = "usf"
     """sign-symmetry only: B = sqrt(2/(fan_in+fan_out)) sign(W) ('usf'), |M| sign(W) with M
     fixed random ('frsf') or |R| sign(W) with R redrawn every step ('brsf'), BioTorch's names."""
+    alignment_every: Annotated[int, Strict(), Field(ge=0)] = 0
+    """Every N steps, measure per layer how far the schedule's update is from the true
+    gradient of the training loss (cosine, angle, norm ratio; RUN/alignment); 0: never.
+    Training is the same with it on; a measured step costs about one more backward."""
 
 
 def _rule(field: str, message: str) -> PydanticCustomError:

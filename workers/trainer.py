@@ -35,6 +35,7 @@ class Report:
     checkpoint: bytes | None = None
     histograms: list = field(default_factory=list)
     layer_stats: list = field(default_factory=list)
+    alignment: list = field(default_factory=list)  # rows of measured steps (workers.alignment.rows)
     boundary: dict = field(default_factory=dict)  # 2-D data: columns of class-1 probability on a grid, at the end
     status: str = "running"  # running | done | diverged
     progress: dict = field(default_factory=dict)
@@ -167,7 +168,7 @@ def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
 # augmentation, when to log) or enter the step as a tensor (learning rate, skip rate, seed).
 # Every other setting is read while tracing, so it is part of a case's structure.
 PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std", "feedback_init",
-                   "steps_per_epoch", "layer_stats_every", "eval_every", "dilation_rate", "dilation_decay", "data")
+                   "steps_per_epoch", "layer_stats_every", "eval_every", "alignment_every", "dilation_rate", "dilation_decay", "data")
 CHUNK_SECONDS = 0.25  # aim for calls this long: tiny steps run many to a call, big ones one or a few
 CHUNK_BYTES = 32 << 20  # at most this much stacked input per call
 MAX_CHUNK = 2000
@@ -210,13 +211,16 @@ class Steps:
     tensor; K is a run-time length, so one trace serves any K and every step runs the same
     graph whatever the chunking), evaluating the whole test set after the steps flagged
     when the test set is small (`in_loop_eval`). `test_step` evaluates one test chunk.
+    `measured_chunk` is the same loop with a workers.alignment.Probe in each step, which
+    also returns the steps' measurements (keys in `traced["alignment_keys"]`); it is traced
+    only when a case measures, so `train_chunk` stays the step without it.
     """
 
     def __init__(self, settings, model, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
                  tf_dtype):
         import tensorflow as tf
 
-        from workers import optimizers, rules, schedules
+        from workers import alignment, optimizers, rules, schedules
         from workers.layers import Context
 
         self.model = model
@@ -237,7 +241,7 @@ class Steps:
             cost = loss_fn.logged_cost(output, y_onehot, "test") * tf.cast(tf.shape(x)[0], tf_dtype)
             return cost, loss_fn.correct(output, labels)
 
-        @tf.function(autograph=False, input_signature=[
+        chunk_signature = [
             tf.TensorSpec([None, *step_shape], tf_dtype),  # (K, B, ...): the K steps' inputs
             tf.TensorSpec([None, step_shape[0]], tf.int64),  # (K, B) labels
             tf.TensorSpec([None], tf_dtype),  # (K,) learning rate of each step
@@ -247,19 +251,29 @@ class Steps:
             tf.TensorSpec([None], tf.bool),  # (K,) evaluate the test set after this step
             tf.TensorSpec([None, *test_shape[1:]], tf_dtype),  # the test set (empty unless in_loop_eval)
             tf.TensorSpec([None], tf.int64),
-        ])
-        def train_chunk(xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
+        ]
+
+        def train_chunk(xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test, measure=False):
             k = tf.shape(xs)[0]
 
             def arrays(dtype):
                 return tf.TensorArray(dtype, size=k)
 
-            def body(i, losses, costs, corrects, extras, test_costs, test_corrects):
+            def body(i, losses, costs, corrects, extras, test_costs, test_corrects, *measured):
                 step_seed = tf.stack([seed, first_step + tf.cast(i, tf.int64)])
                 y_onehot = tf.one_hot(labels[i], num_classes, dtype=tf_dtype)
-                stepper = schedules.Stepper(net, optimizer, Context(training=True, seed=step_seed), lrs[i], settings,
-                                            skip_rates[i])
-                loss, output = schedule(stepper, xs[i], y_onehot)
+                ctx = Context(training=True, seed=step_seed)
+                x = xs[i]  # one tensor: the probe knows the schedule's first forward of the batch by it
+                probe = alignment.Probe(net, x, y_onehot, ctx) if measure else None
+                stepper = schedules.Stepper(net, optimizer, ctx, lrs[i], settings, skip_rates[i], probe=probe)
+                net.probe = probe
+                try:
+                    loss, output = schedule(stepper, x, y_onehot)
+                finally:
+                    net.probe = None
+                if measure:  # read after the schedule: the parameters it left
+                    traced["alignment_keys"], values = probe.finish()
+                    measured = (measured[0].write(i, values),)
                 names = sorted(stepper.extras)
                 traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes,
                               stages=stepper.stages, extra_names=names)
@@ -280,10 +294,12 @@ class Steps:
                     test_cost, test_correct = tf.zeros([], tf_dtype), tf.zeros([], tf.float32)
                 return (i + 1, losses.write(i, loss), costs.write(i, cost),
                         corrects.write(i, loss_fn.correct(output, labels[i])), extras.write(i, extra),
-                        test_costs.write(i, test_cost), test_corrects.write(i, test_correct))
+                        test_costs.write(i, test_cost), test_corrects.write(i, test_correct), *measured)
 
             start = (tf.constant(0), arrays(tf_dtype), arrays(tf_dtype), arrays(tf.float32), arrays(tf_dtype),
                      arrays(tf_dtype), arrays(tf.float32))
+            if measure:
+                start += (arrays(tf.float64),)  # (K, measurements)
             # parallel_iterations=1: step i+1 starts once step i has updated the variables
             _, *out = tf.while_loop(lambda i, *_: i < k, body, start, parallel_iterations=1)
             return tuple(array.stack() for array in out)
@@ -292,7 +308,11 @@ class Steps:
         def test_step(x, labels):
             return evaluate_on(x, labels)
 
-        self.train_chunk, self.test_step = train_chunk, test_step
+        self.test_step = test_step
+        self.train_chunk = tf.function(lambda *args: train_chunk(*args), autograph=False, input_signature=chunk_signature)
+        # the same steps with the measurement compiled in; traced on its first call only
+        self.measured_chunk = tf.function(lambda *args: train_chunk(*args, measure=True), autograph=False,
+                                          input_signature=chunk_signature)
 
     def load(self, params: list[dict], optimizer_state: dict | None, rule_state: list[dict] | None = None) -> None:
         """This case's weights, optimiser state (zeros for a new case) and learning-rule state
@@ -319,7 +339,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     """
     import tensorflow as tf
 
-    from workers import models, optimizers, rules, schedules
+    from workers import alignment, models, optimizers, rules, schedules
 
     tf.config.experimental.enable_op_determinism()
     tf_dtype = tf.as_dtype(dtype)
@@ -341,7 +361,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if resume is not None:
         params, optimizer_state, meta, rule_state = unpack_checkpoint(resume)
-        assert meta["settings"] == json.loads(json.dumps(settings.to_dict(), default=list)), "checkpoint of other settings"
+        # stored settings read back as from a cases table: a setting added since the checkpoint
+        # was written is at the value it ran with (workers.settings.from_json)
+        from workers.settings import from_json
+
+        assert from_json(meta["settings"]) == settings, "checkpoint of other settings"
         position = meta["position"]
     else:
         params, optimizer_state = model.init_params(settings.seed, dtype=np.dtype(dtype)), None
@@ -369,11 +393,18 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             total_correct += float(correct)
         return total_cost / len(x_test), total_correct / len(x_test)
 
+    measure_every = settings.alignment_every
+
+    def measured(step: int) -> bool:
+        return bool(measure_every) and step % measure_every == 0
+
     def chunk_end(step: int, limit: int) -> int:
         """Where the chunk from `step` must stop: commits, layer statistics and (outside the
-        loop) evaluations happen between calls."""
+        loop) evaluations happen between calls; a measured step is a call of its own."""
+        if measured(step):
+            return step + 1
         end = min(total_steps, step + limit)
-        for every in (checkpoint_every_steps, settings.layer_stats_every):
+        for every in (checkpoint_every_steps, settings.layer_stats_every, measure_every):
             if every:
                 end = min(end, (step // every + 1) * every)
         if not in_loop_eval:
@@ -428,15 +459,20 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                  for step in range(global_step, end)]
         started = time.perf_counter()
         wall_start = time.time()
-        out = steps.train_chunk(
+        measuring = measured(global_step)
+        out = (steps.measured_chunk if measuring else steps.train_chunk)(
             tf.constant(np.stack([x for x, _ in batches])), tf.constant(np.stack([y for _, y in batches])),
             tf.constant([optimizers.learning_rate(settings, e) for e in epochs], tf_dtype),
             tf.constant([schedules.dilation_rate(settings, e) for e in epochs], tf_dtype),
             tf.constant(settings.seed, tf.int64), tf.constant(global_step, tf.int64), tf.constant(flags, tf.bool),
             test_x, test_y)
-        losses, costs, corrects, extras, test_costs, test_corrects = (value.numpy() for value in out)
+        losses, costs, corrects, extras, test_costs, test_corrects, *measurements = (value.numpy() for value in out)
         seconds = (time.perf_counter() - started) / len(batches)
-        limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
+        if measuring:  # one step; its time is not the training's, so it does not size the next chunk
+            pending.alignment.extend(alignment.rows(traced["alignment_keys"], measurements[0][0], global_step,
+                                                    epochs[0], unit_names))
+        else:
+            limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
         for i, (x, _) in enumerate(batches):
             step, epoch = global_step + i, epochs[i]
             lr = optimizers.learning_rate(settings, epoch)

@@ -104,12 +104,13 @@ DATASETS: dict[str, Dataset] = {
             ]),
             dictionary=("layer", "quantity"),
         ),
-        # one row per case x step x unit x quantity (alignment of the updates with the true gradient)
+        # one row per case x measured step x unit x quantity (alignment_every; the quantities:
+        # workers/alignment.py): layer is the unit's name, unit its index from the bottom
         Dataset(
             "alignment", True,
-            pa.schema([("step", pa.int64()), ("epoch", pa.int64()), ("unit", pa.string()),
+            pa.schema([("step", pa.int64()), ("epoch", pa.int64()), ("layer", pa.string()), ("unit", pa.int64()),
                        ("quantity", pa.string()), ("value", pa.float64())]),
-            dictionary=("unit", "quantity"),
+            dictionary=("layer", "quantity"),
         ),
         Dataset(
             "weights", False,

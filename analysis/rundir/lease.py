@@ -2,7 +2,7 @@
 
 The lease is taken with an exclusive create, so of many drivers starting at once exactly one
 wins. A lease is live while its pid lives (same host) or, on another host, while its
-heartbeat is younger than ``stale_seconds``; an expired lease is taken over under a short
+heartbeat is younger than LEASE_STALE_SECONDS; an expired lease is taken over under a short
 takeover mark (``.driver.lock.takeover``, itself created exclusively), which also serialises
 renewals and releases, so a lease is never overwritten by anyone but its owner.
 """
@@ -41,8 +41,7 @@ class LeaseMixin:
             return None  # a torn lease: see _lease_state
         return holder if isinstance(holder, dict) else None
 
-    def take_lease(self, token: str, stale_seconds: float = LEASE_STALE_SECONDS, *,
-                   details: Mapping[str, Any] | None = None) -> None:
+    def take_lease(self, token: str, *, details: Mapping[str, Any] | None = None) -> None:
         """Claim the run for the driver holding ``token``; StorageError (one line) if another holds it.
 
         The run folder is created if needed. ``details`` (JSON-able, e.g. the suite and options
@@ -61,7 +60,7 @@ class LeaseMixin:
         for _ in range(3):
             if self._create_record(lock, record):
                 return
-            state, holder = self._lease_state(stale_seconds)
+            state, holder = self._lease_state()
             if state == "gone":
                 continue  # released in the meantime: try the exclusive create again
             if holder.get("token") == token:
@@ -72,7 +71,7 @@ class LeaseMixin:
             with self._takeover_mark() as marked:  # expired: take it over, one taker at a time
                 if not marked:
                     raise StorageError(f"{self.location}: another driver is taking over its expired {LOCK}; try again")
-                state, holder = self._lease_state(stale_seconds)  # look again, under the mark
+                state, holder = self._lease_state()  # look again, under the mark
                 if state == "live" and holder.get("token") != token:
                     raise StorageError(self._held_message(holder))
                 if state != "gone":
@@ -99,21 +98,21 @@ class LeaseMixin:
             if marked and (self.read_lock() or {}).get("token") == token:
                 self._files.delete(self._files.path(LOCK))
 
-    def lease_state(self, stale_seconds: float = LEASE_STALE_SECONDS) -> tuple[str, dict]:
+    def lease_state(self) -> tuple[str, dict]:
         """('gone' | 'live' | 'expired', the lease record): is a driver alive for this run? Reads only.
 
         'expired': the holder's process is gone (same host) or its heartbeat is older than
-        ``stale_seconds`` (another host); the record ({} when gone, or torn) says who it was and
+        LEASE_STALE_SECONDS (another host); the record ({} when gone, or torn) says who it was and
         when it was last seen (``heartbeat``, unix seconds)."""
         try:
-            return self._lease_state(stale_seconds)
+            return self._lease_state()
         except (OSError, pa.ArrowException):
             return "gone", {}
 
     def _create_record(self, path: str, record: dict) -> bool:
         return self._files.create_exclusive(path, json_bytes(record, f"{self.location}: {LOCK}"), record["token"])
 
-    def _lease_state(self, stale_seconds: float) -> tuple[str, dict]:
+    def _lease_state(self) -> tuple[str, dict]:
         """('gone' | 'live' | 'expired', the lease record)."""
         info = self._files.fs.get_file_info(self._files.path(LOCK))
         if info.type == pafs.FileType.NotFound:
@@ -121,7 +120,7 @@ class LeaseMixin:
         holder = self.read_lock()
         mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
         if holder is None:  # being written right now, or torn by a crash: judged by its age
-            return ("live" if time.time() - mtime < stale_seconds else "expired"), {}
+            return ("live" if time.time() - mtime < LEASE_STALE_SECONDS else "expired"), {}
         try:
             beat = float(holder.get("heartbeat", 0))
             pid = int(holder.get("pid", -1))
@@ -129,7 +128,7 @@ class LeaseMixin:
             beat, pid = mtime, -1
         if holder.get("host") == platform.node():
             return ("live" if _pid_alive(pid) else "expired"), holder
-        return ("live" if time.time() - beat < stale_seconds else "expired"), holder
+        return ("live" if time.time() - beat < LEASE_STALE_SECONDS else "expired"), holder
 
     def _held_message(self, holder: dict) -> str:
         if not holder:

@@ -7,7 +7,8 @@ Format versions (``format_version`` in manifest.json):
 
    - lists (metrics' ``updates``, ``layers``; cases' ``hidden``, ``quirks``) stored as JSON
      strings, and settings None in every case stored as all-null float64, in an untyped
-     cases table; a resumed run of that kind keeps writing JSON strings;
+     cases table; a resumed run of that kind keeps writing JSON strings; analysis.load
+     converts them, and the tables take such text through :func:`as_list`;
    - ledger entries without ``parts`` (the commit record) or without ``checkpoints`` (the
      kept generations with their SHA-256): every published part counts as committed and a
      checkpoint is checked as a zip archive instead of by its digest;
@@ -83,6 +84,23 @@ def parse_json_list(text: Any) -> tuple:
     if text is None or text == "":
         return ()
     return tuple(json.loads(text))
+
+
+def as_list(value: Any) -> Any:
+    """A list value as a list, however a frame holds it: a tuple (analysis.load), a numpy array
+    (pyarrow), a list, or JSON text ("[64, 64]": a frame read straight from an older run's
+    Parquet). Anything else comes back as it is."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)) and getattr(value, "ndim", 0) == 1:
+        return value.tolist()
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        return parsed if isinstance(parsed, list) else value
+    return value
 
 
 def typed_cases(table: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:

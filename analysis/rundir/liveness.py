@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from analysis.rundir.layout import LOCK, MANIFEST
-from analysis.rundir.lease import LEASE_STALE_SECONDS
 from analysis.rundir.ledger import ENDED
 from workers.text import duration
 
@@ -46,11 +45,11 @@ class Liveness:
         return "its driver"
 
 
-def driver_liveness(run, ledger_times: list[float] = (), stale_seconds: float = LEASE_STALE_SECONDS) -> Liveness:
+def driver_liveness(run, ledger_times: list[float] = ()) -> Liveness:
     """Read ``RUN/driver.lock``: alive (a live lease) or not, and when a driver was last seen:
     the later of the lease's heartbeat (its file's time when the record is torn) and the
     latest of ``ledger_times`` (the ledger entries' ``updated_at``)."""
-    state, holder = run.lease_state(stale_seconds)
+    state, holder = run.lease_state()
     seen = [t for t in ledger_times if isinstance(t, (int, float)) and t > 0]
     try:
         seen.append(float(holder["heartbeat"]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -26,8 +25,7 @@ from workers.errors import one_line
 class RepairMixin:
     """RunDir's verify / recover methods (mixed into RunDir)."""
 
-    def verify(self, case_ids: Iterable[str] | None = None, *, checkpoints: bool = True,
-               ledger: bool = True) -> list[tuple[str, int, str]]:
+    def verify(self, *, checkpoints: bool = True, ledger: bool = True) -> list[tuple[str, int, str]]:
         """Check the committed files of each case against its ledger entry, changing nothing.
 
         Returns ``(case_id, first damaged commit, what)`` for every case whose committed part
@@ -45,8 +43,6 @@ class RepairMixin:
             if problem is not None:
                 damage.append(("", 0, problem))
         for case_id, entry in sorted(entries.items()):
-            if case_ids is not None and case_id not in case_ids:
-                continue
             found = self._first_damage(entry, checkpoints=checkpoints)
             if found is None:
                 found = self._uncommitted_visible(entry)
