@@ -13,7 +13,8 @@
    metrics rows (20 train steps and 20 test rows, workers.trainer's columns) with the ledger
    entry done, and the end-of-case compaction (RunDir.compact_metrics).
 2. For each size, in a fresh process per measurement (imports not counted): the reference,
-   `analysis.load(RUN)` (what reading the run costs), then `write_report(RUN, out_dir=...)`,
+   `analysis.load(RUN, weights=False, layer_stats=False, datasets=[])` (reading the run's
+   metrics, cases and ledger: what any report must read), then `write_report(RUN, out_dir=...)`,
    timed apart. Prints wall and CPU seconds, peak RSS of the process (ru_maxrss: the most it
    held at once, load included), the figures drawn, the ratio report / load and, between
    sizes, the growth per case: (report seconds at n2 - at n1) / (n2 - n1).
@@ -166,8 +167,11 @@ def child(args) -> int:
     run = str(Path(args.dir) / "run")
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    if args.child == "load":
-        data = analysis.load(run)
+    if args.child == "load":  # the run's metrics, cases and ledger (the per-case datasets left out)
+        try:
+            data = analysis.load(run, weights=False, layer_stats=False, datasets=[])
+        except TypeError:  # --code of a checkout whose load reads no other datasets
+            data = analysis.load(run, weights=False, layer_stats=False)
         info = {"rows": len(data.metrics)}
     else:
         out = Path(args.out)

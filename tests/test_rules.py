@@ -543,3 +543,38 @@ def test_feedback_alignment_error_signal_aligns_within_the_quick_suite():
     final_params, _, _, final_state = last_state(train_reports(values))
     end = error_angle(final_params, final_state)
     assert start > 80 and end < 60, (start, end)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_alignment_measurement_of_feedback_alignment_agrees_with_numpy_and_falls_below_90():
+    """feedback-quick's fa case measures alignment every 22 steps (workers.alignment): the
+    hidden unit's error angle starts near 90 degrees and ends below 60, and at the last
+    measured step it is the angle NumPy computes here from that step's checkpointed weights,
+    feedback weights and batch (e B^T against e W^T)."""
+    from workers.data import load_dataset
+    from workers.trainer import batch_plan, epoch_order, unpack_checkpoint
+
+    values = suite_case("fa")
+    case = from_dict(values)
+    assert case.alignment_every == 22
+    reports = train_reports(values, checkpoint_every_steps=22)
+    rows = sorted((row for r in reports for row in r.alignment if row["quantity"] == "error_angle" and row["unit"] == 0),
+                  key=lambda row: row["step"])
+    assert rows[0]["step"] == 0 and rows[0]["value"] > 80 and rows[-1]["value"] < 60, (rows[0], rows[-1])
+    last = rows[-1]["step"]
+    checkpoints = {unpack_checkpoint(r.checkpoint)[2]["position"]["global_step"]: r.checkpoint
+                   for r in reports if r.checkpoint is not None}
+    params, _, _, state = unpack_checkpoint(checkpoints[last])  # the weights measured step `last` started from
+    data = load_dataset(case.data)
+    batch, steps_per_epoch = batch_plan(case, len(data.x_train))
+    epoch, in_epoch = divmod(last, steps_per_epoch)
+    index = epoch_order(case.seed, epoch, len(data.x_train))[in_epoch * batch:(in_epoch + 1) * batch]
+    x = data.x_train[index].reshape(batch, -1).astype(np.float32).astype(np.float64)
+    y = np.eye(10)[data.y_train[index]]
+    w = [{k: v.astype(np.float64) for k, v in unit.items()} for unit in params]
+    h = np.tanh(x @ w[0]["w"] + w[0]["b"])
+    e = softmax_error(h @ w[1]["w"] + w[1]["b"], y)
+    expected = angle(e @ state[1]["w"].astype(np.float64).T, e @ w[1]["w"].T)
+    assert abs(rows[-1]["value"] - expected) < 1e-3, (rows[-1]["value"], expected)
+
