@@ -1,3 +1,4 @@
+# Long module: one case's training as it runs (settings to traced or XLA-compiled chunks, the batches and example orders of a chunk, its rows as columns, checkpoints and resume), kept together so the order of a step reads in one place.
 """Run one training case: `train(settings, data, report, resume=None)`.
 
 The trainer never imports Ray and never touches storage: it hands rows, histograms and
