@@ -10,7 +10,9 @@ Steps run in chunks: one call of a traced tf.while_loop runs K steps (K grows un
 takes about CHUNK_SECONDS), so a tiny full-batch step is not bound by the cost of a call,
 and every step still logs its row. A worker keeps the traced steps of a case's structure
 (`StepCache`) for the next case of the same structure; what differs per case (weights,
-optimiser state, learning rates, seeds) is variable state or a tensor argument.
+optimiser state, learning rates, seeds) is variable state or a tensor argument. A chunk
+runs as a traced graph or compiled with XLA (`compile_plan`, the `compile` setting), and
+its rows leave as columns (workers.columns.Rows), never as a dict per row.
 """
 
 from __future__ import annotations
