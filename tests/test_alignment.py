@@ -40,22 +40,24 @@ def make(schedule, model="mlp", hidden=(6, 5), optimizer="sgd", **extra):
     return settings, built, params, xs, labels, num_classes
 
 
-def measured_steps(settings, built, params, xs, labels, num_classes, break_probe=None):
-    """Run len(xs) measured steps through the trainer's measured chunk; per step the
-    parameters before it, its rows {(layer, quantity): value} and the parameters after."""
-    steps = Steps(settings, built, num_classes, xs.shape[1:], (1, *xs.shape[2:]), False, tf.float64)
+def measured_steps(settings, built, params, xs, labels, num_classes, compile_mode="graph"):
+    """Run len(xs) measured steps through the trainer's measured chunk (traced, or compiled
+    with XLA); per step the parameters before it, its rows {(layer, quantity): value} and the
+    parameters after."""
+    steps = Steps(settings, built, num_classes, xs.shape[1:], (1, *xs.shape[2:]), False, tf.float64, compile_mode)
     steps.load(params, None)
     out = []
     for index in range(len(xs)):
         before = steps.net.numpy_params()
-        result = steps.measured_chunk(
+        result = steps.run_measured((
             tf.constant(xs[index:index + 1]), tf.constant(labels[index:index + 1], tf.int64),
             tf.constant([LR], tf.float64), tf.constant([schedules.dilation_rate(settings, 0)], tf.float64),
             tf.constant(1, tf.int64), tf.constant(index, tf.int64), tf.constant([False]),
-            tf.zeros([0, *xs.shape[2:]], tf.float64), tf.zeros([0], tf.int64))
+            tf.zeros([0, *xs.shape[2:]], tf.float64), tf.zeros([0], tf.int64)))
         rows = alignment.rows(steps.traced["alignment_keys"], result[-1].numpy()[0], index, 0,
                               [unit.name for unit in built.units])
         out.append((before, {(r["layer"], r["quantity"]): r["value"] for r in rows}, steps.net.numpy_params()))
+    assert steps.measured_fallback is None  # XLA compiled the measured step (no fallback to the graph)
     return out
 
 
@@ -222,10 +224,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("schedule", sorted(CASES))
-def test_every_number_matches_the_oracle(schedule):
+@pytest.mark.parametrize("schedule, compile_mode", [*((name, "graph") for name in sorted(CASES)), ("unfair-back", "xla")])
+def test_every_number_matches_the_oracle(schedule, compile_mode):
+    """compile xla: the measured step compiled by XLA (as a case with `compile: xla` or auto's
+    XLA runs it) reports the same numbers, unfair-back updating units several times."""
     settings, built, params, xs, labels, num_classes = make(schedule, **CASES[schedule])
-    steps = measured_steps(settings, built, params, xs, labels, num_classes)
+    steps = measured_steps(settings, built, params, xs, labels, num_classes, compile_mode)
     assert len(steps) == 2
     for index, (before, got, after) in enumerate(steps):
         want, oracle_after = expected(schedule, settings, built, before, xs[index], labels[index], num_classes)
@@ -379,6 +383,44 @@ def test_training_is_bit_identical_with_alignment_on(schedule):
     assert {row["epoch"] for row in measured if row["step"] == 6} == {1}
     per_step = len(measured) // 4
     assert per_step == 9 * 4 + (1 if schedule == "unfair-back" else 9)  # signal x3 + update per unit; error rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("schedule", ["unfair-back", "adversarial"])
+def test_compiled_training_is_bit_identical_with_alignment_on(schedule):
+    """compile xla: the steps between measured ones run the very executable they run with
+    alignment off (one trace of the unmeasured chunk for both cases), and the measured step,
+    compiled by XLA on its own, leaves the same weights: every metrics row and the weights
+    after 24 steps are equal bit for bit (measured, float32, SGD and Adam; the tolerance for
+    XLA fusing the measured step differently was not needed)."""
+    from workers.data import load_dataset
+    from workers.trainer import StepCache, train, unpack_checkpoint
+
+    def case_run(cache, **changes):
+        case = settings_module.from_dict({"model": "mlp", "hidden": [8, 8], "schedule": schedule, "compile": "xla",
+                                          "optimizer": "adam" if schedule == "adversarial" else "sgd", "lr": 0.05,
+                                          "batch_size": 40, "epochs": 6,
+                                          "data": {"name": "moons", "samples": 200, "noise": 0.2}, **changes})
+        reports = []
+        train(case, load_dataset(case.data), reports.append, cache=cache, max_chunk=5)
+        params = unpack_checkpoint([r.checkpoint for r in reports if r.checkpoint is not None][-1])[0]
+        rows = [{k: v for k, v in row.items() if k not in ("wall_time", "examples_per_sec")}
+                for r in reports for row in r.rows]
+        return params, rows, [row for r in reports for row in r.alignment], reports[0].info
+
+    cache = StepCache()
+    params_off, rows_off, none, info_off = case_run(cache)
+    (steps,) = cache.entries.values()
+    assert steps.measured_chunk.experimental_get_tracing_count() == 0 and "alignment_compile" not in info_off
+    params_on, rows_on, measured, info_on = case_run(cache, alignment_every=5)
+    assert cache.hits == 1 and steps.train_chunk.experimental_get_tracing_count() == 1  # the same executable
+    assert info_on["compile"] == "xla" and info_on["alignment_compile"] == "xla"
+    assert none == [] and rows_on == rows_off and len(rows_on) == 24 + 6
+    for unit_off, unit_on in zip(params_off, params_on):
+        for name in unit_off:
+            np.testing.assert_array_equal(unit_on[name], unit_off[name])
+    assert sorted({row["step"] for row in measured}) == [0, 5, 10, 15, 20]
 
 
 # ---------------------------------------------------------------------- stored like metrics

@@ -8,6 +8,8 @@
   and a resumed case keeps the choice its checkpoint names;
 - a structure XLA rejects (dcn's max-pool gradient under op determinism) is an explicit error
   when XLA was asked for, and an explicit fallback (info and log) under auto;
+- a case that measures alignment runs compiled too: resumed bit-identically, and a measured
+  step XLA rejects runs the graph, said in the case's info and log;
 - the metrics table the column path writes equals the one the row-dict path wrote
   (tests/fixtures/rows-v1, written by the code before columns), column for column.
 """
@@ -126,9 +128,9 @@ def test_auto_resolves_by_its_rule():
     assert settings(compile="auto").digest() == settings().digest() != settings(compile="xla").digest()
     with pytest.raises(settings_module.SettingsError, match="compile"):
         settings(compile="jit")
-    assert plan(alignment_every=10) == ("graph", "auto: alignment measured (alignment_every)")
-    with pytest.raises(settings_module.SettingsError, match="^case.compile: xla does not measure alignment"):
-        settings(compile="xla", alignment_every=10)
+    # a case that measures alignment resolves like one that does not (its measured steps are compiled too)
+    assert plan(alignment_every=10) == plan() and plan(alignment_every=10, steps=9_999)[0] == "graph"
+    assert settings(compile="xla", alignment_every=10).compile == "xla"
 
 
 @pytest.mark.timeout(300)
@@ -174,6 +176,63 @@ def test_a_structure_xla_rejects_is_an_error_when_asked_and_an_explicit_fallback
     assert rows_of(fallen) == rows_of(graph)  # the same numbers as the graph path
     again = run(settings(**DCN, seed=4), cache=cache)  # the worker remembers: no second attempt
     assert again[0].info["compile"] == "graph" and cache.hits == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_compiled_case_with_alignment_resumes_bit_identically():
+    """compile xla with alignment_every: a run killed after its second checkpoint and resumed
+    with another chunking has the same metrics and alignment rows, each once, and the same
+    weights as the uninterrupted run."""
+    case = settings(compile="xla", epochs=24, eval_every=4, alignment_every=5)
+    cache = StepCache()  # one worker: the executables are compiled once for the three runs
+    whole = run(case, cache=cache, max_chunk=2000, checkpoint_every_steps=7)
+    assert whole[0].info["alignment_compile"] == "xla"
+    part = run(case, cache=cache, max_chunk=2000, checkpoint_every_steps=7, stop_after_checkpoints=2)
+    assert unpack_checkpoint(checkpoints(part)[-1])[2]["position"]["global_step"] == 14
+    rest = run(case, cache=cache, resume=checkpoints(part)[-1], max_chunk=3, checkpoint_every_steps=7)
+
+    def committed(reports):  # what the driver commits: reports up to the last checkpoint
+        last = max(i for i, r in enumerate(reports) if r.checkpoint is not None)
+        return reports[:last + 1]
+
+    aligned = lambda reports: [row for r in committed(reports) for row in r.alignment]  # noqa: E731
+    assert rows_of(committed(part)) + rows_of(rest) == rows_of(whole)
+    assert aligned(part) + aligned(rest) == aligned(whole)
+    assert sorted({row["step"] for row in aligned(whole)}) == [0, 5, 10, 15, 20]
+    assert state(checkpoints(whole)[-1]) == state(checkpoints(rest)[-1])
+
+
+@pytest.mark.timeout(120)
+def test_a_measured_step_xla_rejects_runs_the_graph_and_says_so(monkeypatch, capfd):
+    """A measurement XLA cannot compile (here made so: a NumPy call in it) runs the measured
+    steps on the graph, said in the case's info and log; the steps between stay compiled and
+    the measured steps' numbers are the graph's."""
+    import tensorflow as tf
+
+    from workers import alignment
+
+    finish = alignment.Probe.finish
+
+    def with_numpy(self):
+        keys, values = finish(self)
+        return keys, tf.numpy_function(lambda v: v, [values], tf.float64, stateful=False)
+
+    cache = StepCache()
+    off = run(settings(compile="xla", epochs=12), cache=cache)
+    monkeypatch.setattr(alignment.Probe, "finish", with_numpy)
+    on = run(settings(compile="xla", epochs=12, alignment_every=4), cache=cache)
+    info = on[0].info
+    assert info["compile"] == "xla" and info["alignment_compile"] == "graph"
+    assert info["alignment_compile_why"].startswith("XLA rejected the measured step:") and "\n" not in info["alignment_compile_why"]
+    assert "this case's measured steps run the traced graph" in capfd.readouterr().err
+    assert sorted({row["step"] for r in on for row in r.alignment}) == [0, 4, 8]
+    # the measured steps ran the graph's ops: the rows are XLA's but for the graph's float32
+    # rounding in those steps (within the measured tolerance of test_xla_numbers_...)
+    cost = {name: np.array([row["cost"] for row in rows_of(reports)]) for name, reports in (("on", on), ("off", off))}
+    assert len(cost["on"]) == len(cost["off"]) == 24
+    assert np.max(np.abs(cost["on"] - cost["off"]) / np.abs(cost["off"])) <= 1e-6
+    again = run(settings(compile="xla", epochs=12, alignment_every=4, seed=3), cache=cache)  # remembered in the worker
+    assert again[0].info["alignment_compile"] == "graph" and cache.hits == 2
 
 
 def commit_all(run_dir: Path, cases: dict, rows_as) -> Path:

@@ -279,9 +279,6 @@ class CaseSettings(CaseFields):
             raise _rule("sign_feedback", f"only the sign-symmetry schedule reads it, not {self.schedule!r}")
         if self.schedule == "synthetic" and self.model != "dni_rnn":
             raise _rule("schedule", f"synthetic gradients need model dni_rnn, not {self.model!r}")
-        if self.compile == "xla" and self.alignment_every:
-            raise _rule("compile", "xla does not measure alignment (alignment_every): measured steps run the traced "
-                        "graph; use compile: graph or auto")
         if self.augment and self.batch_size == 1:
             raise _rule("batch_size", "augment needs batch_size >= 2 (batch_size//2 originals + their copies)")
         if "adam_tf1_unordered_reads" in self.quirks and (

@@ -261,14 +261,14 @@ def compile_plan(settings, model, device: str, total_steps: int, resumed: str | 
     measured (benchmarks/README.md, "Compiled chunks"). A resumed case runs the way its checkpoint says it ran (`resumed`; a
     checkpoint from before this choice existed ran the graph), so its numbers continue
     bit-identically. If XLA cannot compile a structure that `auto` sent to it, the case runs
-    the graph and says so (train(): info["compile_why"] and the case's log)."""
-    measures = bool(settings.alignment_every)  # compile: xla with it is refused by the settings
+    the graph and says so (train(): info["compile_why"] and the case's log). A case that
+    measures alignment (`alignment_every`) resolves the same way: its measured steps are
+    compiled too (Steps.run_measured; if XLA cannot compile them, they run the graph and
+    info["alignment_compile_why"] says so)."""
     if settings.compile != "auto":
         return settings.compile, "asked"
     if resumed is not None:
         return resumed, "resumed as it ran"
-    if measures:  # a measured step is the graph's: the steps between stay the graph's too
-        return "graph", "auto: alignment measured (alignment_every)"
     convolutional = any(type(op).__name__ == "Conv2D" for unit in model.units for op in unit.ops)
     if device != "cpu":
         return "graph", f"auto: {device} (XLA not measured there)"
@@ -492,6 +492,15 @@ class Steps:
         self.fallback = None  # why this graph stands for an XLA structure XLA rejected
         self.seconds_per_step = None  # XLA: of the last call (the next case's first chunk length)
         self.buffers: dict = {}  # XLA: the padded inputs of a call, reused
+        # The same steps with the measurement compiled in: a function of its own, traced (and
+        # for XLA compiled, for K = 1: a measured step is a call of its own) on its first call
+        # only, so the steps between run the very executable they run with alignment off.
+        def measured_chunk(xs, *args):
+            return train_chunk(tf.shape(xs)[0], xs, *args, measure=True)
+
+        self.measured_graph = lambda: tf.function(measured_chunk, autograph=False, input_signature=chunk_signature)
+        self.measured_fallback = None  # XLA: why its measured steps run the traced graph
+        self.measured_once = False  # a measured step has run
         if compile_mode == "xla":
             # One executable per padded K (see run_chunk); the loop runs the first `count` steps.
             @tf.function(autograph=False, jit_compile=True, input_signature=[tf.TensorSpec([], tf.int32), *chunk_signature])
@@ -500,6 +509,8 @@ class Steps:
 
             self.train_chunk = compiled_chunk
             self.test_step = tf.function(evaluate_on, autograph=False, jit_compile=True, input_signature=test_signature)
+            self.measured_chunk = tf.function(measured_chunk, autograph=False, jit_compile=True,
+                                              input_signature=chunk_signature)
         else:
             @tf.function(autograph=False, input_signature=chunk_signature)
             def traced_chunk(xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
@@ -508,16 +519,13 @@ class Steps:
 
             self.train_chunk = traced_chunk
             self.test_step = tf.function(evaluate_on, autograph=False, input_signature=test_signature)
-            # the same steps with the measurement compiled in; traced on its first call only
-            self.measured_chunk = tf.function(
-                lambda xs, *args: train_chunk(tf.shape(xs)[0], xs, *args, measure=True), autograph=False,
-                input_signature=chunk_signature)
+            self.measured_chunk = self.measured_graph()
 
     def run_chunk(self, xs: np.ndarray, labels: np.ndarray, lrs: np.ndarray, skip_rates: np.ndarray, seed: int,
                   first_step: int, eval_flags: np.ndarray, x_test, y_test, capacity: int = 0,
                   measure: bool = False) -> tuple[np.ndarray, ...]:
         """Run the K = len(xs) steps; (losses, costs, corrects, extras, test costs, test corrects), K each,
-        and with `measure` (the graph path only) the steps' alignment measurements.
+        and with `measure` the steps' alignment measurements (see run_measured).
 
         The graph path takes the K steps as they are (K is a run-time length: one trace for
         every K). An XLA executable is compiled for one shape, so the compiled path pads K to
@@ -528,10 +536,10 @@ class Steps:
         k = len(xs)
         tf_dtype = self.net_dtype
         scalars = (tf.constant(seed, tf.int64), tf.constant(first_step, tf.int64))
-        if self.compile_mode != "xla":
-            out = (self.measured_chunk if measure else self.train_chunk)(tf.constant(xs), tf.constant(labels), tf.constant(lrs, tf_dtype),
-                                   tf.constant(skip_rates, tf_dtype), *scalars, tf.constant(eval_flags, tf.bool),
-                                   x_test, y_test)
+        if measure or self.compile_mode != "xla":
+            args = (tf.constant(xs), tf.constant(labels), tf.constant(lrs, tf_dtype), tf.constant(skip_rates, tf_dtype),
+                    *scalars, tf.constant(eval_flags, tf.bool), x_test, y_test)
+            out = self.run_measured(args) if measure else self.train_chunk(*args)
             return tuple(value.numpy() for value in out)
         padded = max(capacity, 1 << max(0, k - 1).bit_length())
 
@@ -551,6 +559,25 @@ class Steps:
                                pad("lrs", lrs, numpy_dtype), pad("skips", skip_rates, numpy_dtype), *scalars,
                                pad("flags", eval_flags, bool), x_test, y_test)
         return tuple(value.numpy()[:k] for value in out)
+
+    def run_measured(self, args: tuple):
+        """The measured steps of `args` (unpadded: XLA compiles them for K = 1). If XLA cannot
+        compile the measured step of a structure whose other steps it runs, the measured steps
+        run the traced graph from then on, on the same variables, and `measured_fallback` says
+        why (train() puts it in the case's info and log)."""
+        import tensorflow as tf
+
+        if self.compile_mode != "xla" or self.measured_fallback is not None or self.measured_once:
+            out = self.measured_chunk(*args)
+        else:
+            try:
+                out = self.measured_chunk(*args)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:  # nothing ran
+                self.measured_fallback = f"XLA rejected the measured step: {_first_line(error)}"
+                self.measured_chunk = self.measured_graph()
+                out = self.measured_chunk(*args)
+        self.measured_once = True
+        return out
 
     def load(self, params: list[dict], optimizer_state: dict | None, rule_state: list[dict] | None = None) -> None:
         """This case's weights, optimiser state (zeros for a new case) and learning-rule state
@@ -622,9 +649,10 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
         return cache.get(structure_key(*shape_key, compile_mode=mode), build)
 
-    def fall_back(error) -> "Steps":
+    def fall_back(error, failed: "Steps") -> "Steps":
         """XLA could not compile this structure: the graph path under auto (said in the case's info
-        and log, and kept for this structure in this worker); an error if XLA was asked for."""
+        and log, and kept for this structure in this worker); an error if XLA was asked for. The
+        graph continues from `failed`'s variables (a measured step may have run before)."""
         reason = f"XLA rejected the step: {_first_line(error)}"
         if compile_why != "auto" and not compile_why.startswith("auto:"):  # asked, or resumed from an XLA run
             from workers.settings import SettingsError
@@ -634,7 +662,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         graph = Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, "graph")
         graph.fallback = f"auto: {reason}"
         cache.entries[structure_key(*shape_key, compile_mode="xla")] = graph
-        graph.load(params, optimizer_state, rule_state)
+        graph.load(failed.net.numpy_params(), failed.optimizer.state(), failed.net.numpy_rule_state())
         return graph
 
     steps = steps_for(compile_mode)
@@ -715,10 +743,14 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             x = x.astype(dtype, copy=False)
         return x, labels
 
-    pending = Report(info={"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch,
-                           "model": model.describe(), "tensorflow": tf.__version__,
-                           "compile": compile_mode, "compile_why": compile_why,
-                           **({"xla_flags": flags} if compile_mode == "xla" else {})})
+    info = {"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch, "model": model.describe(),
+            "tensorflow": tf.__version__, "compile": compile_mode, "compile_why": compile_why,
+            **({"xla_flags": flags} if compile_mode == "xla" else {})}
+    if measure_every and compile_mode == "xla":  # how its measured steps run (see Steps.run_measured)
+        info["alignment_compile"] = "graph" if steps.measured_fallback else "xla"
+        if steps.measured_fallback:
+            info["alignment_compile_why"] = steps.measured_fallback
+    pending = Report(info=info)
     if resume is None:
         pending.histograms = weight_histograms(model, params, "before", rule_state)
     global_step = position["global_step"]
@@ -761,14 +793,21 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 out = steps.run_chunk(xs, labels, lrs, skips, settings.seed, global_step, np.array(flags, bool), test_x,
                                       test_y, capacity, measure=measuring)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
-                if steps.compile_mode != "xla" or steps.compiled_once:
+                if steps.compile_mode != "xla" or steps.compiled_once or measuring:
                     raise
-                steps = fall_back(error)  # nothing ran: XLA compiles before a step runs
+                steps = fall_back(error, steps)  # this call ran nothing: XLA compiles before a step runs
                 net, optimizer, traced = steps.net, steps.optimizer, steps.traced
                 compile_mode, compile_why = steps.compile_mode, steps.fallback
-                pending.info = {**{k: v for k, v in pending.info.items() if k != "xla_flags"}, "compile": compile_mode,
-                                "compile_why": compile_why}
-        steps.compiled_once = True
+                info = {**{k: v for k, v in info.items() if not k.startswith(("xla_flags", "alignment_compile"))},
+                        "compile": compile_mode, "compile_why": compile_why}
+                pending.info = info
+        if measuring and steps.compile_mode == "xla" and "alignment_compile_why" not in info and steps.measured_fallback:
+            print(f"bplab: compile: {steps.measured_fallback}; this case's measured steps run the traced graph",
+                  file=sys.stderr, flush=True)
+            info = {**info, "alignment_compile": "graph", "alignment_compile_why": steps.measured_fallback}
+            pending.info = info  # the driver keeps a report's info whole: all of it again
+        if not measuring:
+            steps.compiled_once = True
         losses, costs, corrects, extras, test_costs, test_corrects, *measurements = out
         seconds = (time.perf_counter() - started) / len(xs)
         if measuring:  # one step; its time is not the training's, so it does not size the next chunk
