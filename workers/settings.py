@@ -257,7 +257,8 @@ class CaseFields(_Settings):
     compile: Literal["auto", "graph", "xla"] = "auto"
     """How the training steps run: graph (a traced TensorFlow graph), xla (compiled with XLA) or
     auto (XLA on a CPU for a model without convolutions that trains 10,000 steps or more, else
-    the graph); the ledger records the choice (info.trainer.compile) and a resumed case keeps it."""
+    the graph; a case measuring alignment too: its measured steps are compiled like the others);
+    the ledger records the choice (info.trainer.compile) and a resumed case keeps it."""
 
 
 def _rule(field: str, message: str) -> PydanticCustomError:
