@@ -59,7 +59,7 @@ from analysis.report_context import (  # noqa: F401  (Progress, ReportError, ...
     Section,
     markdown_table,
 )
-from analysis.rundir import DATASETS
+from analysis.rundir import DATASETS, RunDir
 from analysis.stats import against_baseline, factor_table
 
 # The metrics columns the report reads (skips forward_passes, stages, ...).
@@ -469,7 +469,7 @@ def default_report_dir(runs: Sequence[str | os.PathLike], baseline: str | None =
     runs = list(runs)
     folder = local_path(runs[0]) if len(runs) == 1 else None
     if folder is not None:
-        return folder / f"report{suffix}"
+        return folder / Path(RunDir(folder).report_folder(suffix)).name  # as given (relative stays relative)
     name = "+".join(safe_name(label) for label in _run_labels(runs))
     if len(name) > 100:  # long lists of runs: a short, stable name
         import hashlib

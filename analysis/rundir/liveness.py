@@ -28,6 +28,8 @@ from workers.text import duration
 
 #: The states a case is shown in: the ledger's, and ``interrupted`` (started, not finished, no driver alive).
 INTERRUPTED = "interrupted"
+#: Why a folder is not a run, in a few words.
+NO_MANIFEST = f"no {MANIFEST}"
 
 
 @dataclass(frozen=True)
