@@ -120,9 +120,11 @@ def partial_section(ctx: ReportContext) -> Section | None:
     if not len(not_done):
         return None
     shown = [c for c in [*ctx.keys, "name", "state", "reason_class", "reason", "epochs"] if c in not_done]
+    interrupted = [f"> {line}" for line in ctx.interrupted_lines()]  # no driver alive: how to continue
     return Section(None, [
         f"> **PARTIAL RUN**: {len(not_done)} of {len(table)} cases are not done. Their numbers are "
-        "incomplete; seed summaries, factor and baseline tables leave them out.", "",
+        "incomplete; seed summaries, factor and baseline tables leave them out.",
+        *([">", *interrupted] if interrupted else []), "",
         markdown_table(not_done[shown], max_rows=ROWS_SHOWN_MANY if ctx.many else None)],
         csvs={"not_done": not_done[shown]})
 

@@ -19,7 +19,8 @@ import pandas as pd
 from analysis.flags import flag_cases
 from analysis.labels import setting_labels, varying_settings
 from analysis.load import RunData, case_keys
-from analysis.rundir import RunDir
+from analysis.rundir import ENDED, RunDir, StorageError
+from analysis.rundir.liveness import Liveness, display_state, driver_liveness, interrupted_line
 from analysis.stats import seed_summary
 from analysis.tables import SUMMARY_COLUMNS, as_str_keys, epoch_summary, per_case, update_counts
 
@@ -145,8 +146,54 @@ class ReportContext:
 
     @cached_property
     def table(self) -> pd.DataFrame:
-        """One row per case (analysis.tables.per_case)."""
-        return per_case(self.data.metrics, self.cases, target_accuracy=self.options.target_accuracy)
+        """One row per case (analysis.tables.per_case); `state` as `bplab status` shows it: a
+        case started and not finished in a run no driver holds is ``interrupted``."""
+        table = per_case(self.data.metrics, self.cases, target_accuracy=self.options.target_accuracy)
+        if len(table) and (~table["complete"]).any():
+            table["state"] = self._shown_states(table)
+        return table
+
+    @cached_property
+    def drivers(self) -> dict[str, Liveness]:
+        """Run label -> whether a driver holds it, and when one was last seen (the lease and
+        the ledger's times, analysis.rundir.liveness)."""
+        ledger = self.data.ledger
+        out = {}
+        for label in self.data.paths:
+            rows = ledger[ledger["run"].astype(str) == label] if "run" in ledger else ledger
+            times = pd.to_numeric(rows.get("updated_at", pd.Series([], dtype=float)), errors="coerce").dropna()
+            try:
+                out[label] = driver_liveness(self._run(label), times.tolist())
+            except (StorageError, OSError):  # not readable now: the ledger's states stand
+                out[label] = Liveness(alive=True)
+        return out
+
+    def _shown_states(self, table: pd.DataFrame) -> np.ndarray:
+        """The states of `table`'s rows as display_state gives them from the ledger entries."""
+        ledger = as_str_keys(self.data.ledger)
+        if not all(k in ledger for k in self.keys):
+            return table["state"].to_numpy()
+        entries = {tuple(row[k] for k in self.keys): row for row in ledger.to_dict("records")}
+        only = next(iter(self.data.paths))
+        shown = []
+        for key, state in zip(table[self.keys].astype(str).itertuples(index=False, name=None), table["state"]):
+            entry = entries.get(key)
+            label = key[0] if len(key) == 2 else only
+            shown.append(state if entry is None or state == "done" or label not in self.data.paths
+                         else display_state(entry, self.drivers[label]))
+        return np.array(shown, dtype=object)
+
+    def interrupted_lines(self) -> list[str]:
+        """Per run left unfinished with no driver alive: what happened and the command that
+        continues it (analysis.rundir.liveness.interrupted_line)."""
+        lines = []
+        for label, location in self.data.paths.items():
+            rows = self.table[self.table["run"].astype(str) == label] if "run" in self.table else self.table
+            unfinished = int((~rows["state"].isin(ENDED)).sum())
+            line = interrupted_line(location, self.drivers[label], unfinished) if unfinished else None
+            if line:
+                lines.append(line if len(self.data.paths) == 1 else f"{label}: {line}")
+        return lines
 
     @cached_property
     def epochs(self) -> pd.DataFrame:
