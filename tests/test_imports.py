@@ -4,6 +4,8 @@ Lowest first: workers (the trainer side; imports no other bplab package), analys
 run directory's format), the rest of analysis, jobs. A module may import its own layer and the
 ones below it, never one above; the imports (also those inside functions) form no circle.
 tests/ and benchmarks/ may import anything. A module over 600 lines says why on its first line.
+Only analysis/rundir knows a run directory's file names: no other module imports its layout or
+joins one of those names into a path.
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ NOT_INTO_A_RUN = {
 
 
 def run_names() -> set[str]:
-    """Every top-level name of a run directory (analysis.rundir.layout), and its folder names
-    below the top (ledger files, partitions) are caught by their top-level folder."""
+    """Every top-level name of a run directory (analysis.rundir.layout.LAYOUT_NAMES); a path
+    deeper in a run (a ledger file, a partition) starts with one of them."""
     from analysis.rundir import layout
 
     return set(layout.LAYOUT_NAMES)
