@@ -30,7 +30,7 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -60,6 +60,10 @@ LEDGER_COLUMNS = [
 NO_LEDGER_STATE = "unknown"
 # The datasets that are RunData fields of their own; every other registered one is in `more`.
 _FIELDS = ("metrics", "weights", "layer_stats")
+# Heavy per-case datasets (not in _FIELDS): `load` reads them on first access of the attribute,
+# not up front. A decision-boundary grid is 14,400 rows a case: 400 cases' grids held most of
+# a default load's memory (benchmarks/README.md), and only a few figures read them.
+LAZY = ("boundary",)
 
 
 @dataclass
@@ -84,10 +88,17 @@ class RunData:
     """run label -> the path or URI it was read from."""
     more: dict[str, pd.DataFrame] = field(default_factory=dict)
     """The other registered datasets (boundary, alignment, ...), by name."""
+    pending: dict[str, Callable[[], pd.DataFrame]] = field(default_factory=dict, repr=False)
+    """Datasets not read yet (LAZY): name -> what reads them; read on first access, then in `more`."""
 
     def __getattr__(self, name: str) -> pd.DataFrame:
         more = self.__dict__.get("more") or {}
         if name in more:
+            return more[name]
+        pending = self.__dict__.get("pending") or {}
+        if name in pending:
+            more[name] = pending[name]()  # the rows committed when load ran (its ledger)
+            del pending[name]
             return more[name]
         raise AttributeError(f"RunData has no {name!r} (datasets: {', '.join(DATASETS)})")
 
@@ -369,9 +380,15 @@ def _read_one(
     ledger = _ledger_frame(entries)
     frames = {"manifest": run.manifest(), "cases": _merge_state(_read_cases(run), ledger), "ledger": ledger}
     split_filter = None if splits is None else ds.field("split").isin(list(splits))
+    frames["lazy"] = {}
     for kind in DATASETS:
         columns = metrics_columns if kind == "metrics" else None
-        if kind in what:
+        if kind in what and kind in LAZY:
+            def read(kind=kind, cases=frames["cases"]):
+                return _attach_case_columns(_read_dataset(run, kind, entries, None, None, categorical), cases)
+
+            frames["lazy"][kind] = read
+        elif kind in what:
             frame = _read_dataset(run, kind, entries, columns, split_filter if kind == "metrics" else None, categorical)
             frames[kind] = _attach_case_columns(frame, frames["cases"])
         else:
@@ -437,6 +454,8 @@ def load(
     weights, layer_stats: False skips reading those folders (empty frames instead).
     datasets: read only these datasets besides metrics (default: every registered one but
         those switched off above); the others are empty frames with the documented columns.
+        The heavy per-case ones (LAZY: boundary) are read on first access of the attribute
+        (`data.boundary`), with the ledger as it was when load ran.
     categorical: keep case_id (and split/updates/layers, phase, layer, ...) as categoricals
         in the per-row frames; False gives plain str case_id.
     Several runs: every frame gets a leading `run` column (the folder name, or the dict key)
@@ -460,13 +479,23 @@ def load(
     read = [_read_one(run, metrics_columns, splits, what, categorical) for run in runs]
     manifests = {label: r["manifest"] for label, r in zip(labels, read)}
     paths = {label: os.fspath(run) for label, run in zip(labels, runs)}
-    names = ("cases", "ledger", *DATASETS)
+    lazy = [n for n in DATASETS if n in read[0]["lazy"]]  # read on first access (LAZY)
+    names = ("cases", "ledger", *(n for n in DATASETS if n not in lazy))
     if multi:
         merged = {n: _concat_with_run([r[n] for r in read], labels) for n in names}
     else:
         merged = {n: read[0][n] for n in names}
+
+    lazies = [r.pop("lazy") for r in read]  # (the closures hold these, not the frames read)
+
+    def reader(name: str) -> Callable[[], pd.DataFrame]:
+        if multi:
+            return lambda: _concat_with_run([one[name]() for one in lazies], labels)
+        return lazies[0][name]
+
     return RunData(**{n: merged[n] for n in ("cases", "ledger", *_FIELDS)}, manifests=manifests, paths=paths,
-                   more={n: merged[n] for n in DATASETS if n not in _FIELDS})
+                   more={n: merged[n] for n in DATASETS if n not in _FIELDS and n not in lazy},
+                   pending={n: reader(n) for n in lazy})
 
 
 def case_keys(frame: pd.DataFrame) -> list[str]:

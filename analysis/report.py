@@ -59,7 +59,7 @@ from analysis.report_context import (  # noqa: F401  (Progress, ReportError, ...
     Section,
     markdown_table,
 )
-from analysis.rundir import DATASETS
+from analysis.rundir import DATASETS, RunDir
 from analysis.stats import against_baseline, factor_table
 
 # The metrics columns the report reads (skips forward_passes, stages, ...).
@@ -120,9 +120,11 @@ def partial_section(ctx: ReportContext) -> Section | None:
     if not len(not_done):
         return None
     shown = [c for c in [*ctx.keys, "name", "state", "reason_class", "reason", "epochs"] if c in not_done]
+    interrupted = [f"> {line}" for line in ctx.interrupted_lines()]  # no driver alive: how to continue
     return Section(None, [
         f"> **PARTIAL RUN**: {len(not_done)} of {len(table)} cases are not done. Their numbers are "
-        "incomplete; seed summaries, factor and baseline tables leave them out.", "",
+        "incomplete; seed summaries, factor and baseline tables leave them out.",
+        *([">", *interrupted] if interrupted else []), "",
         markdown_table(not_done[shown], max_rows=ROWS_SHOWN_MANY if ctx.many else None)],
         csvs={"not_done": not_done[shown]})
 
@@ -469,7 +471,7 @@ def default_report_dir(runs: Sequence[str | os.PathLike], baseline: str | None =
     runs = list(runs)
     folder = local_path(runs[0]) if len(runs) == 1 else None
     if folder is not None:
-        return folder / f"report{suffix}"
+        return folder / Path(RunDir(folder).report_folder(suffix)).name  # as given (relative stays relative)
     name = "+".join(safe_name(label) for label in _run_labels(runs))
     if len(name) > 100:  # long lists of runs: a short, stable name
         import hashlib

@@ -6,7 +6,6 @@ analysis.report; figures in analysis.figures.
 from __future__ import annotations
 
 import math
-import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,12 +15,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
 
 from analysis.flags import flag_cases
 from analysis.labels import setting_labels, varying_settings
-from analysis.load import RunData, case_keys, resolve
-from analysis.rundir import layout
+from analysis.load import RunData, case_keys
+from analysis.rundir import ENDED, RunDir, StorageError
+from analysis.rundir.liveness import Liveness, display_state, driver_liveness, interrupted_line
 from analysis.stats import seed_summary
 from analysis.tables import SUMMARY_COLUMNS, as_str_keys, epoch_summary, per_case, update_counts
 
@@ -131,6 +130,7 @@ class ReportContext:
         # report's loading, for the 16 it draws)
         self.per_case_files = per_case_files
         self.progress = progress or (lambda what: None)
+        self._runs: dict[str, RunDir] = {}  # run label -> its RunDir (case_rows, logged)
         self.baseline_name = self.baseline_run = None
         if options.baseline is not None:
             self.baseline_name, self.baseline_run = _parse_baseline(self.table, options.baseline)
@@ -146,8 +146,54 @@ class ReportContext:
 
     @cached_property
     def table(self) -> pd.DataFrame:
-        """One row per case (analysis.tables.per_case)."""
-        return per_case(self.data.metrics, self.cases, target_accuracy=self.options.target_accuracy)
+        """One row per case (analysis.tables.per_case); `state` as `bplab status` shows it: a
+        case started and not finished in a run no driver holds is ``interrupted``."""
+        table = per_case(self.data.metrics, self.cases, target_accuracy=self.options.target_accuracy)
+        if len(table) and (~table["complete"]).any():
+            table["state"] = self._shown_states(table)
+        return table
+
+    @cached_property
+    def drivers(self) -> dict[str, Liveness]:
+        """Run label -> whether a driver holds it, and when one was last seen (the lease and
+        the ledger's times, analysis.rundir.liveness)."""
+        ledger = self.data.ledger
+        out = {}
+        for label in self.data.paths:
+            rows = ledger[ledger["run"].astype(str) == label] if "run" in ledger else ledger
+            times = pd.to_numeric(rows.get("updated_at", pd.Series([], dtype=float)), errors="coerce").dropna()
+            try:
+                out[label] = driver_liveness(self._run(label), times.tolist())
+            except (StorageError, OSError):  # not readable now: the ledger's states stand
+                out[label] = Liveness(alive=True)
+        return out
+
+    def _shown_states(self, table: pd.DataFrame) -> np.ndarray:
+        """The states of `table`'s rows as display_state gives them from the ledger entries."""
+        ledger = as_str_keys(self.data.ledger)
+        if not all(k in ledger for k in self.keys):
+            return table["state"].to_numpy()
+        entries = {tuple(row[k] for k in self.keys): row for row in ledger.to_dict("records")}
+        only = next(iter(self.data.paths))
+        shown = []
+        for key, state in zip(table[self.keys].astype(str).itertuples(index=False, name=None), table["state"]):
+            entry = entries.get(key)
+            label = key[0] if len(key) == 2 else only
+            shown.append(state if entry is None or state == "done" or label not in self.data.paths
+                         else display_state(entry, self.drivers[label]))
+        return np.array(shown, dtype=object)
+
+    def interrupted_lines(self) -> list[str]:
+        """Per run left unfinished with no driver alive: what happened and the command that
+        continues it (analysis.rundir.liveness.interrupted_line)."""
+        lines = []
+        for label, location in self.data.paths.items():
+            rows = self.table[self.table["run"].astype(str) == label] if "run" in self.table else self.table
+            unfinished = int((~rows["state"].isin(ENDED)).sum())
+            line = interrupted_line(location, self.drivers[label], unfinished) if unfinished else None
+            if line:
+                lines.append(line if len(self.data.paths) == 1 else f"{label}: {line}")
+        return lines
 
     @cached_property
     def epochs(self) -> pd.DataFrame:
@@ -244,15 +290,11 @@ class ReportContext:
             chosen = pd.concat([firsts, ordered.drop(firsts.index)]).head(limit)
         return [(tuple(str(row[k]) for k in self.keys), str(row["_label"])) for _, row in chosen.iterrows()]
 
-    def _folders(self, kind: str) -> dict[str, tuple]:
-        """{run label: (filesystem, RUN/<kind>)} of the runs that have that dataset's folder."""
-        folders = {}
-        for label, location in self.data.paths.items():
-            filesystem, root = resolve(location)
-            folder = posixpath.join(root, layout.dataset(kind).name)
-            if filesystem.get_file_info(folder).type == pafs.FileType.Directory:
-                folders[label] = (filesystem, folder)
-        return folders
+    def _run(self, label: str) -> RunDir:
+        """The run `label` of data, opened once."""
+        if label not in self._runs:
+            self._runs[label] = RunDir.open(self.data.paths[label])
+        return self._runs[label]
 
     def _loaded(self, kind: str) -> pd.DataFrame | None:
         """The rows of dataset `kind` in data, when they were read with it (else None)."""
@@ -270,11 +312,9 @@ class ReportContext:
         if frame is not None:
             return set(frame[self.keys].astype(str).drop_duplicates().itertuples(index=False, name=None))
         found = set()
-        for label, (filesystem, folder) in self._folders(kind).items():
-            for info in filesystem.get_file_info(pafs.FileSelector(folder)):
-                case_id = layout.partition_case(info.base_name) if info.type == pafs.FileType.Directory else None
-                if case_id is not None:
-                    found.add((label, case_id) if len(self.keys) == 2 else (case_id,))
+        for label in self.data.paths:
+            for case_id in self._run(label).cases_with(kind):
+                found.add((label, case_id) if len(self.keys) == 2 else (case_id,))
         return found
 
     def case_rows(self, kind: str, keys: Iterable[tuple]) -> pd.DataFrame:
@@ -288,24 +328,19 @@ class ReportContext:
                 text = text + "\x1f" + frame[column].astype(str)
             return as_str_keys(frame[text.isin({"\x1f".join(key) for key in keys}).to_numpy()])
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        folders = self._folders(kind)
         tables = []
         for key in keys:
             label, case_id = key if len(key) == 2 else (next(iter(self.data.paths)), key[0])
-            if label not in folders:
+            if label not in self.data.paths:
                 continue
-            filesystem, folder = folders[label]
-            selector = pafs.FileSelector(posixpath.join(folder, layout.partition(case_id)), allow_not_found=True)
-            for info in sorted(filesystem.get_file_info(selector), key=lambda i: i.path):
-                if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
-                        and not layout.is_hidden(info.base_name):  # published parts only
-                    table = pq.read_table(info.path, filesystem=filesystem)
-                    table = table.append_column("case_id", pa.array([case_id] * table.num_rows, pa.string()))
-                    if len(key) == 2:
-                        table = table.append_column("run", pa.array([label] * table.num_rows, pa.string()))
-                    tables.append(table)
+            table = self._run(label).read_case(kind, case_id)  # its committed (published) files only
+            if table is None:
+                continue
+            table = table.append_column("case_id", pa.array([case_id] * table.num_rows, pa.string()))
+            if len(key) == 2:
+                table = table.append_column("run", pa.array([label] * table.num_rows, pa.string()))
+            tables.append(table)
         if not tables:
             return pd.DataFrame(columns=self.keys)
         frame = pa.concat_tables(tables, promote_options="default").to_pandas()

@@ -13,8 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from analysis.rundir import ENDED, RunDir, StorageError
-from analysis.rundir.layout import MANIFEST
-from analysis.rundir.liveness import display_state, driver_liveness, not_a_run_message, resume_command, when
+from analysis.rundir.liveness import NO_MANIFEST, display_state, driver_liveness, not_a_run_message, resume_command, when
 from workers.errors import one_line
 from workers.text import duration
 
@@ -32,7 +31,7 @@ def describe_run(folder: str | os.PathLike) -> dict:
     run = RunDir(folder)
     if not run.is_run():
         # a driver killed before it created the run leaves its lease: say so, and what to type
-        info["problem"] = f"not a run (no {MANIFEST})" if run.lease_state()[0] == "gone" else not_a_run_message(run)
+        info["problem"] = f"not a run ({NO_MANIFEST})" if run.lease_state()[0] == "gone" else not_a_run_message(run)
         return info
     try:
         manifest = run.manifest()

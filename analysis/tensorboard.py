@@ -47,7 +47,6 @@ from pathlib import Path
 import numpy as np
 
 from analysis.rundir import FINISHED, RunDir
-from analysis.rundir.layout import TENSORBOARD
 
 STATE_FILE = ".bplab-export.json"
 INSTALL_HINT = "pip install 'bplab[tensorboard]'"
@@ -87,8 +86,8 @@ def output_folder(run) -> Path:
     ./tensorboard/<run folder name> (TensorBoard reads object stores only through TensorFlow)."""
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     if run.is_local:
-        return Path(run.path(TENSORBOARD))
-    return Path(TENSORBOARD) / posixpath.basename(run.root.rstrip("/"))
+        return Path(run.tensorboard_folder())
+    return Path("tensorboard") / posixpath.basename(run.root.rstrip("/"))  # in the current folder
 
 
 def folder_names(cases: list[tuple[str, str]]) -> dict[str, str]:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from raycluster import autoscaling_head, kill_fake_node  # noqa: E402
+from tests.helpers import ledger  # noqa: E402  (the tests' ledger reader: by case name, skips a half-written entry)
 
 MOONS = {"model": "mlp", "hidden": [8], "optimizer": "sgd", "lr": 2.0, "batch_size": 0, "seed": 7,
          "eval_every": 1000, "data": {"name": "moons", "samples": 200, "noise": 0.2}}
@@ -45,17 +46,6 @@ def source_tree(rev: str, dest: Path) -> Path:
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
-
-
-def ledger(run_dir: Path) -> dict:
-    out = {}
-    for path in (run_dir / "ledger").glob("*.json"):
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        out[entry["name"]] = entry
-    return out
 
 
 def one_preemption(code: Path, steps: int, health_ms: int | None, work: Path) -> dict:

@@ -20,6 +20,9 @@
    sizes, the growth per case: (report seconds at n2 - at n1) / (n2 - n1).
    --code PATH runs the same measurement with the analysis package of another checkout (e.g.
    the code before a change) on the same run directories, up to --code-max-cases cases.
+3. --default-load: instead of 2, a user's plain `analysis.load(RUN)` (every dataset, default
+   arguments), then the same and an access of `data.boundary` (the decision-boundary grids),
+   each in a fresh process: wall seconds and peak RSS, for this checkout and each --code.
 
 Goals: 400 cases in 5 s or less under 400 MB; 4,000 cases in 30 s or less under 1 GB on 2 cores.
 The machine may be shared: the 1-minute load average is printed next to each measurement.
@@ -151,6 +154,16 @@ def generate(root: Path, n_cases: int, log) -> float:
     return seconds
 
 
+def generated(base: Path, n_cases: int, log) -> Path:
+    """BASE/cases-<n>, generated unless it holds a finished study of that size."""
+    folder = base / f"cases-{n_cases}"
+    state = json.loads((folder / MARKER).read_text()) if (folder / MARKER).exists() else {}
+    if state.get("state") != "done" or state.get("cases") != n_cases:
+        log(f"generating {n_cases} cases in {folder} ...")
+        log(f"  {generate(folder, n_cases, log):.0f} s")
+    return folder
+
+
 # ---------------------------------------------------------------------- the measured work (child)
 
 
@@ -173,6 +186,11 @@ def child(args) -> int:
         except TypeError:  # --code of a checkout whose load reads no other datasets
             data = analysis.load(run, weights=False, layer_stats=False)
         info = {"rows": len(data.metrics)}
+    elif args.child in ("load-default", "load-default-boundary"):  # what a user's analysis.load(RUN) holds
+        data = analysis.load(run)
+        info = {"rows": len(data.metrics)}
+        if args.child == "load-default-boundary":
+            info["boundary_rows"] = len(data.boundary)
     else:
         out = Path(args.out)
         path = write_report(run, out_dir=out)
@@ -210,7 +228,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--code", nargs="*", default=[], help="other checkouts to measure the same way")
     parser.add_argument("--code-max-cases", type=int, default=400)
-    parser.add_argument("--child", choices=("load", "report"), help=argparse.SUPPRESS)
+    parser.add_argument("--default-load", action="store_true",
+                        help="measure a plain analysis.load(RUN) (and with data.boundary) instead of the report")
+    parser.add_argument("--child", choices=("load", "report", "load-default", "load-default-boundary"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -234,13 +255,11 @@ def main(argv=None) -> int:
     log(f"uptime at start: {meta['uptime_start']}")
     results = []
     codes = [None, *args.code]
+    if args.default_load:
+        return default_load(args, base, codes, log)
     with tempfile.TemporaryDirectory(prefix="bench-report-") as scratch:
         for n in args.cases:
-            folder = base / f"cases-{n}"
-            state = json.loads((folder / MARKER).read_text()) if (folder / MARKER).exists() else {}
-            if state.get("state") != "done" or state.get("cases") != n:
-                log(f"generating {n} cases in {folder} ...")
-                log(f"  {generate(folder, n, log):.0f} s")
+            folder = generated(base, n, log)
             for code in codes:
                 if code is not None and n > args.code_max_cases:
                     continue
@@ -300,6 +319,30 @@ def main(argv=None) -> int:
         with open(args.json, "w") as handle:
             json.dump({"meta": meta, "summary": {k: {str(n): v for n, v in t.items()} for k, t in summary.items()},
                        "runs": results}, handle, indent=2)
+        log(f"wrote {args.json}")
+    return 0
+
+
+def default_load(args, base: Path, codes: list, log) -> int:
+    """Peak memory and wall time of a plain analysis.load(RUN), without and with data.boundary."""
+    rows = []
+    for n in args.cases:
+        folder = generated(base, n, log)
+        for round_index in range(args.rounds):
+            for code in codes:
+                label = "this checkout" if code is None else code
+                for kind in ("load-default", "load-default-boundary"):
+                    info = run_child(kind, folder, None, code)
+                    rows.append({"cases": n, "code": label, "kind": kind, "round": round_index, **info})
+                    log(f"  {n:>5} cases [{label}] {kind:<22} {info['seconds']:6.2f} s, peak RSS "
+                        f"{info['peak_rss_mb']:5.0f} MB ({info['rows']} metrics rows"
+                        f"{', %d boundary rows' % info['boundary_rows'] if 'boundary_rows' in info else ''}); "
+                        f"load1 {info['load1']:.2f}")
+    log(f"uptime at end: {uptime()}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+                       "runs": rows}, handle, indent=2)
         log(f"wrote {args.json}")
     return 0
 

@@ -9,7 +9,7 @@
 - `copy_old_run(...)`: a run written by an earlier bplab (tests/fixtures/run-v1);
 - `case_row(...)`, `tree_state(...)`, `make_existing_run(...)`, `write_run(...)`: run directories;
   `case_rows`, `train_reports`, `commit_report`: a run of real trainer reports, committed as the
-  driver commits them;
+  driver commits them; `train_case(...)`: a case trained in-process, optionally stopped as if killed;
 - `local_cluster(...)`: a multi-node Ray cluster on this machine (ray.cluster_utils);
 - `check_op(...)`: one layer's hand-written backward against tf.GradientTape.
 """
@@ -321,6 +321,28 @@ def train_reports(values: dict) -> list:
     _, steps_per_epoch = batch_plan(settings, len(data.x_train))  # one commit per epoch, not by time
     train(settings, data, reports.append, report_every_seconds=1e9, commit_every=1e9,
           checkpoint_every_steps=steps_per_epoch, max_chunk=1)
+    return reports
+
+
+def train_case(case, resume=None, stop_after_checkpoints=None, **kwargs) -> list:
+    """The Reports workers.trainer.train hands its callback for `case` (a CaseSettings), in this
+    process; `kwargs` go to train (cache, max_chunk, checkpoint_every_steps, ...). With
+    `stop_after_checkpoints`, the training stops (as a kill would) once that many reports have
+    carried a checkpoint."""
+    from workers.data import load_dataset
+    from workers.trainer import train
+
+    reports = []
+
+    def report(r):
+        reports.append(r)
+        if stop_after_checkpoints is not None and sum(x.checkpoint is not None for x in reports) >= stop_after_checkpoints:
+            raise KeyboardInterrupt("simulated kill")
+
+    try:
+        train(case, load_dataset(case.data), report, resume=resume, **kwargs)
+    except KeyboardInterrupt:
+        pass
     return reports
 
 

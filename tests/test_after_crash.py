@@ -138,6 +138,40 @@ def test_a_dead_process_on_this_host_or_no_lease_at_all_means_interrupted(tmp_pa
     assert case_line(status.stdout)[1] == "done" and "--resume" not in status.stdout, status.stdout
 
 
+@pytest.mark.timeout(120)
+def test_report_shows_a_dead_drivers_cases_as_interrupted_with_the_resume_command(tmp_path, cli):
+    import pandas as pd
+
+    location = tmp_path / "old-run"
+    make_existing_run(location)  # case a: running, two commits
+    seen = time.time() - 600
+    set_ledger_time(location, seen - 300)
+    write_lock(location, host="node-elsewhere", pid=4242, heartbeat=seen)  # another host, silent for 10 min
+    out = tmp_path / "report"
+    result = cli("report", location, "--out", out)
+    assert result.code == 0, result.stdout + result.stderr
+    text = (out / "report.md").read_text()
+    assert pd.read_csv(out / "not_done.csv")["state"].tolist() == ["interrupted"]
+    assert "1 cases: 1 interrupted." in text and "running" not in text, text[:3000]
+    line = next(line for line in text.splitlines() if "no driver holds the run" in line)
+    assert "pid 4242 on node-elsewhere" in line
+    assert f"last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(seen))} UTC" in line, line
+    assert line.endswith(f"continue with: bplab run --resume {location}"), line
+
+    # its driver alive (this process holds the lease): the ledger's running, no resume advice
+    (location / LOCK).unlink()
+    run = RunDir.open(str(location))
+    run.take_lease("alive")
+    try:
+        result = cli("report", location, "--out", tmp_path / "report-live")
+        assert result.code == 0, result.stdout + result.stderr
+        text = (tmp_path / "report-live" / "report.md").read_text()
+        assert pd.read_csv(tmp_path / "report-live" / "not_done.csv")["state"].tolist() == ["running"]
+        assert "interrupted" not in text and "--resume" not in text, text[:3000]
+    finally:
+        run.release_lease("alive")
+
+
 # ---------------------------------------------------------------------- a folder holding only driver.lock
 
 

@@ -18,6 +18,7 @@ Train step k (global, 0-based) ends at wall_time 1000 + 2k; the test row of epoc
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -282,6 +283,49 @@ def test_load_two_runs_together(tmp_path, run):
     assert len(seeds) == 2 * 5 and {"run", "group"} <= set(seeds.columns)
     labelled = load({"first": run, "second": other})
     assert labelled.runs == ["first", "second"]
+
+
+@pytest.mark.timeout(60)
+def test_boundary_grids_are_read_on_first_access(tmp_path, monkeypatch):
+    """load leaves the decision-boundary grids on disk until data.boundary is read; then it
+    gives the committed grids (written here with pyarrow alone), also for two runs together."""
+    load_module = importlib.import_module("analysis.load")  # (analysis.load is also the function)
+
+    runs = [make_run(tmp_path / "one"), make_run(tmp_path / "two", suite="toy-2")]
+    grids = {}
+    for number, root in enumerate(runs):
+        for name in ("a-s1", "b-s2"):
+            x = np.linspace(-1.0, 1.0, 5)
+            p1 = (x + 1.0) / (2.0 + number)
+            grids[(root.name, ID[name])] = p1
+            folder = root / "boundary" / f"case_id={ID[name]}"
+            folder.mkdir(parents=True)
+            pq.write_table(pa.table({"x0": x, "x1": -x, "p1": p1, "label": (p1 >= 0.5).astype(np.int64)}),
+                           folder / "part-final.parquet")
+    read = []
+    real = load_module._read_dataset
+    monkeypatch.setattr(load_module, "_read_dataset", lambda run, kind, *a, **k: read.append(kind) or real(run, kind, *a, **k))
+
+    one = load(runs[0])
+    assert "boundary" not in read and "metrics" in read
+    grid = one.boundary
+    assert read.count("boundary") == 1
+    assert one.boundary is grid and read.count("boundary") == 1  # read once, then kept
+    assert list(grid.columns[:3]) == ["case_id", "name", "group"]
+    for case_id, rows in grid.groupby("case_id", observed=True):
+        np.testing.assert_allclose(rows["p1"].to_numpy(), grids[("one", str(case_id))])
+        np.testing.assert_allclose(rows["x1"].to_numpy(), -np.linspace(-1.0, 1.0, 5))
+    assert set(grid["name"].astype(str)) == {"a-s1", "b-s2"}
+
+    read.clear()
+    both = load(runs)
+    assert "boundary" not in read
+    assert both.dataset("boundary").groupby(["run", "case_id"], observed=True).size().to_dict() == {
+        (label, ID[name]): 5 for label in ("one", "two") for name in ("a-s1", "b-s2")}
+    for (label, case_id), rows in both.boundary.groupby(["run", "case_id"], observed=True):
+        np.testing.assert_allclose(rows["p1"].to_numpy(), grids[(label, str(case_id))])
+    assert load(runs[0], datasets=[]).boundary.empty  # not asked for: empty, with the columns
+    assert list(load(runs[0], datasets=[]).boundary.columns) == ["case_id", "x0", "x1", "p1", "label"]
 
 
 # ---- tables ---------------------------------------------------------------------------------

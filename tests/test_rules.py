@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import train_case
 from workers import layers as L
 from workers import models, optimizers, registry, rules, schedules
 from workers.engine import Net
@@ -403,23 +404,9 @@ def test_new_settings_leave_ids_of_cases_without_them_unchanged():
 # ---------------------------------------------------------------------- in the trainer
 
 
-def train_reports(values: dict, resume=None, stop_after_checkpoints=None, **kwargs):
-    from workers.data import load_dataset
-    from workers.trainer import train
-
-    case = from_dict(values)
-    reports = []
-
-    def report(r):
-        reports.append(r)
-        if stop_after_checkpoints is not None and sum(x.checkpoint is not None for x in reports) >= stop_after_checkpoints:
-            raise KeyboardInterrupt("simulated kill")
-
-    try:
-        train(case, load_dataset(case.data), report, resume=resume, **kwargs)
-    except KeyboardInterrupt:
-        pass
-    return reports
+def train_reports(values: dict, **kwargs):
+    """tests.helpers.train_case of the settings `values`."""
+    return train_case(from_dict(values), **kwargs)
 
 
 def last_state(reports):

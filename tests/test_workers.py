@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import ledger, local_cluster, start_bplab, write_suite
+from tests.helpers import ledger, local_cluster, start_bplab, train_case, write_suite
 from workers import settings as settings_module
-from workers.data import load_dataset
-from workers.trainer import StepCache, train, unpack_checkpoint
+from workers.trainer import StepCache, unpack_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
@@ -33,21 +32,6 @@ MOONS = {"model": "mlp", "hidden": [8], "optimizer": "sgd", "lr": 2.0, "batch_si
 
 def settings(**changes):
     return settings_module.from_dict({**MOONS, **changes})
-
-
-def run(case, cache=None, resume=None, stop_after_checkpoints=None, **kwargs):
-    reports = []
-
-    def report(r):
-        reports.append(r)
-        if stop_after_checkpoints is not None and sum(x.checkpoint is not None for x in reports) >= stop_after_checkpoints:
-            raise KeyboardInterrupt("simulated kill")
-
-    try:
-        train(case, load_dataset(case.data), report, resume=resume, cache=cache, **kwargs)
-    except KeyboardInterrupt:
-        pass
-    return reports
 
 
 def rows_of(reports):
@@ -87,10 +71,10 @@ def test_cases_back_to_back_in_one_worker_equal_fresh_traces():
     cases = [settings(seed=1, epochs=12), settings(seed=2, lr=0.5, epochs=9), settings(seed=1, activation="relu", epochs=7),
              settings(seed=3, optimizer="adam", lr=0.01, epochs=8), settings(seed=4, optimizer="adam", lr=0.02, epochs=8)]
     cache = StepCache()
-    reused = [run(case, cache=cache) for case in cases]
+    reused = [train_case(case, cache=cache) for case in cases]
     assert cache.misses == 3 and cache.hits == 2  # tanh-sgd, relu-sgd, tanh-adam traced once each
     for case, reports in zip(cases, reused):
-        fresh = run(case)
+        fresh = train_case(case)
         assert rows_of(reports) == rows_of(fresh)
         assert_same_state(last_checkpoint(reports), last_checkpoint(fresh))
 
@@ -106,11 +90,11 @@ def test_cases_back_to_back_in_one_worker_equal_fresh_traces():
 def test_resumed_fused_loop_case_is_bit_identical(changes):
     """Killed after its second commit, resumed with another number of steps per call."""
     case = settings(**changes)
-    whole = run(case, max_chunk=2000, checkpoint_every_steps=5)
-    part = run(case, max_chunk=2000, checkpoint_every_steps=5, stop_after_checkpoints=2)
+    whole = train_case(case, max_chunk=2000, checkpoint_every_steps=5)
+    part = train_case(case, max_chunk=2000, checkpoint_every_steps=5, stop_after_checkpoints=2)
     checkpoint = last_checkpoint(part)
     assert unpack_checkpoint(checkpoint)[2]["position"]["global_step"] == 10
-    rest = run(case, resume=checkpoint, max_chunk=3, checkpoint_every_steps=7)
+    rest = train_case(case, resume=checkpoint, max_chunk=3, checkpoint_every_steps=7)
     assert_same_state(last_checkpoint(whole), last_checkpoint(rest))
     # the rows up to the commit point, then the resumed rows: exactly the uninterrupted rows
     assert rows_of(part) + rows_of(rest) == rows_of(whole)
@@ -119,7 +103,7 @@ def test_resumed_fused_loop_case_is_bit_identical(changes):
 
 @pytest.mark.timeout(300)
 def test_eval_every_tests_every_nth_epoch_and_the_last():
-    reports = run(settings(epochs=10, eval_every=4))
+    reports = train_case(settings(epochs=10, eval_every=4))
     tests = [row for row in rows_of(reports) if row["split"] == "test"]
     assert [row["epoch"] for row in tests] == [3, 7, 9]  # every 4th epoch and the last
     assert [row["step"] for row in tests] == [4, 8, 10]
@@ -133,7 +117,7 @@ def test_eval_every_tests_every_nth_epoch_and_the_last():
 def test_commits_are_paced_by_time():
     case = settings(epochs=3000, layer_stats_every=0)
     started = time.monotonic()
-    reports = run(case, commit_every=0.5, max_chunk=20)
+    reports = train_case(case, commit_every=0.5, max_chunk=20)
     seconds = time.monotonic() - started
     checkpoints = sum(r.checkpoint is not None for r in reports)
     assert 2 <= checkpoints <= seconds / 0.5 + 2, (checkpoints, seconds)  # one per epoch would be 3,000
@@ -214,9 +198,9 @@ def steps_in(seconds: float, compile: str = "graph") -> int:
     """How many moons steps (eval every 1,000) this machine trains in about `seconds`."""
     case = settings(seed=3, epochs=3000, eval_every=1000, compile=compile)
     cache = StepCache()
-    run(case, cache=cache)  # traces (and compiles)
+    train_case(case, cache=cache)  # traces (and compiles)
     started = time.perf_counter()
-    run(case, cache=cache)
+    train_case(case, cache=cache)
     rate = 3000 / (time.perf_counter() - started)
     return max(20_000, int(rate * seconds) // 1000 * 1000)
 

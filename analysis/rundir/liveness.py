@@ -4,9 +4,9 @@ The ledger says what a driver last wrote: a case whose driver was killed stays `
 in it for ever. ``RUN/driver.lock`` says whether that driver is still there (see
 ``RunDir.take_lease``): its holder's process is gone (same host) or its heartbeat is older
 than the lease's staleness limit (another host), or the lock is gone while cases are left
-unfinished. `bplab status` and `bplab runs` read both through :func:`driver_liveness` and
-show such cases as ``interrupted`` (:func:`display_state`), with when the driver was last
-seen and the command that continues the run (:func:`interrupted_line`).
+unfinished. `bplab status`, `bplab runs` and `bplab report` read both through
+:func:`driver_liveness` and show such cases as ``interrupted`` (:func:`display_state`), with
+when the driver was last seen and the command that continues the run (:func:`interrupted_line`).
 
 A driver killed in its first seconds leaves a folder holding only ``driver.lock``: the run
 was never created (its manifest is written last). :func:`not_a_run_message` says so, and
@@ -28,6 +28,8 @@ from workers.text import duration
 
 #: The states a case is shown in: the ledger's, and ``interrupted`` (started, not finished, no driver alive).
 INTERRUPTED = "interrupted"
+#: Why a folder is not a run, in a few words.
+NO_MANIFEST = f"no {MANIFEST}"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from analysis.rundir.files import Files, json_bytes, resolve
 from analysis.rundir.layout import (
     CASES, COMPACT, COMPACT_RE, DATASETS, FORMAT_VERSION, LAYOUT_NAMES, LEDGER, MANIFEST, PART_RE, STAGED_RE,
     backup_rel, dataset as dataset_spec, entry_case, entry_rel, is_hidden, is_tmp, log_rel, partition,
-    partition_case,
+    partition_case, REPORT, TENSORBOARD,
 )
 from analysis.rundir.lease import LeaseMixin
 from analysis.rundir.liveness import not_a_run_message
@@ -90,6 +90,15 @@ class RunDir(CommitMixin, RepairMixin, LeaseMixin):
     def log_path(self, name: str) -> str:
         """Where the output of case ``name`` is kept (a plain text file outside the commit protocol)."""
         return self._files.path(log_rel(name))
+
+    def report_folder(self, suffix: str = "") -> str:
+        """Where ``bplab report`` writes this run's report: ``RUN/report<suffix>`` (a path inside
+        :attr:`filesystem`; ``suffix`` such as ``-vs-BASELINE``)."""
+        return self._files.path(REPORT + suffix)
+
+    def tensorboard_folder(self) -> str:
+        """Where ``bplab tensorboard`` writes this run's event files: ``RUN/tensorboard``."""
+        return self._files.path(TENSORBOARD)
 
     def __repr__(self) -> str:
         return f"RunDir({self.location!r})"
@@ -317,7 +326,11 @@ class RunDir(CommitMixin, RepairMixin, LeaseMixin):
         wanted = set(ledger) if case_ids is None else set(case_ids) & set(ledger)
         version = self.format_version()
         by_case: dict[str, list] = {}
-        for info in self._files.list(self._files.path(dataset), recursive=True):
+        if case_ids is not None:  # named cases: list only their folders
+            listed = [i for case_id in sorted(wanted) for i in self._files.list(self._files.path(dataset, partition(case_id)))]
+        else:
+            listed = self._files.list(self._files.path(dataset), recursive=True)
+        for info in listed:
             if info.type != pafs.FileType.File:
                 continue
             case_id = partition_case(_folder_name(info.path))
@@ -359,6 +372,13 @@ class RunDir(CommitMixin, RepairMixin, LeaseMixin):
             out.append((self._files.path(COMPACT), sorted(cached.values())))
         out.append((self._files.path(dataset), rest))
         return out
+
+    def cases_with(self, dataset: str) -> set[str]:
+        """The ids of the cases that have a folder in ``dataset`` (files written for them;
+        listing only, nothing is read)."""
+        dataset_spec(dataset)
+        return {case_id for info in self._files.list(self._files.path(dataset))
+                if info.type == pafs.FileType.Directory and (case_id := partition_case(info.base_name)) is not None}
 
     def read_case(self, dataset: str, case_id: str, ledger: dict[str, LedgerEntry] | None = None) -> pa.Table | None:
         """The committed rows of one case in a dataset as one Arrow table (None if it has none).
