@@ -28,6 +28,8 @@ from workers.columns import Rows
 from workers.data import load_dataset
 from workers.trainer import StepCache, compile_plan, train, unpack_checkpoint
 
+from tests.helpers import train_case
+
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rows-v1"
 VOLATILE = ("wall_time", "examples_per_sec")
 MOONS = {"model": "mlp", "hidden": [8], "optimizer": "sgd", "lr": 2.0, "batch_size": 0, "epochs": 40,
@@ -38,19 +40,7 @@ def settings(**changes):
     return settings_module.from_dict({**MOONS, **changes})
 
 
-def run(case, cache=None, resume=None, stop_after_checkpoints=None, **kwargs):
-    reports = []
-
-    def report(r):
-        reports.append(r)
-        if stop_after_checkpoints is not None and sum(x.checkpoint is not None for x in reports) >= stop_after_checkpoints:
-            raise KeyboardInterrupt("simulated kill")
-
-    try:
-        train(case, load_dataset(case.data), report, resume=resume, cache=cache, **kwargs)
-    except KeyboardInterrupt:
-        pass
-    return reports
+run = train_case  # the trainer in this process (tests/helpers.py)
 
 
 def rows_of(reports):
