@@ -98,6 +98,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+
+def exit_now(code: int) -> None:
+    """End the process with `code` once main() is done: Ray is shut down if a command left it
+    connected, the output flushed, and the interpreter's teardown skipped. pyarrow's thread
+    pools can abort a process during that teardown ("terminate called without an active
+    exception", exit -6; apache/arrow#34314), which would turn a one-line refusal (exit 2) or a
+    finished run into a crash; everything bplab writes is on disk before main() returns."""
+    try:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def entry() -> None:
+    """The `bplab` command and `python -m jobs`."""
+    exit_now(main())
+
+
 # ---------------------------------------------------------------------- commands
 
 

@@ -42,4 +42,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    if "jobs.cli" in sys.modules:  # found the project: end as `bplab` does (jobs.cli.exit_now)
+        sys.modules["jobs.cli"].exit_now(code)
+    sys.exit(code)

@@ -212,14 +212,12 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path, compile):
     """Commits every 3 s; the kill lands 2.5 s after the victim's second commit. By then the
     trainer's 2-second progress report has brought rows to the driver that no commit holds yet:
     a driver that kept them for the retried attempt would log those steps twice. The victim
-    learns by Kolen-Pollack, so its feedback weights B are part of what the retry restores. On
-    the traced graph (which `auto` picks for it: it measures alignment every 1,000 steps, and
-    those rows, too, are logged once each and equal the control's) and on XLA (asked for,
-    without alignment, which XLA does not measure): the resumed attempt, in a fresh worker,
-    compiles again and continues bit-identically."""
+    learns by Kolen-Pollack, so its feedback weights B are part of what the retry restores, and
+    it measures alignment every 1,000 steps (those rows, too, are logged once each and equal the
+    control's). On the traced graph and on XLA, each asked for: the resumed attempt, in a fresh
+    worker, compiles again and continues bit-identically."""
     steps = steps_in(24.0, compile)  # the victim runs long enough for two commits and the kill (about 14 s here)
-    rule = {"schedule": "kolen-pollack", "weight_decay": 1e-3,
-            **({"alignment_every": 1000} if compile == "graph" else {"compile": "xla"})}
+    rule = {"schedule": "kolen-pollack", "weight_decay": 1e-3, "alignment_every": 1000, "compile": compile}
     cases = {"first": {"seed": 1, "epochs": 50, "eval_every": 1}, "victim": {"seed": 7, **rule},
              "control": {"seed": 7, "lr": 2.0000000001, **rule}}
     suite = moons_suite(tmp_path, "kill2", cases, epochs=steps, eval_every=1000)
@@ -268,8 +266,6 @@ def test_worker_killed_during_its_second_case(one_slot, tmp_path, compile):
                 np.testing.assert_array_equal(unit[name], unit_c[name])
     assert optimizer_state.keys() == optimizer_c.keys()
     assert all(np.array_equal(optimizer_state[k], optimizer_c[k]) for k in optimizer_c)
-    if compile == "xla":
-        return  # no alignment measured
     aligned = pd.read_parquet(run_dir / "alignment")
     aligned["name"] = aligned["case_id"].astype(str).map(dict(pd.read_parquet(run_dir / "cases.parquet")[["case_id", "name"]].values))
     assert not aligned.duplicated(["case_id", "step", "unit", "quantity"]).any(), "an alignment row was logged twice"
