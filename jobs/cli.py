@@ -117,7 +117,12 @@ def exit_now(code: int) -> None:
 
 def entry() -> None:
     """The `bplab` command and `python -m jobs`."""
-    exit_now(main())
+    try:
+        code = main()
+    except BrokenPipeError:  # `bplab cases | head`: the reader has gone, and nothing is lost
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the last flush must not raise again
+        code = 141  # 128 + SIGPIPE, as a command killed by the broken pipe would
+    exit_now(code)
 
 
 # ---------------------------------------------------------------------- commands

@@ -1,6 +1,15 @@
 """CLI smoke tests of the commands that need no Ray: cases, plan, gradcheck."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from tests.helpers import bplab
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cases_lists_suites_and_their_cases():
@@ -31,3 +40,14 @@ def test_gradcheck_prints_every_layer_and_passes():
     for layer in [f"l{i}" for i in range(1, 10)] + ["input"]:
         assert f"  {layer} " in result.stdout
     assert "worst" in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_that_leaves_early_ends_the_listing_quietly():
+    """`bplab cases | head -0`: the listing stops with 128 + SIGPIPE and no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "jobs", "cases"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process.stdout.close()  # the reader leaves before the listing is written
+    _, stderr = process.communicate(timeout=50)
+    assert process.returncode == 141, stderr
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr
