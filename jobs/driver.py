@@ -395,8 +395,10 @@ class Driver:
         text = " ".join(str(error).split())
         entry.reason_class, entry.reason = reason_class, (text or type(error).__name__)[:1000]
         if reason_class in TRANSIENT and node_id:
-            entry.losses.append({"at": time.time(), "node_id": node_id, "node": entry.node if started else None,
-                                 "reason_class": reason_class, "settled": node_state == "dead",
+            now, settled = time.time(), node_state == "dead"
+            entry.losses.append({"at": now, "node_id": node_id, "node": entry.node if started else None,
+                                 "reason_class": reason_class, "settled": settled,
+                                 "settled_at": now if settled else None,
                                  "attempt": entry.attempts, "counted": started, "step": entry.step,
                                  "commit_seq": entry.commit_seq, "resumed_at": None})
             if node_state != "dead":  # the GCS has the last word: re-checked until it settles

@@ -110,6 +110,8 @@ def test_preempted_nodes_cost_each_case_one_retry(cluster, tmp_path):
         losses = entry["losses"]
         lost_on = [loss["node_id"] for loss in losses]
         assert all(loss["reason_class"] == "node_lost" and loss["settled"] and loss["counted"] for loss in losses), losses
+        # settled when the GCS declared the node dead: at the loss itself if it already had, or later
+        assert all(loss["settled_at"] >= loss["at"] and loss["resumed_at"] >= loss["at"] for loss in losses), losses
         assert entry["attempts"] == 1 + len(losses), (name, entry["attempts"], losses)  # one retry per loss
         assert set(lost_on) <= set(killed) and entry["info"]["node_id"] not in killed, (lost_on, killed)
         for loss, kill in zip(losses, kills):

@@ -243,6 +243,7 @@ def test_a_retry_avoids_a_node_whose_raylet_is_silent_until_the_gcs_declares_it_
     [loss] = entry.losses
     # ...and at the end it waited for the GCS, which never declared N1 dead: it survived
     assert loss["reason_class"] == "worker_died" and loss["settled"] and loss["resumed_at"] >= loss["at"]
+    assert loss["settled_at"] > loss["at"]  # settled by the check at the end, after the loss
     assert "alive again" in out.getvalue()
 
 
@@ -269,6 +270,8 @@ def test_each_lost_node_costs_one_retry(tmp_path, monkeypatch, losses, max_retri
     assert entry.attempts == min(losses, max_retries + 1) + (final == "done")
     assert [loss["node_id"] for loss in entry.losses] == nodes[:entry.attempts - (final == "done")]
     assert all(loss["reason_class"] == "node_lost" and loss["settled"] for loss in entry.losses)
+    # the GCS had declared each node dead when its loss was seen: settled at that moment
+    assert all(loss["settled_at"] == loss["at"] for loss in entry.losses), entry.losses
     if final == "done":
         assert steps_logged(run) == list(range(STEPS))
     else:

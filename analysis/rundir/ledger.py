@@ -54,8 +54,9 @@ class LedgerEntry:
     parts: dict = field(default_factory=dict)
     # the kept checkpoints, newest first (at most two): {commit_seq, path, sha256, epoch, step, latest}
     checkpoints: list = field(default_factory=list)
-    # the workers it lost, oldest first: {at, node_id, node, reason_class, settled, attempt, counted,
-    # step, commit_seq, resumed_at}; reason_class is node_lost once the GCS has declared the node dead
+    # the workers it lost, oldest first: {at, node_id, node, reason_class, settled, settled_at, attempt,
+    # counted, step, commit_seq, resumed_at}; reason_class is node_lost once the GCS has declared the node
+    # dead, settled_at when it did (the time of the loss itself if the node was already dead then)
     losses: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
