@@ -79,7 +79,7 @@ def timed(settings, data, cache) -> tuple[float, float, int]:
 
 
 def measure(model: str, steps: int, rounds: int, variants=EVERY) -> dict:
-    from workers.trainer import StepCache
+    from workers.steps import StepCache
 
     variants = (0, *[v for v in variants if v])
     data, cache = data_for(model), StepCache()

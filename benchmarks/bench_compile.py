@@ -105,7 +105,8 @@ def minimal_loop(tf, x, y, jit: bool, k: int = 2000):
 def bplab_runner(compile: str, steps: int, eval_every: int):
     from workers import settings as settings_module
     from workers.data import load_dataset
-    from workers.trainer import StepCache, train
+    from workers.steps import StepCache
+    from workers.trainer import train
 
     case = settings_module.from_dict({**MOONS, "epochs": steps, "eval_every": eval_every, "compile": compile,
                                       "layer_stats_every": 0})
@@ -162,7 +163,8 @@ def part_step(tf, args) -> dict:
 def part_first(tf, args) -> dict:
     from workers import settings as settings_module
     from workers.data import load_dataset
-    from workers.trainer import StepCache, train
+    from workers.steps import StepCache
+    from workers.trainer import train
 
     structures = {
         "moons h8": {**MOONS, "epochs": 30},
@@ -198,7 +200,7 @@ def part_conv(tf, args) -> dict:
     import numpy as np
 
     from workers import models, settings as settings_module
-    from workers.trainer import Steps
+    from workers.steps import Steps
 
     case = settings_module.from_dict({"model": "allconv9", "width": 1.0, "batch_size": 32, "optimizer": "adam",
                                       "lr": 1e-4})

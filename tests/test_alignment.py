@@ -16,7 +16,7 @@ from workers import alignment, models, optimizers, schedules
 from workers import settings as settings_module
 from workers.engine import Net
 from workers.layers import Context
-from workers.trainer import Steps
+from workers.steps import Steps
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,12 +49,11 @@ def measured_steps(settings, built, params, xs, labels, num_classes, compile_mod
     out = []
     for index in range(len(xs)):
         before = steps.net.numpy_params()
-        result = steps.run_measured((
-            tf.constant(xs[index:index + 1]), tf.constant(labels[index:index + 1], tf.int64),
-            tf.constant([LR], tf.float64), tf.constant([schedules.dilation_rate(settings, 0)], tf.float64),
-            tf.constant(1, tf.int64), tf.constant(index, tf.int64), tf.constant([False]),
-            tf.zeros([0, *xs.shape[2:]], tf.float64), tf.zeros([0], tf.int64)))
-        rows = alignment.rows(steps.traced["alignment_keys"], result[-1].numpy()[0], index, 0,
+        result = steps.run_chunk(xs[index:index + 1], labels[index:index + 1].astype(np.int64), np.array([LR]),
+                                 np.array([schedules.dilation_rate(settings, 0)]), 1, index, np.array([False]),
+                                 tf.zeros([0, *xs.shape[2:]], tf.float64), tf.zeros([0], tf.int64),
+                                 measure_flags=np.array([True]))
+        rows = alignment.rows(steps.traced["alignment_keys"], result[-1][0], index, 0,
                               [unit.name for unit in built.units])
         out.append((before, {(r["layer"], r["quantity"]): r["value"] for r in rows}, steps.net.numpy_params()))
     assert steps.measured_fallback is None  # XLA compiled the measured step (no fallback to the graph)

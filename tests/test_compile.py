@@ -24,9 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from workers import settings as settings_module
+from workers import steps as steps_module
 from workers.columns import Rows
 from workers.data import load_dataset
-from workers.trainer import StepCache, compile_plan, train, unpack_checkpoint
+from workers.steps import StepCache, compile_plan
+from workers.trainer import train, unpack_checkpoint
 
 from tests.helpers import train_case
 
@@ -127,13 +129,11 @@ def test_auto_resolves_by_its_rule():
 def test_a_resumed_case_keeps_the_choice_of_its_checkpoint(monkeypatch):
     """A checkpoint made by the graph path (or before the choice existed: no "compile" in it)
     resumes on the graph even where auto would now choose XLA, and its rows continue exactly."""
-    import workers.trainer as trainer
-
     case = settings(epochs=12)  # auto: 12 steps, the graph
     whole = run(case, checkpoint_every_steps=4)
     part = run(case, checkpoint_every_steps=4, stop_after_checkpoints=1)
     assert part[0].info["compile"] == "graph"
-    monkeypatch.setattr(trainer, "XLA_MIN_STEPS", 1)  # auto would now choose XLA for a new case
+    monkeypatch.setattr(steps_module, "XLA_MIN_STEPS", 1)  # auto would now choose XLA for a new case
     assert run(settings(epochs=3))[0].info["compile"] == "xla"
     rest = run(case, resume=checkpoints(part)[-1], checkpoint_every_steps=4)
     assert rest[0].info == {**rest[0].info, "compile": "graph", "compile_why": "resumed as it ran"}

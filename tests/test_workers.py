@@ -21,7 +21,8 @@ import pytest
 
 from tests.helpers import ledger, local_cluster, start_bplab, train_case, write_suite
 from workers import settings as settings_module
-from workers.trainer import StepCache, unpack_checkpoint
+from workers.steps import StepCache
+from workers.trainer import unpack_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}

@@ -39,7 +39,7 @@ class Worker:
         self.thread: threading.Thread | None = None
         self.outcome: dict | None = None
         self.info: dict | None = None
-        self.cache = None  # workers.trainer.StepCache, made with TensorFlow
+        self.cache = None  # workers.steps.StepCache, made with TensorFlow
         self.commit_wanted = threading.Event()
         self.cases_run = 0
         self.started_at = time.time()
@@ -55,7 +55,7 @@ class Worker:
         try:
             began = time.time()
             info = self._setup_tensorflow()
-            from workers.trainer import StepCache
+            from workers.steps import StepCache
 
             self.cache = StepCache()
             self.info = {**info, "worker_started_at": self.started_at, "tensorflow_seconds": round(time.time() - began, 3)}

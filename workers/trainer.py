@@ -1,4 +1,3 @@
-# Long module: one case's training as it runs (settings to traced or XLA-compiled chunks, the batches and example orders of a chunk, its rows as columns, checkpoints and resume), kept together so the order of a step reads in one place.
 """Run one training case: `train(settings, data, report, resume=None)`.
 
 The trainer never imports Ray and never touches storage: it hands rows, histograms and
@@ -12,7 +11,8 @@ and every step still logs its row. A worker keeps the traced steps of a case's s
 (`StepCache`) for the next case of the same structure; what differs per case (weights,
 optimiser state, learning rates, seeds) is variable state or a tensor argument. A chunk
 runs as a traced graph or compiled with XLA (`compile_plan`, the `compile` setting), and
-its rows leave as columns (workers.columns.Rows), never as a dict per row.
+its rows leave as columns (workers.columns.Rows), never as a dict per row. The traced and
+compiled steps themselves are workers.steps; this module feeds them and reads their rows.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.columns import Rows
+from workers.steps import StepCache, Steps, _device_kind, _first_line, chunk_rows, compile_plan, structure_key, xla_flags
 
 HISTOGRAM_BINS = 30
 
@@ -225,370 +226,10 @@ def layer_statistics(net, x, step: int, epoch: int) -> list[dict]:
     return rows
 
 
-# Settings that never reach a traced step: they are NumPy-side (initial weights, data order,
-# augmentation, when to log) or enter the step as a tensor (learning rate, skip rate, seed).
-# Every other setting is read while tracing, so it is part of a case's structure.
-PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std", "feedback_init",
-                   "steps_per_epoch", "layer_stats_every", "eval_every", "alignment_every", "dilation_rate", "dilation_decay", "data")
 CHUNK_SECONDS = 0.25  # aim for calls this long: tiny steps run many to a call, big ones one or a few
 CHUNK_BYTES = 32 << 20  # at most this much stacked input per call
 MAX_CHUNK = 2000
 
-
-def structure_key(settings, input_shape, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
-                  dtype: str, compile_mode: str = "graph") -> str:
-    """What decides the traced train and test steps of a case: two cases with the same key
-    run the same graphs, with their own weights, optimiser state, learning rates and seeds."""
-    fixed = {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS}
-    return json.dumps({"settings": fixed, "input": list(input_shape), "classes": int(num_classes),
-                       "step": list(step_shape), "test": list(test_shape), "in_loop_eval": in_loop_eval, "dtype": dtype,
-                       "compile": compile_mode}, sort_keys=True, default=list)
-
-
-XLA_MIN_STEPS = 10_000  # auto compiles a case's steps with XLA only if it trains this many (see compile_plan)
-
-
-def compile_plan(settings, model, device: str, total_steps: int, resumed: str | None = None) -> tuple[str, str]:
-    """(graph | xla, why): how a case's chunk of steps and its test step run.
-
-    `compile: graph` or `xla` is taken as asked. `auto` follows one rule, the same every time for
-    a given case and kind of device: XLA on a CPU for a model without convolutions that trains
-    at least XLA_MIN_STEPS steps; the traced graph otherwise. Dense and recurrent models are
-    bound by the cost of each op, which XLA fuses away (several times faster per step), but
-    compiling a structure takes about a second or more on a CPU, which a short case never earns
-    back; convolutional models on a CPU spend their time in oneDNN's convolutions, and XLA's
-    compile of allconv9 did not finish in 20 minutes on a 2-core CPU; on a GPU XLA was not
-    measured (benchmarks/README.md, "Compiled chunks"). A resumed case runs the way its checkpoint says it ran (`resumed`; a
-    checkpoint from before this choice existed ran the graph), so its numbers continue
-    bit-identically. If XLA cannot compile a structure that `auto` sent to it, the case runs
-    the graph and says so (train(): info["compile_why"] and the case's log). A case that
-    measures alignment (`alignment_every`) resolves the same way: its measured steps are
-    compiled too (Steps.run_measured; if XLA cannot compile them, they run the graph and
-    info["alignment_compile_why"] says so)."""
-    if settings.compile != "auto":
-        return settings.compile, "asked"
-    if resumed is not None:
-        return resumed, "resumed as it ran"
-    convolutional = any(type(op).__name__ == "Conv2D" for unit in model.units for op in unit.ops)
-    if device != "cpu":
-        return "graph", f"auto: {device} (XLA not measured there)"
-    if convolutional:
-        return "graph", "auto: convolutional model on a CPU"
-    if total_steps < XLA_MIN_STEPS:
-        return "graph", f"auto: {total_steps} steps, fewer than {XLA_MIN_STEPS} (a compile would cost more)"
-    return "xla", f"auto: model without convolutions on a CPU, {total_steps} steps"
-
-
-# How bplab's XLA compiles (part of what `compile: xla` means; a flag the user's XLA_FLAGS names
-# already is left as the user set it, and the value used is written in the case's info). XLA reads
-# XLA_FLAGS at its first compile in a process, so a worker sets them before its first XLA case.
-# - the whole step as one LLVM function rather than XLA's thunk runtime (a call per fused op):
-#   bplab's moons step went from about 2.5x to about 1.5x a minimal XLA loop's time;
-# - LLVM's expensive passes off: a structure compiles in about half the time, steps as fast.
-XLA_FLAGS = ("--xla_cpu_use_thunk_runtime=false", "--xla_llvm_disable_expensive_passes=true")
-
-
-def xla_flags() -> str:
-    """Set bplab's XLA flags in this process's XLA_FLAGS (see XLA_FLAGS); return the value."""
-    import os
-
-    current = os.environ.get("XLA_FLAGS", "")
-    names = {flag.split("=")[0] for flag in current.split()}
-    os.environ["XLA_FLAGS"] = " ".join([current, *[f for f in XLA_FLAGS if f.split("=")[0] not in names]]).strip()
-    return os.environ["XLA_FLAGS"]
-
-
-def chunk_rows(first_step: int, epochs: list, examples: int, costs, corrects, extras, test_costs, test_corrects,
-               flags: np.ndarray, test_size: int, lrs: np.ndarray, seconds: float, wall_start: float, traced: dict,
-               unit_names: list) -> Rows:
-    """The rows of a chunk of K = len(epochs) steps as columns: a train row per step and, after
-    each step flagged in `flags`, a test row (the test set evaluated inside the loop). The
-    same rows, in the same order and with the same values, as one dict per row would give."""
-    k = len(epochs)
-    flags = np.asarray(flags[:k], bool)
-    tests = int(flags.sum())
-    n = k + tests
-    train_at = np.arange(k) + np.concatenate([[0], np.cumsum(flags)[:-1]]) if k else np.zeros(0, np.int64)
-    test_at = train_at[flags] + 1
-    is_test = np.zeros(n, bool)
-    is_test[test_at] = True
-    steps = first_step + np.arange(k)
-
-    def both(train_values, test_values, dtype):
-        out = np.empty(n, dtype)
-        out[train_at] = train_values
-        out[test_at] = test_values
-        return out
-
-    def train_only(values, dtype, width=None):
-        shape = (n,) if width is None else (n, width)
-        out = np.ma.masked_all(shape, dtype)
-        out[train_at] = values
-        return out
-
-    epochs = np.asarray(epochs, np.int64)
-    spent = wall_start + np.arange(1, k + 1) * seconds  # the wall time at the end of each step
-    columns = {
-        "split": np.where(is_test, "test", "train"),
-        "epoch": both(epochs, epochs[flags], np.int64),
-        "step": both(steps, steps[flags] + 1, np.int64),
-        "cost": both(costs[:k].astype(np.float64), test_costs[:k][flags].astype(np.float64) / test_size, np.float64),
-        "accuracy": both(corrects[:k].astype(np.float64) / examples,
-                         test_corrects[:k][flags].astype(np.float64) / test_size, np.float64),
-        "lr": train_only(lrs[:k], np.float64),
-        "stages": train_only(traced["stages"], np.int64),
-        "layer_updates": train_only(int(sum(traced["updates"])), np.int64),
-        "forward_passes": train_only(traced["forward_passes"], np.int64),
-        "examples": train_only(examples, np.int64),
-        "examples_per_sec": train_only(examples / seconds, np.float64),
-        "wall_time": both(spent, spent[flags], np.float64),
-        "updates": train_only([int(u) for u in traced["updates"]], np.int64, len(traced["updates"])),
-        "layers": train_only(list(unit_names), np.array(unit_names).dtype, len(unit_names)),
-    }
-    for j, name in enumerate(traced["extra_names"]):
-        columns[name] = train_only(extras[:k, j].astype(np.float64), np.float64)
-    if not tests:  # nothing masked: plain arrays
-        columns = {name: np.ma.getdata(values) for name, values in columns.items()}
-    return Rows(columns)
-
-
-def _device_kind(tf) -> str:
-    """gpu when TensorFlow places ops on a GPU, else cpu."""
-    return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
-
-
-def _first_line(error: BaseException) -> str:
-    from workers.errors import one_line
-
-    return one_line(error)
-
-
-class StepCache:
-    """Traced steps kept by a worker between cases (least recently used first out)."""
-
-    def __init__(self, max_entries: int = 4):
-        self.max_entries = max_entries
-        self.entries: dict = {}
-        self.hits = self.misses = 0
-
-    def get(self, key: str, build):
-        if key in self.entries:
-            self.hits += 1
-            self.entries[key] = self.entries.pop(key)  # most recent last
-            return self.entries[key]
-        self.misses += 1
-        while len(self.entries) >= self.max_entries:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = build()
-        return self.entries[key]
-
-
-class Steps:
-    """A case structure's variables and traced functions.
-
-    `train_chunk` runs K training steps in one call (a tf.while_loop over a stacked batch
-    tensor; K is a run-time length, so one trace serves any K and every step runs the same
-    graph whatever the chunking), evaluating the whole test set after the steps flagged
-    when the test set is small (`in_loop_eval`). `test_step` evaluates one test chunk.
-    `measured_chunk` is the same loop with a workers.alignment.Probe in each step, which
-    also returns the steps' measurements (keys in `traced["alignment_keys"]`); it is traced
-    only when a case measures, so `train_chunk` stays the step without it.
-    """
-
-    def __init__(self, settings, model, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
-                 tf_dtype, compile_mode: str = "graph"):
-        import tensorflow as tf
-
-        from workers import alignment, optimizers, rules, schedules
-        from workers.layers import Context
-
-        self.model = model
-        self.net_dtype = tf_dtype
-        placeholder = model.init_params(0, dtype=tf_dtype.as_numpy_dtype)  # load() sets each case's values
-        self.net = net = _make_net(model, placeholder, tf_dtype,
-                                   rules.initial_state(settings, model, placeholder, 0, tf_dtype.as_numpy_dtype))
-        self.optimizer = optimizer = optimizers.make_optimizer(settings, net)
-        schedule = schedules.get_schedule(settings)
-        self.traced = traced = {}
-        self.in_loop_eval = in_loop_eval
-        loss_fn = model.loss
-        # read here, not inside the trace (autograph cannot call methods of the settings model)
-        cost_after_last_stage = settings.has("train_cost_after_last_stage")
-
-        def evaluate_on(x, labels):
-            y_onehot = tf.one_hot(labels, num_classes, dtype=tf_dtype)
-            output = net.predict(x)
-            cost = loss_fn.logged_cost(output, y_onehot, "test") * tf.cast(tf.shape(x)[0], tf_dtype)
-            return cost, loss_fn.correct(output, labels)
-
-        chunk_signature = [
-            tf.TensorSpec([None, *step_shape], tf_dtype),  # (K, B, ...): the K steps' inputs
-            tf.TensorSpec([None, step_shape[0]], tf.int64),  # (K, B) labels
-            tf.TensorSpec([None], tf_dtype),  # (K,) learning rate of each step
-            tf.TensorSpec([None], tf_dtype),  # (K,) dilated skip rate of each step
-            tf.TensorSpec([], tf.int64),  # the case's seed
-            tf.TensorSpec([], tf.int64),  # global step of the first of the K steps
-            tf.TensorSpec([None], tf.bool),  # (K,) evaluate the test set after this step
-            tf.TensorSpec([None, *test_shape[1:]], tf_dtype),  # the test set (empty unless in_loop_eval)
-            tf.TensorSpec([None], tf.int64),
-        ]
-
-        def train_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test,
-                        measure=False):
-            """The first `count` of the K stacked steps (K = len(xs); count = K on the graph path)."""
-            k = tf.shape(xs)[0]
-
-            def arrays(dtype):
-                return tf.TensorArray(dtype, size=k)
-
-            def body(i, losses, costs, corrects, extras, test_costs, test_corrects, *measured):
-                step_seed = tf.stack([seed, first_step + tf.cast(i, tf.int64)])
-                y_onehot = tf.one_hot(labels[i], num_classes, dtype=tf_dtype)
-                ctx = Context(training=True, seed=step_seed)
-                x = xs[i]  # one tensor: the probe knows the schedule's first forward of the batch by it
-                probe = alignment.Probe(net, x, y_onehot, ctx) if measure else None
-                stepper = schedules.Stepper(net, optimizer, ctx, lrs[i], settings, skip_rates[i], probe=probe)
-                net.probe = probe
-                try:
-                    loss, output = schedule(stepper, x, y_onehot)
-                finally:
-                    net.probe = None
-                if measure:  # read after the schedule: the parameters it left
-                    traced["alignment_keys"], values = probe.finish()
-                    measured = (measured[0].write(i, values),)
-                names = sorted(stepper.extras)
-                traced.update(updates=list(stepper.updates), forward_passes=stepper.forward_passes,
-                              stages=stepper.stages, extra_names=names)
-                if cost_after_last_stage and stepper.last_output is not None:
-                    output_for_cost = stepper.last_output  # the source's cost_u9; accuracy stays the first pass's
-                else:
-                    output_for_cost = output
-                cost = loss_fn.logged_cost(output_for_cost, y_onehot, "train")
-                extra = (tf.stack([tf.cast(stepper.extras[n], tf_dtype) for n in names]) if names
-                         else tf.zeros([0], tf_dtype))
-                if in_loop_eval:
-                    # the ops before must finish first: the test set sees the updated weights
-                    with tf.control_dependencies([loss, cost, extra]):
-                        test_cost, test_correct = tf.cond(
-                            eval_flags[i], lambda: evaluate_on(x_test, y_test),
-                            lambda: (tf.zeros([], tf_dtype), tf.zeros([], tf.float32)))
-                else:
-                    test_cost, test_correct = tf.zeros([], tf_dtype), tf.zeros([], tf.float32)
-                return (i + 1, losses.write(i, loss), costs.write(i, cost),
-                        corrects.write(i, loss_fn.correct(output, labels[i])), extras.write(i, extra),
-                        test_costs.write(i, test_cost), test_corrects.write(i, test_correct), *measured)
-
-            start = (tf.constant(0), arrays(tf_dtype), arrays(tf_dtype), arrays(tf.float32), arrays(tf_dtype),
-                     arrays(tf_dtype), arrays(tf.float32))
-            if measure:
-                start += (arrays(tf.float64),)  # (K, measurements)
-            # parallel_iterations=1: step i+1 starts once step i has updated the variables
-            _, *out = tf.while_loop(lambda i, *_: i < count, body, start, parallel_iterations=1)
-            return tuple(array.stack() for array in out)
-
-        test_signature = [tf.TensorSpec([None, *test_shape[1:]], tf_dtype), tf.TensorSpec([None], tf.int64)]
-        self.compile_mode = compile_mode
-        self.compiled_once = False  # a chunk has run (XLA has compiled this structure)
-        self.fallback = None  # why this graph stands for an XLA structure XLA rejected
-        self.seconds_per_step = None  # XLA: of the last call (the next case's first chunk length)
-        self.buffers: dict = {}  # XLA: the padded inputs of a call, reused
-        # The same steps with the measurement compiled in: a function of its own, traced (and
-        # for XLA compiled, for K = 1: a measured step is a call of its own) on its first call
-        # only, so the steps between run the very executable they run with alignment off.
-        def measured_chunk(xs, *args):
-            return train_chunk(tf.shape(xs)[0], xs, *args, measure=True)
-
-        self.measured_graph = lambda: tf.function(measured_chunk, autograph=False, input_signature=chunk_signature)
-        self.measured_fallback = None  # XLA: why its measured steps run the traced graph
-        self.measured_once = False  # a measured step has run
-        if compile_mode == "xla":
-            # One executable per padded K (see run_chunk); the loop runs the first `count` steps.
-            @tf.function(autograph=False, jit_compile=True, input_signature=[tf.TensorSpec([], tf.int32), *chunk_signature])
-            def compiled_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
-                return train_chunk(count, xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test)
-
-            self.train_chunk = compiled_chunk
-            self.test_step = tf.function(evaluate_on, autograph=False, jit_compile=True, input_signature=test_signature)
-            self.measured_chunk = tf.function(measured_chunk, autograph=False, jit_compile=True,
-                                              input_signature=chunk_signature)
-        else:
-            @tf.function(autograph=False, input_signature=chunk_signature)
-            def traced_chunk(xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test, y_test):
-                return train_chunk(tf.shape(xs)[0], xs, labels, lrs, skip_rates, seed, first_step, eval_flags, x_test,
-                                   y_test)
-
-            self.train_chunk = traced_chunk
-            self.test_step = tf.function(evaluate_on, autograph=False, input_signature=test_signature)
-            self.measured_chunk = self.measured_graph()
-
-    def run_chunk(self, xs: np.ndarray, labels: np.ndarray, lrs: np.ndarray, skip_rates: np.ndarray, seed: int,
-                  first_step: int, eval_flags: np.ndarray, x_test, y_test, capacity: int = 0,
-                  measure: bool = False) -> tuple[np.ndarray, ...]:
-        """Run the K = len(xs) steps; (losses, costs, corrects, extras, test costs, test corrects), K each,
-        and with `measure` the steps' alignment measurements (see run_measured).
-
-        The graph path takes the K steps as they are (K is a run-time length: one trace for
-        every K). An XLA executable is compiled for one shape, so the compiled path pads K to
-        the next power of two (a handful of executables per structure, each compiled once per
-        worker, however the steps are chunked) and runs only the first K steps of the padding."""
-        import tensorflow as tf
-
-        k = len(xs)
-        tf_dtype = self.net_dtype
-        scalars = (tf.constant(seed, tf.int64), tf.constant(first_step, tf.int64))
-        if measure or self.compile_mode != "xla":
-            args = (tf.constant(xs), tf.constant(labels), tf.constant(lrs, tf_dtype), tf.constant(skip_rates, tf_dtype),
-                    *scalars, tf.constant(eval_flags, tf.bool), x_test, y_test)
-            out = self.run_measured(args) if measure else self.train_chunk(*args)
-            return tuple(value.numpy() for value in out)
-        padded = max(capacity, 1 << max(0, k - 1).bit_length())
-
-        def pad(name: str, values, dtype=None):
-            values = np.asarray(values, dtype=dtype)
-            if padded == k:
-                return tf.constant(values)
-            shape = (padded, *values.shape[1:])
-            out = self.buffers.get(name)
-            if out is None or out.shape != shape or out.dtype != values.dtype:
-                out = self.buffers[name] = np.zeros(shape, dtype=values.dtype)  # kept: no new one per call
-            out[:k] = values  # the steps after the k-th never run: what is left there does not matter
-            return tf.constant(out)
-
-        numpy_dtype = tf_dtype.as_numpy_dtype
-        out = self.train_chunk(tf.constant(k, tf.int32), pad("xs", xs), pad("labels", labels),
-                               pad("lrs", lrs, numpy_dtype), pad("skips", skip_rates, numpy_dtype), *scalars,
-                               pad("flags", eval_flags, bool), x_test, y_test)
-        return tuple(value.numpy()[:k] for value in out)
-
-    def run_measured(self, args: tuple):
-        """The measured steps of `args` (unpadded: XLA compiles them for K = 1). If XLA cannot
-        compile the measured step of a structure whose other steps it runs, the measured steps
-        run the traced graph from then on, on the same variables, and `measured_fallback` says
-        why (train() puts it in the case's info and log)."""
-        import tensorflow as tf
-
-        if self.compile_mode != "xla" or self.measured_fallback is not None or self.measured_once:
-            out = self.measured_chunk(*args)
-        else:
-            try:
-                out = self.measured_chunk(*args)
-            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:  # nothing ran
-                self.measured_fallback = f"XLA rejected the measured step: {_first_line(error)}"
-                self.measured_chunk = self.measured_graph()
-                out = self.measured_chunk(*args)
-        self.measured_once = True
-        return out
-
-    def load(self, params: list[dict], optimizer_state: dict | None, rule_state: list[dict] | None = None) -> None:
-        """This case's weights, optimiser state (zeros for a new case) and learning-rule state
-        (workers.rules.initial_state for a new case) into the variables."""
-        self.net.assign(params)
-        if rule_state is not None:
-            self.net.assign_rule_state(rule_state)
-        state = optimizer_state
-        if state is None:
-            state = {key: np.zeros_like(value) for key, value in self.optimizer.state().items()}
-        self.optimizer.load_state(state)
 
 
 def train(settings, data, report, resume: bytes | None = None, *, checkpoint_every_steps: int = 0,
@@ -652,7 +293,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     def fall_back(error, failed: "Steps") -> "Steps":
         """XLA could not compile this structure: the graph path under auto (said in the case's info
         and log, and kept for this structure in this worker); an error if XLA was asked for. The
-        graph continues from `failed`'s variables (a measured step may have run before)."""
+        graph continues from `failed`'s variables."""
         reason = f"XLA rejected the step: {_first_line(error)}"
         if compile_why != "auto" and not compile_why.startswith("auto:"):  # asked, or resumed from an XLA run
             from workers.settings import SettingsError
@@ -687,16 +328,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     measure_every = settings.alignment_every
 
-    def measured(step: int) -> bool:
-        return bool(measure_every) and step % measure_every == 0
-
     def chunk_end(step: int, limit: int) -> int:
         """Where the chunk from `step` must stop: commits, layer statistics and (outside the
-        loop) evaluations happen between calls; a measured step is a call of its own."""
-        if measured(step):
-            return step + 1
+        loop) evaluations happen between calls (a measured step is measured inside its chunk)."""
         end = min(total_steps, step + limit)
-        for every in (checkpoint_every_steps, settings.layer_stats_every, measure_every):
+        for every in (checkpoint_every_steps, settings.layer_stats_every):
             if every:
                 end = min(end, (step // every + 1) * every)
         if not in_loop_eval:
@@ -746,7 +382,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     info = {"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch, "model": model.describe(),
             "tensorflow": tf.__version__, "compile": compile_mode, "compile_why": compile_why,
             **({"xla_flags": flags} if compile_mode == "xla" else {})}
-    if measure_every and compile_mode == "xla":  # how its measured steps run (see Steps.run_measured)
+    if measure_every and compile_mode == "xla":  # how its measured steps run (see Steps.run_chunk)
         info["alignment_compile"] = "graph" if steps.measured_fallback else "xla"
         if steps.measured_fallback:
             info["alignment_compile_why"] = steps.measured_fallback
@@ -784,16 +420,16 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                  for step in range(global_step, end)]
         lrs = np.array([optimizers.learning_rate(settings, e) for e in epochs])
         skips = np.array([schedules.dilation_rate(settings, e) for e in epochs])
+        measure_flags = (np.arange(global_step, end) % measure_every == 0) if measure_every else None
         started = time.perf_counter()
         wall_start = time.time()
-        measuring = measured(global_step)
         out = None
         while out is None:
             try:
                 out = steps.run_chunk(xs, labels, lrs, skips, settings.seed, global_step, np.array(flags, bool), test_x,
-                                      test_y, capacity, measure=measuring)
+                                      test_y, capacity, measure_flags=measure_flags)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
-                if steps.compile_mode != "xla" or steps.compiled_once or measuring:
+                if steps.compile_mode != "xla" or steps.compiled_once:
                     raise
                 steps = fall_back(error, steps)  # this call ran nothing: XLA compiles before a step runs
                 net, optimizer, traced = steps.net, steps.optimizer, steps.traced
@@ -801,25 +437,24 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 info = {**{k: v for k, v in info.items() if not k.startswith(("xla_flags", "alignment_compile"))},
                         "compile": compile_mode, "compile_why": compile_why}
                 pending.info = info
-        if measuring and steps.compile_mode == "xla" and "alignment_compile_why" not in info and steps.measured_fallback:
+        if measure_every and steps.compile_mode == "xla" and "alignment_compile_why" not in info and steps.measured_fallback:
             print(f"bplab: compile: {steps.measured_fallback}; this case's measured steps run the traced graph",
                   file=sys.stderr, flush=True)
             info = {**info, "alignment_compile": "graph", "alignment_compile_why": steps.measured_fallback}
             pending.info = info  # the driver keeps a report's info whole: all of it again
-        if not measuring:
-            steps.compiled_once = True
+        steps.compiled_once = True
         losses, costs, corrects, extras, test_costs, test_corrects, *measurements = out
         seconds = (time.perf_counter() - started) / len(xs)
-        if measuring:  # one step; its time is not the training's, so it does not size the next chunk
-            pending.alignment.extend(alignment.rows(traced["alignment_keys"], measurements[0][0], global_step,
-                                                    epochs[0], unit_names))
-        else:
-            limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
-            if steps.compile_mode == "xla":
-                limit = min(limit, capacity)
-                steps.seconds_per_step = seconds
+        limit = int(min(max_chunk, max(1, CHUNK_SECONDS / max(seconds, 1e-6)), max(1, CHUNK_BYTES // step_bytes)))
+        if steps.compile_mode == "xla":
+            limit = min(limit, capacity)
+            steps.seconds_per_step = seconds
         flags_array = np.array(flags, bool)
         bad = np.flatnonzero(~np.isfinite(losses))
+        measured = np.flatnonzero(measure_flags) if measure_every else np.zeros(0, np.int64)
+        for j in measured[measured <= bad[0]] if len(bad) else measured:  # none after a non-finite loss
+            pending.alignment.extend(alignment.rows(traced["alignment_keys"], measurements[0][j], global_step + int(j),
+                                                    epochs[j], unit_names))
         if len(bad):  # the rows up to the first non-finite loss, that one included
             first = int(bad[0])
             flags_array[first:] = False
@@ -869,8 +504,3 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             pending, last_flush = Report(), now
     return {"status": "done", "epoch": settings.epochs, "step": global_step, **latest}
 
-
-def _make_net(model, params, tf_dtype, rule_state=None):
-    from workers.engine import Net
-
-    return Net(model, params, dtype=tf_dtype, rule_state=rule_state)
