@@ -287,3 +287,20 @@ def test_epoch_orders_are_numpys_orders():
         for n in (1, 7, 160):
             expected = np.stack([epoch_order(seed, e, n) for e in epochs])
             np.testing.assert_array_equal(epoch_orders(seed, epochs, n), expected)
+
+
+def test_orders_kept_for_the_process_are_the_epochs_orders(monkeypatch):
+    """orders_of: the orders of the epochs asked for, in the order asked, whether drawn now or
+    kept from an earlier call (another seed or training-set size never read in their place), and
+    no more kept than ORDERS_KEPT bytes once a call is done."""
+    import workers.trainer as trainer
+
+    monkeypatch.setattr(trainer, "_kept_orders", {})
+    monkeypatch.setattr(trainer, "_kept_bytes", 0)
+    monkeypatch.setattr(trainer, "ORDERS_KEPT", 40 * 8 * 7)  # 40 orders of 7 examples
+    for seed, epochs, n in [(0, [3, 1, 2], 7), (0, [2, 3, 4, 4], 7), (1, [2, 3], 7), (0, [2, 3], 5),
+                            (0, list(range(50)), 7), (0, [0, 49, 1], 7)]:
+        expected = np.stack([trainer.epoch_order(seed, e, n) for e in epochs])
+        np.testing.assert_array_equal(trainer.orders_of(seed, epochs, n), expected)
+        assert trainer._kept_bytes == sum(v.nbytes for v in trainer._kept_orders.values()) <= trainer.ORDERS_KEPT
+    assert {(0, 7, 49), (0, 7, 0), (0, 7, 1)} <= set(trainer._kept_orders)  # the latest kept

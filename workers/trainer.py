@@ -122,6 +122,27 @@ def epoch_orders(seed: int, epochs, num_train: int) -> np.ndarray:
     return out
 
 
+ORDERS_KEPT = 64 << 20  # bytes of example orders a process keeps (see orders_of)
+_kept_orders: dict = {}  # (seed, num_train, epoch) -> its epoch_order; the oldest first
+_kept_bytes = 0
+
+
+def orders_of(seed: int, epochs: list, num_train: int) -> np.ndarray:
+    """epoch_order of each of `epochs`, stacked (len(epochs), num_train). Drawn once per process:
+    the orders drawn are kept (the oldest dropped past ORDERS_KEPT bytes), so a worker's next case
+    of the same seed and training-set size (every case of a suite of one seed) reads them instead
+    of drawing them again (a full-batch case draws an order for every step)."""
+    global _kept_bytes
+    missing = [e for e in dict.fromkeys(epochs) if (seed, num_train, e) not in _kept_orders]
+    for epoch, order in zip(missing, epoch_orders(seed, missing, num_train) if missing else ()):
+        _kept_orders[(seed, num_train, epoch)] = order
+        _kept_bytes += order.nbytes
+    out = np.stack([_kept_orders[(seed, num_train, e)] for e in epochs])
+    while _kept_bytes > ORDERS_KEPT and _kept_orders:
+        _kept_bytes -= _kept_orders.pop(next(iter(_kept_orders))).nbytes
+    return out
+
+
 def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, settings,
                     rule_state: list[dict] | None = None, *, compile_mode: str | None = None) -> bytes:
     """One .npz: param/UNIT/NAME, opt/KEY, feedback/UNIT/NAME (a learning rule's state) and meta;
@@ -342,34 +363,21 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             end = min(end, (epoch + 1) * steps_per_epoch)
         return end
 
-    orders: dict = {}
-
-    def order_of(epochs) -> None:
-        """The example orders of `epochs` into `orders` (a few kept)."""
-        wanted = list(dict.fromkeys(epochs))
-        missing = [e for e in wanted if e not in orders]
-        if missing:
-            if len(orders) + len(missing) > 4096:
-                orders.clear()
-                missing = wanted
-            orders.update(zip(missing, epoch_orders(settings.seed, missing, len(x_train))))
-
     def chunk_batches(first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """The inputs and labels of steps first..end-1, stacked: (K, batch, ...) and (K, batch)."""
         if settings.augment:
             batches = [batch_of(step) for step in range(first, end)]
             return np.stack([x for x, _ in batches]), np.stack([y for _, y in batches])
         epochs_, in_epoch = np.divmod(np.arange(first, end), steps_per_epoch)
-        order_of(epochs_.tolist())
-        table = np.stack([orders[e] for e in dict.fromkeys(epochs_.tolist())])
-        rows = np.searchsorted(np.unique(epochs_), epochs_)
+        wanted = np.unique(epochs_)
+        table = orders_of(settings.seed, wanted.tolist(), len(x_train))
+        rows = np.searchsorted(wanted, epochs_)
         index = table[rows[:, None], in_epoch[:, None] * drawn + np.arange(drawn)]
         return x_train[index], y_train[index]
 
     def batch_of(step: int):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        order_of([epoch])
-        index = orders[epoch][step_in_epoch * drawn:(step_in_epoch + 1) * drawn]
+        index = orders_of(settings.seed, [epoch], len(x_train))[0][step_in_epoch * drawn:(step_in_epoch + 1) * drawn]
         x, labels = x_train[index], y_train[index]
         if settings.augment:
             from workers.augment import augment_batch
@@ -397,8 +405,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     limit = 1  # steps per call: grows to about CHUNK_SECONDS once a call has been timed
     step_bytes = max(1, int(np.prod(step_shape)) * tf_dtype.size)
     # XLA compiles one executable per K: its chunks are padded to `capacity` steps, so a structure
-    # is compiled once per worker (and once more for a max_chunk of another power of two)
-    most = max(1, min(max_chunk, CHUNK_BYTES // step_bytes))
+    # is compiled once per worker (and once more for a longest chunk of another power of two). A
+    # chunk never crosses a multiple of layer_stats_every or checkpoint_every_steps: no longer
+    # padding than that (the padded inputs are copied at every call)
+    most = max(1, min(max_chunk, CHUNK_BYTES // step_bytes,
+                      *[every for every in (settings.layer_stats_every, checkpoint_every_steps) if every]))
     capacity = min(1 << (most - 1).bit_length(), 1 << (max(1, CHUNK_BYTES // step_bytes).bit_length() - 1))
     if steps.compile_mode == "xla" and steps.seconds_per_step:  # kept from an earlier case: no 1-step call
         limit = int(min(max_chunk, capacity, max(1, CHUNK_SECONDS / steps.seconds_per_step)))
@@ -415,9 +426,11 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             x0, _ = batch_of(global_step)
             pending.layer_stats.extend(layer_statistics(net, tf.constant(x0), global_step, global_step // steps_per_epoch))
         xs, labels = chunk_batches(global_step, end)
-        epochs = [step // steps_per_epoch for step in range(global_step, end)]
-        flags = [in_loop_eval and (step + 1) % steps_per_epoch == 0 and eval_due(step // steps_per_epoch)
-                 for step in range(global_step, end)]
+        chunk_epochs = np.arange(global_step, end) // steps_per_epoch
+        epochs = chunk_epochs.tolist()
+        last_in_epoch = np.arange(global_step + 1, end + 1) % steps_per_epoch == 0
+        due = ((chunk_epochs + 1) % eval_every == 0) | (chunk_epochs == settings.epochs - 1)  # eval_due, per step
+        flags = in_loop_eval & last_in_epoch & due
         lrs = np.array([optimizers.learning_rate(settings, e) for e in epochs])
         skips = np.array([schedules.dilation_rate(settings, e) for e in epochs])
         measure_flags = (np.arange(global_step, end) % measure_every == 0) if measure_every else None
