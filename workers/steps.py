@@ -67,10 +67,12 @@ def compile_plan(settings, model, device: str, total_steps: int, resumed: str | 
 # How bplab's XLA compiles (part of what `compile: xla` means; a flag the user's XLA_FLAGS names
 # already is left as the user set it, and the value used is written in the case's info). XLA reads
 # XLA_FLAGS at its first compile in a process, so a worker sets them before its first XLA case.
-# - the whole step as one LLVM function rather than XLA's thunk runtime (a call per fused op):
-#   bplab's moons step went from about 2.5x to about 1.5x a minimal XLA loop's time;
-# - LLVM's expensive passes off: a structure compiles in about half the time, steps as fast.
-XLA_FLAGS = ("--xla_cpu_use_thunk_runtime=false", "--xla_llvm_disable_expensive_passes=true")
+# - LLVM's expensive passes off. With TensorFlow 2.21 (XLA's thunk runtime, the only CPU runtime
+#   left) a structure compiles in the same time with or without it and the deep moons MLP's
+#   step is faster with it (34 against 44 us; benchmarks/README.md, "One executable per
+#   structure"). --xla_cpu_use_thunk_runtime=false, which once ran the step as one LLVM function,
+#   is gone: XLA ignores it ("no longer supported"), so bplab no longer sets it.
+XLA_FLAGS = ("--xla_llvm_disable_expensive_passes=true",)
 
 
 def xla_flags() -> str:
