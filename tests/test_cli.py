@@ -21,6 +21,24 @@ def test_cases_lists_suites_and_their_cases():
         assert f"\n  {name} " in quick.stdout
 
 
+@pytest.mark.timeout(120)
+def test_cases_columns_line_up_whatever_the_longest_name(tmp_path):
+    """`bplab cases`: the case counts in one column though adversarial-source-quick is longer
+    than the others; `bplab cases FILE`: the settings start in one column whatever a case's name."""
+    from tests.helpers import write_suite
+
+    listing = bplab("cases")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert any(line.startswith("adversarial-source-quick ") for line in lines)
+    assert len({line.index(" cases  ") for line in lines}) == 1, listing.stdout
+    suite = write_suite(tmp_path, cases={"a": {"lr": 0.1}, "a-case-name-longer-than-the-old-column": {"lr": 0.2}})
+    cases = bplab("cases", suite)
+    assert cases.returncode == 0, cases.stderr
+    rows = [line for line in cases.stdout.splitlines() if line.startswith("  ")]
+    assert len(rows) == 2 and len({line.index("lr=") for line in rows}) == 1, cases.stdout
+
+
 def test_plan_checks_against_cluster_yaml():
     plan = bplab("plan", "quick", "--set", "epochs=2")
     assert plan.returncode == 0, plan.stderr
