@@ -215,10 +215,13 @@ class LiveView:
         from rich.table import Table
         from rich.text import Text
 
+        rows = self.running_rows()
+        if not rows:  # nothing running (the start, the end): the summary alone, no empty header
+            return Text(self.summary())
         table = Table(box=None, pad_edge=False, header_style="bold")
         for name in self.columns():
             table.add_column(name, justify="left" if name in ("case", "node", "gpu") else "right", no_wrap=True)
-        for cells in self.running_rows():
+        for cells in rows:
             table.add_row(*cells)
         return Group(Text(self.summary()), table)
 

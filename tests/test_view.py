@@ -118,3 +118,18 @@ def test_terminal_mode_redraws_in_place_and_keeps_events():
     plain = ANSI.sub("", text)
     assert "e: done" in plain and "7 cases: 1 done, 2 running" in plain
     assert "pending" not in re.sub(r"\d+ pending", "", plain)  # pending cases get no rows
+
+
+@pytest.mark.timeout(30)
+def test_terminal_mode_ends_on_the_summary_without_an_empty_table():
+    """Once no case runs, the last frame is the summary line, not the table's header over no rows."""
+    out, clock = io.StringIO(), Clock()
+    view = LiveView(out, is_tty=True, summary_every=10, clock=clock)
+    view.update(study(10, 5))
+    clock.now += 1
+    view.update([make_state(name, "done", 100) for name in "ab"])
+    view.close()
+    plain = ANSI.sub("", out.getvalue())
+    assert "steps/s" in plain  # the table was drawn while cases ran
+    last = plain[plain.rindex("2 cases: 2 done"):]
+    assert "steps/s" not in last and "test acc" not in last, repr(last)
