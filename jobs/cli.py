@@ -332,7 +332,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from analysis.rundir import RunDir
+    from analysis.rundir import ENDED, RunDir
     from workers.logs import read_case_log
 
     run = RunDir.open(args.run)
@@ -344,7 +344,16 @@ def cmd_logs(args) -> int:
         raise UserError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
     text = read_case_log(run, name)
     if text is None:
-        print(f"bplab: case {name} has no output in {run.log_path(name)} yet", file=sys.stderr)
+        case_id = next(cid for cid, n in names.items() if n == name)
+        try:
+            ended = run.entry(case_id).state in ENDED
+        except (OSError, ValueError, KeyError):
+            ended = False
+        if ended:  # a worker's TensorFlow start-up lines go to the first case it runs
+            print(f"bplab: case {name} printed nothing ({run.log_path(name)} was never written; a worker's "
+                  "TensorFlow start-up lines are in the log of the first case it ran)", file=sys.stderr)
+        else:
+            print(f"bplab: case {name} has no output in {run.log_path(name)} yet", file=sys.stderr)
         return 0
     sys.stdout.write(text)
     return 0
