@@ -305,11 +305,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_runs(args) -> int:
+    from analysis.rundir import StorageError
     from analysis.runs import format_runs, list_runs
 
-    if not Path(args.folder).is_dir():
-        raise UserError(f"runs: {args.folder} is not a folder")
-    print(format_runs(list_runs(args.folder)))
+    try:
+        infos = list_runs(args.folder)
+    except StorageError as error:
+        raise UserError(f"runs: {_one_line(error)}") from None
+    print(format_runs(infos))
     return 0
 
 
