@@ -39,6 +39,17 @@ def test_cases_columns_line_up_whatever_the_longest_name(tmp_path):
     assert len(rows) == 2 and len({line.index("lr=") for line in rows}) == 1, cases.stdout
 
 
+@pytest.mark.timeout(120)
+def test_plan_columns_line_up_for_long_names_and_ids():
+    """moons' h5-act_sigmoid has a 25-character id: every row's schedule starts in one column."""
+    plan = bplab("plan", "moons", "--only", "h5-*", "h50-*")
+    assert plan.returncode == 0, plan.stderr
+    rows = [line for line in plan.stdout.splitlines() if " standard " in line or line.startswith("case ")]
+    assert any(len(line.split()[1]) > 24 for line in rows[1:]), plan.stdout
+    assert len(rows) == 7 and len({line.index("standard" if not line.startswith("case ") else "schedule")
+                                   for line in rows}) == 1, plan.stdout
+
+
 def test_plan_checks_against_cluster_yaml():
     plan = bplab("plan", "quick", "--set", "epochs=2")
     assert plan.returncode == 0, plan.stderr

@@ -186,3 +186,12 @@ def test_status_numbers_epochs_from_1_like_the_live_view():
     assert epoch_cell("diverged", 60, 2) == "3/4"
     assert epoch_cell("pending", 0, 0) == "0/4"
     assert epoch_cell("done", 100, 4) == "4/4"
+
+
+@pytest.mark.timeout(30)
+def test_status_columns_line_up_for_long_names():
+    from jobs.driver import render_view
+
+    long = "a-case-name-longer-than-the-old-column"
+    lines = render_view([make_state("a", "done", 100), make_state(long, "pending")]).splitlines()
+    assert len({line.index(word) for line, word in zip(lines, ("state", "done", "pending"))}) == 1, lines
