@@ -62,6 +62,17 @@ def test_the_readme_commands_table_names_every_command_and_option_of_run():
             assert flag_of(name) in run_row, f"{flag_of(name)} missing from the README's `bplab run` row"
 
 
+@pytest.mark.timeout(30)
+def test_the_readme_run_directory_names_every_entry_of_the_layout():
+    """The README's Run directory block has a line for every file and folder a run may hold
+    (analysis.rundir.layout.LAYOUT_NAMES; the hidden lease takeover marker apart)."""
+    from analysis.rundir.layout import LAYOUT_NAMES
+
+    block = README.split("## Run directory", 1)[1].split("```", 2)[1]
+    listed = {m.group(1) for m in re.finditer(r"^RUN/([A-Za-z0-9_.]+)", block, re.M)}
+    assert {name for name in LAYOUT_NAMES if not name.startswith(".")} - listed == set()
+
+
 @pytest.mark.timeout(10)
 def test_ci_runs_the_readme_test_command():
     command = "pip install -e '.[test]' && python -m pytest -q"
