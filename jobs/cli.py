@@ -323,8 +323,43 @@ def cmd_gradcheck(args) -> int:
     for name in names:
         if name not in gradcheck.CHECK_CONFIGS:
             raise UserError(f"gradcheck: unknown model {name!r}; expected all or one of {', '.join(gradcheck.CHECK_CONFIGS)}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return gradcheck.main(names, tolerance=args.tolerance)
+    with _native_stderr_held() as held:  # TensorFlow's start-up lines; shown only if the check crashes
+        try:
+            return gradcheck.main(names, tolerance=args.tolerance)
+        except BaseException:
+            held.show = True
+            raise
+
+
+class _Held:
+    show = False
+
+
+def _native_stderr_held():
+    """Hold what is written to fd 2 (TensorFlow's C++ and absl lines, which bypass sys.stderr
+    and TF_CPP_MIN_LOG_LEVEL) in a temporary file; write it out at the end if `held.show`."""
+    import contextlib
+    import tempfile
+
+    @contextlib.contextmanager
+    def held():
+        state = _Held()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as spool:
+            os.dup2(spool.fileno(), 2)
+            try:
+                yield state
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                if state.show:
+                    spool.seek(0)
+                    sys.stderr.write(spool.read().decode(errors="replace"))
+                    sys.stderr.flush()
+
+    return held()
 
 
 def cmd_schema(args) -> int:
