@@ -319,6 +319,8 @@ def cmd_runs(args) -> int:
 def cmd_gradcheck(args) -> int:
     from workers import gradcheck
 
+    if not (args.tolerance >= 0 and args.tolerance != float("inf")):  # nan fails this too
+        raise UserError(f"gradcheck: --tolerance {args.tolerance:g}: must be a finite number >= 0")
     names = list(gradcheck.CHECK_CONFIGS) if args.model == "all" else [args.model]
     for name in names:
         if name not in gradcheck.CHECK_CONFIGS:

@@ -289,6 +289,8 @@ BAD_INPUTS.update({
     "plan --only before the suite": (lambda tmp: ["plan", "--only", "a", write_suite(tmp)],
                                      ["plan: give a SUITE", "put the suite before --only"]),
     "plan without a suite": (lambda tmp: ["plan"], ["plan: give a SUITE"]),
+    "gradcheck --tolerance -1": (lambda tmp: ["gradcheck", "mlp", "--tolerance", "-1"], ["--tolerance -1", ">= 0"]),
+    "gradcheck --tolerance nan": (lambda tmp: ["gradcheck", "mlp", "--tolerance", "nan"], ["--tolerance nan"]),
 })
 
 
