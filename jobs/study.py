@@ -415,7 +415,8 @@ def added_note(location: str, added, stored: list[dict], suite: str, run_suite: 
     same = sorted({str(row["name"]) for row in stored} & set(names))
     if same:
         note += (f"; the run already holds {', '.join(same[:6])}{', ...' if len(same) > 6 else ''} with other "
-                 "settings: both are kept, under different ids")
+                 "settings: both are kept, under different ids (tables and the report name the later one after "
+                 "what sets it apart, e.g. NAME [epochs=1], and never average the two)")
     return note
 
 

@@ -154,6 +154,7 @@ def test_cases_added_on_resume_are_named_with_their_suite_and_namesakes():
     again = [types.SimpleNamespace(name="slow-s1")]
     assert added_note("runs/l", again, [{"name": "slow-s1"}, {"name": "mid-s1"}], "lr-sweep", "lr-sweep") == \
         ("1 new case(s) added to runs/l: slow-s1; the run already holds slow-s1 with other settings: "
-         "both are kept, under different ids")
+         "both are kept, under different ids (tables and the report name the later one after what sets it "
+         "apart, e.g. NAME [epochs=1], and never average the two)")
     many = [types.SimpleNamespace(name=f"c{i}") for i in range(9)]
     assert added_note("runs/m", many, [], "s", "s") == "9 new case(s) added to runs/m: c0, c1, c2, c3, c4, c5, ... (3 more)"
