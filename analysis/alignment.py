@@ -93,6 +93,10 @@ def plot_layer_angles(ax, alignment: pd.DataFrame, quantity: str = "signal_angle
                             color=line.get_color(), alpha=0.2, linewidth=0)
     if quantity.endswith("angle"):  # 0 to at least 1 degree: float32 round-off (1e-6) is not drawn as a signal
         ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+        values = rows["value"].to_numpy(dtype=float)
+        if len(values) and np.nanmax(values) < 0.5:  # the lines lie on the axis: say what that means
+            ax.text(0.5, 0.5, "every layer within 0.5 degrees\nof the true gradient at every step",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.3")
     ax.set_xlabel("step")
     ax.set_ylabel(quantity.replace("_", " ") + (" (degrees)" if quantity.endswith("angle") else ""))
     ax.grid(True, alpha=0.3)

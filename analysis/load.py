@@ -26,6 +26,7 @@ cases table) are converted on read by analysis.rundir.legacy, so old and new run
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -304,6 +305,58 @@ def _read_cases(run: RunDir) -> pd.DataFrame:
         if cases[name].dtype == object and cases[name].map(lambda v: isinstance(v, (list, np.ndarray))).any():
             cases[name] = cases[name].map(lambda v: tuple(v.tolist() if isinstance(v, np.ndarray) else v)
                                           if isinstance(v, (list, np.ndarray)) else v)
+    return _split_unlike(cases)
+
+
+def _flat_settings(text) -> dict:
+    """settings_json as {dotted key: value} (lists as JSON text), {} when absent or unreadable."""
+    try:
+        values = json.loads(text) if isinstance(text, str) else {}
+    except ValueError:
+        return {}
+    flat: dict = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = json.dumps(value) if isinstance(value, list) else value
+
+    walk("", values if isinstance(values, dict) else {})
+    return flat
+
+
+def _split_unlike(cases: pd.DataFrame) -> pd.DataFrame:
+    """A group holds cases that differ by seed alone, and a name one case. A run resumed with
+    other settings (`--resume RUN --set ...`) holds cases of one name under two configurations
+    (each with its own id): the first configuration added keeps the name and group, each later
+    one is named after them and what sets it apart, `slow-s1 [epochs=1]` in group
+    `slow [epochs=1]`, so no table or interval averages unlike cases as seeds of one."""
+    if "settings_json" not in cases or "group" not in cases or cases.empty:
+        return cases
+    flat = cases["settings_json"].map(_flat_settings)
+    config = flat.map(lambda f: json.dumps({k: v for k, v in f.items() if k != "seed"}, sort_keys=True, default=str))
+    mixed = [g for g, configs in config.groupby(cases["group"].astype(str)) if configs.nunique() > 1]
+    if not mixed:
+        return cases
+    cases = cases.copy()
+    for group in mixed:
+        rows = cases.index[cases["group"].astype(str) == group]
+        first = flat[rows[0]]
+        firsts: dict = {}
+        for row in rows:
+            firsts.setdefault(config[row], row)
+        for key, row0 in firsts.items():
+            if row0 == rows[0]:
+                continue
+            other = flat[row0]
+            differ = sorted(k for k in set(first) | set(other) if k != "seed" and first.get(k) != other.get(k))
+            tag = ", ".join(f"{k}={other.get(k)}" for k in differ)
+            tag = tag if len(tag) <= 60 else tag[:57] + "..."
+            members = [r for r in rows if config[r] == key]
+            cases.loc[members, "group"] = f"{group} [{tag}]"
+            cases.loc[members, "name"] = cases.loc[members, "name"].astype(str) + f" [{tag}]"
     return cases
 
 

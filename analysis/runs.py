@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from analysis.rundir import ENDED, RunDir, StorageError
+from analysis.rundir import ENDED, RunDir, StorageError, is_uri, subfolders
 from analysis.rundir.liveness import NO_MANIFEST, display_state, driver_liveness, not_a_run_message, resume_command, when
 from workers.errors import one_line
 from workers.text import duration
@@ -25,8 +25,9 @@ def describe_run(folder: str | os.PathLike) -> dict:
     readable run, else one line (not a run, damaged manifest, unreadable ledger entries); note
     is None unless the run is unfinished with no driver alive (then its cases started and not
     finished count as interrupted, see analysis.rundir.liveness) and says how to continue it."""
-    folder = Path(folder)
-    info = {"run": folder.name, "suite": "", "created": None, "states": Counter(), "wall_seconds": None,
+    folder = os.fspath(folder)
+    name = folder.partition("?")[0].rstrip("/").rsplit("/", 1)[-1] if is_uri(folder) else Path(folder).name
+    info = {"run": name, "suite": "", "created": None, "states": Counter(), "wall_seconds": None,
             "problem": None, "note": None}
     run = RunDir(folder)
     if not run.is_run():
@@ -71,9 +72,12 @@ def describe_run(folder: str | os.PathLike) -> dict:
 
 
 def list_runs(folder: str | os.PathLike = "runs") -> list[dict]:
-    """describe_run for every sub-folder of `folder`, oldest first (by creation, then name)."""
-    folder = Path(folder)
-    infos = [describe_run(path) for path in sorted(folder.iterdir()) if path.is_dir()]
+    """describe_run for every sub-folder of `folder` (a path or a pyarrow.fs URI), oldest first
+    (by creation, then name); StorageError if `folder` is not a folder."""
+    locations = subfolders(folder)
+    if locations is None:
+        raise StorageError(f"{os.fspath(folder)} is not a folder")
+    infos = [describe_run(location) for location in locations]
     return sorted(infos, key=lambda i: (i["created"] is None, i["created"] or 0.0, i["run"]))
 
 

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from jobs.options import add_arguments, from_arguments
+from jobs.options import add_arguments, from_arguments, missing_suite
 from workers.errors import UserError, one_line as _one_line  # light: no Ray, no TensorFlow at import
 
 PLAN_OPTIONS = ("suite", "address", "gpus_per_case", "cpus_per_case", "overrides", "only")  # what `bplab plan` takes of `run`'s
@@ -34,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):  # argparse's own errors: one line, exit 2
-        raise UserError(f"{self.prog}: {message}")
+        command = self.prog.partition(" ")[2]  # "bplab run" -> "run"; main() prints "bplab: error: " itself
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(run)  # every option of jobs.options.StudyOptions, its docstring as help
 
     plan = sub.add_parser("plan", help="expand a suite: cases, ids, resources, estimated steps")
-    add_arguments(plan, PLAN_OPTIONS, required=("suite",), help={
+    add_arguments(plan, PLAN_OPTIONS, help={
         "suite": "Built-in suite name or a YAML file",
         "address": "Check against this Ray cluster (default: cluster.yaml's node types)"})
 
@@ -88,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else argv
+        if not argv:  # `bplab` alone: what it can do, not argparse's "required: command"
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            raise UserError(f"give a command: {', '.join(commands)} (bplab COMMAND --help for its options)")
+        args = parser.parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as error:
         print(f"bplab: error: {_one_line(error)}", file=sys.stderr)
@@ -132,17 +138,20 @@ def cmd_cases(args) -> int:
     from jobs import suites
 
     if not args.suite:
-        for name in suites.builtin_names():
+        names = suites.builtin_names()
+        width = max(map(len, names), default=0)  # the columns stay aligned whatever the longest name
+        for name in names:
             suite = suites.load_suite(name)
-            print(f"{name:<20} {len(suite.cases):>3} cases  {textwrap.shorten(suite.description, 90, placeholder=' ...')}")
+            print(f"{name:<{width}} {len(suite.cases):>3} cases  {textwrap.shorten(suite.description, 90, placeholder=' ...')}")
         return 0
     suite = suites.load_suite(args.suite)
     default = suite.cases[0].settings.flat()
     varying = [k for k in default if any(c.settings.flat()[k] != default[k] for c in suite.cases)]
     print(f"{suite.name}: {suite.description}")
+    width = max((len(case.name) for case in suite.cases), default=0)
     for case in suite.cases:
         flat = case.settings.flat()
-        print(f"  {case.name:<24} " + "  ".join(f"{k}={flat[k]}" for k in varying))
+        print(f"  {case.name:<{width}}  " + "  ".join(f"{k}={flat[k]}" for k in varying))
     print("shared: " + "  ".join(f"{k}={v}" for k, v in default.items() if k not in varying and v not in (None, "", "[]")))
     return 0
 
@@ -150,6 +159,8 @@ def cmd_cases(args) -> int:
 def cmd_plan(args) -> int:
     from jobs import plan as plan_module, suites
 
+    if args.suite is None:
+        raise UserError(missing_suite("plan", args.only))
     from_arguments(args, PLAN_OPTIONS)  # the checks `bplab run` makes of the same options
     suite = suites.select(suites.load_suite(args.suite, args.overrides), args.only)
     plan_module.check_request(args.cpus_per_case, args.gpus_per_case)
@@ -294,23 +305,63 @@ def cmd_report(args) -> int:
 
 
 def cmd_runs(args) -> int:
+    from analysis.rundir import StorageError
     from analysis.runs import format_runs, list_runs
 
-    if not Path(args.folder).is_dir():
-        raise UserError(f"runs: {args.folder} is not a folder")
-    print(format_runs(list_runs(args.folder)))
+    try:
+        infos = list_runs(args.folder)
+    except StorageError as error:
+        raise UserError(f"runs: {_one_line(error)}") from None
+    print(format_runs(infos))
     return 0
 
 
 def cmd_gradcheck(args) -> int:
     from workers import gradcheck
 
+    if not (args.tolerance >= 0 and args.tolerance != float("inf")):  # nan fails this too
+        raise UserError(f"gradcheck: --tolerance {args.tolerance:g}: must be a finite number >= 0")
     names = list(gradcheck.CHECK_CONFIGS) if args.model == "all" else [args.model]
     for name in names:
         if name not in gradcheck.CHECK_CONFIGS:
             raise UserError(f"gradcheck: unknown model {name!r}; expected all or one of {', '.join(gradcheck.CHECK_CONFIGS)}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return gradcheck.main(names, tolerance=args.tolerance)
+    with _native_stderr_held() as held:  # TensorFlow's start-up lines; shown only if the check crashes
+        try:
+            return gradcheck.main(names, tolerance=args.tolerance)
+        except BaseException:
+            held.show = True
+            raise
+
+
+class _Held:
+    show = False
+
+
+def _native_stderr_held():
+    """Hold what is written to fd 2 (TensorFlow's C++ and absl lines, which bypass sys.stderr
+    and TF_CPP_MIN_LOG_LEVEL) in a temporary file; write it out at the end if `held.show`."""
+    import contextlib
+    import tempfile
+
+    @contextlib.contextmanager
+    def held():
+        state = _Held()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as spool:
+            os.dup2(spool.fileno(), 2)
+            try:
+                yield state
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                if state.show:
+                    spool.seek(0)
+                    sys.stderr.write(spool.read().decode(errors="replace"))
+                    sys.stderr.flush()
+
+    return held()
 
 
 def cmd_schema(args) -> int:
@@ -321,7 +372,7 @@ def cmd_schema(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from analysis.rundir import RunDir
+    from analysis.rundir import ENDED, RunDir
     from workers.logs import read_case_log
 
     run = RunDir.open(args.run)
@@ -333,7 +384,16 @@ def cmd_logs(args) -> int:
         raise UserError(f"logs: no case {args.case!r} in {run.location} (cases: {shown}{', ...' if len(names) > 8 else ''})")
     text = read_case_log(run, name)
     if text is None:
-        print(f"bplab: case {name} has no output in {run.log_path(name)} yet", file=sys.stderr)
+        case_id = next(cid for cid, n in names.items() if n == name)
+        try:
+            ended = run.entry(case_id).state in ENDED
+        except (OSError, ValueError, KeyError):
+            ended = False
+        if ended:  # a worker's TensorFlow start-up lines go to the first case it runs
+            print(f"bplab: case {name} printed nothing ({run.log_path(name)} was never written; a worker's "
+                  "TensorFlow start-up lines are in the log of the first case it ran)", file=sys.stderr)
+        else:
+            print(f"bplab: case {name} has no output in {run.log_path(name)} yet", file=sys.stderr)
         return 0
     sys.stdout.write(text)
     return 0

@@ -586,7 +586,7 @@ class Driver:
                 self._say(f"{state.planned.name}: could not mark interrupted: {first_line(error)}")
         for worker in list(self.workers):
             self._release(worker)
-        self._say(f"interrupted: resume with  bplab run --resume {self.run.location}")
+        self._say(f"interrupted; continue with: bplab run --resume {self.run.location}")
 
 
     # ------------------------------------------------------------------ the view
@@ -722,7 +722,9 @@ def placement(node: str | None, planned: PlannedCase, info: dict) -> str:
 
 
 def render_view(states) -> str:
-    lines = [f"{'case':<22} {'state':<11} {'node':<16} {'gpu':<5} {'epoch':>7} {'step':>13} {'test acc':>9} {'ETA':>8}"]
+    states = list(states)
+    width = max([22, *(len(s.planned.name) for s in states)])  # columns stay aligned for long names
+    lines = [f"{'case':<{width}} {'state':<11} {'node':<16} {'gpu':<5} {'epoch':>7} {'step':>13} {'test acc':>9} {'ETA':>8}"]
     for s in states:
         e, p = s.entry, s.progress
         epochs = s.planned.case.settings.epochs
@@ -733,8 +735,13 @@ def render_view(states) -> str:
             rate = (step - s.steps_at_start) / (time.monotonic() - s.started_at)
             eta = duration((total - step) / rate) if rate > 0 else "-"
         accuracy = p.get("test_accuracy", e.latest.get("test_accuracy"))
-        lines.append(f"{s.planned.name:<22} {e.state:<11} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
-                     f"{p.get('epoch', e.epoch):>3}/{epochs:<3} {step:>6}/{total:<6} "
+        # the epoch a case is in, numbered from 1 as the live view and the report number it (the
+        # ledger and the progress keep the 0-based index; a done case's is the number of epochs)
+        index = int(p.get("epoch", e.epoch) or 0)
+        started = step > 0 or e.state == "running"
+        epoch = epochs if e.state == "done" else min(index + 1, epochs) if started else 0
+        lines.append(f"{s.planned.name:<{width}} {e.state:<11} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
+                     f"{epoch:>3}/{epochs:<3} {step:>6}/{total:<6} "
                      f"{(f'{accuracy:.4f}' if accuracy is not None else '-'):>9} {eta:>8}")
     return "\n".join(lines)
 

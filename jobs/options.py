@@ -113,12 +113,23 @@ class StudyOptions(BaseModel):
         if self.resume and self.out:
             raise UserError("--out and --resume: the resumed run is written where it is")
         if self.suite is None and not self.resume:
-            raise UserError("run: give a SUITE (see `bplab cases`) or --resume RUN")
+            raise UserError(missing_suite("run", self.only))
         if self.suite is None and self.overrides:
             raise UserError("--set needs a suite: a resumed run keeps the settings it was started with")
         if self.overrides and not isinstance(self.suite, str):
             raise UserError("--set applies to a suite file or name, not to a Suite object")
         check_address(self.address)
+
+
+def missing_suite(command: str, only=()) -> str:
+    """The refusal of `bplab run` or `bplab plan` without a suite. --only takes every word after
+    it, so `bplab run --only a quick` reads `quick` as a case: the message says so."""
+    text = f"{command}: give a SUITE (see `bplab cases`)" + (" or --resume RUN" if command == "run" else "")
+    if only:
+        words = " ".join(str(word) for word in only)
+        text += (f"; --only took every word after it ({_short(words)}): put the suite before --only, "
+                 f"e.g. bplab {command} {_short(str(only[-1]), 40)} --only ...")
+    return text
 
 
 def flag_of(name: str) -> str:

@@ -348,10 +348,13 @@ def describe_concurrency(planned: list[PlannedCase], view: ClusterView) -> str:
 
 
 def format_plan(planned: list[PlannedCase], view: ClusterView) -> str:
-    lines = [f"{'case':<24} {'id':<24} {'schedule':<20} {'data':<8} {'CPU':>4} {'GPU':>4} {'steps':>8}"]
+    name_width = max([24, *(len(p.name) for p in planned)])  # columns stay aligned for long names and ids
+    id_width = max([24, *(len(p.case_id) for p in planned)])
+    lines = [f"{'case':<{name_width}} {'id':<{id_width}} {'schedule':<20} {'data':<8} {'CPU':>4} {'GPU':>4} {'steps':>8}"]
     for p in planned:
         s = p.case.settings
-        lines.append(f"{p.name:<24} {p.case_id:<24} {s.schedule:<20} {s.data.name:<8} {p.num_cpus:>4g} {p.num_gpus:>4g} {p.steps_total:>8}")
+        lines.append(f"{p.name:<{name_width}} {p.case_id:<{id_width}} {s.schedule:<20} {s.data.name:<8} "
+                     f"{p.num_cpus:>4g} {p.num_gpus:>4g} {p.steps_total:>8}")
     total = sum(p.steps_total for p in planned)
     lines.append(f"{len(planned)} cases, {total} training steps in all; "
                  + (describe_concurrency(planned, view) if view.trainable() else "no cluster to check against"))

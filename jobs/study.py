@@ -146,10 +146,12 @@ class Study:
                 # 4. the run directory: created, or the resumed one with the suite's new cases added
                 run = old or RunDir.create(location, self.manifest(study, datasets), [p.row() for p in planned])
                 if old is not None:
-                    known = set(old.case_ids())
+                    stored = old.cases().to_dict("records")
+                    known = {row["case_id"] for row in stored}
                     added = old.add_cases([p.row() for p in planned if p.case_id not in known])
                     if added:
-                        self.say(f"{len(added)} new case(s) added to {old.location}")
+                        self.say(added_note(old.location, [p for p in planned if p.case_id in set(added)], stored,
+                                            study.name, old.manifest().get("suite")))
                 ledger = run.ledger()
                 todo = [p for p in planned if ledger[p.case_id].state not in FINISHED]
                 self.say(f"run {run.location}{_on_host(run.location, view)}: {len(planned)} cases, {len(todo)} to run, "
@@ -398,6 +400,24 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
             ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
+
+
+def added_note(location: str, added, stored: list[dict], suite: str, run_suite: str | None) -> str:
+    """The line `bplab run SUITE --resume RUN` says when SUITE brings cases the run lacks: how
+    many and which, the suite they come from when it is not the run's (a mistyped suite joins
+    the run), and the names the run already holds under other settings (both cases stay, under
+    different ids; `bplab run SUITE --set ...` on a finished run makes such a pair)."""
+    names = [p.name for p in added]
+    shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+    note = f"{len(added)} new case(s) added to {location}: {shown}"
+    if run_suite and suite != run_suite:
+        note += f" (from suite {suite}; the run's suite is {run_suite})"
+    same = sorted({str(row["name"]) for row in stored} & set(names))
+    if same:
+        note += (f"; the run already holds {', '.join(same[:6])}{', ...' if len(same) > 6 else ''} with other "
+                 "settings: both are kept, under different ids (tables and the report name the later one after "
+                 "what sets it apart, e.g. NAME [epochs=1], and never average the two)")
+    return note
 
 
 def _version(package: str) -> str | None:

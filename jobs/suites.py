@@ -208,6 +208,11 @@ def parse_override(text: str, cases=()) -> tuple[str, object]:
     if len(text) > 10_000:
         raise SuiteError(f"--set {_short(text, 60)}: longer than 10000 characters")
     case = _case_of(key, cases) if cases and key.split(".", 1)[0] not in _setting_names() else None
+    if case is None and cases and "." in key and key.split(".", 1)[0] not in _setting_names():
+        head = key.split(".", 1)[0]
+        names = ", ".join(str(c) for c in cases)
+        raise SuiteError(f"--set {_short(text, 80)}: {_short(head, 40)!r} is neither a setting nor a case of the suite "
+                         f"(cases: {_short(names, 200)})")
     if case is not None:  # else a setting, or a wrong name the settings check names
         if key == case:
             raise SuiteError(f"--set {text}: name a setting after the case, e.g. --set {key}.epochs=3")
@@ -255,6 +260,24 @@ def _apply_override(values: dict, key: str, value, case: str | None = None) -> d
     else:
         values[key] = value
     return values
+
+
+def _blame_override(message: str, where: str, texts, parsed, case: str) -> str:
+    """A settings error 'WHERE.field: problem' as '--set KEY=VALUE: problem' when the field's
+    value came from that --set (the last one that set it), so the error names what was typed
+    rather than the suite file the value never came from."""
+    prefix = f"{where}."
+    if not message.startswith(prefix) or ": " not in message[len(prefix):]:
+        return message
+    field, problem = message[len(prefix):].split(": ", 1)
+    for text, (key, _) in reversed(list(zip(texts, parsed))):
+        if isinstance(key, CaseKey) and key.case != case:
+            continue
+        setting = key.setting if isinstance(key, CaseKey) else str(key)
+        if field == setting or field.startswith(f"{setting}.") or setting.startswith(f"{field}."):
+            unknown = problem.startswith("unknown setting")  # the same for every case
+            return f"--set {_short(text, 80)}: {problem}" + ("" if unknown else f" (case {case})")
+    return message
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -421,7 +444,7 @@ def _load_suite(name_or_path: str, overrides, limit: int | None) -> Suite:
             try:
                 settings = settings_module.from_dict(values, where=where)
             except SettingsError as error:
-                raise SuiteError(str(error)) from None
+                raise SuiteError(_blame_override(str(error), where, overrides, parsed_overrides, base_name)) from None
             entries.append((base_name, point, settings))
     named = case_names([(base, point) for base, point, _ in entries])
     counts = Counter(name for name, _ in named)

@@ -88,6 +88,8 @@ class LiveView:
         self._running_since: dict[str, tuple[float, int]] = {}
         self._losses: dict[str, float | None] = {}
         self._last_summary = self._last_draw = float("-inf")
+        self._summary_printed_last = False  # off a terminal: the last line printed is a summary ...
+        self._counts_printed: dict[str, int] = {}  # ... with these counts
         self._live = None
         self._closed = False
 
@@ -121,6 +123,7 @@ class LiveView:
         elif self.summary_every and now - self._last_summary >= self.summary_every:
             self._print(self.summary())
             self._last_summary = now
+            self._summary_printed_last, self._counts_printed = True, self.counts()
 
     def event(self, text: str) -> None:
         """One line for a state change (kept above the live table on a terminal)."""
@@ -129,6 +132,7 @@ class LiveView:
             self._live.console.print(line, markup=False, highlight=False, soft_wrap=True)
         else:
             self._print(line)
+            self._summary_printed_last = False
 
     def close(self) -> None:
         """Stop redrawing; leave the final summary on the terminal or in the log."""
@@ -139,8 +143,8 @@ class LiveView:
             self._live.update(self._table(), refresh=True)
             self._live.stop()
             self._live = None
-        else:
-            self._print(self.summary())
+        elif not (self._summary_printed_last and self.counts() == self._counts_printed):
+            self._print(self.summary())  # unless the line just above already says the same
 
     # ------------------------------------------------------------------ content
     def counts(self) -> dict[str, int]:
@@ -215,10 +219,13 @@ class LiveView:
         from rich.table import Table
         from rich.text import Text
 
+        rows = self.running_rows()
+        if not rows:  # nothing running (the start, the end): the summary alone, no empty header
+            return Text(self.summary())
         table = Table(box=None, pad_edge=False, header_style="bold")
         for name in self.columns():
             table.add_column(name, justify="left" if name in ("case", "node", "gpu") else "right", no_wrap=True)
-        for cells in self.running_rows():
+        for cells in rows:
             table.add_row(*cells)
         return Group(Text(self.summary()), table)
 

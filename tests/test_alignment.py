@@ -553,3 +553,24 @@ def test_section_is_skipped_without_measurements_and_draws_with_them(tmp_path):
     assert versus.at["back-s1", "mean_signal_angle"] == pytest.approx((131 + 141 + 5) / 2)
     assert versus.at["std-s2", "final_test_acc"] == 0.95
     assert "correlation" in text
+
+
+@pytest.mark.timeout(60)
+def test_a_panel_of_zero_angles_says_so():
+    """Back propagation's angles are 0 at every step: the lines lie on the axis, so the panel
+    says what that means; a panel with real angles has no such note."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis.alignment import plot_layer_angles
+
+    frame = fake_alignment()
+    angles = frame[frame["quantity"] == "signal_angle"]
+    fig, (flat, real) = plt.subplots(1, 2)
+    plot_layer_angles(flat, angles.assign(value=0.0))
+    plot_layer_angles(real, angles)
+    assert [t.get_text() for t in flat.texts] == ["every layer within 0.5 degrees\nof the true gradient at every step"]
+    assert len(real.texts) == 0
+    plt.close(fig)

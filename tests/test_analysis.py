@@ -604,3 +604,35 @@ def test_nothing_heavy_is_imported():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_name_under_two_configurations_is_two_groups(tmp_path):
+    """A run resumed with other settings (`--resume RUN --only slow-s1 --set epochs=1`) holds
+    slow-s1 twice, each with its own id: the seeds of group slow at 5 epochs, and slow-s1 at 1
+    epoch. The oracle is what the cases are: the group of two seeds has n = 2 with the mean of
+    its two accuracies, the other configuration is a group of its own with n = 1."""
+    from analysis.rundir import RunDir
+    from tests.helpers import case_row
+    from workers.settings import from_dict
+
+    base = {"model": "mlp", "data": {"name": "moons"}, "epochs": 5}
+    rows = [case_row("slow-s1-aaa", "slow-s1", from_dict({**base, "seed": 1}), group="slow"),
+            case_row("slow-s2-bbb", "slow-s2", from_dict({**base, "seed": 2}), group="slow"),
+            case_row("slow-s1-ccc", "slow-s1", from_dict({**base, "seed": 1, "epochs": 1}), group="slow")]
+    run = RunDir.create(str(tmp_path / "run"), {"suite": "lr-sweep", "created_at": 1.7e9}, rows)
+    accuracy = {"slow-s1-aaa": 0.8, "slow-s2-bbb": 0.9, "slow-s1-ccc": 0.1}
+    for case_id, value in accuracy.items():
+        entry = run.entry(case_id)
+        entry.state, entry.epoch, entry.step = "done", 1, 1
+        run.commit(case_id, entry, tables={"metrics": [
+            {"split": "train", "epoch": 0, "step": 1, "cost": 1.0, "accuracy": value, "wall_time": 1.0},
+            {"split": "test", "epoch": 0, "step": 1, "cost": 1.0, "accuracy": value, "wall_time": 1.0}]})
+    data = analysis.load(str(tmp_path / "run"))
+    cases = data.cases.set_index("case_id")
+    assert cases.loc["slow-s1-aaa", "group"] == cases.loc["slow-s2-bbb", "group"] == "slow"
+    assert cases.loc["slow-s1-ccc", "group"] == "slow [epochs=1]"
+    assert cases.loc["slow-s1-ccc", "name"] == "slow-s1 [epochs=1]"
+    summary = seed_summary(per_case(data.metrics, data.cases)).set_index("group")
+    assert summary.loc["slow", "n"] == 2 and summary.loc["slow [epochs=1]", "n"] == 1
+    assert summary.loc["slow", "final_test_acc_mean"] == pytest.approx(0.85)

@@ -278,13 +278,29 @@ BAD_INPUTS.update({
                                    ["--address", "127.0.0.1:1"]),
 })
 
+BAD_INPUTS.update({
+    # ---- the mistakes of a first session with the README
+    "--set a case the suite lacks": (lambda tmp: ["run", write_suite(tmp), "--set", "zz.epochs=2"],
+                                     ["--set zz.epochs=2", "'zz' is neither a setting nor a case", "cases: a, b"]),
+    "--set a value of the wrong type": (lambda tmp: ["run", write_suite(tmp), "--set", "lr=abc"],
+                                        ["--set lr=abc", "expected a number", "'abc'"]),
+    "--only before the suite": (lambda tmp: ["run", "--only", "a", write_suite(tmp)],
+                                ["give a SUITE", "--only took every word after it", "put the suite before --only"]),
+    "plan --only before the suite": (lambda tmp: ["plan", "--only", "a", write_suite(tmp)],
+                                     ["plan: give a SUITE", "put the suite before --only"]),
+    "plan without a suite": (lambda tmp: ["plan"], ["plan: give a SUITE"]),
+    "gradcheck --tolerance -1": (lambda tmp: ["gradcheck", "mlp", "--tolerance", "-1"], ["--tolerance -1", ">= 0"]),
+    "gradcheck --tolerance nan": (lambda tmp: ["gradcheck", "mlp", "--tolerance", "nan"], ["--tolerance nan"]),
+})
+
 
 # These also run as `python -m jobs` in a subprocess (real exit code, real stderr).
 SUBPROCESS = ["YAML alias bomb in a setting", "--address unreachable", "--out under a regular file", "--cpus-per-case nan",
               "YAML nested 50000 deep", "--cpus-per-case 0", "unknown schedule", "negative lr", "typo epoch", "augment 'yes'", "malformed YAML: indentation",
               "mnist folder missing", "cifar10 truncated data_batch_1.bin", "--only unknown case",
               "--max-retries not an int", "--resume folder that is not a run", "status of a non-run folder",
-              "report of a non-run folder", "gradcheck unknown model", "unknown suite name"]
+              "report of a non-run folder", "gradcheck unknown model", "unknown suite name",
+              "--set a value of the wrong type", "--only before the suite"]
 
 
 def _cases(table: dict, subprocess_labels=(), xfail: dict | None = None):
@@ -339,6 +355,25 @@ def test_every_numeric_option_of_run_has_a_bad_value_here(tmp_path):
     assert numeric and numeric <= given, f"no bad value tried for {sorted(numeric - given)}"
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "SUITE", "--set", "epoch=2"], "bplab: error: --set epoch=2: unknown setting (did you mean 'epochs'?)"),
+    (["run", "SUITE", "--set", "epochs=0"], "bplab: error: --set epochs=0: must be >= 1, got 0 (case a)"),
+    (["run", "SUITE", "--set", "b.lr=-1"], "bplab: error: --set b.lr=-1: must be > 0, got -1.0 (case b)"),
+    (["run", "SUITE", "--sett", "lr=1"], "bplab: error: unrecognized arguments: --sett lr=1"),
+    (["plan", "SUITE", "--gpus-per-case", "x"], "bplab: error: plan: argument --gpus-per-case: invalid float value: 'x'"),
+    ([], "bplab: error: give a command: run, plan, fetch, status, report, runs, gradcheck, tensorboard, cases, schema, "
+         "logs (bplab COMMAND --help for its options)"),
+])
+def test_command_line_mistakes_name_what_was_typed(argv, expected, tmp_path, cli):
+    """A --set that fails names the --set, not the suite file whose case the value never came
+    from; argparse's refusals say `bplab: error:` once; `bplab` alone lists the commands."""
+    suite = write_suite(tmp_path)
+    result = cli("in-process", [suite if word == "SUITE" else word for word in argv], tmp_path)
+    assert assert_refused(result) == expected
+
+
+@pytest.mark.timeout(60)
 def test_typo_learning_rate_gets_a_did_you_mean_hint(tmp_path, cli):
     result = cli("in-process", ["run", write_suite(tmp_path, defaults={"learning_rate": 0.01})], tmp_path)
     assert_refused(result, "learning_rate", "did you mean 'lr'")

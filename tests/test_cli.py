@@ -21,6 +21,35 @@ def test_cases_lists_suites_and_their_cases():
         assert f"\n  {name} " in quick.stdout
 
 
+@pytest.mark.timeout(120)
+def test_cases_columns_line_up_whatever_the_longest_name(tmp_path):
+    """`bplab cases`: the case counts in one column though adversarial-source-quick is longer
+    than the others; `bplab cases FILE`: the settings start in one column whatever a case's name."""
+    from tests.helpers import write_suite
+
+    listing = bplab("cases")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert any(line.startswith("adversarial-source-quick ") for line in lines)
+    assert len({line.index(" cases  ") for line in lines}) == 1, listing.stdout
+    suite = write_suite(tmp_path, cases={"a": {"lr": 0.1}, "a-case-name-longer-than-the-old-column": {"lr": 0.2}})
+    cases = bplab("cases", suite)
+    assert cases.returncode == 0, cases.stderr
+    rows = [line for line in cases.stdout.splitlines() if line.startswith("  ")]
+    assert len(rows) == 2 and len({line.index("lr=") for line in rows}) == 1, cases.stdout
+
+
+@pytest.mark.timeout(120)
+def test_plan_columns_line_up_for_long_names_and_ids():
+    """moons' h5-act_sigmoid has a 25-character id: every row's schedule starts in one column."""
+    plan = bplab("plan", "moons", "--only", "h5-*", "h50-*")
+    assert plan.returncode == 0, plan.stderr
+    rows = [line for line in plan.stdout.splitlines() if " standard " in line or line.startswith("case ")]
+    assert any(len(line.split()[1]) > 24 for line in rows[1:]), plan.stdout
+    assert len(rows) == 7 and len({line.index("standard" if not line.startswith("case ") else "schedule")
+                                   for line in rows}) == 1, plan.stdout
+
+
 def test_plan_checks_against_cluster_yaml():
     plan = bplab("plan", "quick", "--set", "epochs=2")
     assert plan.returncode == 0, plan.stderr
@@ -34,12 +63,15 @@ def test_plan_checks_against_cluster_yaml():
     assert "6 cases, 1608 training steps in all; 6 at once when cluster.yaml is fully scaled (gpu_worker x4: 16 slots)" in plan.stdout
 
 
+@pytest.mark.timeout(300)
 def test_gradcheck_prints_every_layer_and_passes():
     result = bplab("gradcheck", "allconv9")
     assert result.returncode == 0, result.stdout + result.stderr
     for layer in [f"l{i}" for i in range(1, 10)] + ["input"]:
         assert f"  {layer} " in result.stdout
     assert "worst" in result.stdout
+    # TensorFlow's own start-up lines (absl, oneDNN: fd 2, whatever TF_CPP_MIN_LOG_LEVEL says) stay off the terminal
+    assert result.stderr == "", result.stderr
 
 
 @pytest.mark.timeout(60)

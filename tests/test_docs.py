@@ -44,6 +44,35 @@ def test_every_builtin_suite_loads_and_is_in_the_readme():
         assert f"`{name}`" in README, name
 
 
+@pytest.mark.timeout(30)
+def test_the_readme_commands_table_names_every_command_and_option_of_run():
+    """The Commands table: a row per `bplab` command, and every flag of `bplab run` in its row."""
+    import argparse
+
+    from jobs.cli import build_parser
+    from jobs.options import StudyOptions, flag_of
+
+    rows = re.findall(r"^\| `bplab ([a-z]+)( [^`]*)?` \|", README, re.M)
+    shown = {name for name, _ in rows}
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) - shown == set(), "a command missing from the README's Commands table"
+    run_row = next(line for line in README.splitlines() if line.startswith("| `bplab run SUITE"))
+    for name in StudyOptions.model_fields:
+        if name != "suite":
+            assert flag_of(name) in run_row, f"{flag_of(name)} missing from the README's `bplab run` row"
+
+
+@pytest.mark.timeout(30)
+def test_the_readme_run_directory_names_every_entry_of_the_layout():
+    """The README's Run directory block has a line for every file and folder a run may hold
+    (analysis.rundir.layout.LAYOUT_NAMES; the hidden lease takeover marker apart)."""
+    from analysis.rundir.layout import LAYOUT_NAMES
+
+    block = README.split("## Run directory", 1)[1].split("```", 2)[1]
+    listed = {m.group(1) for m in re.finditer(r"^RUN/([A-Za-z0-9_.]+)", block, re.M)}
+    assert {name for name in LAYOUT_NAMES if not name.startswith(".")} - listed == set()
+
+
 @pytest.mark.timeout(10)
 def test_ci_runs_the_readme_test_command():
     command = "pip install -e '.[test]' && python -m pytest -q"

@@ -75,7 +75,8 @@ def test_status_shows_an_old_run(old_run, capsys):
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     # its driver was SIGKILLed (the lease's process is gone): running in the ledger, shown interrupted
-    assert lines["cut"][1] == "interrupted" and lines["cut"][4:6] == ["2/60", "100/2400"]
+    # step 100 of 40-step epochs is in epoch 3 (numbered from 1, as the live view and the report count)
+    assert lines["cut"][1] == "interrupted" and lines["cut"][4:6] == ["3/60", "100/2400"]
     assert out.strip().endswith(f"continue with: bplab run --resume {old_run}")
     assert lines["done"][1] == "done" and lines["done"][4:6] == ["2/2", "80/80"]
 

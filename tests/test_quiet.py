@@ -132,3 +132,20 @@ def test_a_failed_case_shows_its_last_lines(tmp_path):
     assert f"bplab logs {run.location} deep" in text and "    | RuntimeError: Boom" in text
     assert "    | noise 19" in text and "noise 10" not in text  # the last few lines only
     assert "RuntimeError: Boom" in (tmp_path / "run" / "logs" / "deep.log").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_logs_of_a_case_that_printed_nothing_says_so(tmp_path, monkeypatch, capsys):
+    """A case that wrote no output (a worker's start-up lines go to its first case): `bplab logs`
+    says it printed nothing once the case has ended, and 'no output yet' while it runs."""
+    import dataclasses
+
+    from tests.helpers import make_existing_run, run_main
+
+    run = make_existing_run(tmp_path / "run")  # case a, running, no logs/
+    result = run_main(["logs", tmp_path / "run", "a"], tmp_path, monkeypatch, capsys)
+    assert result.code == 0 and result.stdout == "" and "has no output" in result.stderr and "yet" in result.stderr
+    run.write_entry(dataclasses.replace(run.entry("a-0123456789"), state="done"))
+    result = run_main(["logs", tmp_path / "run", "a"], tmp_path, monkeypatch, capsys)
+    assert result.code == 0 and result.stdout == "", result
+    assert result.stderr.startswith("bplab: case a printed nothing (") and "yet" not in result.stderr, result.stderr

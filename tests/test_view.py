@@ -55,10 +55,41 @@ def test_log_mode_counts_events_and_no_ansi():
     view.close()
     lines = out.getvalue().splitlines()
     assert not ANSI.search(out.getvalue())
-    assert len(lines) == 4, lines  # summary, event, summary 11 s later, final summary
+    # summary, event, summary 11 s later; the final summary would repeat the line above it
+    assert len(lines) == 3, lines
     assert lines[1].endswith("] a: running on 10.0.0.1")
     assert "7 cases: 1 done, 2 running, 2 pending, 1 failed, 1 diverged; elapsed 0m00s; ETA -" in lines[0]
     assert "elapsed 0m11s" in lines[2]
+
+
+@pytest.mark.timeout(30)
+def test_log_mode_ends_on_one_summary_after_the_last_event():
+    """Off a terminal the final summary is printed once: after an event, or when the counts
+    changed since the last summary, and not again right under an identical one (an interrupt
+    used to end the log with the same summary twice)."""
+    out, clock = io.StringIO(), Clock()
+    view = LiveView(out, is_tty=False, summary_every=10, clock=clock)
+    view.update(study())
+    view.event("interrupted; continue with: bplab run --resume runs/x")
+    clock.now += 11
+    view.update(study())
+    view.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split("] ", 1)[1][:8] for line in lines] == ["7 cases:", "interrup", "7 cases:"], lines
+    out, clock = io.StringIO(), Clock()
+    view = LiveView(out, is_tty=False, summary_every=10, clock=clock)
+    view.update(study())
+    view.event("e: done")
+    view.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "7 cases:" in lines[2], lines  # an event since the summary: summarised again
+    out, clock = io.StringIO(), Clock()
+    view = LiveView(out, is_tty=False, summary_every=10, clock=clock)
+    view.update(study())
+    view.update([make_state(name, "done", 100) for name in "abcdefg"])  # counts changed, no summary due yet
+    view.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "7 cases: 7 done" in lines[1], lines
 
 
 @pytest.mark.timeout(30)
@@ -118,3 +149,49 @@ def test_terminal_mode_redraws_in_place_and_keeps_events():
     plain = ANSI.sub("", text)
     assert "e: done" in plain and "7 cases: 1 done, 2 running" in plain
     assert "pending" not in re.sub(r"\d+ pending", "", plain)  # pending cases get no rows
+
+
+@pytest.mark.timeout(30)
+def test_terminal_mode_ends_on_the_summary_without_an_empty_table():
+    """Once no case runs, the last frame is the summary line, not the table's header over no rows."""
+    out, clock = io.StringIO(), Clock()
+    view = LiveView(out, is_tty=True, summary_every=10, clock=clock)
+    view.update(study(10, 5))
+    clock.now += 1
+    view.update([make_state(name, "done", 100) for name in "ab"])
+    view.close()
+    plain = ANSI.sub("", out.getvalue())
+    assert "steps/s" in plain  # the table was drawn while cases ran
+    last = plain[plain.rindex("2 cases: 2 done"):]
+    assert "steps/s" not in last and "test acc" not in last, repr(last)
+
+
+@pytest.mark.timeout(30)
+def test_status_numbers_epochs_from_1_like_the_live_view():
+    """`bplab status` (render_view): a case in its first epoch is in epoch 1, not 0; a done case
+    shows all its epochs; a case that never started shows 0."""
+    from jobs.driver import render_view
+
+    def epoch_cell(state, step, index):
+        case = make_state("a", state, step, steps_total=100, epochs=4)
+        case.entry.epoch = index
+        if state == "running":
+            case.progress["epoch"] = index
+        row = render_view([case]).splitlines()[1].split()
+        return row[row.index(state) + 3]  # case, state, node, gpu, epoch
+
+    assert epoch_cell("running", 0, 0) == "1/4"
+    assert epoch_cell("running", 30, 1) == "2/4"
+    assert epoch_cell("interrupted", 5, 0) == "1/4"
+    assert epoch_cell("diverged", 60, 2) == "3/4"
+    assert epoch_cell("pending", 0, 0) == "0/4"
+    assert epoch_cell("done", 100, 4) == "4/4"
+
+
+@pytest.mark.timeout(30)
+def test_status_columns_line_up_for_long_names():
+    from jobs.driver import render_view
+
+    long = "a-case-name-longer-than-the-old-column"
+    lines = render_view([make_state("a", "done", 100), make_state(long, "pending")]).splitlines()
+    assert len({line.index(word) for line, word in zip(lines, ("state", "done", "pending"))}) == 1, lines

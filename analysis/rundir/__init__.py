@@ -22,7 +22,7 @@ Everything that knows a file name of a run lives in this package; ``jobs/`` (the
 """
 
 from analysis.rundir.errors import LeaseLost, StorageError
-from analysis.rundir.files import is_uri, local_path, resolve
+from analysis.rundir.files import child, is_uri, local_path, resolve, subfolders
 from analysis.rundir.layout import DATASETS, FORMAT_VERSION, Dataset
 from analysis.rundir.lease import LEASE_STALE_SECONDS
 from analysis.rundir.ledger import CASE_STATES, ENDED, FAILURE_CLASSES, FINISHED, LedgerEntry
@@ -31,4 +31,5 @@ from analysis.rundir.run import RunDir
 __all__ = [
     "RunDir", "LedgerEntry", "StorageError", "LeaseLost", "DATASETS", "Dataset", "FORMAT_VERSION",
     "CASE_STATES", "FAILURE_CLASSES", "FINISHED", "ENDED", "LEASE_STALE_SECONDS", "is_uri", "local_path", "resolve",
+    "child", "subfolders",
 ]

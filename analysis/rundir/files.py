@@ -58,6 +58,30 @@ def resolve(location: str | os.PathLike, filesystem: pafs.FileSystem | None = No
     return fs, root.rstrip("/") or "/"
 
 
+def child(location: str | os.PathLike, name: str) -> str:
+    """The location of ``name`` inside the folder ``location`` (a local path or a URI, whose
+    query string, e.g. ``?endpoint_override=...``, stays at the end)."""
+    text = os.fspath(location)
+    if not is_uri(text):
+        return os.path.join(text, name)
+    base, mark, query = text.partition("?")
+    return f"{base.rstrip('/')}/{name}{mark}{query}"
+
+
+def subfolders(location: str | os.PathLike) -> list[str] | None:
+    """The locations of the folders directly inside ``location``, sorted by name; None if
+    ``location`` is not a folder (a local path or a ``pyarrow.fs`` URI)."""
+    fs, root = resolve(location)
+    try:
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return None
+        infos = fs.get_file_info(pafs.FileSelector(root))
+    except (OSError, pa.ArrowException):
+        return None
+    names = sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
+    return [child(location, name) for name in names]
+
+
 class Files:
     """The file operations of one run directory (``root`` inside ``fs``)."""
 
