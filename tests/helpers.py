@@ -302,10 +302,11 @@ SETTINGS = {"model": "mlp", "hidden": [8, 4], "data": {"name": "moons", "samples
 
 
 def case_rows(cases: dict) -> list[dict]:
-    """cases.parquet rows as jobs.plan.PlannedCase.row() builds them."""
+    """cases.parquet rows as jobs.plan.PlannedCase.row() builds them; each case its own group
+    (a group holds cases that differ by seed alone)."""
     from workers import settings as settings_module
 
-    return [case_row(f"c{index}", name, settings_module.from_dict(values), group=name.split("-")[0], steps_total=6)
+    return [case_row(f"c{index}", name, settings_module.from_dict(values), group=name, steps_total=6)
             for index, (name, values) in enumerate(cases.items())]
 
 

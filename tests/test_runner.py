@@ -169,7 +169,7 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output[-3000:]
-    assert "resume with" in output
+    assert f"interrupted; continue with: bplab run --resume {run}" in output, output[-3000:]
     stopped = ledger(run)
     assert all(e["state"] == "pending" and e["reason_class"] == "interrupted" for e in stopped.values())
     output = finish(start_bplab("run", "--resume", str(run), "--address", cluster.address, "--progress-every", "0",
