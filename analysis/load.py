@@ -41,6 +41,7 @@ import pyarrow.fs as pafs
 
 from analysis.rundir import DATASETS, RunDir, legacy
 from analysis.rundir import local_path as _local_path, resolve as _resolve
+from workers import settings as settings_module
 
 # The columns each per-row table has, and their types (for empty frames and for columns that
 # one Parquet part holds as all-null): the layout's.
@@ -308,23 +309,18 @@ def _read_cases(run: RunDir) -> pd.DataFrame:
     return _split_unlike(cases)
 
 
-def _flat_settings(text) -> dict:
-    """settings_json as {dotted key: value} (lists as JSON text), {} when absent or unreadable."""
+def _configuration(text) -> tuple[dict, dict] | None:
+    """(the settings a case's id hashes: those that differ from their defaults, seed left out;
+    every setting) of a cases-table row's settings_json, flat (data.name, ...) as
+    CaseSettings.flat() gives them; None if the stored settings do not read any more. A
+    setting added after the row was written counts as unset, as it does for ids."""
     try:
-        values = json.loads(text) if isinstance(text, str) else {}
-    except ValueError:
-        return {}
-    flat: dict = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}{key}.", inner)
-        else:
-            flat[prefix[:-1]] = json.dumps(value) if isinstance(value, list) else value
-
-    walk("", values if isinstance(values, dict) else {})
-    return flat
+        settings = settings_module.from_json(json.loads(text))
+    except (TypeError, ValueError, settings_module.SettingsError):
+        return None
+    every, changed = settings.flat(), settings.changed()
+    keys = [f"data.{inner}" for inner in changed.pop("data", {})] + [key for key in changed if key != "seed"]
+    return {key: every[key] for key in keys}, every
 
 
 def _split_unlike(cases: pd.DataFrame) -> pd.DataFrame:
@@ -335,26 +331,24 @@ def _split_unlike(cases: pd.DataFrame) -> pd.DataFrame:
     `slow [epochs=1]`, so no table or interval averages unlike cases as seeds of one."""
     if "settings_json" not in cases or "group" not in cases or cases.empty:
         return cases
-    flat = cases["settings_json"].map(_flat_settings)
-    config = flat.map(lambda f: json.dumps({k: v for k, v in f.items() if k != "seed"}, sort_keys=True, default=str))
-    mixed = [g for g, configs in config.groupby(cases["group"].astype(str)) if configs.nunique() > 1]
+    read = cases["settings_json"].map(_configuration)
+    config = read.map(lambda r: None if r is None else json.dumps(r[0], sort_keys=True, default=str))
+    groups = cases["group"].astype(str)
+    mixed = [g for g, configs in config.groupby(groups) if configs.notna().all() and configs.nunique() > 1]
     if not mixed:
         return cases
     cases = cases.copy()
     for group in mixed:
-        rows = cases.index[cases["group"].astype(str) == group]
-        first = flat[rows[0]]
-        firsts: dict = {}
-        for row in rows:
-            firsts.setdefault(config[row], row)
-        for key, row0 in firsts.items():
-            if row0 == rows[0]:
-                continue
-            other = flat[row0]
-            differ = sorted(k for k in set(first) | set(other) if k != "seed" and first.get(k) != other.get(k))
-            tag = ", ".join(f"{k}={other.get(k)}" for k in differ)
-            tag = tag if len(tag) <= 60 else tag[:57] + "..."
+        rows = cases.index[groups == group]
+        first_changed, first_every = read[rows[0]]
+        for key in dict.fromkeys(config[rows]):  # each configuration, in the order added
             members = [r for r in rows if config[r] == key]
+            if members[0] == rows[0]:
+                continue
+            changed, every = read[members[0]]
+            differ = sorted(k for k in {*first_changed, *changed} if first_every.get(k) != every.get(k))
+            tag = ", ".join(f"{k}={every.get(k)}" for k in differ)
+            tag = tag if len(tag) <= 60 else tag[:57] + "..."
             cases.loc[members, "group"] = f"{group} [{tag}]"
             cases.loc[members, "name"] = cases.loc[members, "name"].astype(str) + f" [{tag}]"
     return cases

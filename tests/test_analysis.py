@@ -620,6 +620,10 @@ def test_a_name_under_two_configurations_is_two_groups(tmp_path):
     rows = [case_row("slow-s1-aaa", "slow-s1", from_dict({**base, "seed": 1}), group="slow"),
             case_row("slow-s2-bbb", "slow-s2", from_dict({**base, "seed": 2}), group="slow"),
             case_row("slow-s1-ccc", "slow-s1", from_dict({**base, "seed": 1, "epochs": 1}), group="slow")]
+    # slow-s2 as a run written before alignment_every existed stored it: unset counts as the default
+    stored = json.loads(rows[1]["settings_json"])
+    del stored["alignment_every"]
+    rows[1]["settings_json"] = json.dumps(stored)
     run = RunDir.create(str(tmp_path / "run"), {"suite": "lr-sweep", "created_at": 1.7e9}, rows)
     accuracy = {"slow-s1-aaa": 0.8, "slow-s2-bbb": 0.9, "slow-s1-ccc": 0.1}
     for case_id, value in accuracy.items():
