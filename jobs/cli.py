@@ -7,6 +7,7 @@ failed, 2 bad input (shown as one line, before anything is launched), 130 interr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -333,35 +334,28 @@ def cmd_gradcheck(args) -> int:
             raise
 
 
-class _Held:
-    show = False
-
-
+@contextlib.contextmanager
 def _native_stderr_held():
     """Hold what is written to fd 2 (TensorFlow's C++ and absl lines, which bypass sys.stderr
     and TF_CPP_MIN_LOG_LEVEL) in a temporary file; write it out at the end if `held.show`."""
-    import contextlib
     import tempfile
+    import types
 
-    @contextlib.contextmanager
-    def held():
-        state = _Held()
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with tempfile.TemporaryFile() as spool:
-            os.dup2(spool.fileno(), 2)
-            try:
-                yield state
-            finally:
+    held = types.SimpleNamespace(show=False)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as spool:
+        os.dup2(spool.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.show:
+                spool.seek(0)
+                sys.stderr.write(spool.read().decode(errors="replace"))
                 sys.stderr.flush()
-                os.dup2(saved, 2)
-                os.close(saved)
-                if state.show:
-                    spool.seek(0)
-                    sys.stderr.write(spool.read().decode(errors="replace"))
-                    sys.stderr.flush()
-
-    return held()
 
 
 def cmd_schema(args) -> int:
