@@ -150,7 +150,8 @@ class Study:
                     known = {row["case_id"] for row in stored}
                     added = old.add_cases([p.row() for p in planned if p.case_id not in known])
                     if added:
-                        self.say(added_note(old.location, [p for p in planned if p.case_id in set(added)], stored,
+                        added_ids = set(added)
+                        self.say(added_note(old.location, [p for p in planned if p.case_id in added_ids], stored,
                                             study.name, old.manifest().get("suite")))
                 ledger = run.ledger()
                 todo = [p for p in planned if ledger[p.case_id].state not in FINISHED]
