@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from analysis.rundir import FINISHED, LedgerEntry, RunDir
 from jobs.plan import PlannedCase
-from jobs.view import LiveView
+from jobs.view import LiveView, shown_epoch
 from workers.actor import classify_exception, first_line
 from workers.columns import add_rows, gather
 from workers.logs import CaseLogs
@@ -735,11 +735,8 @@ def render_view(states) -> str:
             rate = (step - s.steps_at_start) / (time.monotonic() - s.started_at)
             eta = duration((total - step) / rate) if rate > 0 else "-"
         accuracy = p.get("test_accuracy", e.latest.get("test_accuracy"))
-        # the epoch a case is in, numbered from 1 as the live view and the report number it (the
-        # ledger and the progress keep the 0-based index; a done case's is the number of epochs)
-        index = int(p.get("epoch", e.epoch) or 0)
-        started = step > 0 or e.state == "running"
-        epoch = epochs if e.state == "done" else min(index + 1, epochs) if started else 0
+        started = step > 0 or e.state == "running"  # a done case is in its last epoch
+        epoch = epochs if e.state == "done" else shown_epoch(step, total, epochs) if started else 0
         lines.append(f"{s.planned.name:<{width}} {e.state:<11} {(e.node or '-'):<16} {(e.gpu or '-'):<5} "
                      f"{epoch:>3}/{epochs:<3} {step:>6}/{total:<6} "
                      f"{(f'{accuracy:.4f}' if accuracy is not None else '-'):>9} {eta:>8}")

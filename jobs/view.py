@@ -75,6 +75,13 @@ class _Rate:
         return steps / seconds
 
 
+def shown_epoch(step: int, steps_total: int, epochs: int) -> int:
+    """The epoch a case at `step` is in, numbered from 1 as every table shows it (the ledger and
+    the progress keep the 0-based index); 0 when its steps per epoch are not known."""
+    per_epoch = steps_total // epochs if epochs and steps_total else 0
+    return min(step // per_epoch + 1, epochs) if per_epoch else 0
+
+
 class LiveView:
     def __init__(self, out, is_tty: bool | None = None, *, summary_every: float = 10.0, clock=time.monotonic):
         self.out = out
@@ -88,8 +95,7 @@ class LiveView:
         self._running_since: dict[str, tuple[float, int]] = {}
         self._losses: dict[str, float | None] = {}
         self._last_summary = self._last_draw = float("-inf")
-        self._summary_printed_last = False  # off a terminal: the last line printed is a summary ...
-        self._counts_printed: dict[str, int] = {}  # ... with these counts
+        self._summary_counts: dict | None = None  # off a terminal: the counts of the last line if it was a summary
         self._live = None
         self._closed = False
 
@@ -123,7 +129,7 @@ class LiveView:
         elif self.summary_every and now - self._last_summary >= self.summary_every:
             self._print(self.summary())
             self._last_summary = now
-            self._summary_printed_last, self._counts_printed = True, self.counts()
+            self._summary_counts = self.counts()
 
     def event(self, text: str) -> None:
         """One line for a state change (kept above the live table on a terminal)."""
@@ -132,7 +138,7 @@ class LiveView:
             self._live.console.print(line, markup=False, highlight=False, soft_wrap=True)
         else:
             self._print(line)
-            self._summary_printed_last = False
+            self._summary_counts = None
 
     def close(self) -> None:
         """Stop redrawing; leave the final summary on the terminal or in the log."""
@@ -143,7 +149,7 @@ class LiveView:
             self._live.update(self._table(), refresh=True)
             self._live.stop()
             self._live = None
-        elif not (self._summary_printed_last and self.counts() == self._counts_printed):
+        elif self.counts() != self._summary_counts:
             self._print(self.summary())  # unless the line just above already says the same
 
     # ------------------------------------------------------------------ content
@@ -203,8 +209,7 @@ class LiveView:
             rate = self.rates.get(row.name)
             speed = rate.per_second() if rate else None
             eta = self.case_eta(row)
-            per_epoch = row.steps_total // row.epochs if row.epochs and row.steps_total else 0
-            epoch = min(row.step // per_epoch + 1, row.epochs) if per_epoch else 0  # counted from 1
+            epoch = shown_epoch(row.step, row.steps_total, row.epochs)
             line = [row.name] + ([row.node or "-", row.gpu or "-"] if show_place else []) + [
                 f"{epoch}/{row.epochs}", f"{row.step}/{row.steps_total}",
                 f"{row.train_loss:.4g}" if row.train_loss is not None else "-",
