@@ -23,6 +23,7 @@ node, unschedulable, died while setting up) is not an attempt: it uses no retry.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import socket
 import sys
@@ -35,6 +36,7 @@ from jobs.view import LiveView, shown_epoch
 from workers.actor import classify_exception, first_line
 from workers.columns import add_rows, gather
 from workers.logs import CaseLogs
+from workers.steps import STEPS_KEPT
 from workers.text import duration
 
 TRANSIENT = ("worker_died", "node_lost")
@@ -45,6 +47,7 @@ NODE_LABEL = "ray.io/node-id"  # the label Ray gives every node: its own id
 NODE_SETTLE_SECONDS = 60.0  # a suspect node still alive in the GCS after this long survived (its health check: ~15 s)
 NODE_CHECK_SECONDS = 1.0  # how often the GCS is asked about suspect nodes
 PROBE_SECONDS = 2.0  # a raylet silent this long does not answer
+PICK_WINDOW = 1000  # queued cases a free worker looks through for one of a structure it holds (Driver._pick)
 MAX_UNSTARTED = 10  # actors a case may lose before it starts (not attempts), per session: a broken cluster ends
 
 
@@ -59,6 +62,7 @@ class WorkerSlot:
     cases: int = 0  # cases it has finished
     memory_mb: float = 0.0  # resident memory at its last report
     node_id: str | None = None  # where it runs, known once its first case started
+    structures: list = field(default_factory=list)  # the structures of its last cases, most recent last (see Driver._pick)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Driver:
         ledger = run.ledger()
         self.cases = {p.case_id: CaseState(p, ledger[p.case_id], attempts_at_start=ledger[p.case_id].attempts)
                       for p in planned}
+        self.structures = {p.case_id: case_structure(p) for p in planned}
         self.queue: list[CaseState] = []  # cases waiting for a worker, in order
         self.storage_broken: str | None = None  # set by the first storage error: no new case is handed out
         self.workers: list[WorkerSlot] = list(workers or [])  # started early: see start_workers
@@ -149,14 +154,43 @@ class Driver:
                 if len(self.workers) >= self.slots:
                     break
                 worker = self._new_worker(p.num_cpus, p.num_gpus, p.resources)
-            self.queue.pop(0)
+            state = self._pick(worker)
+            self.queue.remove(state)
             self._launch(state, worker)
         if not self.queue:  # nothing left to hand out: idle workers give their resources back
             for worker in [w for w in self.workers if w.case_id is None]:
                 self._release(worker)
 
+    def _pick(self, worker: WorkerSlot) -> CaseState:
+        """The queued case `worker` runs next. A worker keeps the traced (and XLA-compiled)
+        steps of its last structures (workers.steps.StepCache), which cost seconds to build
+        again, so among the first PICK_WINDOW queued cases of its slot's shape it takes, in
+        this order: one of a structure it has run (the most recent first); one of a structure
+        no other worker has run or runs; the first. A retry in the queue's head goes first.
+        Which worker runs a case never changes what the case computes."""
+        head = self.queue[0]
+        if head.entry.attempts > head.attempts_at_start:  # a retry: as soon as possible
+            return head
+        shape = (worker.num_cpus, worker.num_gpus)
+        window = [state for state in itertools.islice(self.queue, PICK_WINDOW)
+                  if (state.planned.num_cpus, state.planned.num_gpus) == shape]
+        if not window:
+            return head
+        first = {}
+        for state in window:
+            first.setdefault(self.structures[state.planned.case_id], state)
+        for structure in reversed(worker.structures):
+            if structure in first:
+                return first[structure]
+        elsewhere = {s for other in self.workers if other is not worker for s in other.structures}
+        return next((state for structure, state in first.items() if structure not in elsewhere), window[0])
+
     def _launch(self, state: CaseState, worker: WorkerSlot) -> None:
         p = state.planned
+        structure = self.structures[p.case_id]
+        if structure in worker.structures:
+            worker.structures.remove(structure)
+        worker.structures = [*worker.structures, structure][-STEPS_KEPT:]
         resume = self.run.load_checkpoint(p.case_id) if state.entry.commit_seq else None
         settings_json = json.loads(json.dumps(p.case.settings.to_dict(), default=list))
         worker.case_id = p.case_id
@@ -612,6 +646,16 @@ def new_worker(remote_class, num_cpus: float, num_gpus: float, resources: dict |
     actor = remote_class.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None, max_restarts=0,
                                  max_task_retries=0, **(placement or {})).remote(num_cpus, num_gpus)
     return WorkerSlot(actor, num_cpus, num_gpus)
+
+
+def case_structure(planned: PlannedCase) -> str:
+    """What decides a case's traced steps, as far as the driver can tell without the data:
+    its settings but those that enter a step as values (workers.steps.PER_CASE_FIELDS), and
+    its data set. Two cases with equal keys reuse one worker's traced and compiled steps."""
+    from workers.steps import PER_CASE_FIELDS
+
+    fixed = {k: v for k, v in planned.case.settings.to_dict().items() if k not in PER_CASE_FIELDS}
+    return json.dumps({"settings": fixed, "data": planned.case.settings.data.to_dict()}, sort_keys=True, default=list)
 
 
 def start_workers(planned: list[PlannedCase], slots: int) -> list[WorkerSlot]:

@@ -150,10 +150,13 @@ def _first_line(error: BaseException) -> str:
     return one_line(error)
 
 
+STEPS_KEPT = 4  # structures a worker keeps the steps of (jobs.driver.Driver._pick counts on it)
+
+
 class StepCache:
     """Traced steps kept by a worker between cases (least recently used first out)."""
 
-    def __init__(self, max_entries: int = 4):
+    def __init__(self, max_entries: int = STEPS_KEPT):
         self.max_entries = max_entries
         self.entries: dict = {}
         self.hits = self.misses = 0

@@ -327,7 +327,9 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         graph.load(failed.net.numpy_params(), failed.optimizer.state(), failed.net.numpy_rule_state())
         return graph
 
+    built = cache.misses
     steps = steps_for(compile_mode)
+    steps_kept = cache.misses == built  # this worker had traced (and compiled) the structure before
     if steps.compile_mode != compile_mode:  # XLA rejected this structure earlier in this worker (see below)
         compile_mode, compile_why = steps.compile_mode, steps.fallback
     steps.load(params, optimizer_state, rule_state)
@@ -388,7 +390,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         return x, labels
 
     info = {"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch, "model": model.describe(),
-            "tensorflow": tf.__version__, "compile": compile_mode, "compile_why": compile_why,
+            "tensorflow": tf.__version__, "compile": compile_mode, "compile_why": compile_why, "steps_kept": steps_kept,
             **({"xla_flags": flags} if compile_mode == "xla" else {})}
     if measure_every and compile_mode == "xla":  # how its measured steps run (see Steps.run_chunk)
         info["alignment_compile"] = "graph" if steps.measured_fallback else "xla"
