@@ -3,7 +3,8 @@
 
 The driver is the only writer of the run directory (README, Guarantees). It keeps one
 worker per resource slot that fits (README, Design notes: workers are reused) and hands
-each free worker the next pending case.
+each free worker a pending case, preferring one of a structure the worker has traced
+(Driver._pick).
 Rows of a case are buffered until a report carries a checkpoint, then rows + checkpoint +
 ledger entry are committed together, so a case restarted from its last commit logs every
 step exactly once. A worker that dies is replaced and only its case is retried (a worker
@@ -142,7 +143,7 @@ class Driver:
             pass
 
     def _dispatch(self) -> None:
-        """Hand each free worker the next pending case; start workers while more fit."""
+        """Hand each free worker a pending case (Driver._pick); start workers while more fit."""
         while self.queue and not self.storage_broken:  # a broken run directory: a new case would fail at its first commit
             state = self.queue[0]
             p = state.planned
@@ -155,7 +156,7 @@ class Driver:
                     break
                 worker = self._new_worker(p.num_cpus, p.num_gpus, p.resources)
             state = self._pick(worker)
-            self.queue.remove(state)
+            del self.queue[next(i for i, queued in enumerate(self.queue) if queued is state)]
             self._launch(state, worker)
         if not self.queue:  # nothing left to hand out: idle workers give their resources back
             for worker in [w for w in self.workers if w.case_id is None]:

@@ -2,14 +2,55 @@
 steps it holds, else one of a structure no other worker holds (jobs.driver.Driver._pick), so a
 structure is traced (and compiled) once per study where the queue allows, not once per worker."""
 
+import io
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import bplab, ledger, write_suite
+from analysis.rundir import RunDir
+from jobs.driver import Driver, WorkerSlot
+from jobs.plan import PlannedCase
+from jobs.suites import Case
+from tests.helpers import bplab, case_row, ledger, write_suite
+from workers import settings as settings_module
 
 MOONS = {"model": "mlp", "hidden": [4], "data": {"name": "moons", "samples": 100, "noise": 0.2}, "optimizer": "sgd",
          "lr": 1.0, "batch_size": 0, "epochs": 30}
+
+
+def queued_driver(tmp_path, cases: dict) -> Driver:
+    """A Driver (no Ray) with `cases` (name -> settings changes over MOONS) queued in order."""
+    planned, rows = [], []
+    for index, (name, changes) in enumerate(cases.items()):
+        settings = settings_module.from_dict({**MOONS, **changes})
+        rows.append(case_row(f"{name}-{index}", name, settings))
+        planned.append(PlannedCase(Case(name, name, settings), f"{name}-{index}", 1.0, 0.0, 30, 30, settings.data))
+    run = RunDir.create(str(tmp_path / "run"), {"suite": "pick"}, rows)
+    driver = Driver(run, planned, {}, progress_every=0, out=io.StringIO())
+    driver.queue = list(driver.cases.values())
+    return driver
+
+
+@pytest.mark.timeout(60)
+def test_a_free_worker_picks_its_own_structure_then_one_nobody_holds_then_the_next(tmp_path):
+    driver = queued_driver(tmp_path, {"t0": {"activation": "tanh"}, "t1": {"activation": "tanh", "seed": 1},
+                                      "r0": {"activation": "relu"}, "s0": {"activation": "sigmoid"},
+                                      "r1": {"activation": "relu", "seed": 1}})
+    structure = {state.planned.name: driver.structures[state.planned.case_id] for state in driver.queue}
+    assert structure["t0"] == structure["t1"] != structure["r0"] == structure["r1"] != structure["s0"]
+    holds_relu, holds_tanh, new = (WorkerSlot(None, 1.0, 0.0, structures=[structure["s0"], structure["r0"]]),
+                                   WorkerSlot(None, 1.0, 0.0, structures=[structure["t0"]]), WorkerSlot(None, 1.0, 0.0))
+    driver.workers = [holds_relu, holds_tanh, new]
+    assert driver._pick(holds_relu).planned.name == "r0"  # its most recent structure, behind two others
+    assert driver._pick(holds_tanh).planned.name == "t0"
+    assert driver._pick(new).planned.name == "t0"  # every structure is held: the next
+    driver.workers = [holds_tanh, new]
+    assert driver._pick(new).planned.name == "r0"  # the first one no other worker holds
+    a_gpu = WorkerSlot(None, 1.0, 1.0, structures=[structure["r0"]])
+    assert driver._pick(a_gpu).planned.name == "t0"  # no queued case of its shape: the next
+    head = driver.queue[0]
+    head.entry.attempts = head.attempts_at_start + 1  # a retry
+    assert driver._pick(holds_relu) is head
 
 
 @pytest.mark.slow
