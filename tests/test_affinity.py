@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from analysis.rundir import RunDir
-from jobs.driver import Driver, WorkerSlot
+from jobs.driver import Driver, WorkerSlot, case_structure
 from jobs.plan import PlannedCase
 from jobs.suites import Case
 from tests.helpers import bplab, case_row, ledger, write_suite
@@ -51,6 +51,23 @@ def test_a_free_worker_picks_its_own_structure_then_one_nobody_holds_then_the_ne
     head = driver.queue[0]
     head.entry.attempts = head.attempts_at_start + 1  # a retry
     assert driver._pick(holds_relu) is head
+
+
+@pytest.mark.timeout(60)
+def test_the_driver_knows_which_cases_share_an_executable():
+    """An MLP's activation is a value of its XLA step (workers.steps.value_fields): the driver
+    groups such cases when `compile: auto` would compile them (a CPU slot, 10,000 steps or
+    more) or XLA is asked for, and keeps them apart on the graph."""
+    def key(activation, steps=20_000, gpus=0.0, **changes):
+        settings = settings_module.from_dict({**MOONS, "activation": activation, **changes})
+        return case_structure(PlannedCase(Case("c", "c", settings), "c-1", 1.0, gpus, 1, steps, settings.data))
+
+    assert key("tanh") == key("relu") == key("sigmoid") != key("elu")
+    assert key("tanh", compile="xla", steps=30) == key("relu", compile="xla", steps=30)
+    assert key("tanh", steps=30) != key("relu", steps=30)  # auto: the graph for a short case
+    assert key("tanh", gpus=1.0) != key("relu", gpus=1.0)  # auto: the graph on a GPU
+    assert key("tanh", compile="graph") != key("relu", compile="graph")
+    assert key("tanh") != key("tanh", hidden=[5])
 
 
 @pytest.mark.slow

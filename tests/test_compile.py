@@ -76,11 +76,41 @@ def test_compiled_case_is_bit_identical_back_to_back_and_after_a_resume():
     # back to back in one worker: another structure in between, then the first again (kept executable)
     cache = StepCache()
     first = run(case, cache=cache)
-    run(settings(compile="xla", epochs=5, activation="relu"), cache=cache)
+    run(settings(compile="xla", epochs=5, hidden=[5]), cache=cache)
     again = run(settings(compile="xla", epochs=30, eval_every=4, seed=5), cache=cache)
     assert cache.hits == 1 and cache.misses == 2
     assert rows_of(first) == rows_of(whole)
     assert rows_of(again) == rows_of(run(settings(compile="xla", epochs=30, eval_every=4, seed=5)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_mlps_activation_is_a_value_of_its_compiled_step(monkeypatch):
+    """Under XLA, tanh, sigmoid and relu cases of one MLP shape share one executable (the
+    activation a tf.switch_case, layers.Chosen) and train bit for bit as each did with its own:
+    rows, alignment, layer statistics and final weights, on one and two hidden layers."""
+    base = {"compile": "xla", "epochs": 300, "alignment_every": 50, "layer_stats_every": 100, "eval_every": 7}
+    cases = [settings(**base, hidden=hidden, activation=name, seed=seed)
+             for hidden in ([3], [6, 6]) for seed, name in enumerate(("tanh", "sigmoid", "relu"))]
+    assert steps_module.value_fields(cases[0], "xla") == ("activation",)
+    assert steps_module.value_fields(cases[0], "graph") == () and steps_module.value_fields(settings(activation="elu"), "xla") == ()
+    cache = StepCache()
+    shared = [run(case, cache=cache) for case in cases]
+    assert (cache.misses, cache.hits) == (2, 4)  # one executable per shape
+    assert [r[0].info["steps_kept"] for r in shared] == [False, True, True] * 2
+    monkeypatch.setattr(steps_module, "value_fields", lambda settings, mode: ())  # each activation its own, as before
+    monkeypatch.setattr("workers.trainer.value_fields", steps_module.value_fields)
+    own_cache = StepCache()
+    own = [run(case, cache=own_cache) for case in cases]
+    assert own_cache.misses == 6
+
+    def measured(reports):
+        return ([a for r in reports for a in r.alignment], [s for r in reports for s in r.layer_stats])
+
+    for case, mine, theirs in zip(cases, shared, own):
+        assert rows_of(mine) == rows_of(theirs), (case.activation, case.hidden)
+        assert measured(mine) == measured(theirs) and measured(mine)[0], (case.activation, case.hidden)
+        assert state(checkpoints(mine)[-1]) == state(checkpoints(theirs)[-1]), (case.activation, case.hidden)
 
 
 @pytest.mark.timeout(300)

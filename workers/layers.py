@@ -342,6 +342,30 @@ def activation(name: str, quirks=(), alpha: float = 2.0) -> Op:
     return ACTIVATIONS[name](quirks, alpha)
 
 
+# The activations an executable can take as a value (Chosen): each caches one tensor
+CHOOSABLE = ("tanh", "sigmoid", "relu")
+
+
+class Chosen(Op):
+    """The activation `CHOOSABLE[index]`, where `index` is an int32 variable the case sets
+    (workers.steps.Steps.load), so that one traced and compiled step serves a structure's
+    cases of every choosable activation. Forward and backward are `tf.switch_case` over the
+    ops themselves: the chosen branch runs exactly the op's own forward and backward."""
+
+    def __init__(self, index):
+        self.index = index
+        self.ops = tuple(activation(name) for name in CHOOSABLE)
+
+    def forward(self, x, params, ctx):
+        return tuple(tf.switch_case(tf.convert_to_tensor(self.index), [lambda op=op: op.forward(x, params, ctx) for op in self.ops]))
+
+    def backward(self, d_y, cache, need_d_x=True, need_grads=True):
+        return tf.switch_case(tf.convert_to_tensor(self.index), [lambda op=op: op.backward(d_y, cache)[0] for op in self.ops]), {}
+
+    def __repr__(self) -> str:
+        return "Chosen(" + "|".join(CHOOSABLE) + ")"
+
+
 # ---------------------------------------------------------------------- losses
 
 

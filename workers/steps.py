@@ -20,14 +20,35 @@ PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "
                    "steps_per_epoch", "layer_stats_every", "eval_every", "alignment_every", "dilation_rate", "dilation_decay", "data")
 
 
+def value_fields(settings, compile_mode: str) -> tuple[str, ...]:
+    """Settings a structure's compiled step takes as values, beyond PER_CASE_FIELDS: the hidden
+    activation of an MLP compiled with XLA, when it is one of workers.layers.CHOOSABLE (the
+    step then runs the chosen one through a tf.switch_case, layers.Chosen). Compiling costs
+    a second or more a structure on a CPU, so a study over activations (moons: three) compiles
+    a third as often; on the traced graph a trace costs less than the switch would over a long
+    case, so there the activation stays part of the structure."""
+    from workers.layers import CHOOSABLE
+
+    if compile_mode == "xla" and settings.model == "mlp" and chosen_activation(settings) in CHOOSABLE:
+        return ("activation",)
+    return ()
+
+
+def chosen_activation(settings) -> str:
+    """The hidden activation an MLP case runs ('default' is tanh)."""
+    return "tanh" if settings.activation == "default" else settings.activation
+
+
 def structure_key(settings, input_shape, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
                   dtype: str, compile_mode: str = "graph") -> str:
     """What decides the traced train and test steps of a case: two cases with the same key
-    run the same graphs, with their own weights, optimiser state, learning rates and seeds."""
-    fixed = {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS}
+    run the same graphs, with their own weights, optimiser state, learning rates and seeds
+    (and, where value_fields says so, activations)."""
+    values = value_fields(settings, compile_mode)
+    fixed = {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS and k not in values}
     return json.dumps({"settings": fixed, "input": list(input_shape), "classes": int(num_classes),
                        "step": list(step_shape), "test": list(test_shape), "in_loop_eval": in_loop_eval, "dtype": dtype,
-                       "compile": compile_mode}, sort_keys=True, default=list)
+                       "compile": compile_mode, "values": list(values)}, sort_keys=True, default=list)
 
 
 XLA_MIN_STEPS = 10_000  # auto compiles a case's steps with XLA only if it trains this many (see compile_plan)
@@ -188,12 +209,16 @@ class Steps:
     """
 
     def __init__(self, settings, model, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
-                 tf_dtype, compile_mode: str = "graph"):
+                 tf_dtype, compile_mode: str = "graph", values: tuple[str, ...] = ()):
         import tensorflow as tf
 
         from workers import alignment, optimizers, rules, schedules
         from workers.layers import Context
 
+        self.choice = None  # the activation's index in layers.CHOOSABLE, when the step takes it as a value
+        if "activation" in values:
+            self.choice = tf.Variable(0, dtype=tf.int32, trainable=False, name="activation")
+            model = _with_chosen_activation(model, self.choice)
         self.model = model
         self.net_dtype = tf_dtype
         placeholder = model.init_params(0, dtype=tf_dtype.as_numpy_dtype)  # load() sets each case's values
@@ -388,9 +413,15 @@ class Steps:
         out[:k] = values[:k]  # the steps after the k-th never run: what is left there does not matter
         return tf.constant(out)
 
-    def load(self, params: list[dict], optimizer_state: dict | None, rule_state: list[dict] | None = None) -> None:
-        """This case's weights, optimiser state (zeros for a new case) and learning-rule state
-        (workers.rules.initial_state for a new case) into the variables."""
+    def load(self, params: list[dict], optimizer_state: dict | None, rule_state: list[dict] | None = None,
+             activation: str | None = None) -> None:
+        """This case's weights, optimiser state (zeros for a new case), learning-rule state
+        (workers.rules.initial_state for a new case) and, where the step takes it as a value,
+        activation into the variables."""
+        if self.choice is not None:
+            from workers.layers import CHOOSABLE
+
+            self.choice.assign(CHOOSABLE.index(activation))
         self.net.assign(params)
         if rule_state is not None:
             self.net.assign_rule_state(rule_state)
@@ -398,6 +429,18 @@ class Steps:
         if state is None:
             state = {key: np.zeros_like(value) for key, value in self.optimizer.state().items()}
         self.optimizer.load_state(state)
+
+
+def _with_chosen_activation(model, index):
+    """`model` with each of its activations (one of layers.CHOOSABLE) a layers.Chosen on `index`."""
+    import dataclasses
+
+    from workers import layers
+
+    kinds = tuple(type(layers.activation(name)) for name in layers.CHOOSABLE)
+    units = [dataclasses.replace(unit, ops=[layers.Chosen(index) if type(op) in kinds else op for op in unit.ops])
+             for unit in model.units]
+    return dataclasses.replace(model, units=units)
 
 
 def _make_net(model, params, tf_dtype, rule_state=None):

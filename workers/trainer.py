@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.columns import Rows
-from workers.steps import StepCache, Steps, _device_kind, _first_line, chunk_rows, compile_plan, structure_key, xla_flags
+from workers.steps import (StepCache, Steps, _device_kind, _first_line, chosen_activation, chunk_rows, compile_plan,
+                           structure_key, value_fields, xla_flags)
 
 HISTOGRAM_BINS = 30
 
@@ -307,7 +308,8 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     def steps_for(mode: str) -> "Steps":
         def build():
-            return Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, mode)
+            return Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, mode,
+                         value_fields(settings, mode))
 
         return cache.get(structure_key(*shape_key, compile_mode=mode), build)
 
@@ -321,10 +323,13 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
             raise SettingsError(f"compile: xla ({compile_why}): {reason}") from None
         print(f"bplab: compile auto: {reason}; this case runs the traced graph", file=sys.stderr, flush=True)
-        graph = Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, "graph")
+        # kept under the XLA structure's key: it serves that key's cases, so it takes their values as they do
+        graph = Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, "graph",
+                      value_fields(settings, "xla"))
         graph.fallback = f"auto: {reason}"
         cache.entries[structure_key(*shape_key, compile_mode="xla")] = graph
-        graph.load(failed.net.numpy_params(), failed.optimizer.state(), failed.net.numpy_rule_state())
+        graph.load(failed.net.numpy_params(), failed.optimizer.state(), failed.net.numpy_rule_state(),
+                   chosen_activation(settings))
         return graph
 
     built = cache.misses
@@ -332,7 +337,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     steps_kept = cache.misses == built  # this worker had traced (and compiled) the structure before
     if steps.compile_mode != compile_mode:  # XLA rejected this structure earlier in this worker (see below)
         compile_mode, compile_why = steps.compile_mode, steps.fallback
-    steps.load(params, optimizer_state, rule_state)
+    steps.load(params, optimizer_state, rule_state, chosen_activation(settings))
     net, optimizer, traced = steps.net, steps.optimizer, steps.traced
     unit_names = [unit.name for unit in model.units]
     test_x = tf.constant(x_test if in_loop_eval else x_test[:0])
