@@ -15,7 +15,8 @@ from workers.columns import Rows
 
 # Settings that never reach a traced step: they are NumPy-side (initial weights, data order,
 # augmentation, when to log) or enter the step as a tensor (learning rate, skip rate, seed).
-# Every other setting is read while tracing, so it is part of a case's structure.
+# Every other setting is read while tracing, so it is part of a case's structure, except where
+# value_fields says the compiled step takes it as a value (an MLP's activation under XLA).
 PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std", "feedback_init",
                    "steps_per_epoch", "layer_stats_every", "eval_every", "alignment_every", "dilation_rate", "dilation_decay", "data")
 
