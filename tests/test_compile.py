@@ -98,6 +98,7 @@ def test_an_mlps_activation_is_a_value_of_its_compiled_step(monkeypatch):
     shared = [run(case, cache=cache) for case in cases]
     assert (cache.misses, cache.hits) == (2, 4)  # one executable per shape
     assert [r[0].info["steps_kept"] for r in shared] == [False, True, True] * 2
+    assert all(r[0].info["step_values"] == ["activation"] for r in shared)  # said in the ledger
     monkeypatch.setattr(steps_module, "value_fields", lambda settings, mode: ())  # each activation its own, as before
     monkeypatch.setattr("workers.trainer.value_fields", steps_module.value_fields)
     own_cache = StepCache()

@@ -396,6 +396,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     info = {"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch, "model": model.describe(),
             "tensorflow": tf.__version__, "compile": compile_mode, "compile_why": compile_why, "steps_kept": steps_kept,
+            **({"step_values": ["activation"]} if steps.choice is not None else {}),  # settings the step takes as values
             **({"xla_flags": flags} if compile_mode == "xla" else {})}
     if measure_every and compile_mode == "xla":  # how its measured steps run (see Steps.run_chunk)
         info["alignment_compile"] = "graph" if steps.measured_fallback else "xla"
