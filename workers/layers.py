@@ -357,10 +357,12 @@ class Chosen(Op):
         self.ops = tuple(activation(name) for name in CHOOSABLE)
 
     def forward(self, x, params, ctx):
-        return tuple(tf.switch_case(tf.convert_to_tensor(self.index), [lambda op=op: op.forward(x, params, ctx) for op in self.ops]))
+        branches = [lambda op=op: op.forward(x, params, ctx) for op in self.ops]
+        return tuple(tf.switch_case(tf.convert_to_tensor(self.index), branches))  # (y, the chosen op's cache)
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
-        return tf.switch_case(tf.convert_to_tensor(self.index), [lambda op=op: op.backward(d_y, cache)[0] for op in self.ops]), {}
+        branches = [lambda op=op: op.backward(d_y, cache)[0] for op in self.ops]
+        return tf.switch_case(tf.convert_to_tensor(self.index), branches), {}
 
     def __repr__(self) -> str:
         return "Chosen(" + "|".join(CHOOSABLE) + ")"
