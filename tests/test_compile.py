@@ -196,7 +196,44 @@ def test_a_structure_xla_rejects_is_an_error_when_asked_and_an_explicit_fallback
     assert "this case runs the traced graph" in capfd.readouterr().err
     assert rows_of(fallen) == rows_of(graph)  # the same numbers as the graph path
     again = run(settings(**DCN, seed=4), cache=cache)  # the worker remembers: no second attempt
-    assert again[0].info["compile"] == "graph" and cache.hits == 1
+    assert again[0].info["compile"] == "graph" and cache.hits == 2  # the rejection, then the graph
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_mlp_xla_rejects_runs_the_graph_a_resume_builds(monkeypatch):
+    """An MLP whose XLA step takes its activation as a value, rejected by XLA under auto (made
+    to fail here): the case runs the plain graph, the one a resume from its checkpoint
+    (compile: graph) builds, so the resumed run is bit-identical; the worker's next case of the
+    structure with another activation runs its own activation's graph."""
+    import tensorflow as tf
+
+    import workers.trainer as trainer
+
+    real = steps_module.Steps.run_chunk
+
+    def rejecting(self, *args, **kwargs):
+        if self.compile_mode == "xla":
+            raise tf.errors.InvalidArgumentError(None, None, "made to fail")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(steps_module.Steps, "run_chunk", rejecting)
+    monkeypatch.setattr(trainer, "compile_plan", lambda settings, model, device, total, resumed=None:
+                        (resumed, "resumed as it ran") if resumed else ("xla", "auto: made to choose XLA"))
+    case = settings(epochs=30, eval_every=4, alignment_every=5)
+    cache = StepCache()
+    whole = run(case, cache=cache, checkpoint_every_steps=10)
+    assert whole[0].info["compile"] == "graph" and whole[0].info["compile_why"] == "auto: XLA rejected the step: made to fail"
+    assert "step_values" not in whole[0].info
+    part = run(case, checkpoint_every_steps=10, stop_after_checkpoints=1)  # another worker
+    assert unpack_checkpoint(checkpoints(part)[-1])[2]["compile"] == "graph"
+    rest = run(case, resume=checkpoints(part)[-1], checkpoint_every_steps=10)  # and a third
+    assert rest[0].info["compile"] == "graph"
+    assert rows_of(part) + rows_of(rest) == rows_of(whole)
+    assert state(checkpoints(rest)[-1]) == state(checkpoints(whole)[-1])
+    relu = run(settings(epochs=30, eval_every=4, activation="relu"), cache=cache)  # the same XLA structure
+    assert relu[0].info["compile_why"] == "auto: XLA rejected the step: made to fail"
+    assert rows_of(relu) == rows_of(run(settings(epochs=30, eval_every=4, activation="relu", compile="graph")))
 
 
 @pytest.mark.timeout(120)

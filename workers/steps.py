@@ -175,6 +175,14 @@ def _first_line(error: BaseException) -> str:
 STEPS_KEPT = 4  # structures a worker keeps the steps of (jobs.driver.Driver._pick counts on it)
 
 
+class Rejected:
+    """What a StepCache keeps for an XLA structure XLA could not compile under `compile: auto`:
+    why. The worker's next case of the structure runs the traced graph at once (trainer.train)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
 class StepCache:
     """Traced steps kept by a worker between cases (least recently used first out)."""
 
@@ -321,7 +329,6 @@ class Steps:
         test_signature = [tf.TensorSpec([None, *test_shape[1:]], tf_dtype), tf.TensorSpec([None], tf.int64)]
         self.compile_mode = compile_mode
         self.compiled_once = False  # a chunk has run (XLA has compiled this structure)
-        self.fallback = None  # why this graph stands for an XLA structure XLA rejected
         self.seconds_per_step = None  # XLA: of the last call (the next case's first chunk length)
         self.measured_fallback = None  # XLA: why its measured steps run the traced graph (see run_chunk)
         self.measured_once = False  # the measured chunk has run

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.columns import Rows
-from workers.steps import (StepCache, Steps, _device_kind, _first_line, chosen_activation, chunk_rows, compile_plan,
+from workers.steps import (Rejected, StepCache, Steps, _device_kind, _first_line, chosen_activation, chunk_rows, compile_plan,
                            structure_key, value_fields, xla_flags)
 
 HISTOGRAM_BINS = 30
@@ -313,30 +313,31 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
         return cache.get(structure_key(*shape_key, compile_mode=mode), build)
 
-    def fall_back(error, failed: "Steps") -> "Steps":
-        """XLA could not compile this structure: the graph path under auto (said in the case's info
-        and log, and kept for this structure in this worker); an error if XLA was asked for. The
-        graph continues from `failed`'s variables."""
+    def fall_back(error, failed: "Steps") -> tuple["Steps", str]:
+        """XLA could not compile this structure: (the graph, why) under auto (said in the case's
+        info and log, and kept for this structure in this worker: its next case of the structure
+        runs the graph at once); an error if XLA was asked for. The graph continues from
+        `failed`'s variables. It is the graph a resumed case builds (compile: graph in the
+        checkpoint, its activation part of its structure), so a resume continues it bit for bit."""
         reason = f"XLA rejected the step: {_first_line(error)}"
         if compile_why != "auto" and not compile_why.startswith("auto:"):  # asked, or resumed from an XLA run
             from workers.settings import SettingsError
 
             raise SettingsError(f"compile: xla ({compile_why}): {reason}") from None
         print(f"bplab: compile auto: {reason}; this case runs the traced graph", file=sys.stderr, flush=True)
-        # kept under the XLA structure's key: it serves that key's cases, so it takes their values as they do
-        graph = Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, "graph",
-                      value_fields(settings, "xla"))
-        graph.fallback = f"auto: {reason}"
-        cache.entries[structure_key(*shape_key, compile_mode="xla")] = graph
+        why = f"auto: {reason}"
+        cache.entries[structure_key(*shape_key, compile_mode="xla")] = Rejected(why)
+        graph = steps_for("graph")
         graph.load(failed.net.numpy_params(), failed.optimizer.state(), failed.net.numpy_rule_state(),
                    chosen_activation(settings))
-        return graph
+        return graph, why
 
     built = cache.misses
     steps = steps_for(compile_mode)
+    if isinstance(steps, Rejected):  # XLA rejected this structure earlier in this worker (see fall_back)
+        compile_mode, compile_why = "graph", steps.why
+        steps = steps_for("graph")
     steps_kept = cache.misses == built  # this worker had traced (and compiled) the structure before
-    if steps.compile_mode != compile_mode:  # XLA rejected this structure earlier in this worker (see below)
-        compile_mode, compile_why = steps.compile_mode, steps.fallback
     steps.load(params, optimizer_state, rule_state, chosen_activation(settings))
     net, optimizer, traced = steps.net, steps.optimizer, steps.traced
     unit_names = [unit.name for unit in model.units]
@@ -452,10 +453,10 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
                 if steps.compile_mode != "xla" or steps.compiled_once:
                     raise
-                steps = fall_back(error, steps)  # this call ran nothing: XLA compiles before a step runs
+                steps, compile_why = fall_back(error, steps)  # this call ran nothing: XLA compiles before a step runs
                 net, optimizer, traced = steps.net, steps.optimizer, steps.traced
-                compile_mode, compile_why = steps.compile_mode, steps.fallback
-                info = {**{k: v for k, v in info.items() if not k.startswith(("xla_flags", "alignment_compile"))},
+                compile_mode = steps.compile_mode
+                info = {**{k: v for k, v in info.items() if not k.startswith(("xla_flags", "alignment_compile", "step_values"))},
                         "compile": compile_mode, "compile_why": compile_why}
                 pending.info = info
         if measure_every and steps.compile_mode == "xla" and "alignment_compile_why" not in info and steps.measured_fallback:
