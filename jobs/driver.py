@@ -81,6 +81,7 @@ class CaseState:
     steps_at_start: int = 0
     attempts_at_start: int = 0  # retries are bounded per session, not over the run's life
     unstarted: int = 0  # actors lost before this case started on them (no attempt), this session
+    requeued: bool = False  # put back at the queue's head (a retry, or its worker lost before it started)
 
 
 class Driver:
@@ -167,10 +168,11 @@ class Driver:
         steps of its last structures (workers.steps.StepCache), which cost seconds to build
         again, so among the first PICK_WINDOW queued cases of its slot's shape it takes, in
         this order: one of a structure it has run (the most recent first); one of a structure
-        no other worker has run or runs; the first. A retry in the queue's head goes first.
-        Which worker runs a case never changes what the case computes."""
+        no other worker has run or runs; the first. A case put back at the queue's head (a
+        retry, or one whose worker was lost before it started) goes first. Which worker runs a
+        case never changes what the case computes."""
         head = self.queue[0]
-        if head.entry.attempts > head.attempts_at_start:  # a retry: as soon as possible
+        if head.requeued:  # as soon as possible
             return head
         shape = (worker.num_cpus, worker.num_gpus)
         window = [state for state in itertools.islice(self.queue, PICK_WINDOW)
@@ -188,6 +190,7 @@ class Driver:
 
     def _launch(self, state: CaseState, worker: WorkerSlot) -> None:
         p = state.planned
+        state.requeued = False
         structure = self.structures[p.case_id]
         if structure in worker.structures:
             worker.structures.remove(structure)
@@ -449,12 +452,14 @@ class Driver:
                 self._say(f"{state.planned.name}: worker lost before the case started{where}, not an attempt; "
                           f"placing it again")
                 state.entry = self.run.write_entry(entry)
+                state.requeued = True
                 self.queue.insert(0, state)
                 return
         elif reason_class in TRANSIENT and entry.attempts - state.attempts_at_start - 1 < self.max_retries:
             self._say(f"{state.planned.name}: {reason_class}{where}; retrying from commit {entry.commit_seq} "
                       f"(step {entry.step})")
             state.entry = self.run.write_entry(entry)
+            state.requeued = True
             self.queue.insert(0, state)  # a new worker takes it at the next dispatch
             return
         entry.state = "failed"
@@ -548,6 +553,7 @@ class Driver:
             worker = state.worker
             if worker is not None and worker.node_id is None and state.entry.state == "pending":
                 self._kill(state)
+                state.requeued = True
                 self.queue.insert(0, state)
 
     def _settle_losses(self, state: CaseState, node_id: str, final: str) -> None:

@@ -11,7 +11,7 @@ from analysis.rundir import RunDir
 from jobs.driver import Driver, WorkerSlot, case_structure
 from jobs.plan import PlannedCase
 from jobs.suites import Case
-from tests.helpers import bplab, case_row, ledger, write_suite
+from tests.helpers import bplab, case_row, ledger, local_cluster, write_suite
 from workers import settings as settings_module
 
 MOONS = {"model": "mlp", "hidden": [4], "data": {"name": "moons", "samples": 100, "noise": 0.2}, "optimizer": "sgd",
@@ -49,7 +49,7 @@ def test_a_free_worker_picks_its_own_structure_then_one_nobody_holds_then_the_ne
     a_gpu = WorkerSlot(None, 1.0, 1.0, structures=[structure["r0"]])
     assert driver._pick(a_gpu).planned.name == "t0"  # no queued case of its shape: the next
     head = driver.queue[0]
-    head.entry.attempts = head.attempts_at_start + 1  # a retry
+    head.requeued = True  # a retry, or its worker lost before it started: put back at the head
     assert driver._pick(holds_relu) is head
 
 
@@ -79,7 +79,9 @@ def test_each_structure_is_traced_by_one_worker(tmp_path):
              "b0": {"activation": "relu", "seed": 0}, "b1": {"activation": "relu", "seed": 1}}
     suite = write_suite(tmp_path, cases=cases, base=MOONS, name="pairs.yaml")
     run = tmp_path / "run"
-    done = bplab("run", str(suite), "--out", str(run), "--progress-every", "0", "--no-report", timeout=380)
+    with local_cluster(head_cpus=2) as cluster:  # two CPU slots, whatever the machine has
+        done = bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--progress-every", "0",
+                     "--no-report", timeout=380)
     assert done.returncode == 0, done.stderr[-3000:]
     entries = {e["name"]: e for e in ledger(Path(run)).values()}
     assert {e["state"] for e in entries.values()} == {"done"}

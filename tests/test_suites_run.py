@@ -3,10 +3,11 @@ prints it, is planned in full and run through the real CLI (`bplab run ... --set
 --set steps_per_epoch=1`), all in one process with one Ray start.
 
 Every case is planned and its id written to a run directory. Every structure is run for one
-step: each case whose traced steps no earlier case had (jobs.driver.case_structure: its
-settings but those that enter a step as numbers, and its data set), and at least one case of
-each suite. A case left out differs from one that ran only in numbers its step takes as
-values (seed, learning rate, ...); 54 of the 63 cases run, in about three minutes on two
+step: each case whose code no earlier case ran (`ran_as`: its traced steps' structure,
+jobs.driver.case_structure, and which of the per-case settings that choose code it sets:
+initialisation, learning-rate schedule, alignment, layer statistics, evaluation), and at
+least one case of each suite. A case left out differs from one that ran only in numbers
+(seed, learning rate, epochs, ...); 55 of the 63 cases run, in about three minutes on two
 cores. BPLAB_TEST_ONE_CASE=1 runs one case of each suite instead, of a structure (model,
 schedule, engine, quirks, augmentation, activation, optimiser, data set) no earlier suite ran
 where the suite has one.
@@ -61,6 +62,20 @@ def readme_example() -> str:
     return found[0]
 
 
+NUMBERS = ("seed", "lr", "lr_decay", "lr_decay_epochs", "epochs", "init_std", "steps_per_epoch", "dilation_rate",
+           "dilation_decay", "data")  # per-case settings that are only numbers (data: in case_structure)
+
+
+def ran_as(planned) -> str:
+    """The code a planned case runs: its structure and the per-case settings that choose code
+    (the *_every settings by whether they are on)."""
+    from workers.steps import PER_CASE_FIELDS
+
+    values = planned.case.settings.to_dict()
+    chosen = {k: (bool(values[k]) if k.endswith("_every") else values[k]) for k in PER_CASE_FIELDS if k not in NUMBERS}
+    return json.dumps([case_structure(planned), chosen], sort_keys=True, default=list)
+
+
 def structure(case) -> str:
     """What decides the code a case runs, not its numbers."""
     values = case.settings.to_dict()
@@ -81,14 +96,14 @@ def test_every_embedded_suite_and_the_readme_example_plan_and_run(tmp_path):
             plan.load_data(suites.load_suite(name).cases)
     every_case = os.environ.get("BPLAB_TEST_ONE_CASE") != "1"
     seen: set[str] = set()
-    traced: set[str] = set()  # the case_structure of every case picked so far
+    traced: set[str] = set()  # what every case picked so far ran (ran_as)
     commands, expected = [], {}
     for label, source in sources:
         suite = suites.load_suite(source, SHORT[1::2])
         planned = plan.make_plan(suite, plan.load_data(suite.cases), cpus_per_case=1, gpus_per_case=0)
         RunDir.create(tmp_path / "ids" / label, {"suite": suite.name}, [p.row() for p in planned])  # every id accepted
         if every_case:
-            keys = {p.name: case_structure(p) for p in planned}
+            keys = {p.name: ran_as(p) for p in planned}
             picked = [name for name, key in keys.items() if key not in traced] or [planned[0].name]
             traced.update(keys[name] for name in picked)
         else:  # one case of each suite, of a structure no earlier suite ran if it has one
