@@ -26,8 +26,10 @@ def value_fields(settings, compile_mode: str) -> tuple[str, ...]:
     activation of an MLP compiled with XLA, when it is one of workers.layers.CHOOSABLE (the
     step then runs the chosen one through a tf.switch_case, layers.Chosen). Compiling costs
     a second or more a structure on a CPU, so a study over activations (moons: three) compiles
-    a third as often; on the traced graph a trace costs less than the switch would over a long
-    case, so there the activation stays part of the structure."""
+    a third as often. On the traced graph the activation stays part of the structure: a trace
+    is cheap there, and a graph with the switch does not round like the plain one (grappler
+    fuses matmul, bias and activation only outside a branch), so the graph an XLA-rejected
+    case falls back to and the graph its resume builds are both the plain one."""
     from workers.layers import CHOOSABLE
 
     if compile_mode == "xla" and settings.model == "mlp" and chosen_activation(settings) in CHOOSABLE:
