@@ -660,15 +660,14 @@ def case_structure(planned: PlannedCase) -> str:
     its settings but those that enter a step as values (workers.steps.PER_CASE_FIELDS, and
     value_fields for the way `compile: auto` would run it: workers.steps.compile_plan), and its
     data set. Two cases with equal keys reuse one worker's traced and compiled steps."""
-    from workers.steps import PER_CASE_FIELDS, XLA_MIN_STEPS, value_fields
+    from workers.steps import XLA_MIN_STEPS, structure_settings
 
     settings = planned.case.settings
     mode = settings.compile
     if mode == "auto":  # value_fields names fields of MLPs only: no convolution to look for
         mode = "xla" if not planned.num_gpus and planned.steps_total >= XLA_MIN_STEPS else "graph"
-    values = value_fields(settings, mode)
-    fixed = {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS and k not in values}
-    return json.dumps({"settings": fixed, "data": settings.data.to_dict()}, sort_keys=True, default=list)
+    return json.dumps({"settings": structure_settings(settings, mode), "data": settings.data.to_dict()},
+                      sort_keys=True, default=list)
 
 
 def start_workers(planned: list[PlannedCase], slots: int) -> list[WorkerSlot]:

@@ -208,6 +208,11 @@ def celu7(settings, input_shape, num_classes) -> Model:
 # ---------------------------------------------------------------------- mlp
 
 
+def mlp_activation(settings) -> str:
+    """The hidden activation an MLP runs ('default' is tanh)."""
+    return "tanh" if settings.activation == "default" else settings.activation
+
+
 def mlp(settings, input_shape, num_classes) -> Model:
     """Flatten -> [dense -> activation] * len(hidden) -> dense -> softmax cross-entropy."""
     from workers import layers as L
@@ -218,7 +223,7 @@ def mlp(settings, input_shape, num_classes) -> Model:
         ops = [L.Flatten()] if index == 1 and len(input_shape) > 1 else []
         ops.append(L.Dense(d_in, d_out))
         if index <= len(sizes):
-            ops.append(L.activation("tanh" if settings.activation == "default" else settings.activation, settings.quirks))
+            ops.append(L.activation(mlp_activation(settings), settings.quirks))
         units.append(Unit(f"l{index}", ops, {"w": _init_for(settings, ("xavier", 0.0)), "b": ("constant", 0.0)}))
         d_in = d_out
     return Model("mlp", units, _loss(settings), tuple(input_shape), num_classes)

@@ -31,15 +31,18 @@ def value_fields(settings, compile_mode: str) -> tuple[str, ...]:
     fuses matmul, bias and activation only outside a branch), so the graph an XLA-rejected
     case falls back to and the graph its resume builds are both the plain one."""
     from workers.layers import CHOOSABLE
+    from workers.models import mlp_activation
 
-    if compile_mode == "xla" and settings.model == "mlp" and chosen_activation(settings) in CHOOSABLE:
+    if compile_mode == "xla" and settings.model == "mlp" and mlp_activation(settings) in CHOOSABLE:
         return ("activation",)
     return ()
 
 
-def chosen_activation(settings) -> str:
-    """The hidden activation an MLP case runs ('default' is tanh)."""
-    return "tanh" if settings.activation == "default" else settings.activation
+def structure_settings(settings, compile_mode: str) -> dict:
+    """The settings that decide a case's traced steps: all but PER_CASE_FIELDS and the
+    value_fields of its compile mode (structure_key; jobs.driver.case_structure)."""
+    values = value_fields(settings, compile_mode)
+    return {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS and k not in values}
 
 
 def structure_key(settings, input_shape, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
@@ -47,11 +50,10 @@ def structure_key(settings, input_shape, num_classes: int, step_shape: tuple, te
     """What decides the traced train and test steps of a case: two cases with the same key
     run the same graphs, with their own weights, optimiser state, learning rates and seeds
     (and, where value_fields says so, activations)."""
-    values = value_fields(settings, compile_mode)
-    fixed = {k: v for k, v in settings.to_dict().items() if k not in PER_CASE_FIELDS and k not in values}
-    return json.dumps({"settings": fixed, "input": list(input_shape), "classes": int(num_classes),
-                       "step": list(step_shape), "test": list(test_shape), "in_loop_eval": in_loop_eval, "dtype": dtype,
-                       "compile": compile_mode, "values": list(values)}, sort_keys=True, default=list)
+    return json.dumps({"settings": structure_settings(settings, compile_mode), "input": list(input_shape),
+                       "classes": int(num_classes), "step": list(step_shape), "test": list(test_shape),
+                       "in_loop_eval": in_loop_eval, "dtype": dtype, "compile": compile_mode,
+                       "values": list(value_fields(settings, compile_mode))}, sort_keys=True, default=list)
 
 
 XLA_MIN_STEPS = 10_000  # auto compiles a case's steps with XLA only if it trains this many (see compile_plan)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.columns import Rows
-from workers.steps import (Rejected, StepCache, Steps, _device_kind, _first_line, chosen_activation, chunk_rows, compile_plan,
+from workers.models import mlp_activation
+from workers.steps import (Rejected, StepCache, Steps, _device_kind, _first_line, chunk_rows, compile_plan,
                            structure_key, value_fields, xla_flags)
 
 HISTOGRAM_BINS = 30
@@ -329,7 +330,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         cache.entries[structure_key(*shape_key, compile_mode="xla")] = Rejected(why)
         graph = steps_for("graph")
         graph.load(failed.net.numpy_params(), failed.optimizer.state(), failed.net.numpy_rule_state(),
-                   chosen_activation(settings))
+                   mlp_activation(settings))
         return graph, why
 
     built = cache.misses
@@ -338,7 +339,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
         compile_mode, compile_why = "graph", steps.why
         steps = steps_for("graph")
     steps_kept = cache.misses == built  # this worker had traced (and compiled) the structure before
-    steps.load(params, optimizer_state, rule_state, chosen_activation(settings))
+    steps.load(params, optimizer_state, rule_state, mlp_activation(settings))
     net, optimizer, traced = steps.net, steps.optimizer, steps.traced
     unit_names = [unit.name for unit in model.units]
     test_x = tf.constant(x_test if in_loop_eval else x_test[:0])
