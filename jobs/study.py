@@ -385,9 +385,14 @@ def project_runtime_env() -> dict:
     return {"py_modules": [str(ROOT / "jobs"), str(ROOT / "workers"), str(ROOT / "analysis")]}
 
 
+LOCAL_START_ATTEMPTS = 2  # a private local Ray that did not come up in Ray's 30 s is started once more
+
+
 def connect(address: str | None, runtime_env: dict | None = None) -> None:
     """Connect to Ray at `address`, or start a private local Ray (never a cluster some other
-    process started on this machine)."""
+    process started on this machine). Ray gives a new local node 30 s to register; on a machine
+    busy enough to miss that (seen while a test suite and a benchmark shared two cores) the
+    processes of that attempt are stopped and Ray is started once more, then a one-line error."""
     import ray
 
     from jobs.options import check_address
@@ -397,10 +402,48 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
         if address:
             ray.init(address=address, logging_level="ERROR", runtime_env=runtime_env,
                      log_to_driver=False)  # the cases' own output goes to RUN/logs
-        else:
-            ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            return
+        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+            before = _child_pids()
+            try:
+                ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+                return
+            except Exception as error:  # Ray raises a bare Exception when its node misses the start deadline
+                if "timed out during startup" not in str(error):
+                    raise
+                _stop_children(_child_pids() - before)  # this attempt's GCS and raylet
+                if attempt == LOCAL_START_ATTEMPTS:
+                    raise RuntimeError(f"{_one_line(error)} ({attempt} attempts)") from None
+                print(f"[bplab] Ray's local start timed out; starting it again", file=sys.stderr, flush=True)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
+
+
+def _child_pids() -> set[int]:
+    """The pids of this process's descendants (read from /proc; empty where there is none)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _stop_children(pids: set[int]) -> None:
+    """SIGKILL these processes (what a failed local Ray start left running)."""
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def added_note(location: str, added, stored: list[dict], suite: str, run_suite: str | None) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -158,3 +159,54 @@ def test_cases_added_on_resume_are_named_with_their_suite_and_namesakes():
          "apart, e.g. NAME [epochs=1], and never average the two)")
     many = [types.SimpleNamespace(name=f"c{i}") for i in range(9)]
     assert added_note("runs/m", many, [], "s", "s") == "9 new case(s) added to runs/m: c0, c1, c2, c3, c4, c5, ... (3 more)"
+
+
+TIMED_OUT = ("The current node timed out during startup. This could happen because some of the raylet failed to "
+             "startup or the GCS has become overloaded.")  # what Ray 2.60's Node raises after 30 s
+
+
+def _slow_start(outcomes: list, started: list):
+    """A stand-in for ray.init: each call starts a child process (as Ray's GCS and raylet are),
+    then raises Ray's start time-out or returns, as `outcomes` say."""
+    import subprocess
+
+    def init(*args, **kwargs):
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        if outcomes.pop(0) == "timeout":
+            raise Exception(TIMED_OUT)
+
+    return init
+
+
+@pytest.mark.timeout(60)
+def test_a_local_ray_that_misses_its_start_deadline_is_started_once_more(monkeypatch, capsys):
+    import ray
+
+    started: list = []
+    monkeypatch.setattr(ray, "init", _slow_start(["timeout", "ok"], started))
+    try:
+        study_module.connect(None)
+        assert started[0].wait(timeout=10) == -9  # the failed attempt's processes are stopped
+        assert started[1].poll() is None  # the second attempt's are running
+        assert "Ray's local start timed out; starting it again" in capsys.readouterr().err
+    finally:
+        for process in started:
+            process.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_local_ray_that_misses_its_start_deadline_twice_is_a_one_line_error(monkeypatch):
+    import ray
+
+    started: list = []
+    monkeypatch.setattr(ray, "init", _slow_start(["timeout", "timeout"], started))
+    try:
+        with pytest.raises(UserError) as error:
+            study_module.connect(None)
+        message = str(error.value)
+        assert message.startswith("cannot connect to Ray at a new local cluster: The current node timed out")
+        assert message.endswith("(2 attempts)") and "\n" not in message
+        assert [process.wait(timeout=10) for process in started] == [-9, -9]
+    finally:
+        for process in started:
+            process.kill()
