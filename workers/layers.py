@@ -14,6 +14,7 @@ by default (see workers.settings.QUIRK_DOCS).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from workers import registry
@@ -31,6 +32,40 @@ class _LazyTensorFlow:
 
 
 tf = _LazyTensorFlow()
+
+
+_constants = weakref.WeakKeyDictionary()  # graph -> {(type, value, dtype): its Const}
+
+
+def const(value, dtype):
+    """`tf.constant(value, dtype)`, made once per graph being traced for each (value, dtype) and
+    shared by every op of that graph that uses it. A step traces the same few scalars (0, 1, the
+    optimiser's betas) thousands of times; each use of a Python number would otherwise add a
+    Const node, and on allconv9's unfair schedules such nodes were 40 % of the graph's ops and
+    of the time to trace and start it. The values, and so the numbers computed, are the same.
+    Made outside any control dependency of the caller, so sharing one adds no edge."""
+    if not tf.inside_function():
+        return tf.constant(value, dtype)
+    graph = tf.compat.v1.get_default_graph()
+    kept = _constants.setdefault(graph, {})
+    dtype = tf.as_dtype(dtype)
+    key = (type(value), repr(value), dtype.name)
+    found = kept.get(key)
+    if found is None:
+        with graph.control_dependencies(None):
+            found = kept[key] = tf.constant(value, dtype)
+    return found
+
+
+def static_shape(x):
+    """x's shape as a tuple of ints when the trace knows it (every step of a case has one
+    shape), else the tensor tf.shape(x): the backward then needs no shape ops at run time."""
+    return tuple(x.shape) if x.shape.is_fully_defined() else tf.shape(x)
+
+
+def shape_tensor(x):
+    """tf.shape(x) (int32); one shared constant per shape when the trace knows it."""
+    return const(list(x.shape), tf.int32) if x.shape.is_fully_defined() else tf.shape(x)
 
 
 @dataclass
@@ -104,14 +139,14 @@ class Conv2D(Op):
         grads = {}
         if need_grads:
             grads["w"] = tf.raw_ops.Conv2DBackpropFilter(
-                input=x, filter_sizes=tf.shape(w), out_backprop=d_y, strides=strides, padding=self.padding)
+                input=x, filter_sizes=shape_tensor(w), out_backprop=d_y, strides=strides, padding=self.padding)
             if self.bias:
                 grads["b"] = tf.reduce_sum(d_y, axis=[0, 1, 2])
         d_x = None
         if need_d_x:  # the lowest updated layer of an unfair stage skips this (it is not used)
             carrier = feedback["w"] if feedback else w  # the weights that carry the gradient down
             d_x = tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=tf.shape(x), filter=carrier, out_backprop=d_y, strides=strides, padding=self.padding)
+                input_sizes=shape_tensor(x), filter=carrier, out_backprop=d_y, strides=strides, padding=self.padding)
         return d_x, grads
 
     def __repr__(self):
@@ -164,7 +199,16 @@ class Dense(Op):
 
 
 def _upsample2(d_y, x_shape):
-    """Copy each gradient to its 2x2 window; zero rows/cols a VALID pool dropped."""
+    """Copy each gradient to its 2x2 window; zero rows/cols a VALID pool dropped. With static
+    shapes a broadcast and two reshapes (tf.repeat traces some forty ops, most of them
+    constants); the values are the same copies either way."""
+    if isinstance(x_shape, tuple) and d_y.shape.is_fully_defined():
+        batch, height, width, channels = d_y.shape
+        windows = tf.broadcast_to(tf.reshape(d_y, const([batch, height, 1, width, 1, channels], tf.int32)),
+                                  const([batch, height, 2, width, 2, channels], tf.int32))
+        up = tf.reshape(windows, const([batch, 2 * height, 2 * width, channels], tf.int32))
+        pad_h, pad_w = x_shape[1] - 2 * height, x_shape[2] - 2 * width
+        return tf.pad(up, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]]) if pad_h or pad_w else up
     up = tf.repeat(tf.repeat(d_y, 2, axis=1), 2, axis=2)  # (B, 2H', 2W', C)
     pad_h = x_shape[1] - tf.shape(up)[1]
     pad_w = x_shape[2] - tf.shape(up)[2]
@@ -181,12 +225,12 @@ class AvgPool2(Op):
         return (in_shape[0] // 2, in_shape[1] // 2, in_shape[2])
 
     def forward(self, x, params, ctx):
-        return tf.nn.avg_pool2d(x, 2, 2, "VALID"), tf.shape(x)
+        return tf.nn.avg_pool2d(x, 2, 2, "VALID"), static_shape(x)
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         # Each input of a window gets 1/4 of the window's gradient; the source forgot the 1/4.
         scale = 1.0 if self.unscaled else 0.25
-        return _upsample2(d_y * scale, cache), {}
+        return _upsample2(d_y * const(scale, d_y.dtype), cache), {}
 
 
 class MaxPool2(Op):
@@ -215,10 +259,15 @@ class GlobalMean(Op):
         return (in_shape[2],)
 
     def forward(self, x, params, ctx):
-        return tf.reduce_mean(x, axis=[1, 2]), tf.shape(x)
+        return tf.reduce_mean(x, axis=[1, 2]), static_shape(x)
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         shape = cache  # (B, H, W, C)
+        if isinstance(shape, tuple):  # known to the trace
+            d_x = tf.broadcast_to(d_y[:, None, None, :], const(list(shape), tf.int32))
+            if not self.unscaled:
+                d_x = d_x / const(float(shape[1] * shape[2]), d_y.dtype)
+            return d_x, {}
         d_x = tf.broadcast_to(d_y[:, None, None, :], shape)
         if not self.unscaled:  # the source copied the gradient without 1/(H*W)
             d_x = d_x / tf.cast(shape[1] * shape[2], d_y.dtype)
@@ -269,12 +318,13 @@ class ELU(Op):
         self.positive_slope = 2.0 if derivative_two_quirk else 1.0
 
     def forward(self, x, params, ctx):
-        y = tf.where(x > 0, x, tf.exp(tf.minimum(x, 0.0)) - 1.0)
+        zero, one = const(0.0, x.dtype), const(1.0, x.dtype)
+        y = tf.where(x > zero, x, tf.exp(tf.minimum(x, zero)) - one)
         return y, (x, y)
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         x, y = cache
-        return d_y * tf.where(x > 0, tf.cast(self.positive_slope, y.dtype), y + 1.0), {}
+        return d_y * tf.where(x > const(0.0, x.dtype), const(self.positive_slope, y.dtype), y + const(1.0, y.dtype)), {}
 
 
 class CELU(Op):
@@ -285,13 +335,14 @@ class CELU(Op):
         self.positive_slope = 2.0 if derivative_two_quirk else 1.0
 
     def forward(self, x, params, ctx):
-        exp_part = tf.exp(tf.minimum(x, 0.0) / self.alpha)
-        y = tf.where(x >= 0, x, self.alpha * (exp_part - 1.0))
+        zero, alpha = const(0.0, x.dtype), const(self.alpha, x.dtype)
+        exp_part = tf.exp(tf.minimum(x, zero) / alpha)
+        y = tf.where(x >= zero, x, alpha * (exp_part - const(1.0, x.dtype)))
         return y, (x, exp_part)
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
         x, exp_part = cache
-        return d_y * tf.where(x >= 0, tf.cast(self.positive_slope, x.dtype), exp_part), {}
+        return d_y * tf.where(x >= const(0.0, x.dtype), const(self.positive_slope, x.dtype), exp_part), {}
 
 
 class ReLU(Op):
@@ -301,7 +352,7 @@ class ReLU(Op):
         return tf.nn.relu(x), x
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
-        return d_y * tf.cast(cache > 0, d_y.dtype), {}
+        return d_y * tf.cast(cache > const(0, cache.dtype), d_y.dtype), {}
 
 
 class Tanh(Op):
@@ -312,7 +363,7 @@ class Tanh(Op):
         return y, y
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
-        return d_y * (1.0 - cache * cache), {}
+        return d_y * (const(1.0, cache.dtype) - cache * cache), {}
 
 
 class Sigmoid(Op):
@@ -323,7 +374,7 @@ class Sigmoid(Op):
         return y, y
 
     def backward(self, d_y, cache, need_d_x=True, need_grads=True):
-        return d_y * cache * (1.0 - cache), {}
+        return d_y * cache * (const(1.0, cache.dtype) - cache), {}
 
 
 # name -> (quirks, alpha) -> op; the names the settings accept are workers.registry.ACTIVATIONS

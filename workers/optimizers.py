@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from workers import registry
+from workers.layers import const
 
 
 class Optimizer:
@@ -34,13 +35,13 @@ class Optimizer:
         ]
 
     def apply(self, unit: int, grads: dict, lr) -> None:
-        t = self.steps[unit].assign_add(1.0)
+        t = self.steps[unit].assign_add(const(1.0, self.net.dtype))
         # tf.cast of a Python float goes through float32 first: make the constant in the right dtype
         lr = tf.cast(lr, self.net.dtype) if tf.is_tensor(lr) else tf.constant(lr, self.net.dtype)
         for name, d_param in grads.items():
             var = self.net.variables[unit][name]
             if self.weight_decay and name in self.net.units[unit].weight_names:  # L2 on weights, not biases
-                d_param = d_param + self.weight_decay * var
+                d_param = d_param + const(self.weight_decay, var.dtype) * var
             self.update(var, d_param, self.slots[unit][name], lr, t)
 
     def update(self, var, d_param, slots, lr, t) -> None:
@@ -76,7 +77,7 @@ class Momentum(Optimizer):
     slot_names = ("velocity",)
 
     def update(self, var, d_param, slots, lr, t):
-        velocity = slots["velocity"].assign(self.settings.beta1 * slots["velocity"] + d_param)
+        velocity = slots["velocity"].assign(const(self.settings.beta1, var.dtype) * slots["velocity"] + d_param)
         var.assign_sub(lr * velocity)
 
 
@@ -91,12 +92,14 @@ class Adam(Optimizer):
         b1, b2 = self.settings.beta1, self.settings.beta2
         if "adam_constant_bias_correction" in self.quirks:
             return 1.0 - b1, 1.0 - b2
-        return 1.0 - tf.pow(tf.constant(b1, t.dtype), t), 1.0 - tf.pow(tf.constant(b2, t.dtype), t)
+        one = const(1.0, t.dtype)
+        return one - tf.pow(const(b1, t.dtype), t), one - tf.pow(const(b2, t.dtype), t)
 
     def moments(self, d_param, slots):
         b1, b2 = self.settings.beta1, self.settings.beta2
-        m = slots["m"].assign(b1 * slots["m"] + (1.0 - b1) * d_param)
-        v = slots["v"].assign(b2 * slots["v"] + (1.0 - b2) * d_param * d_param)
+        dtype = d_param.dtype
+        m = slots["m"].assign(const(b1, dtype) * slots["m"] + const(1.0 - b1, dtype) * d_param)
+        v = slots["v"].assign(const(b2, dtype) * slots["v"] + const(1.0 - b2, dtype) * d_param * d_param)
         return m, v
 
     def update(self, var, d_param, slots, lr, t):
@@ -104,7 +107,7 @@ class Adam(Optimizer):
             return self.update_from_previous_moments(var, d_param, slots, lr, t)
         m, v = self.moments(d_param, slots)
         c1, c2 = self.corrections(t)
-        var.assign_sub(lr * (m / c1) / (tf.sqrt(v / c2) + self.settings.epsilon))
+        var.assign_sub(lr * (m / c1) / (tf.sqrt(v / c2) + const(self.settings.epsilon, var.dtype)))
 
     def update_from_previous_moments(self, var, d_param, slots, lr, t):
         """Quirk adam_tf1_unordered_reads (docs/experiments.md, "What TF1 executed"):
@@ -135,7 +138,7 @@ class AMSGrad(Adam):
             return
         v_hat = slots["v_hat"].assign(tf.maximum(slots["v_hat"], v))
         c1, c2 = self.corrections(t)
-        var.assign_sub(lr * (m / c1) / (tf.sqrt(v_hat / c2) + eps))
+        var.assign_sub(lr * (m / c1) / (tf.sqrt(v_hat / c2) + const(eps, var.dtype)))
 
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "amsgrad": AMSGrad}
