@@ -81,6 +81,25 @@ def test_cases_back_to_back_in_one_worker_equal_fresh_traces():
 
 
 @pytest.mark.timeout(300)
+def test_an_augmented_case_runs_the_kept_steps_of_its_unaugmented_twin():
+    """Augmentation is NumPy-side: the step sees a batch of the same shape either way, so the
+    quick suite's a and b (or c and d, e and f) are one structure. The augmented case on the
+    kept steps trains exactly as it does on steps traced for it alone."""
+    digits = {"model": "allconv9", "width": 0.25, "init": "xavier", "optimizer": "adam", "lr": 0.001,
+              "batch_size": 16, "epochs": 1, "steps_per_epoch": 4, "alignment_every": 2,
+              "data": {"name": "digits", "train_size": 200, "test_size": 50}}
+    plain, augmented = (settings_module.from_dict({**digits, "augment": flag}) for flag in (False, True))
+    cache = StepCache()
+    train_case(plain, cache=cache)
+    kept = train_case(augmented, cache=cache)
+    assert (cache.misses, cache.hits) == (1, 1)
+    fresh = train_case(augmented)
+    assert rows_of(kept) == rows_of(fresh)
+    assert [r.alignment for r in kept] == [r.alignment for r in fresh]
+    assert_same_state(last_checkpoint(kept), last_checkpoint(fresh))
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("changes", [
     {"epochs": 30, "eval_every": 4},  # full batch, the test set evaluated inside the loop
     {"model": "dni_rnn", "hidden": [3], "schedule": "synthetic", "batch_size": 10, "epochs": 2,

@@ -18,7 +18,8 @@ from workers.columns import Rows
 # Every other setting is read while tracing, so it is part of a case's structure, except where
 # value_fields says the compiled step takes it as a value (an MLP's activation under XLA).
 PER_CASE_FIELDS = ("seed", "lr", "lr_schedule", "lr_decay", "lr_decay_epochs", "epochs", "init", "init_std", "feedback_init",
-                   "steps_per_epoch", "layer_stats_every", "eval_every", "alignment_every", "dilation_rate", "dilation_decay", "data")
+                   "steps_per_epoch", "layer_stats_every", "eval_every", "alignment_every", "dilation_rate", "dilation_decay", "data",
+                   "augment")  # augment: the step sees a batch of the same shape (step_shape, in the key) either way
 
 
 def value_fields(settings, compile_mode: str) -> tuple[str, ...]:
