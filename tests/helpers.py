@@ -425,3 +425,11 @@ def check_op(op, x_shape, params=None, seed=0, ctx=None):
     assert sorted(grads) == names
     for name, reference in zip(names, ref[1:]):
         assert rel_error(grads[name], reference) <= TOL, f"{op}: d_{name}"
+
+
+# The quick suites tests/test_families.py runs whole through `python -m jobs run` -> the
+# overrides that keep that run short (tests/test_suites_run.py does not run them again)
+QUICK_SUITES = {
+    "dni-quick": ["epochs=2"],
+    "moons-quick": ["epochs=200"],
+}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import QUICK_SUITES
 from workers import layers as L
 from workers import models, optimizers, settings as settings_module
 from workers.engine import Net
@@ -290,10 +291,6 @@ def test_quirks_are_named_documented_and_off_by_default():
 # Every case of every embedded suite runs a step in tests/test_suites_run.py; these two run for
 # longer because they have more to show: moons-quick's report draws decision boundaries and
 # layer statistics, and dni-quick logs the synthetic-gradient error.
-QUICK_SUITES = {  # suite -> overrides that keep the smoke run short
-    "dni-quick": ["epochs=2"],
-    "moons-quick": ["epochs=200"],
-}
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ import pytest
 from jobs import plan, suites
 from jobs.driver import case_structure
 from analysis.rundir import RunDir
+from tests.helpers import QUICK_SUITES
 from workers.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +98,6 @@ def test_every_embedded_suite_and_the_readme_example_plan_and_run(tmp_path):
     example.write_text(readme_example())
     sources = [(name, name) for name in EMBEDDED] + [("readme-example", str(example))]
     assert set(EMBEDDED) | set(FILE_DATA) == set(suites.builtin_names()), "a new built-in suite: list it here"
-    from tests.test_families import QUICK_SUITES
-
     assert set(RUN_WHOLE_ELSEWHERE) - {"quick"} <= set(QUICK_SUITES)  # and quick is the README's main job
     for name in FILE_DATA:  # these really need files (none on this machine): the others must not
         with pytest.raises(DataError):
