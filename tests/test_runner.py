@@ -160,7 +160,9 @@ def test_driver_killed_then_resume_runs_only_unfinished(cluster, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(cluster, tmp_path):
-    suite = digits_suite(tmp_path, "interrupt", {"one": {}, "two": {"seed": 2}}, epochs=8, train=960)
+    # long enough that both still run when the second one's first commit lands, on a busy machine
+    # too (the workers' starts can be seconds apart): Ctrl-C must find them both running
+    suite = digits_suite(tmp_path, "interrupt", {"one": {}, "two": {"seed": 2}}, epochs=16, train=960)
     run = tmp_path / "run"
     process = start_bplab("run", str(suite), "--address", cluster.address, "--out", str(run), "--gpus-per-case", "1",
                           "--checkpoint-every", "10", "--progress-every", "0", "--no-report")
