@@ -2,9 +2,10 @@
 executables kept (StepCache); seconds of each and a digest of what it trained (every metrics row
 but wall_time and examples_per_sec, the alignment and layer-statistics rows, the last weights).
 
-    python benchmarks/bench_moons_cases.py TREE [CASE_INDEX ...]   # TREE: the checkout to import
+    python benchmarks/bench_moons_cases.py TREE [CASE_INDEX ...] [KEY=VALUE ...]   # TREE: the checkout to import
 
-Two trees with the same digests trained the same numbers."""
+Two trees with the same digests trained the same numbers. KEY=VALUE changes a setting of every
+case, as `bplab run --set` does (e.g. alignment_every=0: what measuring alignment costs)."""
 import sys, time, os, hashlib, pickle
 sys.path.insert(0, sys.argv[1])
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -17,7 +18,10 @@ from jobs.suites import load_suite
 from workers.data import load_dataset
 cases = load_suite("moons").cases
 cache = T.StepCache()
-idx = [int(a) for a in sys.argv[2:]] or [2, 14]
+idx = [int(a) for a in sys.argv[2:] if "=" not in a] or [2, 14]
+changes = [a for a in sys.argv[2:] if "=" in a]
+if changes:
+    cases = load_suite("moons", changes).cases
 res = []
 def digest(reps):
     h = hashlib.sha256()
