@@ -414,7 +414,7 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
                 _stop_children(_child_pids() - before)  # this attempt's GCS and raylet
                 if attempt == LOCAL_START_ATTEMPTS:
                     raise RuntimeError(f"{_one_line(error)} ({attempt} attempts)") from None
-                print(f"[bplab] Ray's local start timed out; starting it again", file=sys.stderr, flush=True)
+                print("[bplab] Ray's local start timed out; starting it again", file=sys.stderr, flush=True)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
 

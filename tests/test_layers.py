@@ -113,3 +113,29 @@ def test_need_flags_skip_work_but_not_values():
     assert d_x_none is None and no_grads == {}
     np.testing.assert_array_equal(grads_only["w"], grads_full["w"])
     np.testing.assert_array_equal(d_x_only, d_x_full)
+
+
+def test_shared_constants_let_a_traced_graph_and_its_variables_go():
+    """const keeps a graph's constants on the graph: once the function is gone, its graph and the
+    variables it captured are freed (a table outside the graph kept them all, and a worker's
+    memory grew with every structure it evicted). The constants are still shared within a graph."""
+    import gc
+    import weakref
+
+    graphs, variables = [], []
+    for _ in range(3):
+        w = tf.Variable(np.ones((4, 4), np.float32))
+
+        @tf.function
+        def step(x):
+            return tf.matmul(x, w) * L.const(2.0, tf.float32) + L.const(2.0, tf.float32)
+
+        assert float(step(tf.ones((1, 4)))[0, 0]) == 10.0
+        graph = step.get_concrete_function(tf.TensorSpec((1, 4), tf.float32)).graph
+        assert sum(op.type == "Const" for op in graph.get_operations()) == 1  # 2.0, once
+        graphs.append(weakref.ref(graph))
+        variables.append(weakref.ref(w))
+        del step, graph, w
+    gc.collect()
+    assert [g() for g in graphs] == [None] * 3
+    assert [v() for v in variables] == [None] * 3

@@ -14,7 +14,6 @@ by default (see workers.settings.QUIRK_DOCS).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 from workers import registry
@@ -34,7 +33,7 @@ class _LazyTensorFlow:
 tf = _LazyTensorFlow()
 
 
-_constants = weakref.WeakKeyDictionary()  # graph -> {(type, value, dtype): its Const}
+CONSTANTS = "_bplab_constants"  # a graph's attribute: {(type, value, dtype): its Const} (see const)
 
 
 def const(value, dtype):
@@ -43,11 +42,16 @@ def const(value, dtype):
     optimiser's betas) thousands of times; each use of a Python number would otherwise add a
     Const node, and on allconv9's unfair schedules such nodes were 40 % of the graph's ops and
     of the time to trace and start it. The values, and so the numbers computed, are the same.
-    Made outside any control dependency of the caller, so sharing one adds no edge."""
+    Made outside any control dependency of the caller, so sharing one adds no edge. The
+    constants are kept on the graph itself: each holds its graph, so a table outside it (even
+    weakly keyed) would keep every traced graph alive, and with it the variables it captures."""
     if not tf.inside_function():
         return tf.constant(value, dtype)
     graph = tf.compat.v1.get_default_graph()
-    kept = _constants.setdefault(graph, {})
+    kept = getattr(graph, CONSTANTS, None)
+    if kept is None:
+        kept = {}
+        setattr(graph, CONSTANTS, kept)
     dtype = tf.as_dtype(dtype)
     key = (type(value), repr(value), dtype.name)
     found = kept.get(key)
