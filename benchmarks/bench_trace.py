@@ -18,14 +18,10 @@ import subprocess
 import sys
 import time
 
-CHILD = r"""
-import json, os, sys, time
-sys.path.insert(0, sys.argv[1])
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from workers.actor import import_tensorflow
-tf = import_tensorflow()
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tree import TREE_CHILD_PREAMBLE  # noqa: E402
+
+CHILD = TREE_CHILD_PREAMBLE + r"""
 import workers.steps as S
 import workers.trainer as T
 from jobs.suites import load_suite
