@@ -1,7 +1,7 @@
 """Sweeps of many small cases: bplab (jobs.study.run_study) against Ray Tune on the same trainer.
 
     python benchmarks/bench_sweep.py [--suite benchmarks/suites/sweep-40.yaml] [--slots 2]
-                                     [--skip tune|bplab|moons-quick|quick ...] [--main /work/main] [--json PATH]
+                                     [--skip tune|bplab|moons-quick|quick ...] [--main TREE] [--json PATH]
 
 Parts, each one run, in this order, in one invocation:
 

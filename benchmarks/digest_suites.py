@@ -10,7 +10,6 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 import workers.trainer as T
 from jobs import suites, plan
 from workers.data import load_dataset
-sys.path.insert(0, "/work/main/tests")
 EMBEDDED = ("quick", "moons", "moons-quick", "dni-quick", "dcn-quick", "adversarial-quick", "adversarial-source-quick",
             "unfair-source-quick", "feedback-quick")
 only = sys.argv[2:] or EMBEDDED
