@@ -16,12 +16,10 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 import workers.trainer as T
 from jobs.suites import load_suite
 from workers.data import load_dataset
-cases = load_suite("moons").cases
+changes = [a for a in sys.argv[2:] if "=" in a]
+cases = load_suite("moons", changes).cases
 cache = T.StepCache()
 idx = [int(a) for a in sys.argv[2:] if "=" not in a] or [2, 14]
-changes = [a for a in sys.argv[2:] if "=" in a]
-if changes:
-    cases = load_suite("moons", changes).cases
 res = []
 def digest(reps):
     h = hashlib.sha256()

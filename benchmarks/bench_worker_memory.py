@@ -21,12 +21,10 @@ from _tree import TREE_CHILD_PREAMBLE  # noqa: E402
 
 CHILD = TREE_CHILD_PREAMBLE + r"""
 from workers import settings as settings_module
+from workers.actor import resident_mb
 from workers.data import load_dataset
 from workers.steps import StepCache
 from workers.trainer import train
-
-def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 cache = StepCache(max_entries=1)
 base = {"model": "allconv9", "width": 0.25, "init": "xavier", "optimizer": "adam", "lr": 0.001,
