@@ -1,6 +1,6 @@
 """Compiled chunks: bplab's step against a minimal loop of the same network, and XLA's compile cost.
 
-    python benchmarks/bench_compile.py [--parts step first conv] [--steps 20000] [--rounds 3]
+    python benchmarks/bench_compile.py [--parts step first conv grappler] [--steps 20000] [--rounds 3]
                                        [--conv-steps 3] [--json PATH]
 
 Parts, in one process (TensorFlow set up as a worker sets it up: 1 intra-op and 1 inter-op
@@ -28,6 +28,14 @@ thread, op determinism on):
 3. conv   allconv9 (width 1.0) at CIFAR-10 shape (32x32x3, 10 classes, batch 32, adam), random
           data: seconds per step on the graph and with XLA (chunks of one step, the first call
           left out), and XLA's first call (its compile).
+4. grappler  The traced graph with TensorFlow's graph optimiser (Grappler) on and off (what
+          `graph_optimizer` chooses; TensorFlow reads the option at each call, so one process
+          alternates): allconv9 (width 1.0, SGD) at CIFAR-10 shape, and at a quarter width
+          on 8x8x1 inputs (batch 16, the quick suite's shape), standard and unfair-front: each
+          variant's first call (its trace and, on, Grappler's rewrite; a structure of its own)
+          and seconds per step, calls interleaved, --conv-steps rounds (the quarter width 10x
+          as many); and how far apart one step from the same weights and batch leaves the
+          weights, relative to the step's largest update.
 """
 
 from __future__ import annotations
@@ -237,9 +245,83 @@ def part_conv(tf, args) -> dict:
     return out
 
 
+def part_grappler(tf, args) -> dict:
+    import numpy as np
+
+    from workers import models, settings as settings_module
+    from workers.steps import Steps
+
+    rng = np.random.default_rng(0)
+    shapes = {"cifar": ((32, 32, 3), 1.0, 32, args.conv_steps), "digits": ((8, 8, 1), 0.25, 16, 10 * args.conv_steps)}
+    out = {}
+    for shape_name, (shape, width, batch, rounds) in shapes.items():
+        for schedule in ("standard", "unfair-front"):
+            if shape_name == "cifar" and schedule == "unfair-front":
+                continue  # about 9 standard steps a step: minutes on two cores
+            # SGD, so that a step's update is the gradient times lr and the difference after one step
+            # is the gradients' (Adam's first step divides each gradient by its own size, and turns
+            # a rounding difference of a gradient near zero into one of a whole update)
+            case = settings_module.from_dict({"model": "allconv9", "width": width, "batch_size": batch,
+                                              "optimizer": "sgd", "lr": 0.01, "schedule": schedule})
+            model = models.build_model(case, shape, 10)
+            empty_x, empty_y = tf.zeros((0, *shape)), tf.zeros((0,), tf.int64)
+            steps, times, first = {}, {"on": [], "off": []}, {}
+
+            def one(variant: str, xs=None, labels=None) -> float:
+                tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": variant == "off"})
+                if xs is None:
+                    xs = rng.normal(size=(1, batch, *shape)).astype("float32")
+                    labels = rng.integers(0, 10, (1, batch)).astype("int64")
+                started = time.perf_counter()
+                steps[variant].run_chunk(xs, labels, np.full(1, 0.01), np.zeros(1), 0, 0, np.zeros(1, bool),
+                                         empty_x, empty_y, 1)
+                return time.perf_counter() - started
+
+            xs = rng.normal(size=(1, batch, *shape)).astype("float32")  # the first step: the same for both
+            labels = rng.integers(0, 10, (1, batch)).astype("int64")
+            for variant in ("on", "off"):
+                steps[variant] = Steps(case, model, 10, (batch, *shape), (0, *shape), False, tf.float32, "graph")
+                steps[variant].load(model.init_params(0), None)
+                first[variant] = one(variant, xs, labels)
+            # what Grappler's rewrites change in one step: the largest difference of a weight after it,
+            # relative to the largest change any weight made in the step; and each variant's distance
+            # from the same step in float64 (Grappler on; the oracle of what float32 rounding allows)
+            start = model.init_params(0)
+            after = {v: steps[v].net.numpy_params() for v in ("on", "off")}
+            exact = Steps(case, model, 10, (batch, *shape), (0, *shape), False, tf.float64, "graph")
+            exact.load([{k: w.astype("float64") for k, w in unit.items()} for unit in start], None)
+            tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+            exact.run_chunk(xs.astype("float64"), labels, np.full(1, 0.01), np.zeros(1), 0, 0, np.zeros(1, bool),
+                            tf.zeros((0, *shape), tf.float64), empty_y, 1)
+            after["float64"] = exact.net.numpy_params()
+
+            def largest(difference) -> float:
+                return max(float(np.abs(difference(i, k)).max()) for i in range(len(start)) for k in start[i])
+
+            moved = largest(lambda i, k: after["float64"][i][k] - start[i][k])
+            apart = largest(lambda i, k: after["on"][i][k] - after["off"][i][k])
+            from_exact = {v: largest(lambda i, k: after[v][i][k] - after["float64"][i][k]) / moved for v in ("on", "off")}
+            for round_ in range(rounds):
+                for variant in (("on", "off") if round_ % 2 == 0 else ("off", "on")):
+                    times[variant].append(one(variant))
+            tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+            result = {v: {"first_call_s": first[v], "s_per_step": statistics.median(times[v])} for v in ("on", "off")}
+            result["off_over_on_step"] = result["off"]["s_per_step"] / result["on"]["s_per_step"]
+            result["first_call_saved_s"] = first["on"] - first["off"]
+            result["one_step_difference_over_update"] = apart / moved
+            result["one_step_from_float64_over_update"] = from_exact
+            out[f"{shape_name}/{schedule}"] = result
+            say(f"allconv9 {shape_name} {schedule}: Grappler on {result['on']['s_per_step'] * 1e3:.1f} ms/step "
+                f"(first call {first['on']:.2f} s), off {result['off']['s_per_step'] * 1e3:.1f} ms/step "
+                f"(first call {first['off']:.2f} s); off / on = {result['off_over_on_step']:.2f}x a step; after one "
+                f"step the weights differ by {apart / moved:.1e} of the step's largest update (from float64: on "
+                f"{from_exact['on']:.1e}, off {from_exact['off']:.1e}); {uptime()}")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="*", default=["step", "first", "conv"], choices=["step", "first", "conv"])
+    parser.add_argument("--parts", nargs="*", default=["step", "first", "conv"], choices=["step", "first", "conv", "grappler"])
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--conv-steps", type=int, default=3)
@@ -253,7 +335,7 @@ def main(argv=None) -> int:
     results["tensorflow"] = tf.__version__
     for part in args.parts:
         say(f"-- {part}")
-        results[part] = {"step": part_step, "first": part_first, "conv": part_conv}[part](tf, args)
+        results[part] = {"step": part_step, "first": part_first, "conv": part_conv, "grappler": part_grappler}[part](tf, args)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     results["load_after"], results["cpu_pressure_after"] = uptime(), cpu_pressure()

@@ -1,4 +1,9 @@
-"""Digest every embedded suite's distinct cases (as tests/test_suites_run picks them), 3 steps each, in one process."""
+"""Digest every embedded suite's distinct cases (as tests/test_suites_run picks them), 3 steps each, in one process.
+
+    python benchmarks/digest_suites.py TREE [SUITE ...] [KEY=VALUE ...]
+
+KEY=VALUE changes a setting of every case, as `bplab run --set` does (graph_optimizer=true: the
+numbers of a tree from before that setting)."""
 import sys, time, os, hashlib, json
 tree = sys.argv[1]
 sys.path.insert(0, tree)
@@ -12,7 +17,8 @@ from jobs import suites, plan
 from workers.data import load_dataset
 EMBEDDED = ("quick", "moons", "moons-quick", "dni-quick", "dcn-quick", "adversarial-quick", "adversarial-source-quick",
             "unfair-source-quick", "feedback-quick")
-only = sys.argv[2:] or EMBEDDED
+changes = [a for a in sys.argv[2:] if "=" in a]
+only = [a for a in sys.argv[2:] if "=" not in a] or EMBEDDED
 def digest(reps):
     h = hashlib.sha256()
     joined = {}
@@ -30,7 +36,7 @@ def digest(reps):
     return h.hexdigest()[:12]
 seen = set()
 for name in only:
-    suite = suites.load_suite(name, ["epochs=1", "steps_per_epoch=3"])
+    suite = suites.load_suite(name, ["epochs=1", "steps_per_epoch=3", *changes])
     for case in suite.cases:
         s = case.settings
         key = json.dumps({k: v for k, v in s.to_dict().items() if k not in ("seed",)}, sort_keys=True, default=str)

@@ -172,6 +172,65 @@ def test_a_resumed_case_keeps_the_choice_of_its_checkpoint(monkeypatch):
     assert state(checkpoints(rest)[-1]) == state(checkpoints(whole)[-1])
 
 
+def test_graph_optimizer_resolves_by_its_rule():
+    from workers.steps import graph_optimizer_plan as plan
+
+    case = settings()
+    assert plan(case, "graph", "cpu") == (False, "auto: the traced graph on a CPU")
+    assert plan(case, "xla", "cpu") == (True, "auto: XLA's steps")  # XLA's cases run as they always ran
+    assert plan(case, "graph", "gpu")[0] is True
+    assert plan(settings(graph_optimizer=True), "graph", "cpu") == (True, "asked")
+    assert plan(settings(graph_optimizer=False), "xla", "gpu") == (False, "asked")
+    assert plan(case, "graph", "cpu", resumed=True) == (True, "resumed as it ran")
+    # at its default the setting changes no case id; asked for, it does (it changes the numbers)
+    assert settings(graph_optimizer="auto").digest() == settings().digest() != settings(graph_optimizer=False).digest()
+    # YAML 1.1 reads on/off as booleans; a string or an integer is refused by name
+    assert settings_module.from_dict({**MOONS, "graph_optimizer": True}).graph_optimizer is True
+    for wrong in ("on", 1, None):
+        with pytest.raises(settings_module.SettingsError, match=r"graph_optimizer: unknown value .*expected one of auto, true, false"):
+            settings(graph_optimizer=wrong)
+
+
+SMALL_CONV = {"model": "allconv9", "width": 0.25, "init": "xavier", "optimizer": "adam", "lr": 0.001, "batch_size": 16,
+              "epochs": 2, "steps_per_epoch": 4, "data": {"name": "digits", "train_size": 64, "test_size": 32}}
+
+
+@pytest.mark.timeout(300)
+def test_grappler_is_off_on_a_cpus_graph_and_a_resume_keeps_its_checkpoints_choice():
+    """auto turns TensorFlow's graph optimiser off for a traced graph on a CPU: the option takes
+    effect (Grappler's rewrites change allconv9's numbers in their last bits: on and off differ),
+    the process's option is put back after the case, and a checkpoint made with Grappler on (or
+    before the setting existed: nothing in its meta) resumes with it on, continuing exactly."""
+    import tensorflow as tf
+
+    auto = settings_module.from_dict(SMALL_CONV)
+    whole_off = run(auto, checkpoint_every_steps=3)
+    assert whole_off[0].info["compile"] == "graph"
+    assert (whole_off[0].info["graph_optimizer"], whole_off[0].info["graph_optimizer_why"]) == (False, "auto: the traced graph on a CPU")
+    assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)  # put back
+    assert unpack_checkpoint(checkpoints(whole_off)[-1])[2]["graph_optimizer"] is False
+    assert rows_of(run(settings_module.from_dict({**SMALL_CONV, "graph_optimizer": False}))) == rows_of(whole_off)
+    on = settings_module.from_dict({**SMALL_CONV, "graph_optimizer": True})
+    whole_on = run(on, checkpoint_every_steps=3)
+    assert state(checkpoints(whole_on)[-1])[0] != state(checkpoints(whole_off)[-1])[0]  # the option took effect
+    # resumed under auto from a checkpoint made with Grappler on, as a checkpoint from before the setting
+    part = run(on, checkpoint_every_steps=3, stop_after_checkpoints=1)
+    params, optimizer, meta, rule_state = unpack_checkpoint(checkpoints(part)[-1])
+    assert meta.pop("graph_optimizer") is True
+    from workers.trainer import pack_checkpoint
+
+    from_before = pack_checkpoint(params, optimizer, meta["position"], auto, rule_state, compile_mode=meta["compile"])
+    rest = run(auto, resume=from_before, checkpoint_every_steps=3)
+    assert (rest[0].info["graph_optimizer"], rest[0].info["graph_optimizer_why"]) == (True, "resumed as it ran")
+    assert rows_of(part) + rows_of(rest) == rows_of(whole_on)
+    assert state(checkpoints(rest)[-1])[:2] == state(checkpoints(whole_on)[-1])[:2]  # weights and optimiser state
+    # and one made with it off resumes with it off
+    part = run(auto, checkpoint_every_steps=3, stop_after_checkpoints=1)
+    rest = run(auto, resume=checkpoints(part)[-1], checkpoint_every_steps=3)
+    assert rest[0].info["graph_optimizer"] is False
+    assert state(checkpoints(rest)[-1]) == state(checkpoints(whole_off)[-1])
+
+
 DCN = {"model": "dcn", "width": 0.1, "batch_size": 10, "epochs": 1, "steps_per_epoch": 3,
        "data": {"name": "digits", "train_size": 40, "test_size": 20, "resize": 16}}
 

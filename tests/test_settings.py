@@ -29,7 +29,7 @@ DEFAULT_DICT = json.loads(
     '"lr_decay": 0.1, "lr_decay_epochs": 10, "beta1": 0.9, "beta2": 0.9, "epsilon": 1e-08, "weight_decay": 0.0, '
     '"batch_size": 10, "epochs": 10, "seed": 678, "adversarial_epsilon": 0.1, "dilation_rate": 0.5, '
     '"dilation_decay": 0.05, "synthetic_lr": 0.0001, "recurrent_lr": 1e-06, "steps_per_epoch": null, '
-    '"layer_stats_every": 0, "eval_every": 1, "quirks": [], "feedback_init": "xavier", "sign_feedback": "usf", "alignment_every": 0, "compile": "auto"}')
+    '"layer_stats_every": 0, "eval_every": 1, "quirks": [], "feedback_init": "xavier", "sign_feedback": "usf", "alignment_every": 0, "compile": "auto", "graph_optimizer": "auto"}')
 
 
 @pytest.mark.timeout(30)

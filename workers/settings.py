@@ -72,6 +72,12 @@ def _float(**constraints):
 NonNegative = _float(ge=0)
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
+
+
+def _no_number_as_bool(value):
+    """A Literal of True and False takes 1 and 0 (or 1.0) for them (1 == True); a setting spelled
+    true/false takes only booleans, so a number is refused as itself."""
+    return repr(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 Seed = Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)]
 Positive = Annotated[int, Strict(), Field(ge=1)]
 PositiveOrNone = Optional[Positive]
@@ -259,6 +265,12 @@ class CaseFields(_Settings):
     auto (XLA on a CPU for a model without convolutions that trains 10,000 steps or more, else
     the graph; a case measuring alignment too: its measured steps are compiled like the others);
     the ledger records the choice (info.trainer.compile) and a resumed case keeps it."""
+    graph_optimizer: Annotated[Literal["auto", True, False], BeforeValidator(_no_number_as_bool)] = "auto"
+    """TensorFlow's graph optimiser (Grappler) on the steps' graphs: true, false, or auto (false
+    where the steps run the traced graph on a CPU; true for XLA's steps and on a GPU). On a CPU
+    it made no step faster and cost a new structure 0.6-4.5 s; its rewrites change the last bits
+    of the numbers, so the ledger records the choice (info.trainer.graph_optimizer) and a
+    resumed case keeps it."""
 
 
 def _rule(field: str, message: str) -> PydanticCustomError:
@@ -388,7 +400,8 @@ def _message(error: dict) -> str:
         return f"{where}: unknown setting" + (f" (did you mean {close[0]!r}?)" if close else "")
     if kind == "literal_error":
         field = names[-1] if names else ""
-        expected = ", ".join(str(v).strip("'") for v in ctx.get("expected", "").replace(" or ", ", ").split(", "))
+        expected = ", ".join({"True": "true", "False": "false"}.get(v, v.strip("'"))
+                             for v in ctx.get("expected", "").replace(" or ", ", ").split(", "))
         return f"{where}: unknown {_KINDS.get(field, 'value')} {value!r}; expected one of {expected}"
     message = _MESSAGES.get(kind)
     bounds = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}

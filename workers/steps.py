@@ -47,13 +47,14 @@ def structure_settings(settings, compile_mode: str) -> dict:
 
 
 def structure_key(settings, input_shape, num_classes: int, step_shape: tuple, test_shape: tuple, in_loop_eval: bool,
-                  dtype: str, compile_mode: str = "graph") -> str:
+                  dtype: str, compile_mode: str = "graph", graph_optimizer: bool = True) -> str:
     """What decides the traced train and test steps of a case: two cases with the same key
     run the same graphs, with their own weights, optimiser state, learning rates and seeds
     (and, where value_fields says so, activations)."""
     return json.dumps({"settings": structure_settings(settings, compile_mode), "input": list(input_shape),
                        "classes": int(num_classes), "step": list(step_shape), "test": list(test_shape),
                        "in_loop_eval": in_loop_eval, "dtype": dtype, "compile": compile_mode,
+                       "graph_optimizer": graph_optimizer,
                        "values": list(value_fields(settings, compile_mode))}, sort_keys=True, default=list)
 
 
@@ -89,6 +90,32 @@ def compile_plan(settings, model, device: str, total_steps: int, resumed: str | 
     if total_steps < XLA_MIN_STEPS:
         return "graph", f"auto: {total_steps} steps, fewer than {XLA_MIN_STEPS} (a compile would cost more)"
     return "xla", f"auto: model without convolutions on a CPU, {total_steps} steps"
+
+
+def graph_optimizer_plan(settings, compile_mode: str, device: str, resumed: bool | None = None) -> tuple[bool, str]:
+    """(on, why): whether TensorFlow's graph optimiser (Grappler) rewrites a case's graphs before
+    they run. `graph_optimizer: true` or `false` is taken as asked. `auto` follows one rule, the
+    same every time for a given case and kind of device: off where the steps run the traced
+    graph on a CPU, on otherwise. On a CPU, Grappler made no step of bplab's graphs faster
+    (allconv9 at the digits and at CIFAR shape, every schedule) but spent 0.6-4.5 s rewriting
+    each new structure (benchmarks/README.md, "Grappler on the traced graph"); XLA's steps keep
+    it on as they always ran, and on a GPU its layout changes and fusions are not measured here.
+    Its rewrites reorder floating-point arithmetic, so on and off train numbers that differ in
+    their last bits: a resumed case runs as its checkpoint says (`resumed`; a checkpoint from
+    before this choice existed ran with Grappler on), so its numbers continue bit-identically.
+    `compile_mode` is how the steps run: a case XLA rejects under `auto` runs the graph, and
+    Grappler is off for it as for any graph on a CPU (the fallback comes before any step runs).
+    TensorFlow reads the option at each call of a traced function: trainer.train sets it for
+    the case's calls and puts it back after."""
+    if settings.graph_optimizer != "auto":
+        return settings.graph_optimizer, "asked"
+    if resumed is not None:
+        return bool(resumed), "resumed as it ran"
+    if compile_mode == "xla":
+        return True, "auto: XLA's steps"
+    if device != "cpu":
+        return True, f"auto: {device} (not measured there)"
+    return False, "auto: the traced graph on a CPU"
 
 
 # How bplab's XLA compiles (part of what `compile: xla` means; a flag the user's XLA_FLAGS names

@@ -28,7 +28,7 @@ import numpy as np
 from workers.columns import Rows
 from workers.models import mlp_activation
 from workers.steps import (Rejected, StepCache, Steps, _device_kind, _first_line, chunk_rows, compile_plan,
-                           structure_key, value_fields, xla_flags)
+                           graph_optimizer_plan, structure_key, value_fields, xla_flags)
 
 HISTOGRAM_BINS = 30
 
@@ -146,16 +146,19 @@ def orders_of(seed: int, epochs: list, num_train: int) -> np.ndarray:
 
 
 def pack_checkpoint(params: list[dict], optimizer_state: dict, position: dict, settings,
-                    rule_state: list[dict] | None = None, *, compile_mode: str | None = None) -> bytes:
+                    rule_state: list[dict] | None = None, *, compile_mode: str | None = None,
+                    graph_optimizer: bool | None = None) -> bytes:
     """One .npz: param/UNIT/NAME, opt/KEY, feedback/UNIT/NAME (a learning rule's state) and meta;
-    `compile_mode` (graph or xla) is how the case's steps ran, so that a resumed case runs them
-    the same way."""
+    `compile_mode` (graph or xla) and `graph_optimizer` (Grappler on or off) are how the case's steps ran,
+    so that a resumed case runs them the same way."""
     arrays = {f"param/{i}/{name}": value for i, unit in enumerate(params) for name, value in unit.items()}
     arrays.update({f"opt/{key}": value for key, value in optimizer_state.items()})
     arrays.update({f"feedback/{i}/{name}": value for i, unit in enumerate(rule_state or ()) for name, value in unit.items()})
     meta = {"position": position, "settings": settings.to_dict()}
     if compile_mode is not None:
         meta["compile"] = compile_mode
+    if graph_optimizer is not None:
+        meta["graph_optimizer"] = graph_optimizer
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=list).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -255,9 +258,22 @@ MAX_CHUNK = 2000
 
 
 
-def train(settings, data, report, resume: bytes | None = None, *, checkpoint_every_steps: int = 0,
-          commit_every: float = 30.0, report_every_seconds: float = 2.0, dtype: str = "float32",
-          cache: StepCache | None = None, commit_requested=None, max_chunk: int = MAX_CHUNK) -> dict:
+def train(*args, **kwargs) -> dict:
+    """Train one case: see _train. TensorFlow's graph-optimiser option, which _train sets for the
+    case's calls (steps.graph_optimizer_plan), is put back as it was, so the process's other
+    traced functions run as they did before."""
+    import tensorflow as tf
+
+    before = bool(tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False))
+    try:
+        return _train(*args, **kwargs)
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
+
+
+def _train(settings, data, report, resume: bytes | None = None, *, checkpoint_every_steps: int = 0,
+           commit_every: float = 30.0, report_every_seconds: float = 2.0, dtype: str = "float32",
+           cache: StepCache | None = None, commit_requested=None, max_chunk: int = MAX_CHUNK) -> dict:
     """Train one case on `data` (a workers.data.Dataset), reporting progress to `report`.
 
     Returns {"status": "done"|"diverged", "epoch", "step", "test_accuracy", ...}.
@@ -303,6 +319,18 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     cache = cache if cache is not None else StepCache()
     compile_mode, compile_why = compile_plan(settings, model, _device_kind(tf), total_steps,
                                              None if meta is None else meta.get("compile", "graph"))
+    graph_optimizer, graph_optimizer_why = True, ""
+
+    def plan_graph_optimizer(mode: str) -> None:
+        """Whether Grappler rewrites the graphs of steps that run as `mode`, set for this case's
+        calls (TensorFlow reads the option at each call); again on a fallback to the graph,
+        which happens before any step runs."""
+        nonlocal graph_optimizer, graph_optimizer_why
+        graph_optimizer, graph_optimizer_why = graph_optimizer_plan(
+            settings, mode, _device_kind(tf), None if meta is None else meta.get("graph_optimizer", True))
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not graph_optimizer})
+
+    plan_graph_optimizer(compile_mode)
     shape_key = (settings, x_train.shape[1:], data.num_classes, step_shape, x_test.shape, in_loop_eval, dtype)
 
     flags = xla_flags() if compile_mode == "xla" else None
@@ -312,7 +340,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             return Steps(settings, model, data.num_classes, step_shape, x_test.shape, in_loop_eval, tf_dtype, mode,
                          value_fields(settings, mode))
 
-        return cache.get(structure_key(*shape_key, compile_mode=mode), build)
+        return cache.get(structure_key(*shape_key, compile_mode=mode, graph_optimizer=graph_optimizer), build)
 
     def fall_back(error, failed: "Steps") -> tuple["Steps", str]:
         """XLA could not compile this structure: (the graph, why) under auto (said in the case's
@@ -327,7 +355,8 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
             raise SettingsError(f"compile: xla ({compile_why}): {reason}") from None
         print(f"bplab: compile auto: {reason}; this case runs the traced graph", file=sys.stderr, flush=True)
         why = f"auto: {reason}"
-        cache.entries[structure_key(*shape_key, compile_mode="xla")] = Rejected(why)
+        cache.entries[structure_key(*shape_key, compile_mode="xla", graph_optimizer=graph_optimizer)] = Rejected(why)
+        plan_graph_optimizer("graph")
         graph = steps_for("graph")
         graph.load(failed.net.numpy_params(), failed.optimizer.state(), failed.net.numpy_rule_state(),
                    mlp_activation(settings))
@@ -337,6 +366,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
     steps = steps_for(compile_mode)
     if isinstance(steps, Rejected):  # XLA rejected this structure earlier in this worker (see fall_back)
         compile_mode, compile_why = "graph", steps.why
+        plan_graph_optimizer("graph")
         steps = steps_for("graph")
     steps_kept = cache.misses == built  # this worker had traced (and compiled) the structure before
     steps.load(params, optimizer_state, rule_state, mlp_activation(settings))
@@ -398,6 +428,7 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
 
     info = {"units": unit_names, "batch": batch, "steps_per_epoch": steps_per_epoch, "model": model.describe(),
             "tensorflow": tf.__version__, "compile": compile_mode, "compile_why": compile_why, "steps_kept": steps_kept,
+            "graph_optimizer": graph_optimizer, "graph_optimizer_why": graph_optimizer_why,
             **({"step_values": ["activation"]} if steps.choice is not None else {}),  # settings the step takes as values
             **({"xla_flags": flags} if compile_mode == "xla" else {})}
     if measure_every and compile_mode == "xla":  # how its measured steps run (see Steps.run_chunk)
@@ -458,7 +489,8 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 net, optimizer, traced = steps.net, steps.optimizer, steps.traced
                 compile_mode = steps.compile_mode
                 info = {**{k: v for k, v in info.items() if not k.startswith(("xla_flags", "alignment_compile", "step_values"))},
-                        "compile": compile_mode, "compile_why": compile_why}
+                        "compile": compile_mode, "compile_why": compile_why,
+                        "graph_optimizer": graph_optimizer, "graph_optimizer_why": graph_optimizer_why}
                 pending.info = info
         if measure_every and steps.compile_mode == "xla" and "alignment_compile_why" not in info and steps.measured_fallback:
             print(f"bplab: compile: {steps.measured_fallback}; this case's measured steps run the traced graph",
@@ -514,7 +546,8 @@ def train(settings, data, report, resume: bytes | None = None, *, checkpoint_eve
                 or (checkpoint_every_steps and global_step % checkpoint_every_steps == 0)):
             where = {"epoch": epoch_done, "step_in_epoch": in_epoch, "global_step": global_step}
             pending.checkpoint = pack_checkpoint(net.numpy_params(), optimizer.state(), where, settings,
-                                                 net.numpy_rule_state(), compile_mode=compile_mode)
+                                                 net.numpy_rule_state(), compile_mode=compile_mode,
+                                                 graph_optimizer=graph_optimizer)
             last_commit = now
         if finished:
             pending.histograms.extend(weight_histograms(model, net.numpy_params(), "after", net.numpy_rule_state()))
