@@ -427,9 +427,11 @@ def command(runs: list[str], serve: bool = True, port: int | None = None) -> int
         added = sum(r.added for r in results)
         print(f"[bplab] {folder}: {len(results)} case(s), {added} new point(s) and histogram(s)", file=sys.stderr)
     if not serve or not available():
-        if not available():
+        if serve:  # asked to serve, and cannot
             print(f"[bplab] TensorBoard is not installed, so only the event files were written: {INSTALL_HINT}",
                   file=sys.stderr)
+        elif not available():
+            print(f"[bplab] (TensorBoard is not installed here: {INSTALL_HINT})", file=sys.stderr)
         print("[bplab] view with: tensorboard " + " ".join(logdir_args(folders)), file=sys.stderr)
         return 0
     port = port if port is not None else free_port()

@@ -118,6 +118,8 @@ class Study:
         # 1. what to run, checked without Ray: the run to resume, the suite, its data, the plan
         old = RunDir.open(o.resume) if o.resume else None
         study = load_study(o.suite, only=o.only, overrides=o.overrides, run=old)
+        if old is not None:
+            check_same_suite(old, study.name)
         datasets = plan_module.load_data(study.cases)
         # impossible requests fail now; the GPU default is set once the cluster is known
         planned = plan_module.make_plan(study, datasets, cpus_per_case=o.cpus_per_case,
@@ -125,7 +127,9 @@ class Study:
         if old is not None:  # the run's cases keep the ids they were made with
             plan_module.adopt_stored_ids(planned, old.cases().to_dict("records"))
         # 2. where it goes
-        location = old.location if old else str(o.out or runs_root() / f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        started = time.time()  # the default folder's name and the manifest's created_at: one instant
+        stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(started))
+        location = old.location if old else str(o.out or runs_root() / f"{study.name}-{stamp}")
         if old is None:
             check_out(location)
             RunDir(location).check_new()
@@ -144,15 +148,14 @@ class Study:
                 # a new run's first workers start now: their TensorFlow import overlaps what follows
                 early = start_workers(planned, max(1, full)) if old is None and not o.fresh_worker_per_case else []
                 # 4. the run directory: created, or the resumed one with the suite's new cases added
-                run = old or RunDir.create(location, self.manifest(study, datasets), [p.row() for p in planned])
+                run = old or RunDir.create(location, self.manifest(study, datasets, started), [p.row() for p in planned])
                 if old is not None:
                     stored = old.cases().to_dict("records")
                     known = {row["case_id"] for row in stored}
                     added = old.add_cases([p.row() for p in planned if p.case_id not in known])
                     if added:
                         added_ids = set(added)
-                        self.say(added_note(old.location, [p for p in planned if p.case_id in added_ids], stored,
-                                            study.name, old.manifest().get("suite")))
+                        self.say(added_note(old.location, [p for p in planned if p.case_id in added_ids], stored))
                 ledger = run.ledger()
                 todo = [p for p in planned if ledger[p.case_id].state not in FINISHED]
                 self.say(f"run {run.location}{_on_host(run.location, view)}: {len(planned)} cases, {len(todo)} to run, "
@@ -185,10 +188,10 @@ class Study:
                         progress_every=o.progress_every, out=self.stream, lease=lease.renew, workers=list(workers))
         return driver.execute()
 
-    def manifest(self, study, datasets: dict) -> dict:
+    def manifest(self, study, datasets: dict, created_at: float | None = None) -> dict:
         fingerprints = {spec.name: data.fingerprint for spec, data in datasets.items()}
         return {**manifest(study, fingerprints, address=self.options.address, overrides=self.options.overrides,
-                           command=self.command),
+                           command=self.command, created_at=created_at),
                 "data_sets": [d.summary() for d in datasets.values()]}
 
 
@@ -446,16 +449,24 @@ def _stop_children(pids: set[int]) -> None:
             pass
 
 
-def added_note(location: str, added, stored: list[dict], suite: str, run_suite: str | None) -> str:
+def check_same_suite(run, suite: str) -> None:
+    """UserError (one line, before Ray) if `bplab run SUITE --resume RUN` names a suite other than
+    the run's: its cases would join the run's under the run's suite name, description and
+    report (a schedule's row averaging two studies' models). Cases are added with the run's own
+    suite (an edited file keeps its `name:`); two studies are compared with `bplab report`."""
+    run_suite = run.manifest().get("suite")
+    if run_suite and suite != run_suite:
+        raise UserError(f"{run.location} is a run of suite {run_suite}, not {suite}: a run holds one suite (add cases "
+                        f"with a suite file named {run_suite}; compare two runs with `bplab report RUN OTHER_RUN`)")
+
+
+def added_note(location: str, added, stored: list[dict]) -> str:
     """The line `bplab run SUITE --resume RUN` says when SUITE brings cases the run lacks: how
-    many and which, the suite they come from when it is not the run's (a mistyped suite joins
-    the run), and the names the run already holds under other settings (both cases stay, under
-    different ids; `bplab run SUITE --set ...` on a finished run makes such a pair)."""
+    many and which, and the names the run already holds under other settings (both cases stay,
+    under different ids; `bplab run SUITE --set ...` on a finished run makes such a pair)."""
     names = [p.name for p in added]
     shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
     note = f"{len(added)} new case(s) added to {location}: {shown}"
-    if run_suite and suite != run_suite:
-        note += f" (from suite {suite}; the run's suite is {run_suite})"
     same = sorted({str(row["name"]) for row in stored} & set(names))
     if same:
         note += (f"; the run already holds {', '.join(same[:6])}{', ...' if len(same) > 6 else ''} with other "
@@ -500,7 +511,8 @@ def source_digest(root: Path = ROOT) -> dict:
     return {"source_sha256": digest.hexdigest(), "source_files": len(files)}
 
 
-def manifest(suite, fingerprints: dict, *, address=None, overrides=(), command=None) -> dict:
+def manifest(suite, fingerprints: dict, *, address=None, overrides=(), command=None,
+             created_at: float | None = None) -> dict:
     """The run's manifest: suite, versions, code version, data fingerprints, cluster.yaml hash."""
     import numpy
     import ray
@@ -523,6 +535,6 @@ def manifest(suite, fingerprints: dict, *, address=None, overrides=(), command=N
         "cluster_yaml_sha256": hashlib.sha256(cluster_yaml.read_bytes()).hexdigest() if cluster_yaml.is_file() else None,
         "command": list(command) if command is not None else list(sys.argv),
         "address": address,
-        "created_at": time.time(),
+        "created_at": time.time() if created_at is None else created_at,
         "host": platform.node(),
     }

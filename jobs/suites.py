@@ -473,7 +473,10 @@ def check_document(document, where_file: str) -> None:
     try:
         settings_module.SuiteFile.model_validate(document)
     except ValidationError as error:
-        raise SuiteError(f"{where_file}: {_document_error(error.errors(include_url=False)[0])}") from None
+        errors = error.errors(include_url=False)
+        # an unknown top-level key first: `case:` typed for `cases:` is that, not a missing 'cases'
+        typo = [e for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+        raise SuiteError(f"{where_file}: {_document_error((typo or errors)[0])}") from None
 
 
 def _document_error(error: dict) -> str:
@@ -503,7 +506,9 @@ def _document_error(error: dict) -> str:
     if top == "grid":
         return _grid_error(loc, error)
     if kind == "extra_forbidden":
-        return f"unknown top-level key {_short(repr(top), 80)}; expected {', '.join(sorted(SUITE_KEYS))}"
+        close = difflib.get_close_matches(str(top), sorted(SUITE_KEYS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown top-level key {_short(repr(top), 80)}{hint}; expected {', '.join(sorted(SUITE_KEYS))}"
     if top == "name" and kind == "string_pattern_mismatch":
         return f"name {_short(repr(given), 80)}: a suite name may hold {NAME_CHARS}"
     return f"{top}: {error['msg'][0].lower()}{error['msg'][1:]}, got {_short(repr(given), 80)}"

@@ -204,7 +204,7 @@ BAD_INPUTS = {
     "run without a suite": (lambda tmp: ["run"], ["SUITE"]),
     "--resume empty folder": (lambda tmp: (tmp / "empty").mkdir() or ["run", "--resume", "empty"], ["empty", "not a bplab run"]),
     "--resume folder that is not a run": (lambda tmp: ["run", "--resume", _folder_not_run(tmp)], ["notes", "not a bplab run"]),
-    "--resume missing folder": (lambda tmp: ["run", "quick", "--resume", "nowhere"], ["nowhere"]),
+    "--resume missing folder": (lambda tmp: ["run", "quick", "--resume", "nowhere"], ["nowhere", "no such folder"]),
     "plan: more GPUs than cluster.yaml has": (lambda tmp: ["plan", write_suite(tmp), "--gpus-per-case", "64"],
                                              ["64 GPU", "cluster.yaml"]),
     "status of a non-run folder": (lambda tmp: ["status", _folder_not_run(tmp)], ["notes", "not a bplab run"]),
@@ -397,6 +397,8 @@ EXISTING_RUN_INPUTS = {
         lambda run, tmp: ["run", write_suite(tmp, cases={"a": {"schedule": "sideways"}}), "--resume", run], ["sideways"]),
     "--resume with a malformed suite": (
         lambda run, tmp: ["run", write_suite(tmp, text="cases: [\n"), "--resume", run], ["malformed YAML"]),
+    "--resume with another suite": (lambda run, tmp: ["run", "moons-quick", "--resume", run],
+                                    ["old-run is a run of suite quick, not moons-quick"]),
     "--resume with --set but no suite": (lambda run, tmp: ["run", "--resume", run, "--set", "epochs=2"], ["--set"]),
     "--resume with --out": (lambda run, tmp: ["run", "--resume", run, "--out", tmp / "elsewhere"], ["--out", "--resume"]),
     "--resume --only unknown case": (lambda run, tmp: ["run", "--resume", run, "--only", "nosuchcase"], ["nosuchcase"]),

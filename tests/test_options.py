@@ -143,22 +143,22 @@ def test_ray_and_the_autoscaler_request_are_given_back_when_the_body_fails(monke
 
 
 @pytest.mark.timeout(30)
-def test_cases_added_on_resume_are_named_with_their_suite_and_namesakes():
-    """`bplab run SUITE --resume RUN` says which cases it adds; a suite other than the run's and
-    a name the run already holds under other settings are pointed out."""
+def test_cases_added_on_resume_are_named_with_their_namesakes():
+    """`bplab run SUITE --resume RUN` says which cases it adds; a name the run already holds
+    under other settings is pointed out (a suite other than the run's is refused:
+    tests/test_bad_input.py)."""
     from jobs.study import added_note
 
     planned = [types.SimpleNamespace(name=name) for name in ("tanh-h3", "relu-h50", "deep")]
     stored = [{"name": name} for name in "abcdef"]
-    assert added_note("runs/q", planned, stored, "moons-quick", "quick") == \
-        "3 new case(s) added to runs/q: tanh-h3, relu-h50, deep (from suite moons-quick; the run's suite is quick)"
+    assert added_note("runs/q", planned, stored) == "3 new case(s) added to runs/q: tanh-h3, relu-h50, deep"
     again = [types.SimpleNamespace(name="slow-s1")]
-    assert added_note("runs/l", again, [{"name": "slow-s1"}, {"name": "mid-s1"}], "lr-sweep", "lr-sweep") == \
+    assert added_note("runs/l", again, [{"name": "slow-s1"}, {"name": "mid-s1"}]) == \
         ("1 new case(s) added to runs/l: slow-s1; the run already holds slow-s1 with other settings: "
          "both are kept, under different ids (tables and the report name the later one after what sets it "
          "apart, e.g. NAME [epochs=1], and never average the two)")
     many = [types.SimpleNamespace(name=f"c{i}") for i in range(9)]
-    assert added_note("runs/m", many, [], "s", "s") == "9 new case(s) added to runs/m: c0, c1, c2, c3, c4, c5, ... (3 more)"
+    assert added_note("runs/m", many, []) == "9 new case(s) added to runs/m: c0, c1, c2, c3, c4, c5, ... (3 more)"
 
 
 TIMED_OUT = ("The current node timed out during startup. This could happen because some of the raylet failed to "

@@ -132,8 +132,9 @@ def test_a_refusal_is_one_line_naming_the_file_the_case_and_the_field(tmp_path):
         "case aaaaaaaaaa": {**BASE, "cases": {"a" * 101: {}}},
         "(101 characters): a case name may be at most 100 characters, not 101": {**BASE, "cases": {"a" * 101: {}}},
         "case a.data.classes: repeated label": {**BASE, "cases": {"a": {"data": {"classes": [1, 1]}}}},
-        "unknown top-level key 'default'; expected cases, defaults, description, grid, name, reference":
+        "unknown top-level key 'default' (did you mean 'defaults'?); expected cases, defaults, description, grid, name, reference":
             {**BASE, "default": {}},
+        "unknown top-level key 'case' (did you mean 'cases'?)": {k: v for k, v in {**BASE, "case": BASE["cases"]}.items() if k != "cases"},
         "'cases' must be a non-empty mapping of case name -> settings": {**BASE, "cases": {}},
         "case a.schedule: synthetic gradients need model dni_rnn": {**BASE, "cases": {"a": {"schedule": "synthetic"}}},
     }

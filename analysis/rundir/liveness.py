@@ -130,7 +130,14 @@ def not_a_run_message(run) -> str:
     plain = f"{location} is not a bplab run directory (no {MANIFEST})"
     state, holder = run.lease_state()
     if state == "gone":
-        return plain
+        import pyarrow as pa
+        import pyarrow.fs as pafs
+
+        try:
+            missing = run.filesystem.get_file_info(run.root).type == pafs.FileType.NotFound
+        except (OSError, pa.ArrowException):
+            missing = False
+        return f"{location}: no such folder (not a bplab run directory)" if missing else plain
     who = f"pid {holder.get('pid')} on {holder.get('host', '?')}" if holder.get("pid") is not None else "a driver"
     if state == "live":
         return f"{location} is being created by {who} (no {MANIFEST} yet); wait for it to start the run"
