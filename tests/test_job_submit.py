@@ -30,6 +30,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -158,4 +159,6 @@ def test_ray_submit_runs_the_synced_project_copy(head):
     _check_run(runs[0], {"a"})
     manifest = RunDir.open(str(runs[0])).manifest()
     assert manifest["address"] == "auto"
+    # the default folder's name and created_at are one instant (they were seconds apart: Ray's start)
+    assert runs[0].name == "quick-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(manifest["created_at"]))
     assert manifest["source_sha256"] == source_digest(ROOT)["source_sha256"]
