@@ -457,7 +457,7 @@ def check_same_suite(run, suite: str) -> None:
     run_suite = run.manifest().get("suite")
     if run_suite and suite != run_suite:
         raise UserError(f"{run.location} is a run of suite {run_suite}, not {suite}: a run holds one suite (add cases "
-                        f"with a suite file named {run_suite}; compare two runs with `bplab report RUN OTHER_RUN`)")
+                        f"with a suite file whose name: is {run_suite}; compare two runs with `bplab report RUN OTHER_RUN`)")
 
 
 def added_note(location: str, added, stored: list[dict]) -> str:

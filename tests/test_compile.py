@@ -208,6 +208,12 @@ def test_grappler_is_off_on_a_cpus_graph_and_a_resume_keeps_its_checkpoints_choi
     assert whole_off[0].info["compile"] == "graph"
     assert (whole_off[0].info["graph_optimizer"], whole_off[0].info["graph_optimizer_why"]) == (False, "auto: the traced graph on a CPU")
     assert not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)  # put back
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})  # a process that had it off
+    try:
+        run(settings_module.from_dict({**SMALL_CONV, "graph_optimizer": True, "epochs": 1}))
+        assert tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer") is True
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
     assert unpack_checkpoint(checkpoints(whole_off)[-1])[2]["graph_optimizer"] is False
     assert rows_of(run(settings_module.from_dict({**SMALL_CONV, "graph_optimizer": False}))) == rows_of(whole_off)
     on = settings_module.from_dict({**SMALL_CONV, "graph_optimizer": True})
@@ -254,8 +260,22 @@ def test_a_structure_xla_rejects_is_an_error_when_asked_and_an_explicit_fallback
     assert fallen[0].info["compile_why"].startswith("auto: XLA rejected the step:")
     assert "this case runs the traced graph" in capfd.readouterr().err
     assert rows_of(fallen) == rows_of(graph)  # the same numbers as the graph path
+    # the graph it falls back to runs as any graph on a CPU: Grappler off, in the info and the checkpoint
+    assert fallen[0].info["graph_optimizer"] is False
+    assert unpack_checkpoint(checkpoints(fallen)[-1])[2]["graph_optimizer"] is False
     again = run(settings(**DCN, seed=4), cache=cache)  # the worker remembers: no second attempt
     assert again[0].info["compile"] == "graph" and cache.hits == 2  # the rejection, then the graph
+    assert again[0].info["graph_optimizer"] is False
+    # a case resumed from a checkpoint that ran XLA (made where XLA compiled it) is not moved to
+    # the graph by the worker's memory of a rejection: an error, as when XLA rejects it anew
+    params, optimizer, meta, rule_state = unpack_checkpoint(checkpoints(graph)[-1])
+    from workers.trainer import pack_checkpoint
+
+    monkeypatch.setattr(trainer, "compile_plan", steps_module.compile_plan)
+    ran_xla = pack_checkpoint(params, optimizer, {"epoch": 0, "step_in_epoch": 1, "global_step": 1}, settings(**DCN),
+                              rule_state, compile_mode="xla", graph_optimizer=True)
+    with pytest.raises(settings_module.SettingsError, match=r"compile: xla \(resumed as it ran\): XLA rejected the step"):
+        run(settings(**DCN), resume=ran_xla, cache=cache)
 
 
 @pytest.mark.slow

@@ -365,6 +365,11 @@ def _train(settings, data, report, resume: bytes | None = None, *, checkpoint_ev
     built = cache.misses
     steps = steps_for(compile_mode)
     if isinstance(steps, Rejected):  # XLA rejected this structure earlier in this worker (see fall_back)
+        if compile_why != "auto" and not compile_why.startswith("auto:"):  # resumed from an XLA run: as fall_back
+            from workers.settings import SettingsError
+
+            raise SettingsError(f"compile: xla ({compile_why}): {steps.why.removeprefix('auto: ')} "
+                                "(earlier in this worker)")
         compile_mode, compile_why = "graph", steps.why
         plan_graph_optimizer("graph")
         steps = steps_for("graph")
