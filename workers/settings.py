@@ -72,15 +72,15 @@ def _float(**constraints):
 NonNegative = _float(ge=0)
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)]
+Positive = Annotated[int, Strict(), Field(ge=1)]
+PositiveOrNone = Optional[Positive]
 
 
 def _no_number_as_bool(value):
     """A Literal of True and False takes 1 and 0 (or 1.0) for them (1 == True); a setting spelled
     true/false takes only booleans, so a number is refused as itself."""
     return repr(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-Seed = Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)]
-Positive = Annotated[int, Strict(), Field(ge=1)]
-PositiveOrNone = Optional[Positive]
 
 
 # Names a field accepts, from the registry ("default": the model's own).

@@ -342,6 +342,14 @@ def _train(settings, data, report, resume: bytes | None = None, *, checkpoint_ev
 
         return cache.get(structure_key(*shape_key, compile_mode=mode, graph_optimizer=graph_optimizer), build)
 
+    def refuse_graph_if_xla_was_asked(reason: str) -> None:
+        """A case that asked for XLA, or resumes one that ran XLA, never moves to the graph (its
+        numbers would not continue): a one-line error naming why XLA cannot run it."""
+        if compile_why != "auto" and not compile_why.startswith("auto:"):
+            from workers.settings import SettingsError
+
+            raise SettingsError(f"compile: xla ({compile_why}): {reason}") from None
+
     def fall_back(error, failed: "Steps") -> tuple["Steps", str]:
         """XLA could not compile this structure: (the graph, why) under auto (said in the case's
         info and log, and kept for this structure in this worker: its next case of the structure
@@ -349,10 +357,7 @@ def _train(settings, data, report, resume: bytes | None = None, *, checkpoint_ev
         `failed`'s variables. It is the graph a resumed case builds (compile: graph in the
         checkpoint, its activation part of its structure), so a resume continues it bit for bit."""
         reason = f"XLA rejected the step: {_first_line(error)}"
-        if compile_why != "auto" and not compile_why.startswith("auto:"):  # asked, or resumed from an XLA run
-            from workers.settings import SettingsError
-
-            raise SettingsError(f"compile: xla ({compile_why}): {reason}") from None
+        refuse_graph_if_xla_was_asked(reason)
         print(f"bplab: compile auto: {reason}; this case runs the traced graph", file=sys.stderr, flush=True)
         why = f"auto: {reason}"
         cache.entries[structure_key(*shape_key, compile_mode="xla", graph_optimizer=graph_optimizer)] = Rejected(why)
@@ -365,11 +370,7 @@ def _train(settings, data, report, resume: bytes | None = None, *, checkpoint_ev
     built = cache.misses
     steps = steps_for(compile_mode)
     if isinstance(steps, Rejected):  # XLA rejected this structure earlier in this worker (see fall_back)
-        if compile_why != "auto" and not compile_why.startswith("auto:"):  # resumed from an XLA run: as fall_back
-            from workers.settings import SettingsError
-
-            raise SettingsError(f"compile: xla ({compile_why}): {steps.why.removeprefix('auto: ')} "
-                                "(earlier in this worker)")
+        refuse_graph_if_xla_was_asked(f"{steps.why.removeprefix('auto: ')} (earlier in this worker)")
         compile_mode, compile_why = "graph", steps.why
         plan_graph_optimizer("graph")
         steps = steps_for("graph")
