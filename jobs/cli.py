@@ -115,7 +115,9 @@ def exit_now(code: int) -> None:
     try:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
-            ray.shutdown()
+            from jobs.study import shutdown
+
+            shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
@@ -166,16 +168,14 @@ def cmd_plan(args) -> int:
     suite = suites.select(suites.load_suite(args.suite, args.overrides), args.only)
     plan_module.check_request(args.cpus_per_case, args.gpus_per_case)
     if args.address:  # data, node types and fit as the cluster sees them, from its head
-        from jobs.study import connect, project_runtime_env
-
-        import ray
+        from jobs.study import connect, project_runtime_env, shutdown
 
         connect(args.address, runtime_env=project_runtime_env())
         try:
             view = plan_module.ray_view(args.address)
             datasets = plan_module.load_data_on_head(suite.cases)
         finally:
-            ray.shutdown()
+            shutdown()
     else:
         view = plan_module.cluster_yaml_view()
         datasets = plan_module.load_data(suite.cases)
@@ -190,10 +190,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    import ray
-
     from jobs.cluster import fetch_run
-    from jobs.study import connect, project_runtime_env
+    from jobs.study import connect, project_runtime_env, shutdown
 
     connect(args.address, runtime_env=project_runtime_env())
     try:
@@ -201,7 +199,7 @@ def cmd_fetch(args) -> int:
     except (FileNotFoundError, FileExistsError) as error:
         raise UserError(f"fetch: {_one_line(error)}") from None
     finally:
-        ray.shutdown()
+        shutdown()
     print(local)
     return 0
 

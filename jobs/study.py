@@ -260,7 +260,7 @@ def ray_session(address: str | None):
     try:
         yield
     finally:
-        ray.shutdown()
+        shutdown()
 
 
 @contextmanager
@@ -420,6 +420,30 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
                 print("[bplab] Ray's local start timed out; starting it again", file=sys.stderr, flush=True)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
+
+
+def shutdown() -> None:
+    """ray.shutdown(), a second faster where this process started a local Ray.
+
+    Ray stops a local node's GCS before its autoscaler monitor. The monitor answers SIGTERM by
+    reporting its end to the GCS, which is gone by then, so Ray waits out its second of grace
+    and then kills it: a second of every local run's end. The monitor has nothing to do on a
+    local node (no autoscaling), so it is killed first (SIGKILL: its handler would tell the
+    driver that the autoscaler failed). A driver connected to a cluster started no processes
+    and this stops none; with Ray's internals moved, this is plain ray.shutdown()."""
+    import ray
+
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
+        for info in monitors:
+            info.process.kill()
+            info.process.wait(timeout=5)
+    except Exception:  # Ray's internals moved, or the process is gone: Ray's own shutdown stops it
+        pass
+    ray.shutdown()
 
 
 def _child_pids() -> set[int]:

@@ -210,3 +210,47 @@ def test_a_local_ray_that_misses_its_start_deadline_twice_is_a_one_line_error(mo
     finally:
         for process in started:
             process.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_local_rays_autoscaler_monitor_is_killed_before_ray_shuts_the_node_down(monkeypatch):
+    """Ray stops a local node's GCS before its monitor, whose SIGTERM handler then waits on the
+    stopped GCS for Ray's whole second of grace: shutdown() kills the monitor first."""
+    import ray
+    from ray._private import ray_constants, worker
+
+    study_module.connect(None)
+    try:
+        monitor = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+        assert monitor.poll() is None
+        seen = []
+        real = ray.shutdown
+        monkeypatch.setattr(ray, "shutdown", lambda *a, **k: (seen.append(monitor.poll()), real(*a, **k)))
+        study_module.shutdown()
+        assert seen == [-9]  # SIGKILL, before Ray's own shutdown began
+        assert not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def test_shutdown_of_a_driver_that_started_no_processes_stops_none(monkeypatch):
+    """Connected to a cluster, a driver's node is connect-only: nothing of the cluster is killed."""
+    import subprocess
+
+    import ray
+    from ray._private import worker
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    calls = []
+    try:
+        node = types.SimpleNamespace(all_processes={"raylet": [types.SimpleNamespace(process=bystander)]})
+        monkeypatch.setattr(worker, "_global_node", node)
+        monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("shutdown"))
+        study_module.shutdown()
+        assert calls == ["shutdown"] and bystander.poll() is None
+        monkeypatch.setattr(worker, "_global_node", None)  # not connected at all
+        study_module.shutdown()
+        assert calls == ["shutdown", "shutdown"]
+    finally:
+        bystander.kill()
