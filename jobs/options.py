@@ -193,6 +193,12 @@ def _number(name, value, low, *, integer=False, strict=False, optional=False):
         raise UserError(f"{flag_of(name)} {_short(value)}: must be {kind} {'>' if strict else '>='} {low:g}")
 
 
+def is_local(address: str | None) -> bool:
+    """True where `address` asks for a private local Ray (none given, or 'local'), which bplab
+    starts, uses alone and stops; any other address names a running cluster."""
+    return address is None or address == "local"
+
+
 def check_address(address: str | None, timeout: float = 5.0) -> None:
     """UserError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
 

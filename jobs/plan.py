@@ -252,10 +252,12 @@ def ray_view(address: str | None) -> ClusterView:
 
     from jobs.cluster import head_info, on_head
 
+    from jobs.options import is_local
+
     live = ray_nodes()
-    where = f"the Ray cluster at {address}" if address else "local Ray"
-    if not address:  # a private local Ray: no autoscaler, the local node trains
-        return ClusterView(where, None, live)
+    if is_local(address):  # a private local Ray: no autoscaler, the local node trains
+        return ClusterView("local Ray", None, live)
+    where = f"the Ray cluster at {address}"
     info = on_head(head_info, ray.get_runtime_context().gcs_address)
     return ClusterView(where, info["types"], live, autoscaling=info["types"] is not None, host=info["host"])
 

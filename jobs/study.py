@@ -398,11 +398,11 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
     processes of that attempt are stopped and Ray is started once more, then a one-line error."""
     import ray
 
-    from jobs.options import check_address
+    from jobs.options import check_address, is_local
 
     check_address(address)
     try:
-        if address:
+        if not is_local(address):
             ray.init(address=address, logging_level="ERROR", runtime_env=runtime_env,
                      log_to_driver=False)  # the cases' own output goes to RUN/logs
             return
@@ -419,7 +419,8 @@ def connect(address: str | None, runtime_env: dict | None = None) -> None:
                     raise RuntimeError(f"{_one_line(error)} ({attempt} attempts)") from None
                 print("[bplab] Ray's local start timed out; starting it again", file=sys.stderr, flush=True)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise UserError(f"cannot connect to Ray at {address or 'a new local cluster'}: {_one_line(error)}") from None
+        where = "a new local cluster" if is_local(address) else address
+        raise UserError(f"cannot connect to Ray at {where}: {_one_line(error)}") from None
 
 
 def shutdown() -> None:

@@ -63,6 +63,15 @@ def test_plan_checks_against_cluster_yaml():
     assert "6 cases, 1608 training steps in all; 6 at once when cluster.yaml is fully scaled (gpu_worker x4: 16 slots)" in plan.stdout
 
 
+@pytest.mark.timeout(180)
+def test_plan_address_local_plans_for_the_local_ray_that_run_starts():
+    """`--address local` is the private local Ray that `bplab run` starts (as the README's
+    command table says), named so: not "the Ray cluster at local"."""
+    plan = bplab("plan", "moons-quick", "--address", "local")
+    assert plan.returncode == 0, plan.stderr
+    assert "at once on local Ray" in plan.stdout and "cluster at local" not in plan.stdout, plan.stdout
+
+
 @pytest.mark.timeout(300)
 def test_gradcheck_prints_every_layer_and_passes():
     result = bplab("gradcheck", "allconv9")
