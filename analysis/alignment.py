@@ -8,12 +8,14 @@ None when no case measured alignment) and `report_section`, its entry in the rep
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.figures import _figure, _save
+from analysis.labels import setting_labels
 from analysis.load import case_keys
 from analysis.report_context import ReportContext, Section, markdown_table
 from analysis.stats import ci_half_width
@@ -122,14 +124,27 @@ TITLE = "Alignment with the true gradient"
 def report_section(ctx: ReportContext) -> Section:
     """The report's entry (analysis.report.SECTIONS): `section`, or SKIPPED under the heading."""
     alignment = ctx.data.alignment
-    part = section(alignment, ctx.table, ctx.cases, ctx.out_dir, figures=ctx.options.figures)
+    part = section(alignment, ctx.table, ctx.cases, ctx.out_dir, figures=ctx.options.figures,
+                   titles=group_titles(ctx.cases, ctx.group_settings))
     return part if part is not None else Section(TITLE, [SKIPPED])
 
 
+def group_titles(cases: pd.DataFrame, settings: list[str]) -> dict[str, str]:
+    """group -> the group and the settings that tell groups apart (`settings`, e.g. "fa:
+    schedule=feedback-alignment"), as the report's other figures label them: a panel of the
+    feedback suite is then not only "fa", nor one of moons only "h8-act_relu"."""
+    if cases is None or "group" not in cases or not len(cases):
+        return {}
+    first = cases.drop_duplicates("group").drop(columns="run", errors="ignore")  # a group shares them
+    settings = [c for c in settings if c in first]
+    return dict(zip(first["group"].astype(str), setting_labels(first, by="group", settings=settings)))
+
+
 def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame, out_dir: Path | None,
-            figures: bool = True) -> Section | None:
+            figures: bool = True, titles: dict[str, str] | None = None) -> Section | None:
     """The alignment section (tables.per_case's `per_case`, the cases table), or None when no
-    case measured alignment. Figures (PNG) go to `out_dir`."""
+    case measured alignment. Figures (PNG) go to `out_dir`, a panel per group titled by
+    `titles` (group -> title; the group where it has none)."""
     if alignment is None or not len(alignment):
         return None
     out = Section(TITLE)
@@ -167,8 +182,10 @@ def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame
         axes = np.atleast_1d(fig.subplots(rows_n, columns, squeeze=False)).ravel()
         for ax, (label, rows) in zip(axes, panels):
             plot_layer_angles(ax, rows)
-            ax.set_title(label if run_of is None else f"{label} ({', '.join(sorted(run_of[groups == label].unique()))})",
-                         fontsize=8)
+            title = (titles or {}).get(label, label)
+            if run_of is not None:
+                title += f" ({', '.join(sorted(run_of[groups == label].unique()))})"
+            ax.set_title(textwrap.fill(title, 48), fontsize=8)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         out.figures.append(("signal angle per layer over steps (seeds as a band)",

@@ -556,6 +556,35 @@ def test_section_is_skipped_without_measurements_and_draws_with_them(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_each_panel_is_titled_by_its_group_and_the_settings_that_set_groups_apart(tmp_path, monkeypatch):
+    """A panel says which schedule it shows, as the report's other figures do ("back: schedule=
+    unfair-back"), not only the group's name; with several runs, the runs it pools."""
+    import matplotlib.axes
+    import pandas as pd
+
+    from analysis.alignment import group_titles, section
+
+    frame = fake_alignment()
+    cases = frame.drop_duplicates("case_id")[["case_id", "name", "group"]].assign(
+        schedule=lambda f: f["group"].map({"back": "unfair-back", "std": "standard"}), seed=[1, 2, 1, 2])
+    titles = group_titles(cases, ["schedule"])
+    assert titles == {"back": "back: schedule=unfair-back", "std": "std: schedule=standard"}
+    assert group_titles(pd.DataFrame(), ["schedule"]) == {}
+    drawn = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, text, *a, **k: (drawn.append(text), real(ax, text, *a, **k))[1])
+    section(frame, cases.assign(final_test_acc=0.5), cases, tmp_path, titles=titles)
+    assert drawn[:2] == ["back: schedule=unfair-back", "std: schedule=standard"]
+    drawn.clear()
+    two_runs = frame.assign(run=np.where(frame["case_id"].str.endswith("s1"), "r1", "r2"))
+    run_cases = cases.assign(run=np.where(cases["case_id"].str.endswith("s1"), "r1", "r2"))
+    assert group_titles(run_cases, ["schedule"]) == titles
+    section(two_runs, run_cases.assign(final_test_acc=0.5), run_cases, tmp_path, titles=titles)
+    assert drawn[:2] == ["back: schedule=unfair-back (r1, r2)", "std: schedule=standard (r1, r2)"]
+
+
+@pytest.mark.timeout(60)
 def test_a_panel_of_zero_angles_says_so():
     """Back propagation's angles are 0 at every step: the lines lie on the axis, so the panel
     says what that means; a panel with real angles has no such note."""
