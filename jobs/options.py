@@ -51,7 +51,7 @@ class StudyOptions(BaseModel):
     """Built-in suite name or a YAML file (optional with --resume: the run's own cases); from
     Python also a jobs.suites.Suite."""
     address: Annotated[Optional[str], Flag(metavar="ADDR")] = None
-    """Ray address ('auto' inside a cluster); default: start a private local Ray."""
+    """Ray address ('auto' inside a cluster); default (or 'local'): start a private local Ray."""
     out: Annotated[PathText, Flag(metavar="DIR")] = None
     """Run directory: a path or a pyarrow.fs URI (default runs/SUITE-TIME)."""
     resume: Annotated[PathText, Flag(metavar="RUN")] = None
