@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import _figure, _save
-from analysis.labels import setting_labels
+from analysis.labels import setting_text
 from analysis.load import case_keys
 from analysis.report_context import ReportContext, Section, markdown_table
 from analysis.stats import ci_half_width
@@ -132,12 +132,17 @@ def report_section(ctx: ReportContext) -> Section:
 def group_titles(cases: pd.DataFrame, settings: list[str]) -> dict[str, str]:
     """group -> the group and the settings that tell groups apart (`settings`, e.g. "fa:
     schedule=feedback-alignment"), as the report's other figures label them: a panel of the
-    feedback suite is then not only "fa", nor one of moons only "h8-act_relu"."""
+    feedback suite is then not only "fa", nor one of moons only "h8-act_relu". A setting whose
+    value differs within a group (a group pooled over runs made with other values) shows each
+    value: "mid: lr=0.01|0.02"."""
     if cases is None or "group" not in cases or not len(cases):
         return {}
-    first = cases.drop_duplicates("group").drop(columns="run", errors="ignore")  # a group shares them
-    settings = [c for c in settings if c in first]
-    return dict(zip(first["group"].astype(str), setting_labels(first, by="group", settings=settings)))
+    settings = [c for c in settings if c in cases]
+    titles = {}
+    for group, rows in cases.groupby(cases["group"].astype(str), sort=False):
+        parts = [f"{c}=" + "|".join(dict.fromkeys(rows[c].map(setting_text))) for c in settings]
+        titles[group] = group + (": " + " ".join(parts) if parts else "")
+    return titles
 
 
 def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame, out_dir: Path | None,
@@ -185,7 +190,7 @@ def section(alignment: pd.DataFrame, per_case: pd.DataFrame, cases: pd.DataFrame
             title = (titles or {}).get(label, label)
             if run_of is not None:
                 title += f" ({', '.join(sorted(run_of[groups == label].unique()))})"
-            ax.set_title(textwrap.fill(title, 48), fontsize=8)
+            ax.set_title(textwrap.fill(title, 48, max_lines=2, placeholder=" ..."), fontsize=8)  # the room above
         for ax in axes[len(panels):]:
             ax.set_visible(False)
         out.figures.append(("signal angle per layer over steps (seeds as a band)",

@@ -202,9 +202,9 @@ def is_local(address: str | None) -> bool:
 def check_address(address: str | None, timeout: float = 5.0) -> None:
     """UserError (one line, within `timeout` seconds) if `address` is malformed or nothing listens there.
 
-    'auto', 'local' and None are left to Ray; 'HOST:PORT' and 'ray://HOST:PORT' are probed
-    with a TCP connection first, so an unreachable address fails at once instead of Ray
-    retrying for minutes."""
+    None and 'local' (a private local Ray, see is_local) and 'auto' are not probed; 'HOST:PORT'
+    and 'ray://HOST:PORT' are probed with a TCP connection first, so an unreachable address
+    fails at once instead of Ray retrying for minutes."""
     import socket
 
     from workers.errors import one_line

@@ -251,7 +251,6 @@ def ray_view(address: str | None) -> ClusterView:
     import ray
 
     from jobs.cluster import head_info, on_head
-
     from jobs.options import is_local
 
     live = ray_nodes()

@@ -580,6 +580,8 @@ def test_each_panel_is_titled_by_its_group_and_the_settings_that_set_groups_apar
     two_runs = frame.assign(run=np.where(frame["case_id"].str.endswith("s1"), "r1", "r2"))
     run_cases = cases.assign(run=np.where(cases["case_id"].str.endswith("s1"), "r1", "r2"))
     assert group_titles(run_cases, ["schedule"]) == titles
+    pooled = pd.DataFrame({"run": ["A", "B"], "case_id": ["m", "m"], "group": ["mid", "mid"], "lr": [0.01, 0.02]})
+    assert group_titles(pooled, ["lr"]) == {"mid": "mid: lr=0.01|0.02"}  # both runs' values, not the first's
     section(two_runs, run_cases.assign(final_test_acc=0.5), run_cases, tmp_path, titles=titles)
     assert drawn[:2] == ["back: schedule=unfair-back (r1, r2)", "std: schedule=standard (r1, r2)"]
 

@@ -42,7 +42,7 @@ RUN_WHOLE_ELSEWHERE = {  # every case, through `bplab run SUITE` or `python -m j
     "dni-quick": "tests/test_families.py::test_quick_suite_runs_end_to_end_on_local_ray",
 }
 
-# One Ray for every run: the CLI's own connect and shutdown are bypassed, nothing else.
+# One Ray for every run: the CLI's own connect and shutdown (study.shutdown, ray.shutdown) are bypassed, nothing else.
 RUNNER = """
 import json, sys
 import ray
@@ -51,6 +51,7 @@ import jobs.study as study
 
 ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 shutdown, study.connect, ray.shutdown = ray.shutdown, (lambda address, runtime_env=None: None), (lambda *a, **k: None)
+study.shutdown = lambda: None
 codes = {}
 try:
     for label, argv in json.loads(sys.argv[1]):
