@@ -209,7 +209,7 @@ def check_address(address: str | None, timeout: float = 5.0) -> None:
 
     from workers.errors import one_line
 
-    if address is None or address in ("auto", "local"):
+    if is_local(address) or address == "auto":
         return
     if not isinstance(address, str) or not address.strip() or len(address) > 1000:
         raise UserError(f"--address {_short(address)}: expected HOST:PORT, ray://HOST:PORT, auto or local")
